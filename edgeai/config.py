@@ -1,0 +1,62 @@
+"""Where edgeai keeps things, and every environment variable it reads.
+
+| variable          | default                                   | what                       |
+|-------------------|-------------------------------------------|----------------------------|
+| EDGEAI_HOME       | platform user data dir (…/edgeai)         | model store and caches     |
+| EDGEAI_CONFIG_DIR | platform user config dir (…/edgeai)       | config.toml, models.toml   |
+| EDGEAI_MODEL      | smollm2-135m                              | default model              |
+| EDGEAI_KERNEL     | auto                                      | auto / builtin / custom    |
+| EDGEAI_SOCKET     | $XDG_RUNTIME_DIR/edgeai/edgeai.sock       | server socket              |
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+
+from edgeai.options import DEFAULT_MODEL
+
+
+def home() -> Path:
+    """Root of edgeai's data: the model store lives under it."""
+    env = os.environ.get("EDGEAI_HOME")
+    return Path(env).expanduser() if env else Path(platformdirs.user_data_dir("edgeai"))
+
+
+def models_dir() -> Path:
+    return home() / "models"
+
+
+def cache_dir() -> Path:
+    """Downloads in progress and verdicts that are cheap to recompute."""
+    return home() / "cache"
+
+
+def config_dir() -> Path:
+    env = os.environ.get("EDGEAI_CONFIG_DIR")
+    return Path(env).expanduser() if env else Path(platformdirs.user_config_dir("edgeai"))
+
+
+def config_path() -> Path:
+    return config_dir() / "config.toml"
+
+
+def load_config() -> dict[str, Any]:
+    """The user's config.toml as a dict ({} when absent)."""
+    p = config_path()
+    if not p.exists():
+        return {}
+    from edgeai.errors import EdgeAIError
+
+    try:
+        return tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise EdgeAIError(f"config file {p} is not valid TOML: {e}", "fix or remove it") from e
+
+
+def default_model() -> str:
+    return os.environ.get("EDGEAI_MODEL") or load_config().get("default_model") or DEFAULT_MODEL
