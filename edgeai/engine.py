@@ -46,6 +46,10 @@ class Engine:
         self.kernel = kernels.KernelReport("builtin", "not applied")
         # One generation at a time per model: MLX models are not re-entrant across threads.
         self.lock = threading.Lock()
+        from edgeai.lora import store_set
+
+        # LoRA adapters hot-swapped per generation over these base weights (edgeai/lora.py).
+        self.adapters = store_set(model, self.name)
 
     @classmethod
     def load(cls, path: str | Path, name: str | None = None, kernel: str | None = None) -> "Engine":
@@ -100,6 +104,7 @@ class Engine:
         prompt: Prompt,
         options: GenerationOptions | None = None,
         cancel: threading.Event | None = None,
+        adapter: str | None = None,
     ) -> Iterator[Event]:
         """Stream the answer to `prompt` as token events.
 
@@ -107,6 +112,7 @@ class Engine:
             prompt: text, token ids, or chat messages (the chat template is applied).
             options: sampling and stopping options.
             cancel: set it from another thread to stop after the current step.
+            adapter: a stored LoRA adapter to apply for this generation only (None: base).
 
         Yields:
             One Event per token (text may be held back while it could start a stop
@@ -122,7 +128,8 @@ class Engine:
                 "shorten the prompt or the piped input",
             )
         max_tokens = min(options.max_tokens, self.context_length - len(ids))
-        with self.lock:
+        # The adapter is selected inside the lock, so it is scoped to this generation alone.
+        with self.lock, self.adapters.use(adapter):
             yield from self._generate(ids, options, max_tokens, cancel)
 
     def _generate(self, ids: list[int], options: GenerationOptions, max_tokens: int, cancel) -> Iterator[Event]:
@@ -157,7 +164,9 @@ class Engine:
                 lp, ent, top = _token_signals(logprobs, token, options.top_logprobs)
                 if token in eos:
                     finish = "stop"
-                    yield Event(text=stops.flush(), token=token, logprob=lp, entropy=ent, top_logprobs=top)
+                    detok.finalize()
+                    text, _ = stops.feed(detok.last_segment)
+                    yield Event(text=text + stops.flush(), token=token, logprob=lp, entropy=ent, top_logprobs=top)
                     break
                 detok.add_token(token)
                 text, hit = stops.feed(detok.last_segment)
