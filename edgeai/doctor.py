@@ -1,0 +1,57 @@
+"""`edgeai doctor`: what this machine has, what is installed, and what will run."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from edgeai import render
+
+
+def report() -> dict[str, Any]:
+    """Platform, MLX backend, memory, store, installed models (and whether each fits), kernel."""
+    from edgeai import config, hardware, kernels, store
+
+    models = []
+    for lm in store.list_models():
+        need = store.memory_needed(lm)
+        models.append({
+            "name": lm.name, "size": lm.size, "memory": need, "fits": hardware.fits_memory(need),
+            "ok": lm.problem is None, "problem": lm.problem, "path": str(lm.path),
+        })
+    status = getattr(kernels, "status", None)
+    return {
+        "platform": hardware.summary(),
+        "store": {"path": str(config.models_dir()), "size": store.disk_usage(),
+                  "free_disk": hardware.free_disk(config.home())},
+        "config": str(config.config_path()),
+        "default_model": config.default_model(),
+        "models": models,
+        "kernels": status() if status else {"active": "builtin", "reason": "custom kernels unavailable"},
+    }
+
+
+def render_report(r: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    p, hb = r["platform"], render.human_bytes
+    ok, bad = "[green]✓[/]", "[red]✗[/]"
+    out = render.out
+    out.print(f"[bold]platform[/]   {p['system']} · {p['machine']} · {p['cpu_cores']} cores · Python {p['python']}")
+    out.print(f"[bold]mlx[/]        {p['mlx']} · backend [bold]{p['backend']}[/]")
+    mem = p["memory"]
+    out.print(f"[bold]memory[/]     {hb(mem['available'])} available of {hb(mem['total'])}")
+    s = r["store"]
+    out.print(f"[bold]store[/]      {s['path']} · {hb(s['size'])} used · {hb(s['free_disk'])} free")
+    out.print(f"[bold]config[/]     {r['config']}")
+    k = r["kernels"]
+    out.print(f"[bold]kernel[/]     {k.get('active')} — {k.get('reason', '')}")
+    if not r["models"]:
+        out.print(f"[bold]models[/]     none installed; `edgeai run` pulls {r['default_model']} on first use")
+        return
+    t = Table(title="installed models", title_justify="left")
+    for col in ("name", "size", "memory", "fits", "state"):
+        t.add_column(col)
+    for m in r["models"]:
+        fits = "?" if m["fits"] is None else (ok if m["fits"] else bad)
+        t.add_row(m["name"], hb(m["size"]), hb(m["memory"]), fits, ok if m["ok"] else f"{bad} {m['problem']}")
+    out.print(t)

@@ -1,0 +1,117 @@
+"""`edgeai run` exercised as a user would: real subprocesses on real models."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import run_cli
+
+
+def _json_run(tiny_model, env, *args, input=None):
+    r = run_cli(["run", "-m", str(tiny_model), "--json", *args], env, input=input)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_streams_answer_and_prints_stats(tiny_model, edgeai_env):
+    r = run_cli(["run", "-m", str(tiny_model), "-n", "12", "hello there"], edgeai_env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip()
+    assert "tok/s" in r.stderr and "peak memory" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_json_has_text_tokens_timings_model(tiny_model, edgeai_env):
+    out = _json_run(tiny_model, edgeai_env, "-n", "9", "hello")
+    assert out["model"] == tiny_model.name
+    assert out["tier"] == "local"
+    assert out["tokens"] == out["stats"]["generation_tokens"] <= 9
+    assert out["stats"]["prompt_tokens"] > 0 and out["stats"]["prompt_tps"] > 0
+    assert isinstance(out["text"], str)
+
+
+def test_stdin_is_context_for_the_prompt(tiny_model, edgeai_env):
+    alone = _json_run(tiny_model, edgeai_env, "-n", "2", "find the root cause")
+    piped = _json_run(tiny_model, edgeai_env, "-n", "2", "find the root cause",
+                      input="ERROR disk full at /var/log\n" * 5)
+    assert piped["stats"]["prompt_tokens"] > alone["stats"]["prompt_tokens"] + 40
+    only_stdin = _json_run(tiny_model, edgeai_env, "-n", "2", input="summarise this")
+    assert only_stdin["stats"]["prompt_tokens"] > 0
+
+
+def test_stop_string_cuts_the_answer(tiny_model, edgeai_env):
+    full = _json_run(tiny_model, edgeai_env, "-n", "40", "hello")["text"]
+    assert len(full) > 10
+    stop = full[5:8]
+    cut = _json_run(tiny_model, edgeai_env, "-n", "40", "--stop", stop, "hello")
+    assert cut["text"] == full[: full.index(stop)]
+    assert cut["finish_reason"] == "stop"
+
+
+def test_seed_makes_sampling_repeatable(tiny_model, edgeai_env):
+    args = ["-n", "24", "--temperature", "1.0", "--seed"]
+    a = _json_run(tiny_model, edgeai_env, *args, "7", "hi")["text"]
+    b = _json_run(tiny_model, edgeai_env, *args, "7", "hi")["text"]
+    c = _json_run(tiny_model, edgeai_env, *args, "8", "hi")["text"]
+    assert a == b
+    assert a != c
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["run", ""], "prompt is empty"),
+        (["run", "hi", "--temperature", "-1"], "--temperature"),
+        (["run", "hi", "--max-tokens", "0"], "--max-tokens"),
+        (["run", "hi", "--top-p", "2"], "--top-p"),
+    ],
+)
+def test_bad_input_is_one_line_not_a_traceback(tiny_model, edgeai_env, args, message):
+    r = run_cli([args[0], "-m", str(tiny_model), *args[1:]], edgeai_env)
+    assert r.returncode != 0
+    assert message in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_prompt_longer_than_context_is_refused(tiny_model, edgeai_env):
+    r = run_cli(["run", "-m", str(tiny_model), "-n", "4"], edgeai_env, input="word " * 3000)
+    assert r.returncode == 2
+    assert "accepts at most 2048" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_interactive_chat_keeps_history(tiny_model, edgeai_env):
+    script = "hello\nhow are you\n/clear\nagain\n/bye\n"
+    r = run_cli(["run", "-m", str(tiny_model), "-i", "-n", "3", "--json"], edgeai_env, input=script)
+    assert r.returncode == 0, r.stderr
+    assert "conversation cleared" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_ctrl_c_stops_generation_cleanly(tiny_model, edgeai_env):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edgeai", "run", "-m", str(tiny_model), "-n", "100000", "tell me a story"],
+        env=edgeai_env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    first = proc.stdout.read(1)  # generation has started
+    assert first
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert b"Traceback" not in err
+    assert b"stopped: cancelled" in err
+
+
+@pytest.mark.slow
+def test_real_model_answers_paris_from_the_cli(smollm_dir, edgeai_env):
+    r = run_cli(["run", "-m", str(smollm_dir), "--json", "-n", "24", "What is the capital of France?"], edgeai_env)
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in json.loads(r.stdout)["text"]
