@@ -85,10 +85,10 @@ def inspect(src: str | Path) -> dict[str, Any]:
             f"{src.name} is a '{arch}' model; edgeai imports {', '.join(SUPPORTED_ARCHS)} architectures"
         )
     tok_model = _field(reader, "tokenizer.ggml.model")
-    if tok_model != "gpt2":
+    if tok_model not in ("gpt2", "llama"):
         raise UnsupportedModel(
-            f"{src.name} has a '{tok_model}' tokenizer; edgeai imports byte-level BPE ('gpt2') tokenizers",
-            "models like SmolLM2, Qwen2.5 and Llama 3 use it",
+            f"{src.name} has a '{tok_model}' tokenizer; edgeai imports byte-level BPE ('gpt2': SmolLM2, "
+            "Qwen2.5, Llama 3) and SentencePiece ('llama': Llama 2, Mistral, TinyLlama) tokenizers"
         )
     return {"architecture": arch, "tensor_types": types, "tensors": len(reader.tensors)}
 
@@ -222,21 +222,64 @@ def _param_count(weights: dict[str, mx.array], quant: dict[str, Any]) -> int:
     return n
 
 
-def _write_tokenizer(meta: dict, dst: Path) -> None:
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+def _bpe_tokenizer(meta: dict, tokens: list[str]):
+    """Byte-level BPE (GPT-2 style) from the GGUF vocabulary and merges."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
-    tokens: list[str] = list(meta["tokenizer.ggml.tokens"])
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
-    types = np.array(meta.get("tokenizer.ggml.token_type", np.ones(len(tokens))), dtype=np.int32)
     vocab = {t: i for i, t in enumerate(tokens)}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=False))
-    pre = meta.get("tokenizer.ggml.pre", "default")
-    patterns = _PRE_PATTERNS.get(pre, _PRE_PATTERNS["default"])
+    patterns = _PRE_PATTERNS.get(meta.get("tokenizer.ggml.pre", "default"), _PRE_PATTERNS["default"])
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Split(Regex(p), behavior="isolated") for p in patterns]
         + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
     )
     tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def _spm_tokenizer(meta: dict, tokens: list[str], types: np.ndarray):
+    """SentencePiece BPE with byte fallback, merges recovered from the piece scores.
+
+    GGUF keeps SentencePiece's scores, not its merges: a piece that splits into two known
+    pieces is a merge, ranked by the merged piece's score (how SentencePiece itself merges).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    scores = list(meta.get("tokenizer.ggml.scores", [0.0] * len(tokens)))
+    vocab = {t: i for i, t in enumerate(tokens)}
+    ranked = []
+    for piece, i in vocab.items():
+        if types[i] != 1 or len(piece) < 2:
+            continue
+        for k in range(1, len(piece)):
+            left, right = piece[:k], piece[k:]
+            if left in vocab and right in vocab:
+                ranked.append((-scores[i], i, vocab[left], vocab[right], left, right))
+    ranked.sort()
+    merges = [(left, right) for *_, left, right in ranked]
+    unk = meta.get("tokenizer.ggml.unknown_token_id")
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, fuse_unk=True,
+                               unk_token=tokens[int(unk)] if unk is not None else None))
+    prefix = "first" if meta.get("tokenizer.ggml.add_space_prefix", True) else "never"
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme=prefix, split=False)
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+        + ([decoders.Strip(" ", 1, 0)] if prefix == "first" else [])
+    )
+    return tok
+
+
+def _write_tokenizer(meta: dict, dst: Path) -> None:
+    from tokenizers import AddedToken, processors
+
+    tokens: list[str] = list(meta["tokenizer.ggml.tokens"])
+    types = np.array(meta.get("tokenizer.ggml.token_type", np.ones(len(tokens))), dtype=np.int32)
+    vocab = {t: i for i, t in enumerate(tokens)}
+    if meta.get("tokenizer.ggml.model") == "llama":
+        tok = _spm_tokenizer(meta, tokens, types)
+    else:
+        tok = _bpe_tokenizer(meta, tokens)
     # Control (3) and user-defined (4) tokens are matched whole, never split by BPE.
     added = [
         AddedToken(tokens[i], special=bool(types[i] == 3), normalized=False)

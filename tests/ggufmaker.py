@@ -28,16 +28,36 @@ def _vocab() -> tuple[list[str], list[str], list[int]]:
     return tokens, merges, types
 
 
+SPM_PIECES = ["▁", "h", "e", "l", "o", "w", "r", "d", "▁h", "el", "ll", "▁he", "llo", "▁hello",
+              "▁w", "or", "▁wor", "ld", "▁world", "▁the"]
+
+
+def _spm_vocab() -> tuple[list[str], list[float], list[int]]:
+    """SentencePiece-style: specials, 256 byte pieces, then pieces scored so longer merge first."""
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + SPM_PIECES
+    types = [2, 3, 3] + [6] * 256 + [1] * len(SPM_PIECES)
+    scores = [0.0] * 259 + [-100.0 + len(p) * 10 for p in SPM_PIECES]
+    while len(tokens) % 32:
+        tokens.append(f"<pad{len(tokens)}>")
+        types.append(4)
+        scores.append(0.0)
+    return tokens, scores, types
+
+
 def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
     """llama.cpp's row permutation of Q/K for interleaved RoPE."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def make_gguf(path: Path, *, arch: str = "llama", qtype: T = T.Q4_0, hidden: int = 64,
-              layers: int = 2, heads: int = 4, kv_heads: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
+              layers: int = 2, heads: int = 4, kv_heads: int = 2, seed: int = 0,
+              spm: bool = False) -> dict[str, np.ndarray]:
     """Write a tiny model to `path`; return {hf_name: float32 weights as stored}."""
     rng = np.random.default_rng(seed)
-    tokens, merges, types = _vocab()
+    if spm:
+        tokens, scores, types = _spm_vocab()
+    else:
+        tokens, merges, types = _vocab()
     vocab, ffn, head_dim = len(tokens), hidden * 2, hidden // heads
     w = GGUFWriter(str(path), arch)
     w.add_name(f"tiny-{arch}")
@@ -50,14 +70,20 @@ def make_gguf(path: Path, *, arch: str = "llama", qtype: T = T.Q4_0, hidden: int
     w.add_layer_norm_rms_eps(1e-5)
     w.add_rope_freq_base(10000.0)
     w.add_rope_dimension_count(head_dim)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("gpt-2")
     w.add_token_list(tokens)
     w.add_token_types(types)
-    w.add_token_merges(merges)
+    if spm:
+        w.add_tokenizer_model("llama")
+        w.add_token_scores(scores)
+        w.add_unk_token_id(0)
+        w.add_add_bos_token(True)
+    else:
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("gpt-2")
+        w.add_token_merges(merges)
+        w.add_add_bos_token(False)
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
-    w.add_add_bos_token(False)
     w.add_chat_template(CHAT_TEMPLATE)
 
     ref: dict[str, np.ndarray] = {}

@@ -45,6 +45,30 @@ def test_imported_model_computes_what_the_file_holds(tmp_path, qtype, arch):
     assert rel < 1e-2, rel
 
 
+def test_sentencepiece_tokenizer_merges_and_byte_fallback(tmp_path):
+    from mlx_lm.utils import load
+
+    from ggufmaker import _spm_vocab
+
+    src = tmp_path / "spm.gguf"
+    make_gguf(src, spm=True)
+    convert(src, tmp_path / "out")
+    _, tok = load(str(tmp_path / "out"))
+    tokens = _spm_vocab()[0]
+    ids = tok.encode("hello world")
+    assert ids == [1, tokens.index("▁hello"), tokens.index("▁world")]  # BOS, then whole pieces
+    text = "hello wörld ✓"
+    ids = tok.encode(text)
+    assert tokens.index("<0xC3>") in ids  # ö is not a piece: UTF-8 bytes
+    assert tok.decode(ids, skip_special_tokens=True) == text
+    detok = tok.detokenizer
+    detok.reset()
+    for i in ids[1:]:
+        detok.add_token(i)
+    detok.finalize()
+    assert detok.text == text
+
+
 def test_q4k_is_refused_naming_supported_types(tmp_path):
     src = tmp_path / "k.gguf"
     make_q4k_gguf(src)
