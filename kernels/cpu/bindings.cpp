@@ -1,0 +1,26 @@
+// Python bindings (nanobind, domain "mlx" so mx.array crosses over).
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
+
+#include "qmm.h"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+
+NB_MODULE(_edgeai_kernels, m) {
+  m.doc() = "edgeai CPU kernels: affine-quantized matmul for MLX";
+  m.def("quantized_matmul", &edgeai::quantized_matmul, "x"_a, "w"_a, "scales"_a, "biases"_a, "group_size"_a,
+        "bits"_a, "y = x @ dequantize(w, scales, biases).T in float32 accumulation (CPU).");
+  m.def("attention", &edgeai::attention, "q"_a, "k"_a, "v"_a, "scale"_a, "causal"_a,
+        "softmax(q @ k.T * scale, causal mask aligned to the end) @ v for q [B, Hq, L, D], k/v [B, Hkv, S, D]; "
+        "returns [B, L, Hq, D]. float32, grouped-query heads.");
+  m.def("rms_norm", &edgeai::rms_norm, "x"_a, "weight"_a, "eps"_a, "x * rsqrt(mean(x^2) + eps) * weight; float32.");
+  m.def("rope", &edgeai::rope, "x"_a, "dims"_a, "traditional"_a, "base"_a, "scale"_a, "offset"_a,
+        "Rotary embedding over axis -2 positions (offset + index), as mx.fast.rope; float32.");
+  m.def("isa", &edgeai::isa_name, "The instruction set the kernels use now.");
+  m.def("available_isas", &edgeai::available_isas, "Instruction sets this CPU can run, best first.");
+  m.def("set_isa", &edgeai::set_isa, "name"_a, "Force an instruction set (tests), or 'auto'.");
+  m.def("threads", &edgeai::threads, "Threads the kernels use (the caller's included).");
+  m.def("set_threads", &edgeai::set_threads, "n"_a, "Use n threads in all.");
+}

@@ -1,0 +1,144 @@
+// RMSNorm and RoPE as single MLX primitives for the CPU.
+//
+// On the CPU, mx.fast.rms_norm / mx.fast.rope run as their composed fallbacks: about a
+// dozen graph nodes each (square, sum, rsqrt, broadcasts; arange, cos, sin, concatenate),
+// i.e. ~2,000 of the ~3,800 nodes of one SmolLM2 decode step. Per-node dispatch cost, not
+// arithmetic, is what they cost at decode; one node each removes it. Scalar loops: the
+// compiler vectorizes them and they are a negligible share of the FLOPs.
+#include <cmath>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "mlx/allocator.h"
+#include "mlx/backend/cpu/encoder.h"
+#include "mlx/primitives.h"
+#include "qmm.h"
+
+namespace mx = mlx::core;
+
+namespace edgeai {
+
+namespace {
+
+// Element offset of row `r` (all dims but the last, flattened) for any strides.
+long row_start(const mx::array& a, long r, int last_dims = 1) {
+  long off = 0;
+  for (int d = int(a.ndim()) - 1 - last_dims; d >= 0; d--) {
+    off += (r % a.shape(d)) * long(a.strides()[d]);
+    r /= a.shape(d);
+  }
+  return off;
+}
+
+void run_rms_norm(const mx::array& x, const mx::array& w, mx::array& out, float eps) {
+  const int D = x.shape(-1);
+  const long rows = x.size() / D, xs = long(x.strides().back()), ws = long(w.strides()[0]);
+  const float* xp = x.data<float>();
+  const float* wp = w.data<float>();
+  float* o = out.data<float>();
+  for (long r = 0; r < rows; r++) {
+    const float* xr = xp + row_start(x, r);
+    float ss = 0.f;
+    for (int d = 0; d < D; d++) ss += xr[d * xs] * xr[d * xs];
+    const float inv = 1.f / std::sqrt(ss / float(D) + eps);
+    float* orow = o + r * D;
+    for (int d = 0; d < D; d++) orow[d] = xr[d * xs] * inv * wp[d * ws];
+  }
+}
+
+// x [..., L, D]: rows are positions along axis -2 (offset + index), as mx.fast.rope.
+void run_rope(const mx::array& x, mx::array& out, int dims, bool traditional, float base, float scale, int offset) {
+  const int D = x.shape(-1), L = x.shape(-2), half = dims / 2;
+  const long rows = x.size() / D, xs = long(x.strides().back());
+  std::vector<float> inv_freq(half);
+  for (int i = 0; i < half; i++) inv_freq[i] = std::pow(base, -float(2 * i) / float(dims));
+  const float* xp = x.data<float>();
+  float* o = out.data<float>();
+  for (long r = 0; r < rows; r++) {
+    const float* xr = xp + row_start(x, r);
+    float* orow = o + r * D;
+    const float pos = float(offset + int(r % L)) * scale;
+    for (int i = 0; i < half; i++) {
+      const float th = pos * inv_freq[i], c = std::cos(th), s = std::sin(th);
+      const int a = traditional ? 2 * i : i, b = traditional ? 2 * i + 1 : i + half;
+      const float x1 = xr[a * xs], x2 = xr[b * xs];
+      orow[a] = x1 * c - x2 * s;
+      orow[b] = x1 * s + x2 * c;
+    }
+    for (int d = dims; d < D; d++) orow[d] = xr[d * xs];
+  }
+}
+
+class RMSNorm : public mx::UnaryPrimitive {
+ public:
+  RMSNorm(mx::Stream s, float eps) : mx::UnaryPrimitive(s), eps_(eps) {}
+  void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    enc.set_input_array(in[0]);
+    enc.set_input_array(in[1]);
+    enc.set_output_array(out);
+    enc.dispatch([x = in[0], w = in[1], out = out, eps = eps_]() mutable { run_rms_norm(x, w, out, eps); });
+  }
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("edgeai rms_norm runs on the CPU only");
+  }
+  const char* name() const override { return "EdgeaiRMSNorm"; }
+  bool is_equivalent(const mx::Primitive& o) const override { return eps_ == static_cast<const RMSNorm&>(o).eps_; }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& in) override { return {in[0].shape()}; }
+
+ private:
+  float eps_;
+};
+
+class Rope : public mx::UnaryPrimitive {
+ public:
+  Rope(mx::Stream s, int dims, bool traditional, float base, float scale, int offset)
+      : mx::UnaryPrimitive(s), dims_(dims), traditional_(traditional), base_(base), scale_(scale), offset_(offset) {}
+  void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    enc.set_input_array(in[0]);
+    enc.set_output_array(out);
+    enc.dispatch([x = in[0], out = out, d = dims_, t = traditional_, b = base_, s = scale_, off = offset_]() mutable {
+      run_rope(x, out, d, t, b, s, off);
+    });
+  }
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("edgeai rope runs on the CPU only");
+  }
+  const char* name() const override { return "EdgeaiRope"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto& o = static_cast<const Rope&>(other);
+    return dims_ == o.dims_ && traditional_ == o.traditional_ && base_ == o.base_ && scale_ == o.scale_ &&
+           offset_ == o.offset_;
+  }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& in) override { return {in[0].shape()}; }
+
+ private:
+  int dims_;
+  bool traditional_;
+  float base_, scale_;
+  int offset_;
+};
+
+mx::Stream cpu_stream() { return mx::default_stream(mx::Device(mx::Device::cpu)); }
+
+}  // namespace
+
+mx::array rms_norm(const mx::array& x, const mx::array& weight, float eps) {
+  if (x.dtype() != mx::float32 || weight.dtype() != mx::float32) throw std::invalid_argument("edgeai rms_norm: float32 only");
+  if (x.ndim() < 1 || weight.ndim() != 1 || weight.shape(0) != x.shape(-1))
+    throw std::invalid_argument("edgeai rms_norm: weight must be [D] for x[..., D]");
+  return mx::array(x.shape(), mx::float32, std::make_shared<RMSNorm>(cpu_stream(), eps), {x, weight});
+}
+
+mx::array rope(const mx::array& x, int dims, bool traditional, float base, float scale, int offset) {
+  if (x.dtype() != mx::float32) throw std::invalid_argument("edgeai rope: float32 only");
+  if (x.ndim() < 2 || dims % 2 || dims > x.shape(-1) || dims <= 0)
+    throw std::invalid_argument("edgeai rope: need x[..., L, D] and an even dims <= D");
+  return mx::array(x.shape(), mx::float32, std::make_shared<Rope>(cpu_stream(), dims, traditional, base, scale, offset), {x});
+}
+
+}  // namespace edgeai

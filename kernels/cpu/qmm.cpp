@@ -1,0 +1,294 @@
+// edgeai's CPU quantized matmul as an MLX primitive: y = x @ dequant(w).T
+//
+// MLX's affine packing (bits 4 or 8, group size 32/64/128): uint32 words of 32/bits
+// elements, element j at bits [j*bits, (j+1)*bits), w = scale * q + bias.
+// Accumulation is float32 throughout ("accurate" mode); scales and biases are float32
+// or float16 (converted to float32 in registers).
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "mlx/allocator.h"
+#include "mlx/backend/cpu/encoder.h"
+#include "mlx/ops.h"
+#include "mlx/primitives.h"
+#include "mlx/utils.h"
+#include "pool.h"
+#include "qmm.h"
+#include "qmm_isa.h"
+
+namespace mx = mlx::core;
+
+namespace edgeai {
+
+namespace {
+
+bool cpu_has(const char* feature) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();
+  if (!std::strcmp(feature, "avx512f")) return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("f16c");
+  if (!std::strcmp(feature, "avx2")) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+#endif
+  (void)feature;
+  return false;
+}
+
+QmmIsa best_isa() {
+#if defined(EDGEAI_HAVE_X86_KERNELS)
+  if (cpu_has("avx512f")) return isa_avx512();
+  if (cpu_has("avx2")) return isa_avx2();
+#endif
+  return isa_generic();
+}
+
+QmmIsa& current_isa() {
+  static QmmIsa isa = best_isa();
+  return isa;
+}
+
+float half_to_float(uint16_t h) {
+  uint32_t sign = uint32_t(h >> 15) << 31, exp = (h >> 10) & 31, man = h & 1023, bits;
+  if (exp == 0) {
+    if (man == 0) {
+      bits = sign;
+    } else {  // subnormal: renormalize
+      int e = -1;
+      do { e++; man <<= 1; } while (!(man & 1024));
+      bits = sign | uint32_t(127 - 15 - e) << 23 | (man & 1023) << 13;
+    }
+  } else if (exp == 31) {
+    bits = sign | 0x7f800000u | man << 13;
+  } else {
+    bits = sign | (exp + 112) << 23 | man << 13;
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+uint16_t float_to_half(float f) {
+  uint32_t x;
+  std::memcpy(&x, &f, 4);
+  uint32_t sign = (x >> 16) & 0x8000;
+  int exp = int((x >> 23) & 255) - 127 + 15;
+  uint32_t man = x & 0x7fffff;
+  if (((x >> 23) & 255) == 255) return uint16_t(sign | 0x7c00 | (man ? 0x200 : 0));
+  if (exp >= 31) return uint16_t(sign | 0x7c00);
+  if (exp <= 0) {
+    if (exp < -10) return uint16_t(sign);
+    man |= 0x800000;
+    uint32_t shift = uint32_t(14 - exp);
+    uint32_t h = man >> shift, rem = man & ((1u << shift) - 1), half = 1u << (shift - 1);
+    if (rem > half || (rem == half && (h & 1))) h++;
+    return uint16_t(sign | h);
+  }
+  uint32_t h = sign | uint32_t(exp) << 10 | man >> 13, rem = man & 0x1fff;
+  if (rem > 0x1000 || (rem == 0x1000 && (h & 1))) h++;  // round to nearest even
+  return uint16_t(h);
+}
+
+float bf16_to_float(uint16_t v) {
+  uint32_t bits = uint32_t(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+uint16_t float_to_bf16(float f) {
+  uint32_t x;
+  std::memcpy(&x, &f, 4);
+  if ((x & 0x7fffffff) > 0x7f800000) return uint16_t((x >> 16) | 64);
+  return uint16_t((x + 0x7fff + ((x >> 16) & 1)) >> 16);
+}
+
+float load_elem(const mx::array& x, long off) {
+  switch (x.dtype()) {
+    case mx::float32: return x.data<float>()[off];
+    case mx::float16: return half_to_float(reinterpret_cast<const uint16_t*>(x.data<void>())[off]);
+    default: return bf16_to_float(reinterpret_cast<const uint16_t*>(x.data<void>())[off]);
+  }
+}
+
+// Offset of x's row m (leading dims flattened) for any strides.
+long row_offset(const mx::array& x, long m) {
+  long off = 0;
+  for (int d = int(x.ndim()) - 2; d >= 0; d--) {
+    off += (m % x.shape(d)) * long(x.strides()[d]);
+    m /= x.shape(d);
+  }
+  return off;
+}
+
+// x row -> float32, reordered for 4-bit kernels of width W; plus per-group sums.
+void prepare_row(const mx::array& x, long m, int K, int gs, int bits, int W, float* xp, float* xs) {
+  const long base = row_offset(x, m), ks = long(x.strides().back());
+  thread_local std::vector<float> buf;  // no allocation per call: decode makes ~200 calls a token
+  buf.resize(K);
+  float* tmp = buf.data();
+  if (x.dtype() == mx::float32) {
+    const float* src = x.data<float>() + base;
+    for (int k = 0; k < K; k++) tmp[k] = src[k * ks];
+  } else {
+    for (int k = 0; k < K; k++) tmp[k] = load_elem(x, base + k * ks);
+  }
+  for (int g = 0; g < K / gs; g++) {
+    float s = 0;
+    for (int k = g * gs; k < (g + 1) * gs; k++) s += tmp[k];
+    xs[g] = s;
+  }
+  if (bits != 4 || W == 1) {
+    std::memcpy(xp, tmp, sizeof(float) * K);
+    return;
+  }
+  for (int k0 = 0; k0 < K; k0 += 2 * W)
+    for (int i = 0; i < W; i++) {
+      xp[k0 + i] = tmp[k0 + 2 * i];
+      xp[k0 + W + i] = tmp[k0 + 2 * i + 1];
+    }
+}
+
+void store_out(mx::array& out, const float* y, long n) {
+  switch (out.dtype()) {
+    case mx::float32: return;  // computed in place
+    case mx::float16: {
+      auto* o = reinterpret_cast<uint16_t*>(out.data<void>());
+      for (long i = 0; i < n; i++) o[i] = float_to_half(y[i]);
+      return;
+    }
+    default: {
+      auto* o = reinterpret_cast<uint16_t*>(out.data<void>());
+      for (long i = 0; i < n; i++) o[i] = float_to_bf16(y[i]);
+    }
+  }
+}
+
+void run_qmm(const mx::array& x, const mx::array& w, const mx::array& s, const mx::array& b, mx::array& out,
+             int gs, int bits) {
+  const QmmIsa isa = current_isa();
+  const int K = x.shape(-1), N = w.shape(0), G = K / gs;
+  const long M = x.size() / K;
+  thread_local std::vector<float> xp_buf, xs_buf, y_buf;  // reused across calls
+  xp_buf.resize(M * K);
+  xs_buf.resize(M * G);
+  float* xp = xp_buf.data();
+  float* xs = xs_buf.data();
+  float* y = out.dtype() == mx::float32 ? out.data<float>() : (y_buf.resize(M * N), y_buf.data());
+  auto& pool = Pool::get();
+  const long rows_per = M > 64 ? 64 : M;
+  pool.run(int((M + rows_per - 1) / rows_per), [&](int t) {
+    for (long m = t * rows_per; m < (t + 1) * rows_per && m < M; m++)
+      prepare_row(x, m, K, gs, bits, isa.width, xp + m * K, xs + m * G);
+  });
+  QmmArgs a{xp, xs, w.data<uint8_t>(), s.data<void>(), b.data<void>(), y, int(M), N, K, gs, bits,
+            s.dtype() == mx::float16};
+  // Decode (M < 4): split N only. Prefill: 16 weight rows x 64 activation rows per task.
+  const int nb = M < 4 ? 32 : 16, mb = M < 4 ? int(M) : 64;
+  const int tn = (N + nb - 1) / nb, tm = int((M + mb - 1) / mb);
+  const double work = double(M) * N * K;
+  auto task = [&](int t) {
+    const int n0 = (t % tn) * nb, m0 = (t / tn) * mb;
+    isa.tile(a, m0, int(std::min<long>(M, m0 + mb)), n0, std::min(N, n0 + nb));
+  };
+  if (work < 150000) {  // too small to be worth waking the workers
+    for (int t = 0; t < tn * tm; t++) task(t);
+  } else {
+    pool.run(tn * tm, task);
+  }
+  store_out(out, y, M * N);
+}
+
+class QuantMatmul : public mx::UnaryPrimitive {
+ public:
+  QuantMatmul(mx::Stream stream, int group_size, int bits)
+      : mx::UnaryPrimitive(stream), group_size_(group_size), bits_(bits) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    for (auto& in : inputs) enc.set_input_array(in);
+    enc.set_output_array(out);
+    enc.dispatch([x = inputs[0], w = inputs[1], s = inputs[2], b = inputs[3], out = out, gs = group_size_,
+                  bits = bits_]() mutable { run_qmm(x, w, s, b, out, gs, bits); });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("edgeai quantized_matmul runs on the CPU only");
+  }
+
+  const char* name() const override { return "EdgeaiQuantizedMatmul"; }
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto& o = static_cast<const QuantMatmul&>(other);
+    return group_size_ == o.group_size_ && bits_ == o.bits_;
+  }
+
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    auto shape = inputs[0].shape();
+    shape.back() = inputs[1].shape(0);
+    return {shape};
+  }
+
+ private:
+  int group_size_, bits_;
+};
+
+}  // namespace
+
+mx::array quantized_matmul(const mx::array& x, const mx::array& w, const mx::array& scales,
+                           const mx::array& biases, int group_size, int bits) {
+  auto fail = [](const std::string& m) { throw std::invalid_argument("edgeai quantized_matmul: " + m); };
+  if (bits != 4 && bits != 8) fail("bits must be 4 or 8, got " + std::to_string(bits));
+  if (group_size != 32 && group_size != 64 && group_size != 128)
+    fail("group_size must be 32, 64 or 128, got " + std::to_string(group_size));
+  if (x.ndim() < 1 || w.ndim() != 2 || scales.ndim() != 2 || biases.ndim() != 2) fail("expected x[..., K], 2-D w, scales, biases");
+  if (x.dtype() != mx::float32 && x.dtype() != mx::float16 && x.dtype() != mx::bfloat16)
+    fail("x must be float32, float16 or bfloat16");
+  if (w.dtype() != mx::uint32) fail("w must be uint32 (MLX packing)");
+  if ((scales.dtype() != mx::float32 && scales.dtype() != mx::float16) || biases.dtype() != scales.dtype())
+    fail("scales and biases must both be float32 or both float16");
+  const int K = x.shape(-1), N = w.shape(0);
+  if (K % group_size) fail("K=" + std::to_string(K) + " is not a multiple of the group size");
+  if (w.shape(1) * 32 / bits != K) fail("w has " + std::to_string(w.shape(1)) + " words per row; K=" + std::to_string(K) + " needs " + std::to_string(K * bits / 32));
+  if (scales.shape(0) != N || scales.shape(1) != K / group_size || biases.shape() != scales.shape())
+    fail("scales/biases must be [N, K/group_size]");
+  auto shape = x.shape();
+  shape.back() = N;
+  auto stream = mx::default_stream(mx::Device(mx::Device::cpu));
+  // Weights and scales are evaluated, contiguous parameters: no extra graph node for them
+  // (each node costs dispatch time at decode); anything else gets a contiguous copy.
+  auto contig = [&](const mx::array& a) {
+    return a.is_available() && a.flags().row_contiguous ? a : mx::contiguous(a, false, stream);
+  };
+  auto wc = contig(w), sc = contig(scales), bc = contig(biases);
+  return mx::array(shape, x.dtype(), std::make_shared<QuantMatmul>(stream, group_size, bits), {x, wc, sc, bc});
+}
+
+std::string isa_name() { return current_isa().name; }
+
+QmmIsa active_isa() { return current_isa(); }
+
+std::vector<std::string> available_isas() {
+  std::vector<std::string> out;
+#if defined(EDGEAI_HAVE_X86_KERNELS)
+  if (cpu_has("avx512f")) out.push_back("avx512");
+  if (cpu_has("avx2")) out.push_back("avx2");
+#endif
+  out.push_back("generic");
+  return out;
+}
+
+void set_isa(const std::string& name) {
+#if defined(EDGEAI_HAVE_X86_KERNELS)
+  if (name == "avx512" && cpu_has("avx512f")) { current_isa() = isa_avx512(); return; }
+  if (name == "avx2" && cpu_has("avx2")) { current_isa() = isa_avx2(); return; }
+#endif
+  if (name == "generic") { current_isa() = isa_generic(); return; }
+  if (name == "auto") { current_isa() = best_isa(); return; }
+  throw std::invalid_argument("edgeai: instruction set '" + name + "' is not available on this CPU");
+}
+
+int threads() { return Pool::get().threads(); }
+void set_threads(int n) { Pool::get().resize(n); }
+
+}  // namespace edgeai

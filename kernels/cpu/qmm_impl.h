@@ -1,0 +1,164 @@
+// The quantized-matmul tile kernel, written once over a small vector interface `V`.
+//
+// Included by each ISA translation unit inside its own anonymous namespace, so the
+// differently compiled copies never meet at link time.
+//
+// y[m, n] = sum_g s[n,g] * dot(x[m, g], q[n, g]) + b[n,g] * sum(x[m, g])
+// i.e. the affine dequantization w = s*q + b folded into the dot product, in float32.
+
+template <class V>
+struct Kernel {
+  using R = typename V::reg;
+  static constexpr int W = V::W;
+
+  static float sc(const QmmArgs& a, long i) {
+    return a.half_scales ? V::h2f(static_cast<const uint16_t*>(a.s)[i]) : static_cast<const float*>(a.s)[i];
+  }
+  static float bi(const QmmArgs& a, long i) {
+    return a.half_scales ? V::h2f(static_cast<const uint16_t*>(a.b)[i]) : static_cast<const float*>(a.b)[i];
+  }
+
+  // Scales or biases of one row as float32.
+  static void row_f32(const void* p, bool half, long off, int G, float* out) {
+    if (half) V::h2f_n(static_cast<const uint16_t*>(p) + off, out, G);
+    else for (int g = 0; g < G; g++) out[g] = static_cast<const float*>(p)[off + g];
+  }
+
+  // Dot products of 4 weight rows with one activation row, straight from packed data
+  // (decode: each weight byte is used once, so no dequantized copy is worth making).
+  // BITS is a template parameter so the inner loop carries no format branches.
+  template <int BITS>
+  static void direct4(const QmmArgs& a, int m, int n, float* out) {
+    const int G = a.K / a.gs, rb = a.K * BITS / 8;
+    const float* x = a.xp + (long)m * a.K;
+    const float* xs = a.xs + (long)m * G;
+    thread_local float* sb = nullptr;  // [4 rows] x [scales | biases] x G
+    thread_local int cap = 0;
+    if (8 * G > cap) {
+      delete[] sb;
+      sb = new float[8 * G];
+      cap = 8 * G;
+    }
+    R acc[4] = {V::zero(), V::zero(), V::zero(), V::zero()};
+    const uint8_t* wr[4];
+    for (int r = 0; r < 4; r++) {
+      wr[r] = a.w + (long)(n + r) * rb;
+      row_f32(a.s, a.half_scales, (long)(n + r) * G, G, sb + r * G);
+      row_f32(a.b, a.half_scales, (long)(n + r) * G, G, sb + (4 + r) * G);
+    }
+    for (int g = 0; g < G; g++) {
+      R ag[4] = {V::zero(), V::zero(), V::zero(), V::zero()};
+      const int k0 = g * a.gs;
+      for (int e = k0; e < k0 + a.gs; e += 2 * W) {
+        R x0 = V::load(x + e), x1 = V::load(x + e + W);
+        for (int r = 0; r < 4; r++) {
+          R lo, hi;
+          if (BITS == 4) V::q4(wr[r] + e / 2, lo, hi);
+          else V::q8(wr[r] + e, lo, hi);
+          ag[r] = V::fma(lo, x0, ag[r]);
+          ag[r] = V::fma(hi, x1, ag[r]);
+        }
+      }
+      for (int r = 0; r < 4; r++) acc[r] = V::fma(ag[r], V::set1(sb[r * G + g]), acc[r]);
+    }
+    for (int r = 0; r < 4; r++) {
+      float bsum = 0;  // sum_g bias[g] * sum(x in group g)
+      for (int g = 0; g < G; g++) bsum += sb[(4 + r) * G + g] * xs[g];
+      out[r] = V::sum(acc[r]) + bsum;
+    }
+  }
+
+  static void direct1(const QmmArgs& a, int m, int n, float* out) {
+    const int G = a.K / a.gs, rb = a.K * a.bits / 8;
+    const float* x = a.xp + (long)m * a.K;
+    const uint8_t* wr = a.w + (long)n * rb;
+    R acc = V::zero();
+    float bsum = 0;
+    for (int g = 0; g < G; g++) {
+      R ag = V::zero();
+      for (int e = g * a.gs; e < (g + 1) * a.gs; e += 2 * W) {
+        R lo, hi;
+        if (a.bits == 4) V::q4(wr + e / 2, lo, hi);
+        else V::q8(wr + e, lo, hi);
+        ag = V::fma(lo, V::load(x + e), ag);
+        ag = V::fma(hi, V::load(x + e + W), ag);
+      }
+      acc = V::fma(ag, V::set1(sc(a, (long)n * G + g)), acc);
+      bsum += bi(a, (long)n * G + g) * a.xs[(long)m * G + g];
+    }
+    *out = V::sum(acc) + bsum;
+  }
+
+  // Dequantize rows [n0, n1) into `dst` (float32, same element order as xp).
+  static void dequant(const QmmArgs& a, int n0, int n1, float* dst) {
+    const int G = a.K / a.gs, rb = a.K * a.bits / 8;
+    for (int n = n0; n < n1; n++) {
+      const uint8_t* wr = a.w + (long)n * rb;
+      float* d = dst + (long)(n - n0) * a.K;
+      for (int g = 0; g < G; g++) {
+        R s = V::set1(sc(a, (long)n * G + g)), b = V::set1(bi(a, (long)n * G + g));
+        for (int e = g * a.gs; e < (g + 1) * a.gs; e += 2 * W) {
+          R lo, hi;
+          if (a.bits == 4) V::q4(wr + e / 2, lo, hi);
+          else V::q8(wr + e, lo, hi);
+          V::store(d + e, V::fma(lo, s, b));
+          V::store(d + e + W, V::fma(hi, s, b));
+        }
+      }
+    }
+  }
+
+  // 4x4 register tile of x rows times dequantized weight rows.
+  static void gemm4x4(const float* x, const float* w, int K, float* y, long ldy) {
+    R c[4][4];
+    for (int i = 0; i < 4; i++)
+      for (int j = 0; j < 4; j++) c[i][j] = V::zero();
+    for (int k = 0; k < K; k += W) {
+      R xv[4], wv[4];
+      for (int i = 0; i < 4; i++) xv[i] = V::load(x + (long)i * K + k);
+      for (int j = 0; j < 4; j++) wv[j] = V::load(w + (long)j * K + k);
+      for (int i = 0; i < 4; i++)
+        for (int j = 0; j < 4; j++) c[i][j] = V::fma(xv[i], wv[j], c[i][j]);
+    }
+    for (int i = 0; i < 4; i++)
+      for (int j = 0; j < 4; j++) y[i * ldy + j] = V::sum(c[i][j]);
+  }
+
+  static float dot(const float* x, const float* w, int K) {
+    R c = V::zero();
+    for (int k = 0; k < K; k += W) c = V::fma(V::load(x + k), V::load(w + k), c);
+    return V::sum(c);
+  }
+
+  // Prefill: dequantize the tile's weight rows once, reuse them for every x row.
+  static void tiled(const QmmArgs& a, int m0, int m1, int n0, int n1) {
+    thread_local float* buf = nullptr;
+    thread_local long cap = 0;
+    const long need = (long)(n1 - n0) * a.K;
+    if (need > cap) {
+      delete[] buf;
+      buf = new float[need];
+      cap = need;
+    }
+    dequant(a, n0, n1, buf);
+    const int nn = n1 - n0, n4 = nn / 4 * 4, m4 = m0 + (m1 - m0) / 4 * 4;
+    for (int m = m0; m < m4; m += 4)
+      for (int j = 0; j < n4; j += 4)
+        gemm4x4(a.xp + (long)m * a.K, buf + (long)j * a.K, a.K, a.y + (long)m * a.N + n0 + j, a.N);
+    for (int m = m0; m < m1; m++)
+      for (int j = (m < m4 ? n4 : 0); j < nn; j++)
+        a.y[(long)m * a.N + n0 + j] = dot(a.xp + (long)m * a.K, buf + (long)j * a.K, a.K);
+  }
+
+  static void tile(const QmmArgs& a, int m0, int m1, int n0, int n1) {
+    if (m1 - m0 >= 4) return tiled(a, m0, m1, n0, n1);
+    for (int m = m0; m < m1; m++) {
+      int n = n0;
+      for (; n + 4 <= n1; n += 4) {
+        if (a.bits == 4) direct4<4>(a, m, n, a.y + (long)m * a.N + n);
+        else direct4<8>(a, m, n, a.y + (long)m * a.N + n);
+      }
+      for (; n < n1; n++) direct1(a, m, n, a.y + (long)m * a.N + n);
+    }
+  }
+};

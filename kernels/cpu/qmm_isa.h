@@ -1,0 +1,57 @@
+// Shared declarations for the per-ISA quantized-matmul kernels.
+//
+// Each ISA lives in its own translation unit compiled with its own -m flags; the
+// driver (qmm.cpp) picks one at run time from what the CPU reports.
+#pragma once
+
+#include <cstdint>
+
+namespace edgeai {
+
+// One call's operands, already prepared by the driver.
+//
+// `xp` holds the activations as float32, reordered for 4-bit weights so that a block
+// of 2*W values reads [W even-indexed, W odd-indexed]: MLX packs element 2i in the low
+// nibble and 2i+1 in the high nibble of a byte, so unpacking the low (high) nibbles of
+// W bytes yields the even (odd) elements. W is the kernel's vector width.
+struct QmmArgs {
+  const float* xp;     // M x K prepared activations
+  const float* xs;     // M x G per-group sums of x (for the bias term)
+  const uint8_t* w;    // N rows of packed weights, K*bits/8 bytes each
+  const void* s;       // N x G scales (float32, or float16 when half_scales)
+  const void* b;       // N x G biases (same dtype as the scales)
+  float* y;            // M x N output
+  int M, N, K, gs, bits;
+  bool half_scales;  // float16 scales/biases: half the bytes to stream per token
+};
+
+// Compute y[m0:m1, n0:n1]. Safe to call concurrently on disjoint tiles.
+using QmmTileFn = void (*)(const QmmArgs&, int m0, int m1, int n0, int n1);
+
+// Attention operands: q [B, Hq, L, D], k/v [B, Hkv, S, D] with element strides for the
+// first three dims (the last is contiguous); out [B, L, Hq, D] contiguous, i.e. already
+// in the layout the output projection reads (no transpose + copy node after it).
+struct AttnArgs {
+  const float *q, *k, *v;
+  float* out;
+  long qs[3], ks[3], vs[3];
+  int B, Hq, Hkv, L, S, D;
+  float scale;
+  bool causal;
+  int block;  // query rows per task
+};
+
+using AttnTaskFn = void (*)(const AttnArgs&, int task);
+
+struct QmmIsa {
+  const char* name;
+  int width;  // W above: 16 (AVX-512), 8 (AVX2), 1 (portable C++)
+  QmmTileFn tile;
+  AttnTaskFn attention;
+};
+
+QmmIsa isa_avx512();
+QmmIsa isa_avx2();
+QmmIsa isa_generic();
+
+}  // namespace edgeai

@@ -1,0 +1,270 @@
+"""edgeai's quantized-matmul kernels: agreement with the float32 reference, selection, trust."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+
+from edgeai import kernels
+from edgeai.errors import InvalidInput
+
+kc = pytest.importorskip("edgeai.kernels_cpu")
+try:
+    EXT = kc.extension()
+except kc.KernelUnavailable as e:  # the install had no compiler: only the fallback tests apply
+    EXT = None
+    REASON = str(e)
+
+needs_ext = pytest.mark.skipif(EXT is None, reason="C++ kernels not built")
+ISAS = EXT.available_isas() if EXT is not None else []
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGEAI_HOME", str(tmp_path / "home"))
+    yield
+    if EXT is not None:
+        EXT.set_isa("auto")
+
+
+def reference(x, wq, s, b, gs, bits):
+    return x.astype(mx.float32) @ mx.dequantize(wq, s, b, gs, bits).T
+
+
+def quantized(n, k, gs, bits, seed=0):
+    w = mx.random.normal((n, k), key=mx.random.key(seed))
+    return mx.quantize(w, gs, bits)
+
+
+def nmse(y, r):
+    e = y.astype(mx.float32) - r
+    return (mx.mean(e * e) / mx.mean(r * r)).item()
+
+
+@needs_ext
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("gs", [32, 64, 128])
+@pytest.mark.parametrize("m", [1, 3, 4, 9, 70])
+def test_matches_float32_reference(isa, bits, gs, m):
+    EXT.set_isa(isa)
+    n, k = 76, 384  # N not a multiple of 8 on purpose: the kernel has no such limit
+    wq, s, b = quantized(n, k, gs, bits)
+    x = mx.random.normal((m, k), key=mx.random.key(1))
+    y = EXT.quantized_matmul(x, wq, s, b, gs, bits)
+    assert y.shape == (m, n) and y.dtype == mx.float32
+    assert nmse(y, reference(x, wq, s, b, gs, bits)) < 1e-10
+
+
+@needs_ext
+def test_model_shapes_multithreaded():
+    # SmolLM2-135M's widest matrices; big enough that the thread pool splits the work.
+    for n, k, m in [(1536, 576, 1), (576, 1536, 1), (576, 1536, 37)]:
+        wq, s, b = quantized(n, k, 32, 4)
+        x = mx.random.normal((m, k), key=mx.random.key(2))
+        assert nmse(EXT.quantized_matmul(x, wq, s, b, 32, 4), reference(x, wq, s, b, 32, 4)) < 1e-10
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
+def test_half_inputs_keep_their_dtype(dtype):
+    wq, s, b = quantized(64, 256, 64, 4)
+    x = mx.random.normal((2, 3, 256), key=mx.random.key(3)).astype(dtype)
+    y = EXT.quantized_matmul(x, wq, s, b, 64, 4)
+    assert y.dtype == dtype and y.shape == (2, 3, 64)
+    assert nmse(y, reference(x, wq, s, b, 64, 4)) < 1e-4  # rounding of the output only
+
+
+@needs_ext
+def test_strided_input_and_compile():
+    wq, s, b = quantized(64, 128, 32, 4)
+    xt = mx.random.normal((128, 5), key=mx.random.key(4)).T  # not row-contiguous
+    assert nmse(EXT.quantized_matmul(xt, wq, s, b, 32, 4), reference(xt, wq, s, b, 32, 4)) < 1e-10
+    f = mx.compile(lambda x: EXT.quantized_matmul(x, wq, s, b, 32, 4) * 2.0)
+    x = mx.random.normal((3, 128), key=mx.random.key(5))
+    assert nmse(f(x), 2.0 * reference(x, wq, s, b, 32, 4)) < 1e-10
+
+
+@needs_ext
+@pytest.mark.parametrize(
+    "k, gs, bits, match",
+    [(100, 32, 4, "multiple of the group size"), (128, 16, 4, "group_size"), (128, 32, 3, "bits"), (128, 32, 2, "bits")],
+)
+def test_unsupported_shapes_raise_clearly(k, gs, bits, match):
+    x = mx.ones((1, k))
+    w = mx.zeros((8, max(1, k * max(bits, 4) // 32)), dtype=mx.uint32)
+    s = mx.ones((8, max(1, k // gs)))
+    with pytest.raises(ValueError, match=match):
+        EXT.quantized_matmul(x, w, s, s, gs, bits)
+
+
+@needs_ext
+def test_mixed_scale_dtypes_are_rejected_not_misread():
+    wq, s, b = quantized(16, 64, 32, 4)
+    with pytest.raises(ValueError, match="float32"):
+        EXT.quantized_matmul(mx.ones((1, 64)), wq, s.astype(mx.float16), b, 32, 4)  # b is float32
+
+
+def _engines(path):
+    from edgeai.engine import Engine
+
+    return Engine.load(path, kernel="builtin"), Engine.load(path, kernel="custom")
+
+
+@needs_ext
+def test_swaps_layers_and_tied_head(tiny_model):
+    builtin, custom = _engines(tiny_model)
+    assert builtin.kernel.name == "builtin"
+    rep = custom.kernel
+    assert rep.name == "edgeai-cpu" and rep.isa in ISAS and rep.nmse < kernels.NMSE_TOL
+    assert rep.attention == "attention 2 layers (+RoPE), rms_norm 5"
+    mods = [m for _, m in custom.model.named_modules()]
+    assert not any(type(m) in (nn.QuantizedLinear, nn.QuantizedEmbedding) for m in mods)
+    assert any(isinstance(m, kc.CpuQuantizedEmbedding) for m in mods)
+    # every quantized layer of the builtin model, embedding/LM head included
+    n_q = sum(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in builtin.model.named_modules())
+    assert rep.layers == n_q
+
+
+@needs_ext
+def test_greedy_generation_identical_to_builtin(tiny_model):
+    from edgeai.options import GenerationOptions
+
+    builtin, custom = _engines(tiny_model)
+    opts = GenerationOptions(max_tokens=24, temperature=0.0)
+    for prompt in ["the theme", [{"role": "user", "content": "hello there"}]]:
+        a = [e.token for e in builtin.generate(prompt, opts) if e.token is not None]
+        b = [e.token for e in custom.generate(prompt, opts) if e.token is not None]
+        assert a == b and len(a) > 0
+
+
+def _broken(kind: str) -> kernels.Candidate:
+    """A real kernel made wrong on purpose (drops the bias term), or one that crashes."""
+
+    def wrong(x, w, s, b, gs, bits):
+        return mx.quantized_matmul(x, w, s, mx.zeros_like(b), transpose=True, group_size=gs, bits=bits)
+
+    def crash(*a):
+        raise RuntimeError("kernel exploded")
+
+    return kernels.Candidate("broken", wrong if kind == "wrong" else crash, lambda m: m, kc.supports, build_id=kind)
+
+
+@pytest.mark.parametrize("kind", ["wrong", "crash"])
+def test_kernel_failing_verification_is_not_used(tiny_model, monkeypatch, kind):
+    from mlx_lm.utils import load
+
+    monkeypatch.setattr(kernels, "_candidate", lambda be: _broken(kind))
+    model, _ = load(str(tiny_model))
+    rep = kernels.apply(model, "auto")
+    assert rep.name == "builtin" and "failed verification" in rep.reason
+    assert all(type(m) is not kc.CpuQuantizedLinear for _, m in model.named_modules())
+    with pytest.raises(kernels.KernelError):
+        kernels.apply(model, "custom")
+
+
+@needs_ext
+def test_verdict_is_cached(tiny_model):
+    cand = kernels._candidate("cpu")
+    shapes = [(4, 32, 64, 64)]
+    first = kernels.verify(cand, shapes)
+    second = kernels.verify(cand, shapes)
+    assert first["ok"] and not first["cached"] and second["cached"]
+    assert kernels._cache_path().exists()
+
+
+def test_unknown_mode_is_a_user_error(tiny_model):
+    from mlx_lm.utils import load
+
+    model, _ = load(str(tiny_model))
+    with pytest.raises(InvalidInput):
+        kernels.apply(model, "fastest")
+
+
+def test_missing_extension_falls_back_with_one_warning(tiny_model, tmp_path):
+    # A real interpreter in which the extension cannot be imported (as after a failed build).
+    code = (
+        "import sys; sys.modules['edgeai._edgeai_kernels'] = None\n"
+        "from edgeai.engine import Engine\n"
+        f"e = Engine.load({str(tiny_model)!r})\n"
+        "print('KERNEL', e.kernel.name)\n"
+    )
+    env = {**__import__("os").environ, "EDGEAI_HOME": str(tmp_path), "COLUMNS": "300"}
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "KERNEL builtin" in p.stdout
+    warnings = [line for line in p.stderr.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "not built" in warnings[0]
+
+
+@pytest.mark.skipif(not mx.metal.is_available(), reason="no Metal device (the Metal kernel never ran here)")
+@pytest.mark.parametrize("bits", [4, 8])
+def test_metal_kernel_matches_reference(bits):
+    from edgeai import kernels_metal
+
+    wq, s, b = quantized(128, 256, 64, bits)
+    x = mx.random.normal((1, 256), key=mx.random.key(6))
+    assert nmse(kernels_metal.quantized_matmul(x, wq, s, b, 64, bits), reference(x, wq, s, b, 64, bits)) < 1e-8
+
+
+@needs_ext
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("bits", [4, 8])
+def test_float16_scales_match_reference(isa, bits):
+    EXT.set_isa(isa)
+    wq, s, b = quantized(40, 256, 64, bits)
+    s, b = s.astype(mx.float16), b.astype(mx.float16)
+    for m in (1, 6):
+        x = mx.random.normal((m, 256), key=mx.random.key(7))
+        ref = reference(x, wq, s.astype(mx.float32), b.astype(mx.float32), 64, bits)
+        assert nmse(EXT.quantized_matmul(x, wq, s, b, 64, bits), ref) < 1e-10
+
+
+@needs_ext
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("n, s", [(1, 1), (1, 37), (7, 7), (19, 40), (70, 70)])
+def test_attention_matches_mlx(isa, n, s):
+    EXT.set_isa(isa)
+    err = kernels.check_attention(kc.attention, 6, 2, 32, n, s, seed=n)
+    assert err < kernels.ATTN_TOL
+
+
+@needs_ext
+def test_attention_reads_strided_cache_views():
+    big = mx.random.normal((1, 2, 64, 32), key=mx.random.key(8))
+    k = big[:, :, :23, :]  # how mlx-lm's KV cache hands out keys: a view of a larger buffer
+    q = mx.random.normal((1, 1, 4, 32), key=mx.random.key(9)).transpose(0, 2, 1, 3)
+    ref = mx.fast.scaled_dot_product_attention(q, k, k, scale=0.2, mask=None).transpose(0, 2, 1, 3)
+    assert mx.abs(kc.attention(q, k, k, 0.2, False) - ref).max().item() < 1e-5
+
+
+@needs_ext
+def test_attention_rejects_bad_input():
+    q = mx.zeros((1, 3, 2, 32))
+    with pytest.raises(ValueError, match="multiple of key/value heads"):
+        kc.attention(q, mx.zeros((1, 2, 2, 32)), mx.zeros((1, 2, 2, 32)), 1.0, True)
+    with pytest.raises(ValueError, match="float32"):
+        kc.attention(q.astype(mx.float16), mx.zeros((1, 3, 2, 32)), mx.zeros((1, 3, 2, 32)), 1.0, True)
+
+
+@needs_ext
+@pytest.mark.parametrize("bits, gs", [(8, 64), (4, 128)])
+def test_model_logits_match_builtin_for_other_formats(tmp_path, bits, gs):
+    import copy
+
+    from mlx_lm.utils import load
+    from tinymodel import make_tiny_model
+
+    path = make_tiny_model(tmp_path / "tiny-f32", hidden=128, quantize=False)
+    base, _ = load(str(path))
+    nn.quantize(base, group_size=gs, bits=bits)
+    custom = copy.deepcopy(base)
+    rep = kernels.apply(custom, "custom")
+    assert rep.name == "edgeai-cpu" and rep.layers > 0
+    tokens = mx.array([[5, 9, 33, 7, 2, 81]])
+    ref, got = base(tokens), custom(tokens)
+    assert nmse(got, ref.astype(mx.float32)) < 1e-8
