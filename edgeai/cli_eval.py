@@ -1,0 +1,117 @@
+"""`edgeai eval`: run the local model over questions with gold answers; judge or calibrate the score."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from edgeai import render
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("eval")
+    def eval_cmd(
+        data: Optional[list[Path]] = typer.Argument(None, help="JSONL files of {question, answer} (NQ / GSM8K / "
+                                                    "choices / unanswerable) or SelfAware-style JSON; omit them "
+                                                    "to refit from --records alone"),
+        model: Optional[str] = typer.Option(None, "--model", "-m", help="Model name or MLX directory [default: smollm2-135m]"),
+        limit: Optional[int] = typer.Option(None, "--limit", "-l", help="At most this many questions per file (seeded sample)"),
+        max_tokens: int = typer.Option(24, "--max-tokens", "-n", help="Answer length cap for short-answer questions"),
+        max_tokens_math: int = typer.Option(64, "--max-tokens-math", help="Answer length cap for maths problems"),
+        records: Optional[Path] = typer.Option(None, "--records", help="Save generations here (JSONL) and reuse "
+                                                                        "those already there: refit without regenerating"),
+        calibrate: bool = typer.Option(False, "--calibrate", help="Fit the score on a split, pick the threshold, "
+                                                                   "report held-out numbers, save to the user config"),
+        target_accuracy: Optional[float] = typer.Option(None, "--target-accuracy", min=0.0, max=1.0,
+                                                        help="Threshold target: accuracy of answers kept local [default: 0.9]"),
+        budget: Optional[float] = typer.Option(None, "--budget", min=0.0, max=1.0,
+                                               help="Threshold target instead: share of questions escalated"),
+        fit_fraction: float = typer.Option(0.5, "--fit-fraction", min=0.1, max=0.9, help="Share of items used to fit"),
+        seed: int = typer.Option(0, "--seed", help="Sampling and split seed"),
+        plot_path: Path = typer.Option(Path("edgeai-eval.png"), "--plot", help="Where to write the PNG plot"),
+        no_save: bool = typer.Option(False, "--no-save", help="With --calibrate: do not write the user config"),
+        json_out: bool = typer.Option(False, "--json", help="Print the report as JSON"),
+    ) -> None:
+        """Label answers, report accuracy, AUROC and risk–coverage; --calibrate fits the escalation score."""
+        from edgeai import confidence, evaluate
+        from edgeai.cli_run import load_engine
+        from edgeai.errors import InvalidInput
+
+        if target_accuracy is not None and budget is not None:
+            raise InvalidInput("give --target-accuracy or --budget, not both")
+        if data:
+            items = evaluate.mix(data, limit, seed)
+            engine = load_engine(model)
+            name = engine.name
+            recs = _generate(evaluate, engine, items, max_tokens, max_tokens_math, records, quiet=json_out)
+        elif records is not None and records.exists():
+            from edgeai.config import default_model
+
+            name = model or default_model()  # the records were made earlier; no model is loaded
+            recs = evaluate.load_records(records)
+        else:
+            raise InvalidInput("no questions to evaluate", "give DATA files, or --records FILE from an earlier run")
+        report, scorer = evaluate.evaluate(recs, name, calibrate=calibrate, target_accuracy=target_accuracy,
+                                           budget=budget, fit_fraction=fit_fraction, seed=seed)
+        report["plot"] = str(evaluate.plot(report, plot_path))
+        if scorer is not None and not no_save:
+            report["saved_to"] = str(confidence.save_user_scorer(name, scorer))
+        if json_out:
+            render.print_json(report)
+        else:
+            _render(report)
+
+
+def _generate(evaluate, engine, items, max_tokens, max_tokens_math, records, quiet: bool) -> list[dict]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("answering"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=render.err, disable=quiet, transient=True) as bar:
+        task = bar.add_task("eval", total=len(items))
+        gen = evaluate.generate_records(engine, items, max_tokens, max_tokens_math, out=records,
+                                        done=lambda n: bar.update(task, completed=n))
+        return list(gen)
+
+
+def _render(report: dict) -> None:
+    from rich.table import Table
+
+    def pct(v):
+        return "—" if v is None else f"{100 * v:.1f}%"
+
+    head = Table(title=f"edgeai eval · {report['model']}", show_header=True)
+    for c in ("items", "accuracy", "AUROC (score)", "AUROC (length only)"):
+        head.add_column(c, justify="right")
+    base = (report.get("baseline_length") or {}).get("auroc")
+    ci = report.get("auroc_ci95")
+    auc = _f(report["auroc"]) + (f" [{ci[0]:.2f}–{ci[1]:.2f}]" if ci else "")
+    head.add_row(str(report["items"]), pct(report["accuracy"]), auc, _f(base))
+    render.out.print(head)
+    if "split" in report:
+        s = report["split"]
+        render.out.print(f"held-out split: {s['held_out']} items (fitted on {s['fit']}, seed {s['seed']})")
+    kinds = Table(title="by kind")
+    for c in ("kind", "items", "accuracy"):
+        kinds.add_column(c, justify="right")
+    for k, v in report["by_kind"].items():
+        kinds.add_row(k, str(v["items"]), pct(v["accuracy"]))
+    render.out.print(kinds)
+    t = Table(title="per threshold (keep local when P(correct) ≥ threshold)")
+    for c in ("threshold", "kept local", "accuracy kept", "accuracy escalated"):
+        t.add_column(c, justify="right")
+    for r in report["thresholds"]:
+        t.add_row(f"{r['threshold']:.3f}", pct(r["kept_local"]), pct(r["kept_accuracy"]), pct(r["escalated_accuracy"]))
+    render.out.print(t)
+    op = report.get("operating_point")
+    if op:
+        render.out.print(f"operating point: threshold {op['threshold']:.3f} keeps {pct(op['kept_local'])} local "
+                         f"({pct(op['answerable_kept_local'])} of answerable) at {pct(op['kept_accuracy'])} accuracy")
+    if report.get("saved_to"):
+        render.out.print(f"calibration saved to {report['saved_to']}")
+    render.err.print(f"[dim]plot: {report['plot']}[/]")
+
+
+def _f(v) -> str:
+    return "—" if v is None else f"{v:.3f}"

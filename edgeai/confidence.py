@@ -1,0 +1,219 @@
+"""Signals from a local answer's token events, and a calibrated P(correct) from them.
+
+Signals (all computed from `Answer`, i.e. from the engine's `Event`s):
+
+| signal          | what                                                              |
+|-----------------|-------------------------------------------------------------------|
+| mean_logprob    | mean log-probability of the answer tokens                         |
+| min_logprob     | the least likely token                                            |
+| p10_logprob     | 10th percentile of token log-probabilities                        |
+| mean_entropy    | mean next-token entropy (nats)                                    |
+| first_logprob   | log-probability of the first answer token                         |
+| first_margin    | top-1 minus top-2 log-probability at the first answer token       |
+|                 | (needs `GenerationOptions.top_logprobs >= 2`; 0 when unavailable) |
+| log_len         | log(1 + number of answer tokens)                                  |
+| truncated       | 1 when generation stopped at max tokens (hard flag)               |
+| repetition      | 1 when the answer ends in a repetition loop (hard flag)           |
+| refusal         | 1 when the answer refuses ("I can't help with that …")            |
+| idk             | 1 when the answer abstains ("I don't know", "it is unknown" …)    |
+
+A `Scorer` turns the signals into P(correct): standardize → logistic regression →
+isotonic (or Platt) calibration. Coefficients per model ship in `edgeai/data/confidence.json`;
+`edgeai eval --calibrate` writes the user's own to `<config dir>/confidence.json` (same
+format), which take precedence. Only numpy is needed at run time; fitting lives in
+`edgeai.evaluate` (scikit-learn).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from edgeai.types import Answer
+
+FEATURES = (
+    "mean_logprob", "min_logprob", "p10_logprob", "mean_entropy", "first_logprob",
+    "first_margin", "log_len", "truncated", "repetition", "refusal", "idk",
+)
+# Flags that alone make a local answer untrustworthy, whatever the score says.
+HARD_FLAGS = ("truncated", "repetition")
+
+_REFUSAL = re.compile(
+    r"\b(i can(?:no|')t (?:help|assist|provide|answer)|i(?: am|'m) (?:not able|unable) to|"
+    r"as an ai\b|i won't|i will not|sorry, but i)", re.I)
+_IDK = re.compile(
+    r"\b(i (?:do not|don't) know|i'?m not sure|i am not sure|not sure|no one knows|nobody knows|"
+    r"(?:is|are|remains?) unknown|cannot be (?:determined|known|answered)|can't be (?:determined|known)|"
+    r"there is no (?:definitive|known|clear|single) answer|no definitive answer|impossible to (?:know|say|predict)|"
+    r"i (?:do not|don't) have (?:enough )?(?:information|access)|unanswerable|it depends)", re.I)
+
+
+# -- signals ------------------------------------------------------------------------------
+
+def signals(answer: Answer) -> dict[str, float]:
+    """The confidence signals of one local answer (see the module docstring)."""
+    lps = np.asarray(answer.logprobs, dtype=np.float64)
+    ents = np.asarray(answer.entropies, dtype=np.float64)
+    n = len(lps)
+    first = _first_answer_index(answer)
+    sig = {
+        "mean_logprob": float(lps.mean()) if n else 0.0,
+        "min_logprob": float(lps.min()) if n else 0.0,
+        "p10_logprob": float(np.percentile(lps, 10)) if n else 0.0,
+        "mean_entropy": float(ents.mean()) if len(ents) else 0.0,
+        "first_logprob": float(lps[first]) if n else 0.0,
+        "first_margin": _margin(answer.top_logprobs[first]) if first < len(answer.top_logprobs) else 0.0,
+        "log_len": math.log1p(n),
+        "truncated": float(answer.finish_reason == "length"),
+        "repetition": float(is_repetitive(answer.tokens or answer.text.split())),
+        "refusal": float(bool(_REFUSAL.search(answer.text))),
+        "idk": float(bool(_IDK.search(answer.text))),
+    }
+    return sig
+
+
+def _first_answer_index(answer: Answer) -> int:
+    """Index of the first token that carries visible text (skips leading whitespace)."""
+    # Per-token text is not kept in Answer; leading tokens with near-certain probability
+    # (whitespace, "The") carry no signal, so take the first token below -0.05 nats if any
+    # of the first three is, else the first.
+    for i, lp in enumerate(answer.logprobs[:3]):
+        if lp < -0.05:
+            return i
+    return 0
+
+
+def _margin(top: Iterable[tuple[int, float]]) -> float:
+    vals = sorted((v for _, v in top), reverse=True)
+    return float(vals[0] - vals[1]) if len(vals) >= 2 else 0.0
+
+
+def is_repetitive(seq: list, max_period: int = 12, min_repeats: int = 3) -> bool:
+    """True when `seq` ends in a block of 1..max_period items repeated min_repeats+ times,
+    or when long output has few distinct 4-grams (a loop with small variations)."""
+    n = len(seq)
+    for k in range(1, max_period + 1):
+        if n < k * min_repeats:
+            break
+        block = seq[n - k:]
+        if all(seq[n - (r + 1) * k: n - r * k] == block for r in range(1, min_repeats)):
+            # A single repeated token (e.g. "\n\n\n") counts only if long.
+            if k > 1 or n >= 8:
+                return True
+    if n >= 32:
+        grams = [tuple(seq[i:i + 4]) for i in range(n - 3)]
+        if len(set(grams)) / len(grams) < 0.5:
+            return True
+    return False
+
+
+def hard_flags(sig: dict[str, float]) -> list[str]:
+    """The hard flags raised in `sig`, by name."""
+    return [f for f in HARD_FLAGS if sig.get(f, 0.0) >= 0.5]
+
+
+# -- scoring ------------------------------------------------------------------------------
+
+@dataclass
+class Scorer:
+    """Standardize → logistic regression → calibration map; P(correct) in [0, 1].
+
+    Attributes:
+        features: the signal names, in coefficient order.
+        mean, scale: standardization of each feature.
+        coef, intercept: logistic regression on the standardized features.
+        calibration: {"method": "isotonic", "x": [...], "y": [...]} (x are raw logistic
+            outputs, y calibrated probabilities), {"method": "platt", "a": .., "b": ..}
+            (p = sigmoid(a·logit + b)) or {"method": "none"}.
+        threshold: escalate below this P(correct).
+        meta: where it came from (model, data, metrics).
+    """
+
+    features: list[str]
+    mean: list[float]
+    scale: list[float]
+    coef: list[float]
+    intercept: float
+    calibration: dict[str, Any] = field(default_factory=lambda: {"method": "none"})
+    threshold: float = 0.5
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def logit(self, sig: dict[str, float]) -> float:
+        x = np.array([sig.get(f, 0.0) for f in self.features], dtype=np.float64)
+        z = (x - np.asarray(self.mean)) / np.asarray(self.scale)
+        return float(z @ np.asarray(self.coef) + self.intercept)
+
+    def score(self, sig: dict[str, float]) -> float:
+        """Calibrated P(correct) for one answer's signals."""
+        return float(self.calibrate(np.array([self.logit(sig)]))[0])
+
+    def calibrate(self, logits: np.ndarray) -> np.ndarray:
+        cal = self.calibration
+        method = cal.get("method", "none")
+        if method == "isotonic":
+            raw = 1.0 / (1.0 + np.exp(-logits))
+            return np.interp(raw, cal["x"], cal["y"])
+        if method == "platt":
+            return 1.0 / (1.0 + np.exp(-(cal["a"] * logits + cal["b"])))
+        return 1.0 / (1.0 + np.exp(-logits))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in
+                ("features", "mean", "scale", "coef", "intercept", "calibration", "threshold", "meta")}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Scorer":
+        return cls(**{k: d[k] for k in ("features", "mean", "scale", "coef", "intercept")},
+                   calibration=d.get("calibration", {"method": "none"}),
+                   threshold=float(d.get("threshold", 0.5)), meta=d.get("meta", {}))
+
+
+def user_calibration_path() -> Path:
+    from edgeai.config import config_dir
+
+    return config_dir() / "confidence.json"
+
+
+def _shipped() -> dict[str, Any]:
+    return json.loads(resources.files("edgeai").joinpath("data/confidence.json").read_text())
+
+
+def load_scorer(model: str) -> Scorer:
+    """The scorer for `model`: the user's calibration if any, else the shipped one for the
+    model, else the shipped "default" entry."""
+    user = user_calibration_path()
+    if user.exists():
+        entry = json.loads(user.read_text()).get("models", {}).get(model)
+        if entry:
+            return Scorer.from_dict(entry)
+    models = _shipped()["models"]
+    return Scorer.from_dict(models.get(model) or models["default"])
+
+
+def save_user_scorer(model: str, scorer: Scorer) -> Path:
+    """Store `scorer` as the user's calibration for `model`; returns the file written."""
+    path = user_calibration_path()
+    data = json.loads(path.read_text()) if path.exists() else {"version": 1, "models": {}}
+    data.setdefault("models", {})[model] = scorer.to_dict()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2))
+    return path
+
+
+def assess(answer: Answer, scorer: Scorer) -> tuple[float, dict[str, float], list[str]]:
+    """Score a local answer: (P(correct), signals, reasons that lower trust)."""
+    sig = signals(answer)
+    p = scorer.score(sig)
+    reasons = []
+    for f in FEATURES[7:]:
+        if sig[f] >= 0.5:
+            reasons.append({"truncated": "stopped at max tokens", "repetition": "repetition loop",
+                            "refusal": "the model refused", "idk": "the model said it does not know"}[f])
+    return p, sig, reasons
