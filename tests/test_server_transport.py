@@ -1,0 +1,116 @@
+"""Where `edgeai serve` listens: socket permissions, stale sockets, TCP guard, SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import stat
+
+import httpx
+import pytest
+
+from edgeai.errors import EdgeAIError
+from edgeai.server.transport import bind_unix, default_socket_path
+from serverproc import start_server
+
+
+def _private(tmp_path):
+    d = tmp_path / "run"
+    d.mkdir(mode=0o700)
+    return d
+
+
+def test_socket_is_0600_in_a_private_dir_it_creates(tmp_path):
+    path = tmp_path / "fresh" / "sub" / "s.sock"
+    os.chmod(tmp_path, 0o700)
+    sock = bind_unix(path)
+    try:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert stat.S_ISSOCK(path.stat().st_mode)
+        assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    finally:
+        sock.close()
+
+
+def test_stale_socket_is_replaced_live_one_refused(tmp_path):
+    path = _private(tmp_path) / "s.sock"
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(str(path))
+    dead.close()  # the file stays, nobody listens: a crashed server's leftover
+    live = bind_unix(path)
+    try:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        with pytest.raises(EdgeAIError, match="already listening"):
+            bind_unix(path)
+        assert path.exists()  # the live server's socket was left alone
+    finally:
+        live.close()
+
+
+def test_non_socket_path_and_open_directory_refused(tmp_path):
+    d = _private(tmp_path)
+    (d / "file.sock").write_text("not a socket")
+    with pytest.raises(EdgeAIError, match="not a socket"):
+        bind_unix(d / "file.sock")
+    assert (d / "file.sock").read_text() == "not a socket"
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o755)
+    with pytest.raises(EdgeAIError, match="open to other users"):
+        bind_unix(shared / "s.sock")
+    with pytest.raises(EdgeAIError, match="Unix sockets allow"):
+        bind_unix(d / ("x" * 120))
+
+
+def test_default_socket_path_honours_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("EDGEAI_SOCKET", str(tmp_path / "a.sock"))
+    assert default_socket_path() == tmp_path / "a.sock"
+    monkeypatch.delenv("EDGEAI_SOCKET")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    assert default_socket_path() == tmp_path / "edgeai" / "edgeai.sock"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_stops_cleanly_and_removes_socket(tiny_model, tmp_path, sig):
+    srv = start_server(tiny_model, tmp_path)
+    with srv.client() as c:
+        assert c.post("/v1/completions", json={"model": tiny_model.name, "prompt": "a", "max_tokens": 3}).status_code == 200
+    rc = srv.stop(sig)
+    assert rc in (0, 130), srv.output()
+    assert not srv.socket.exists()
+    assert "Traceback" not in srv.output()
+
+
+def test_second_server_on_same_socket_is_refused(tiny_model, tmp_path):
+    srv = start_server(tiny_model, tmp_path)
+    try:
+        import subprocess
+        import sys
+
+        r = subprocess.run([sys.executable, "-m", "edgeai", "serve", "--model", str(tiny_model), "--socket",
+                            str(srv.socket), "--policy", "local-only"], capture_output=True, text=True, timeout=60,
+                           env={**os.environ, "EDGEAI_HOME": str(tmp_path / "home"), "NO_COLOR": "1"})
+        assert r.returncode != 0 and "already listening" in r.stderr and "Traceback" not in r.stderr
+        with srv.client() as c:  # the first one still serves
+            assert c.get("/health").status_code == 200
+    finally:
+        assert srv.stop() == 0
+
+
+def test_tcp_host_check_and_token(tiny_model, tmp_path):
+    srv = start_server(tiny_model, tmp_path, "--host", "127.0.0.1", "--port", "0", "--token", "s3cret")
+    try:
+        line = next(ln for ln in srv.output().splitlines() if "http://127.0.0.1:" in ln)
+        port = int(line.split("http://127.0.0.1:")[1].split()[0].rstrip(",;"))
+        base = f"http://127.0.0.1:{port}"
+        ok = {"Authorization": "Bearer s3cret"}
+        assert httpx.get(f"{base}/health", headers=ok).status_code == 200
+        assert httpx.get(f"{base}/health").status_code == 401
+        assert httpx.get(f"{base}/health", headers={"Authorization": "Bearer nope"}).status_code == 401
+        rebound = httpx.get(f"{base}/health", headers={**ok, "Host": "evil.example:80"})
+        assert rebound.status_code == 403 and rebound.json()["error"]["code"] == "host_not_allowed"
+        with srv.client() as c:  # the socket needs no token: its 0600 mode is the check
+            assert c.get("/health").status_code == 200
+    finally:
+        assert srv.stop() == 0
