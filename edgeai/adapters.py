@@ -1,0 +1,230 @@
+"""The adapter store: mlx-lm LoRA adapters checked against their base model, kept by name.
+
+Layout: `config.home()/adapters/<name>/` holds the adapter's own `adapter_config.json` and
+`adapters.safetensors` (unchanged, so mlx-lm can still read them) plus `edgeai.json`
+(the base model it was checked against, rank, scale, size). Adding is atomic: the files
+are written to a temporary directory beside the store and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from edgeai import config
+from edgeai.errors import InvalidInput, ModelNotFound
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapters.safetensors"
+META_FILE = "edgeai.json"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+@dataclass
+class AdapterInfo:
+    """One stored adapter, as `edgeai adapter list` shows it."""
+
+    name: str
+    base: str  # the base model's name: the adapter only runs on this model
+    rank: int
+    scale: float
+    layers: int  # how many linear layers it changes
+    size_bytes: int
+    added: float  # unix time
+    base_path: str = ""  # the base model's directory when it was added
+    path: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def adapters_dir() -> Path:
+    return config.home() / "adapters"
+
+
+def _check_name(name: str) -> str:
+    if not _NAME.match(name):
+        raise InvalidInput(
+            f"{name!r} is not a valid adapter name",
+            "use letters, digits, '.', '_' or '-' (at most 64, starting with a letter or digit)",
+        )
+    return name
+
+
+def resolve_base(model: str) -> tuple[str, Path]:
+    """(name, directory) of a base model given as a store name or an MLX model directory."""
+    p = Path(model).expanduser()
+    if (p / "config.json").is_file():
+        return p.resolve().name, p
+    from edgeai import store
+
+    path = store.resolve(model)  # raises ModelNotFound with close names
+    # Aliases resolve to the installed model; record its store name.
+    for lm in store.list_models():
+        if Path(lm.path).resolve() == Path(path).resolve():
+            return lm.name, Path(path)
+    return model, Path(path)
+
+
+def read_adapter(src: Path):
+    """Read and check an mlx-lm adapter directory on its own (no base model needed).
+
+    Returns:
+        (adapter_config dict, scale, pairs) where pairs maps module path -> (A, B).
+    """
+    import mlx.core as mx
+
+    from edgeai.lora import pairs_from_weights
+
+    src = Path(src)
+    missing = [f for f in (CONFIG_FILE, WEIGHTS_FILE) if not (src / f).is_file()]
+    if missing:
+        raise InvalidInput(
+            f"{src} is not an mlx-lm adapter directory (missing {', '.join(missing)})",
+            "train one with `mlx_lm.lora --train --adapter-path DIR` and pass DIR",
+        )
+    try:
+        cfg = json.loads((src / CONFIG_FILE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InvalidInput(f"{src / CONFIG_FILE} is not valid JSON: {e}", "re-save the adapter") from e
+    kind = cfg.get("fine_tune_type", "lora")
+    if kind != "lora":
+        raise InvalidInput(f"{src} is a {kind!r} fine-tune; only LoRA adapters can be hot-swapped",
+                           "train with --fine-tune-type lora")
+    scale = (cfg.get("lora_parameters") or {}).get("scale")
+    if not isinstance(scale, (int, float)):
+        raise InvalidInput(f"{src / CONFIG_FILE} has no lora_parameters.scale", "re-save the adapter with mlx-lm")
+    try:
+        weights = mx.load(str(src / WEIGHTS_FILE))
+    except (RuntimeError, ValueError, OSError) as e:
+        raise InvalidInput(f"{src / WEIGHTS_FILE} is not a readable safetensors file: {e}", "re-save the adapter") from e
+    pairs, problems = pairs_from_weights(weights)
+    if problems or not pairs:
+        raise InvalidInput(f"{src / WEIGHTS_FILE} is not a LoRA adapter: {problems[0] if problems else 'no tensors'}",
+                           "give the directory mlx_lm.lora wrote")
+    return cfg, float(scale), pairs
+
+
+def check_fit(pairs: dict, base_dir: Path, base_name: str) -> None:
+    """Refuse `pairs` unless every target is a linear layer of the base with the same shape."""
+    from mlx_lm.utils import load_model
+
+    from edgeai.lora import check_targets
+
+    model, _ = load_model(Path(base_dir), lazy=True)  # structure and shapes; weights stay on disk
+    problems = check_targets(dict(model.named_modules()), pairs)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise InvalidInput(
+            f"the adapter does not fit base model {base_name!r}: {problems[0]}{more}",
+            "pass the --base model the adapter was trained on",
+        )
+
+
+def add(src: str | Path, base: str, name: str | None = None, force: bool = False) -> AdapterInfo:
+    """Check an mlx-lm adapter directory against `base` and store it as `name`.
+
+    Args:
+        src: the adapter directory (adapter_config.json + adapters.safetensors).
+        base: the base model, a store name or an MLX model directory.
+        name: the adapter's name (defaults to the directory name).
+        force: replace an adapter of the same name.
+    """
+    src = Path(src).expanduser()
+    name = _check_name(name or src.resolve().name)
+    base_name, base_dir = resolve_base(base)
+    _cfg, scale, pairs = read_adapter(src)
+    check_fit(pairs, base_dir, base_name)
+    dest = adapters_dir() / name
+    if dest.exists() and not force:
+        raise InvalidInput(f"an adapter named {name!r} exists already", "pass --force to replace it, or --name")
+    adapters_dir().mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".add-{name}-", dir=adapters_dir()))
+    try:
+        for f in (CONFIG_FILE, WEIGHTS_FILE):
+            shutil.copyfile(src / f, tmp / f)
+        info = AdapterInfo(
+            name=name, base=base_name, rank=int(next(iter(pairs.values()))[0].shape[1]), scale=scale,
+            layers=len(pairs), size_bytes=(tmp / WEIGHTS_FILE).stat().st_size, added=time.time(),
+            base_path=str(Path(base_dir).resolve()),
+        )
+        meta = info.to_dict()
+        meta.pop("path")
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+        if dest.exists():  # --force: move the old one aside first so the swap is one rename
+            old = Path(tempfile.mkdtemp(prefix=f".rm-{name}-", dir=adapters_dir()))
+            os.rename(dest, old / name)
+            os.rename(tmp, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    info.path = str(dest)
+    return info
+
+
+def get(name: str) -> AdapterInfo:
+    """The stored adapter `name`."""
+    d = adapters_dir() / _check_name(name)
+    try:
+        meta = json.loads((d / META_FILE).read_text())
+    except FileNotFoundError:
+        raise ModelNotFound(f"no adapter named {name!r}", "see `edgeai adapter list`; add one with `edgeai adapter add`") from None
+    return AdapterInfo(**meta, path=str(d))
+
+
+def list_adapters() -> list[AdapterInfo]:
+    """Every stored adapter, by name."""
+    d = adapters_dir()
+    if not d.is_dir():
+        return []
+    return [get(p.name) for p in sorted(d.iterdir()) if (p / META_FILE).is_file() and _NAME.match(p.name)]
+
+
+def remove(name: str) -> AdapterInfo:
+    """Delete the stored adapter `name` (renamed aside first, so readers never see half of it)."""
+    info = get(name)
+    trash = Path(tempfile.mkdtemp(prefix=f".rm-{name}-", dir=adapters_dir()))
+    os.rename(info.path, trash / name)
+    shutil.rmtree(trash, ignore_errors=True)
+    return info
+
+
+def version(name: str) -> tuple[int, int]:
+    """Identifies the stored files of `name` (changes when it is replaced; raises if removed)."""
+    try:
+        st = (adapters_dir() / _check_name(name) / META_FILE).stat()
+    except FileNotFoundError:
+        raise ModelNotFound(f"no adapter named {name!r}", "see `edgeai adapter list`") from None
+    return st.st_ino, st.st_mtime_ns
+
+
+def load(name: str, base: str | None = None, base_path: str | Path | None = None):
+    """Read a stored adapter into memory for `edgeai.lora.AdapterSet`.
+
+    Args:
+        name: the adapter's name.
+        base: the name of the model it will run on; refused unless that name or `base_path`
+            is the base model the adapter was added for.
+        base_path: that model's directory.
+    """
+    from edgeai.lora import LoadedAdapter
+
+    ver = version(name)
+    info = get(name)
+    same_dir = base_path is not None and info.base_path and Path(base_path).resolve() == Path(info.base_path)
+    if base is not None and info.base != base and not same_dir:
+        raise InvalidInput(
+            f"adapter {name!r} was added for base model {info.base!r}, not {base!r}",
+            f"run it on {info.base!r}, or re-add it with --base {base} if it was trained on that model",
+        )
+    _cfg, scale, pairs = read_adapter(Path(info.path))
+    return LoadedAdapter(name=name, scale=scale, pairs=pairs, version=ver)
