@@ -38,9 +38,10 @@ def stream_to_console(events: Iterator[Event], model: str, *, stream: bool = Tru
     return answer
 
 
-def answer(engine, messages: list[Message], options: GenerationOptions, *, stream: bool = True) -> Answer:
-    """Generate one answer locally, streaming it to the console when `stream`."""
-    return stream_to_console(engine.generate(messages, options), engine.name, stream=stream)
+def answer(engine, messages: list[Message], options: GenerationOptions, *, stream: bool = True,
+           adapter: str | None = None) -> Answer:
+    """Generate one answer locally (with a stored LoRA `adapter`), streaming it when `stream`."""
+    return stream_to_console(engine.generate(messages, options, adapter=adapter), engine.name, stream=stream)
 
 
 def print_stats(ans: Answer) -> None:
@@ -54,7 +55,8 @@ def print_stats(ans: Answer) -> None:
     )
 
 
-def repl(engine, options: GenerationOptions, *, system: str | None = None, first: str | None = None) -> None:
+def repl(engine, options: GenerationOptions, *, system: str | None = None, first: str | None = None,
+         adapter: str | None = None) -> None:
     """Interactive chat that keeps history until /clear or exit."""
     import sys
 
@@ -91,5 +93,5 @@ def repl(engine, options: GenerationOptions, *, system: str | None = None, first
             render.err.print(f"[dim]unknown command {line.split()[0]}; {REPL_HELP}[/]")
             continue
         msgs = messages_for(line, system, history)
-        ans = answer(engine, msgs, options)
+        ans = answer(engine, msgs, options, adapter=adapter)
         history += [Message(role="user", content=line), Message(role="assistant", content=ans.text)]

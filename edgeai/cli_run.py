@@ -59,6 +59,9 @@ def register(app: typer.Typer) -> None:
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No stats line"),
         interactive: bool = typer.Option(False, "--interactive", "-i", help="Chat even if stdin is not a terminal"),
         kernel: Optional[str] = typer.Option(None, "--kernel", help="auto, builtin or custom"),
+        adapter: Optional[str] = typer.Option(None, "--adapter", help="A stored LoRA adapter (see `edgeai adapter list`)"),
+        policy: Optional[str] = typer.Option(None, "--policy", help="local-only, auto or remote [default: config, else auto]"),
+        explain: bool = typer.Option(False, "--explain", help="Show the route, signals, score, threshold and decision"),
     ) -> None:
         """Answer a prompt with a local model, streaming tokens as they come."""
         from edgeai import chat
@@ -67,20 +70,28 @@ def register(app: typer.Typer) -> None:
         opts = _options(max_tokens, temperature, top_p, top_k, min_p, seed, stop)
         if interactive or (prompt is None and sys.stdin is not None and sys.stdin.isatty()):
             engine = load_engine(model, kernel)
-            chat.repl(engine, opts, system=system, first=prompt)
+            if adapter:
+                engine.adapters.get(adapter)  # refuse an unknown or mismatched adapter up front
+            chat.repl(engine, opts, system=system, first=prompt, adapter=adapter)
             return
         text = build_prompt(prompt, _read_stdin())
         if not text:
             from edgeai.errors import InvalidInput
 
             raise InvalidInput("the prompt is empty", 'give a prompt, e.g. edgeai run "Why is the sky blue?"')
-        engine = load_engine(model, kernel)
+        from edgeai.respond import respond
+
         messages = chat.messages_for(text, system)
-        answer = chat.answer(engine, messages, opts, stream=not json_out)
+        # The local model loads only if the router or a fallback needs it.
+        resp = respond(messages, opts, policy=policy, engine=lambda: load_engine(model, kernel), adapter=adapter)
+        streamed = chat.stream_to_console(iter(resp), "", stream=not json_out)
+        answer = resp.answer or streamed  # no final answer when cancelled midway
         if json_out:
             render.print_json(answer.to_dict())
-        elif not quiet:
-            chat.print_stats(answer)
+        else:
+            render.decision(answer, explain)
+            if not quiet:
+                chat.print_stats(answer)
         if answer.finish_reason == "cancelled":
             raise typer.Exit(130)
 

