@@ -3,7 +3,7 @@
 Two tests per kernel: `pp<N>` processes N random prompt tokens (time to first token);
 `tg<N>` generates N tokens greedily from a one-token prompt. Each runs once to warm up,
 then `reps` times; speeds are reported as mean ± standard deviation. Both go through
-mlx-lm's `generate_step`, the same loop `Engine.generate` runs.
+`engine.decode_steps`, the same loop `Engine.generate` runs.
 """
 
 from __future__ import annotations
@@ -72,28 +72,26 @@ def header(model: str) -> BenchHeader:
     return BenchHeader(machine(), kernels.backend(), int(threads), model, mx.__version__)
 
 
+def _greedy(logprobs: mx.array) -> mx.array:
+    return mx.argmax(logprobs, axis=-1)
+
+
 def _prompt_time(model, tokens: mx.array) -> float:
     """Seconds from the prompt to the first generated token."""
-    from mlx_lm.generate import generate_step
+    from edgeai.engine import decode_steps
 
     t0 = time.perf_counter()
-    steps = generate_step(tokens, model, max_tokens=1, sampler=lambda lp: mx.argmax(lp, axis=-1))
-    for _ in steps:
-        break
-    steps.close()
+    for _ in decode_steps(model, tokens, _greedy, 1):
+        pass
     return time.perf_counter() - t0
 
 
 def _gen_time(model, first: mx.array, n: int) -> float:
     """Seconds to generate n tokens greedily after a one-token prompt."""
-    from mlx_lm.generate import generate_step
+    from edgeai.engine import decode_steps
 
     t0 = time.perf_counter()
-    count = 0
-    steps = generate_step(first, model, max_tokens=n, sampler=lambda lp: mx.argmax(lp, axis=-1))
-    for _ in steps:
-        count += 1
-    steps.close()
+    count = sum(1 for _ in decode_steps(model, first, _greedy, n))
     assert count == n
     return time.perf_counter() - t0
 

@@ -10,7 +10,7 @@ import json
 import threading
 import time
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -133,7 +133,6 @@ class Engine:
             yield from self._generate(ids, options, max_tokens, cancel)
 
     def _generate(self, ids: list[int], options: GenerationOptions, max_tokens: int, cancel) -> Iterator[Event]:
-        from mlx_lm.generate import generate_step
         from mlx_lm.sample_utils import make_sampler
 
         if options.seed is not None:
@@ -153,15 +152,13 @@ class Engine:
         t0 = time.perf_counter()
         t_first = t0
         finish = "length"
-        steps = generate_step(mx.array(ids), self.model, max_tokens=max_tokens, sampler=sampler)
+        steps = decode_steps(self.model, mx.array(ids), sampler, max_tokens, options.top_logprobs)
         try:
-            for n, (token, logprobs) in enumerate(steps):
-                token = int(token)
+            for n, (token, lp, ent, top) in enumerate(steps):
                 if n == 0:
                     t_first = time.perf_counter()
                     stats.prompt_seconds = stats.ttft_seconds = t_first - t0
                 stats.generation_tokens = n + 1
-                lp, ent, top = _token_signals(logprobs, token, options.top_logprobs)
                 if token in eos:
                     finish = "stop"
                     detok.finalize()
@@ -193,14 +190,51 @@ class Engine:
         yield Event(finish_reason=finish, stats=stats)
 
 
-def _token_signals(logprobs: mx.array, token: int, top_n: int) -> tuple[float, float, tuple]:
-    """Log-probability of the sampled token, entropy of the distribution, top alternatives."""
-    return token_signals_batch(logprobs.reshape(1, -1), [token], top_n)[0]
+def decode_steps(model: nn.Module, prompt: mx.array, sampler: Callable[[mx.array], mx.array],
+                 max_tokens: int, top_n: int = 0, prefill_step: int = 512) -> Iterator[tuple[int, float, float, tuple]]:
+    """Prefill `prompt`, then yield (token, logprob, entropy, top alternatives) per step.
+
+    The signals are part of each step's graph, evaluated asynchronously with the token, so
+    Python builds step n+1 while step n computes (a separate eval would stall the pipeline).
+    """
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+
+    def step(tokens: mx.array) -> list[mx.array]:
+        logits = model(tokens, cache=cache)[:, -1, :].astype(mx.float32)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        tok = sampler(logprobs)
+        outs = [tok, mx.take_along_axis(logprobs, tok[:, None], axis=-1), -(mx.exp(logprobs) * logprobs).sum()]
+        if top_n:
+            idx = mx.argpartition(-logprobs[0], top_n - 1)[:top_n]
+            outs += [idx, logprobs[0][idx]]
+        return outs
+
+    # Long prompts go through in chunks to bound the activations' memory.
+    while prompt.size > prefill_step:
+        model(prompt[None, :prefill_step], cache=cache)
+        mx.eval([c.state for c in cache])
+        prompt = prompt[prefill_step:]
+    outs = step(prompt[None])
+    mx.async_eval(outs)
+    for n in range(max_tokens):
+        nxt = None
+        if n + 1 < max_tokens:
+            nxt = step(outs[0][:, None])
+            mx.async_eval(nxt)
+        top = ()
+        if top_n:
+            pairs = sorted(zip(outs[3].tolist(), outs[4].tolist()), key=lambda p: -p[1])
+            top = tuple((int(i), float(v)) for i, v in pairs)
+        yield int(outs[0].item()), float(outs[1].item()), float(outs[2].item()), top
+        outs = nxt
 
 
 def token_signals_batch(logprobs: mx.array | Sequence[mx.array], tokens: Sequence[int],
                         top_n: int | Sequence[int]) -> list[tuple[float, float, tuple]]:
-    """`_token_signals` for every row of a batch with one evaluation (the server's batches).
+    """Logprob of the sampled token, entropy and top alternatives of every row of a batch,
+    with one evaluation (the server's batches; single streams get them from `decode_steps`).
 
     Args:
         logprobs: (batch, vocab) log-probabilities, or one row per sequence.
