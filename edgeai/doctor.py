@@ -18,7 +18,6 @@ def report() -> dict[str, Any]:
             "name": lm.name, "size": lm.size, "memory": need, "fits": hardware.fits_memory(need),
             "ok": lm.problem is None, "problem": lm.problem, "path": str(lm.path),
         })
-    status = getattr(kernels, "status", None)
     return {
         "platform": hardware.summary(),
         "store": {"path": str(config.models_dir()), "size": store.disk_usage(),
@@ -26,7 +25,7 @@ def report() -> dict[str, Any]:
         "config": str(config.config_path()),
         "default_model": config.default_model(),
         "models": models,
-        "kernels": status() if status else {"active": "builtin", "reason": "custom kernels unavailable"},
+        "kernels": kernels.status(),
     }
 
 
@@ -44,7 +43,12 @@ def render_report(r: dict[str, Any]) -> None:
     out.print(f"[bold]store[/]      {s['path']} · {hb(s['size'])} used · {hb(s['free_disk'])} free")
     out.print(f"[bold]config[/]     {r['config']}")
     k = r["kernels"]
-    out.print(f"[bold]kernel[/]     {k.get('active')} — {k.get('reason', '')}")
+    if k.get("available"):
+        why = (f"{k.get('isa')} · {k.get('threads')} threads · {k.get('accuracy')} · "
+               f"{k.get('verified_ok', 0)} shapes verified, {k.get('verified_failed', 0)} failed")
+    else:
+        why = k.get("reason") or "custom kernels unavailable; MLX's built-in quantized matmul is used"
+    out.print(f"[bold]kernel[/]     {k.get('kernel')} ({k.get('backend')}) — {why}")
     if not r["models"]:
         out.print(f"[bold]models[/]     none installed; `edgeai run` pulls {r['default_model']} on first use")
         return
