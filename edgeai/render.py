@@ -44,7 +44,8 @@ def decision(answer: Any, explain: bool = False) -> None:
     threshold and decision behind it."""
     score = "" if answer.confidence is None else f" · P(correct) {answer.confidence:.2f}"
     thr = "" if answer.threshold is None else f" (threshold {answer.threshold:.2f})"
-    err.print(f"[dim]answered by {answer.tier} ({answer.decision or 'local'}){score}{thr}[/]", markup=True)
+    how = f" ({answer.decision})" if answer.decision and answer.decision != answer.tier else ""
+    err.print(f"[dim]answered by {answer.tier}{how}{score}{thr}[/]", markup=True)
     if not explain:
         return
     err.print(f"[bold]route[/]     {answer.route or '—'}")
