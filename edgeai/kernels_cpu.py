@@ -144,7 +144,8 @@ def _llama_attention_class():
             v = self.v_proj(x).reshape(b, n, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
             offset = cache.offset if cache is not None else 0
             r = self.rope
-            if type(r) is nn.RoPE and q.dtype == mx.float32 and self._rope is not None:  # one node, not a dozen
+            # Batched decoding passes per-row offsets (an array): mlx-lm's RoPE handles those.
+            if type(r) is nn.RoPE and q.dtype == mx.float32 and self._rope is not None and isinstance(offset, int):
                 q = self._rope(q, r.dims, r.traditional, r.base, r.scale, offset)
                 k = self._rope(k, r.dims, r.traditional, r.base, r.scale, offset)
             else:

@@ -1,0 +1,42 @@
+"""Batched decoding (what `edgeai serve` runs) gives each row exactly its single-stream answer."""
+
+from __future__ import annotations
+
+import pytest
+from mlx_lm.generate import BatchGenerator
+
+from edgeai.engine import Engine
+from edgeai.options import GenerationOptions
+from edgeai.types import Answer
+
+QUESTIONS = ("What is the capital of France?", "hi", "Name three colors please, in a list")
+
+
+def _batched_equals_single(engine: Engine, n: int = 12) -> None:
+    prompts = [engine.encode([{"role": "user", "content": q}]) for q in QUESTIONS]
+    single = [Answer.from_events(engine.generate(p, GenerationOptions(max_tokens=n)), "m").tokens for p in prompts]
+    gen = BatchGenerator(engine.model, stop_tokens=[[int(t)] for t in engine.tokenizer.eos_token_ids],
+                         completion_batch_size=4, prefill_batch_size=4)
+    uids = gen.insert(prompts, max_tokens=[n] * len(prompts))
+    got: dict[int, list[int]] = {u: [] for u in uids}
+    for _ in range(10 * n):
+        _, responses = gen.next()
+        for r in responses:
+            got[r.uid].append(r.token)
+        if all(len(got[u]) >= len(s) for u, s in zip(uids, single)):
+            break
+    assert [got[u][: len(s)] for u, s in zip(uids, single)] == single
+
+
+@pytest.mark.parametrize("kernel", ["builtin", "custom"])
+def test_tiny_model_batched_equals_single(tiny_model, kernel):
+    from edgeai import kernels
+
+    if kernel == "custom" and not kernels.status().get("available"):
+        pytest.skip("custom kernels are not built on this machine")
+    _batched_equals_single(Engine.load(tiny_model, kernel=kernel))
+
+
+@pytest.mark.slow
+def test_real_model_batched_equals_single_with_default_kernel(smollm_engine):
+    _batched_equals_single(smollm_engine)
