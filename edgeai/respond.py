@@ -164,20 +164,21 @@ def _run(resp: Response, ctx: _Context) -> Iterator[Event]:
                 yield Event(finish_reason="error", tier=d.tier)
                 resp.answer = _finish(shown + [Event(finish_reason="error", tier=d.tier)], ctx.model_of(d.tier), d, reasons, "remote")
                 return
-        local = []
-        for ev in ctx.local():
-            local.append(ev)
-            yield ev
-        resp.answer = _scored(local, ctx, d, reasons, "fallback-local")
+        yield from _live_local(resp, ctx, d, reasons, "fallback-local")
         return
     if not d.gate:
-        local = []
-        for ev in ctx.local():
-            local.append(ev)
-            yield ev
-        resp.answer = _scored(local, ctx, d, reasons, "local")
+        yield from _live_local(resp, ctx, d, reasons, "local")
         return
     yield from _gated(resp, ctx, d, reasons)
+
+
+def _live_local(resp: Response, ctx: _Context, d: Decision, reasons: list[str], decision: str) -> Iterator[Event]:
+    """Stream the local answer as it comes; score it once it is complete."""
+    local: list[Event] = []
+    for ev in ctx.local():
+        local.append(ev)
+        yield ev
+    resp.answer = _scored(local, ctx, d, reasons, decision)
 
 
 def _gated(resp: Response, ctx: _Context, d: Decision, reasons: list[str]) -> Iterator[Event]:
