@@ -65,7 +65,6 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Answer a prompt with a local model, streaming tokens as they come."""
         from edgeai import chat
-        from edgeai.options import GenerationOptions
 
         opts = _options(max_tokens, temperature, top_p, top_k, min_p, seed, stop)
         if interactive or (prompt is None and sys.stdin is not None and sys.stdin.isatty()):

@@ -185,21 +185,21 @@ def swap_attention(model: nn.Module, rope: bool = True) -> int:
     cls = _llama_attention_class()
     if rope:
         cls._rope = staticmethod(extension().rope)
-    n = 0
-    for _, m in model.named_modules():
-        if type(m) is llama.Attention:
-            m.__class__ = cls
-            n += 1
-    return n
+    return _swap_class(model, llama.Attention, cls)
 
 
 def swap_norms(model: nn.Module) -> int:
     """Give nn.RMSNorm modules edgeai's one-node RMSNorm; returns how many."""
     CpuRMSNorm._norm = staticmethod(extension().rms_norm)
+    return _swap_class(model, nn.RMSNorm, CpuRMSNorm)
+
+
+def _swap_class(model: nn.Module, old: type, new: type) -> int:
+    """Give every module of exactly type `old` the class `new` (parameters untouched)."""
     n = 0
     for _, m in model.named_modules():
-        if type(m) is nn.RMSNorm:
-            m.__class__ = CpuRMSNorm
+        if type(m) is old:
+            m.__class__ = new
             n += 1
     return n
 

@@ -22,7 +22,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 import edgeai
-from edgeai.errors import EdgeAIError, InvalidInput, ModelNotFound, ResourceError
+from edgeai.errors import EdgeAIError, ModelNotFound, ResourceError
 from edgeai.types import Answer, Event
 
 from edgeai.server import openai_adapter as oa
