@@ -129,13 +129,16 @@ def run_test(model, vocab: int, test: str, n: int, reps: int, seed: int = 0,
 
 
 def bench(model_path: Path, name: str, kernels: tuple[str, ...] = ("custom",), n_prompt: int = 512,
-          n_gen: int = 128, reps: int = 5, on_rep: Callable[[], None] | None = None) -> Iterator[BenchRow]:
-    """Yield one BenchRow per (kernel, test), as each finishes.
+          n_gen: int = 128, reps: int = 5, on_rep: Callable[[], None] | None = None,
+          precisions: tuple[str | None, ...] = (None,)) -> Iterator[BenchRow]:
+    """Yield one BenchRow per (kernel, precision, test), as each finishes.
 
     Args:
         model_path: MLX model directory.
         name: the model name to report.
         kernels: kernels to compare, each "builtin" or "custom" (or "auto").
+        precisions: CPU-kernel precisions to measure for non-builtin kernels ("fast",
+            "accurate"; None is the default, $EDGEAI_KERNEL_PRECISION or fast).
         n_prompt: prompt tokens for the pp test (0 skips it).
         n_gen: generated tokens for the tg test (0 skips it).
         reps: timed repetitions after one warm-up.
@@ -143,9 +146,10 @@ def bench(model_path: Path, name: str, kernels: tuple[str, ...] = ("custom",), n
     """
     from edgeai.engine import Engine
 
-    for kernel in kernels:
-        eng = Engine.load(model_path, name=name, kernel=kernel)
-        detail = eng.kernel.name + (f" {eng.kernel.isa}" if eng.kernel.isa else "")
+    runs = [(k, p) for k in kernels for p in ((None,) if k == "builtin" else precisions)]
+    for kernel, precision in runs:
+        eng = Engine.load(model_path, name=name, kernel=kernel, precision=precision)
+        detail = " ".join(x for x in (eng.kernel.name, eng.kernel.isa, eng.kernel.precision) if x)
         vocab = int(eng.config.get("vocab_size") or eng.tokenizer.vocab_size)
         for test, n in (("pp", n_prompt), ("tg", n_gen)):
             if n <= 0:

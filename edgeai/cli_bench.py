@@ -32,6 +32,8 @@ def register(app: typer.Typer) -> None:
         n_gen: int = typer.Option(128, "-n", "--n-gen", min=0, help="Generated tokens for the tg test (0 skips)"),
         reps: int = typer.Option(5, "-r", "--repetitions", min=1, help="Timed runs after one warm-up"),
         kernel: str = typer.Option("auto", "--kernel", "-k", help="auto (what `edgeai run` uses), builtin, custom or all"),
+        precision: Optional[str] = typer.Option(
+            None, "--precision", help="CPU kernel: fast, accurate or all [default: $EDGEAI_KERNEL_PRECISION, else fast]"),
         json_out: bool = typer.Option(False, "--json", help="Print JSON"),
         csv_out: bool = typer.Option(False, "--csv", help="Print CSV"),
     ) -> None:
@@ -41,6 +43,9 @@ def register(app: typer.Typer) -> None:
 
         if kernel not in ("auto", "builtin", "custom", "all"):
             raise InvalidInput(f"unknown kernel {kernel!r}", "use --kernel auto, builtin, custom or all")
+        if precision not in (None, "fast", "accurate", "all"):
+            raise InvalidInput(f"unknown precision {precision!r}", "use --precision fast, accurate or all")
+        precisions = ("fast", "accurate") if precision == "all" else (precision,)
         if json_out and csv_out:
             raise InvalidInput("--json and --csv are exclusive", "pick one output format")
         if n_prompt == 0 and n_gen == 0:
@@ -48,13 +53,15 @@ def register(app: typer.Typer) -> None:
         path, name = _resolve(model)
         kernels = b.KERNELS if kernel == "all" else (kernel,)
         head = b.header(name)
-        runs = len(kernels) * ((n_prompt > 0) + (n_gen > 0)) * reps
+        configs = sum(1 if k == "builtin" else len(precisions) for k in kernels)
+        runs = configs * ((n_prompt > 0) + (n_gen > 0)) * reps
         rows = []
         from rich.progress import Progress
 
         with Progress(transient=True, console=render.err) as progress:
             task = progress.add_task("benchmarking", total=runs)
-            for row in b.bench(path, name, kernels, n_prompt, n_gen, reps, on_rep=lambda: progress.advance(task)):
+            for row in b.bench(path, name, kernels, n_prompt, n_gen, reps, on_rep=lambda: progress.advance(task),
+                               precisions=precisions):
                 rows.append(row)
         if json_out:
             render.print_json({"header": head.to_dict(), "results": [r.to_dict() for r in rows]})

@@ -44,7 +44,8 @@ def render_report(r: dict[str, Any]) -> None:
     out.print(f"[bold]config[/]     {r['config']}")
     k = r["kernels"]
     if k.get("available"):
-        why = (f"{k.get('isa')} · {k.get('threads')} threads · {k.get('accuracy')} · "
+        prec = {"fast": "fast: int8 activations at decode", "accurate": "accurate: float32 accumulation"}
+        why = (f"{k.get('isa')} · {k.get('threads')} threads · {prec.get(k.get('precision'), 'float32 accumulation')} · "
                f"{k.get('verified_ok', 0)} shapes verified, {k.get('verified_failed', 0)} failed")
     else:
         why = k.get("reason") or "custom kernels unavailable; MLX's built-in quantized matmul is used"

@@ -52,13 +52,16 @@ class Engine:
         self.adapters = store_set(model, self.name, self.path)
 
     @classmethod
-    def load(cls, path: str | Path, name: str | None = None, kernel: str | None = None) -> "Engine":
+    def load(cls, path: str | Path, name: str | None = None, kernel: str | None = None,
+             precision: str | None = None) -> "Engine":
         """Load an MLX model directory (config.json, safetensors, tokenizer files).
 
         Args:
             path: the model directory.
             name: the name to report (defaults to the directory name).
             kernel: "auto", "builtin" or "custom" (defaults to $EDGEAI_KERNEL or auto).
+            precision: the CPU kernel's "fast" or "accurate" mode (defaults to
+                $EDGEAI_KERNEL_PRECISION or fast; see edgeai/kernels.py).
         """
         import os
 
@@ -75,7 +78,7 @@ class Engine:
             raise UnsupportedModel(f"could not load the model in {path}: {e}", "re-import or re-pull it") from e
         config = json.loads((path / "config.json").read_text())
         eng = cls(model, tokenizer, path, name, config)
-        eng.kernel = kernels.apply(model, kernel or os.environ.get("EDGEAI_KERNEL", "auto"))
+        eng.kernel = kernels.apply(model, kernel or os.environ.get("EDGEAI_KERNEL", "auto"), precision)
         return eng
 
     # -- prompts -------------------------------------------------------------------------

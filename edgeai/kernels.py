@@ -11,15 +11,20 @@ Before a kernel is used on a machine, it is checked against a float32 reference
 under `config.cache_dir()`. Anything that fails to load or disagrees is not used:
 MLX's `mx.quantized_matmul` runs instead, with a one-line warning.
 
-Accuracy: the default (and only) CPU mode accumulates in float32 ("accurate"): measured
-normalized MSE vs the float32 reference is ~1e-14 (max relative error ~1e-6); the
-verification tolerance is `NMSE_TOL`.
+Precision of the CPU kernel (`EDGEAI_KERNEL_PRECISION`, or `precision=`):
+- "fast" (default): at decode (at most 16 rows: single or batched decode) layers quantize
+  the activations to int8 per block of 32 and use integer dot products, as llama.cpp does; measured normalized
+  MSE vs the float32 reference ~5e-5 (tolerance `FAST_NMSE_TOL`). Prompt processing stays
+  float32. Greedy text can differ from MLX's kernel in rare near-ties.
+- "accurate": float32 activations and accumulation everywhere; NMSE ~1e-13 (tolerance
+  `NMSE_TOL`), greedy generations identical to MLX's kernel.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import time
 from dataclasses import asdict, dataclass, field
@@ -34,8 +39,12 @@ from mlx.utils import tree_flatten, tree_unflatten
 from edgeai.errors import EdgeAIError, InvalidInput
 
 MODES = ("auto", "builtin", "custom")
+PRECISIONS = ("fast", "accurate")
 NMSE_TOL = 1e-7  # float32 accumulation: anything above this is a wrong answer, not rounding
 MAX_REL_TOL = 1e-3
+FAST_NMSE_TOL = 5e-4  # int8 activations: rounding error ~5e-5; a wrong kernel is far above
+FAST_MAX_REL_TOL = 5e-2
+FAST_ROWS = (1, 3, 16)
 VERIFY_ROWS = (1, 7)  # decode path and prefill (tiled) path with a ragged tail
 
 
@@ -50,6 +59,7 @@ class KernelReport:
     isa: str | None = None  # instruction set of the CPU kernel (avx512, avx2, generic)
     threads: int | None = None
     accuracy: str | None = None  # e.g. "float32 accumulation"
+    precision: str | None = None  # "fast" or "accurate" (CPU kernel)
     nmse: float | None = None  # worst normalized MSE seen in verification
     shapes: list[str] = field(default_factory=list)
     attention: str | None = None  # other CPU layer kernels in use (attention, RoPE, RMSNorm)
@@ -73,16 +83,24 @@ def backend() -> str:
     return "cpu"
 
 
-def apply(model: nn.Module, mode: str = "auto") -> KernelReport:
+def default_precision() -> str:
+    return os.environ.get("EDGEAI_KERNEL_PRECISION") or "fast"
+
+
+def apply(model: nn.Module, mode: str = "auto", precision: str | None = None) -> KernelReport:
     """Swap quantized layers for the best verified kernel.
 
     Args:
         model: a loaded mlx-lm model (modified in place).
         mode: "auto" (custom kernel when verified, else builtin with a warning),
             "builtin" (MLX's own), or "custom" (custom or raise KernelError).
+        precision: "fast" or "accurate" for the CPU kernel (default: $EDGEAI_KERNEL_PRECISION, else fast).
     """
     if mode not in MODES:
         raise InvalidInput(f"unknown kernel mode {mode!r}", f"use one of: {', '.join(MODES)}")
+    precision = precision or default_precision()
+    if precision not in PRECISIONS:
+        raise InvalidInput(f"unknown kernel precision {precision!r}", f"use one of: {', '.join(PRECISIONS)}")
     be = backend()
     if mode == "builtin":
         return KernelReport("builtin", "requested", backend=be)
@@ -102,15 +120,27 @@ def apply(model: nn.Module, mode: str = "auto") -> KernelReport:
     verdict = verify(cand, shapes)
     if not verdict["ok"]:
         return _fallback(mode, be, f"{cand.name} kernel failed verification: {verdict['detail']}")
+    fast = precision == "fast" and cand.fast_matmul is not None
+    accuracy = "float32 accumulation"
+    if fast:
+        fv = verify(cand, shapes, fast=True)
+        if fv["ok"]:
+            accuracy = f"int8 activations at decode (NMSE {fv['nmse']:.1e}), float32 prompt processing"
+        else:  # the accurate kernel passed: keep it, say why the fast one is not used
+            fast = False
+            _warn_once(f"{cand.name} fast (int8) path failed verification: {fv['detail']}; using float32 accumulation")
     layer_note = _cpu_layer_kernels(model, cand) if be == "cpu" else None
-    swaps = [(p, cand.wrap(m)) for p, m in supported]
+    swaps = [(p, cand.wrap(m, fast)) for p, m in supported]
     model.update_modules(tree_unflatten(swaps))
     if be == "cpu":
         _float32_params(model)
+        fused = _fuse_blocks(model, cand, fast)
+        if fused:
+            layer_note = f"{layer_note}, fused layers {fused}"
     return KernelReport(
         cand.name, "verified against the float32 reference" + (" (cached verdict)" if verdict.get("cached") else ""),
-        layers=len(swaps), backend=be, isa=cand.isa(), threads=cand.threads(), accuracy="float32 accumulation",
-        nmse=verdict["nmse"], shapes=[f"{b}-bit g{g} {n}x{k} {d} scales" for b, g, n, k, d in shapes],
+        layers=len(swaps), backend=be, isa=cand.isa(), threads=cand.threads(), accuracy=accuracy,
+        precision=("fast" if fast else "accurate") if be == "cpu" else None, nmse=verdict["nmse"], shapes=[f"{b}-bit g{g} {n}x{k} {d} scales" for b, g, n, k, d in shapes],
         attention=layer_note,
     )
 
@@ -122,7 +152,7 @@ def status() -> dict:
         cand = _candidate(be)
         verdicts = _read_cache().values()
         return {"backend": be, "kernel": cand.name, "available": True, "isa": cand.isa(), "threads": cand.threads(),
-                "accuracy": "float32 accumulation", "verified_ok": sum(bool(v.get("ok")) for v in verdicts),
+                "precision": default_precision() if cand.fast_matmul else None, "verified_ok": sum(bool(v.get("ok")) for v in verdicts),
                 "verified_failed": sum(not v.get("ok") for v in verdicts), "verdict_cache": str(_cache_path())}
     except Exception as e:  # noqa: BLE001
         return {"backend": be, "kernel": "builtin", "available": False, "reason": str(e)}
@@ -137,11 +167,12 @@ class Candidate:
 
     name: str
     matmul: Callable  # (x, w, scales, biases, group_size, bits) -> y, scales/biases as given
-    wrap: Callable[[nn.Module], nn.Module]
+    wrap: Callable[[nn.Module, bool], nn.Module]  # (layer, fast) -> kernel-backed layer
     supports: Callable[..., bool]
     isa: Callable[[], str | None] = lambda: None
     threads: Callable[[], int | None] = lambda: None
     build_id: str = ""
+    fast_matmul: Callable | None = None  # the int8-activation path, where the kernel has one
 
 
 def _candidate(be: str) -> Candidate:
@@ -150,30 +181,36 @@ def _candidate(be: str) -> Candidate:
 
         ext = kc.extension()  # raises KernelUnavailable with its reason
 
-        def wrap(m: nn.Module) -> nn.Module:
+        def wrap(m: nn.Module, fast: bool) -> nn.Module:
             cls = kc.CpuQuantizedEmbedding if isinstance(m, nn.QuantizedEmbedding) else kc.CpuQuantizedLinear
-            return cls.from_quantized(m)
+            return cls.from_quantized(m, fast)
 
-        def matmul(x, w, s, b, gs, bits):
-            return ext.quantized_matmul(x, w, s.astype(kc.scale_dtype(s)), b.astype(kc.scale_dtype(s)), gs, bits)
+        def matmul(x, w, s, b, gs, bits, fast=False):
+            return ext.quantized_matmul(x, w, s.astype(kc.scale_dtype(s)), b.astype(kc.scale_dtype(s)), gs, bits, fast)
 
-        return Candidate("edgeai-cpu", matmul, wrap, kc.supports, ext.isa, ext.threads, _file_id(ext.__file__))
+        return Candidate("edgeai-cpu", matmul, wrap, kc.supports, ext.isa, ext.threads, _file_id(ext.__file__),
+                         fast_matmul=lambda *a: matmul(*a, fast=True))
     if be == "metal":
         from edgeai import kernels_metal as km
 
-        return Candidate("edgeai-metal", km.quantized_matmul, km.wrap, km.supports, build_id=km.SOURCE_ID)
+        return Candidate("edgeai-metal", km.quantized_matmul, lambda m, fast: km.wrap(m), km.supports,
+                         build_id=km.SOURCE_ID)
     raise RuntimeError(f"no custom kernel for the {be} backend")
 
 
 def _fallback(mode: str, be: str, reason: str) -> KernelReport:
     if mode == "custom":
         raise KernelError(f"custom kernel unavailable: {reason}", "use --kernel builtin (or auto) on this machine")
-    if reason not in _warned:
-        _warned.add(reason)
+    _warn_once(f"{reason}; using MLX's built-in quantized matmul")
+    return KernelReport("builtin", reason, backend=be)
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
         from edgeai import render
 
-        render.warn(f"{reason}; using MLX's built-in quantized matmul")
-    return KernelReport("builtin", reason, backend=be)
+        render.warn(message)
 
 
 # -- model surgery ---------------------------------------------------------------------------
@@ -234,25 +271,60 @@ def _cpu_layer_kernels(model: nn.Module, cand: Candidate) -> str:
     return ", ".join(parts) or "none"
 
 
-def _verdict(key: str, fn: Callable[[], float]) -> bool:
-    """Cached pass/fail of a layer kernel's check (max relative error <= ATTN_TOL)."""
+def _fuse_blocks(model: nn.Module, cand: Candidate, fast: bool) -> int:
+    """Turn llama decoder layers into edgeai's three fused nodes once they match the unfused layer."""
+    from edgeai import kernels_cpu as kc
+
+    blocks = kc.llama_blocks(model)
+    if not blocks:
+        return 0
+    b = blocks[0]
+    a = b.self_attn
+    key = (f"fused_block|{cand.build_id}|{cand.isa()}|{fast}|{b.hidden_size}|{a.n_heads}|{a.n_kv_heads}|"
+           f"{a.q_proj.weight.shape[0]}|{b.mlp.gate_proj.weight.shape[0]}")
+    tol = FUSED_FAST_TOL if fast else ATTN_TOL
+    if not _verdict(key, lambda: check_block(b, kc._llama_block_class()), tol):
+        return 0
+    return kc.swap_blocks(model)
+
+
+def check_block(block: nn.Module, fused_cls: type) -> float:
+    """Max relative error of a decoder layer run as `fused_cls` vs its own class: a 5-token
+    causal prefill, then one decode step, each on a fresh KV cache of its own."""
+    from mlx_lm.models.cache import KVCache
+
+    dims = block.hidden_size
+    kx, ky = mx.random.split(mx.random.key(dims))
+    xs = (mx.random.normal((1, 5, dims), key=kx), mx.random.normal((1, 1, dims), key=ky))
+
+    def run() -> list[mx.array]:
+        cache = KVCache()
+        return [block(xs[0], "causal", cache), block(xs[1], None, cache)]
+
+    own = block.__class__
+    ref = run()
+    block.__class__ = fused_cls
+    try:
+        got = run()
+    finally:
+        block.__class__ = own
+    return max(float((mx.max(mx.abs(g - r)) / mx.maximum(mx.max(mx.abs(r)), 1e-30)).item()) for g, r in zip(got, ref))
+
+
+def _verdict(key: str, fn: Callable[[], float], tol: float | None = None) -> bool:
+    """Cached pass/fail of a layer kernel's check (max relative error <= tol, default ATTN_TOL)."""
     key = f"{key}|{mx.__version__}|{_machine_id()}"
     cache = _read_cache()
     if key not in cache:
         try:
             err = fn()
-            cache[key] = {"ok": err <= ATTN_TOL, "max_rel": err}
+            cache[key] = {"ok": err <= (ATTN_TOL if tol is None else tol), "max_rel": err}
         except Exception as e:  # noqa: BLE001 - a kernel that crashes is a failed kernel
             cache[key] = {"ok": False, "error": str(e).splitlines()[0][:200]}
         _write_cache(cache)
     v = cache[key]
     if not v["ok"]:
-        reason = f"edgeai {key.split('|')[0]} kernel failed verification ({v})"
-        if reason not in _warned:
-            _warned.add(reason)
-            from edgeai import render
-
-            render.warn(f"{reason}; using MLX's")
+        _warn_once(f"edgeai {key.split('|')[0]} kernel failed verification ({v}); using MLX's")
     return bool(v["ok"])
 
 
@@ -260,6 +332,9 @@ def _verdict(key: str, fn: Callable[[], float]) -> bool:
 
 
 ATTN_TOL = 1e-4  # max abs error relative to max |reference|; float32 softmax rounding is ~1e-6
+# A fused layer vs the same layer unfused, in fast mode: its int8 activation rounding can
+# land on the other side of a rounding boundary (~1e-3); a wrong kernel is off by O(1).
+FUSED_FAST_TOL = 1e-2
 
 
 def check_rope(rope: Callable, dims: int, traditional: bool, base: float, scale: float, head_dim: int,
@@ -359,10 +434,15 @@ def check(matmul: Callable, bits: int, group_size: int, n: int, k: int, rows: tu
     return worst
 
 
-def verify(cand: Candidate, shapes: list[tuple]) -> dict:
-    """Check every (bits, group_size, N, K[, scale dtype]) for M in VERIFY_ROWS, using cached verdicts."""
+def verify(cand: Candidate, shapes: list[tuple], fast: bool = False) -> dict:
+    """Check every (bits, group_size, N, K[, scale dtype]) for M in VERIFY_ROWS, using cached verdicts.
+
+    fast: check the candidate's int8-activation path (decode rows, `FAST_*` tolerances) instead.
+    """
     cache = _read_cache()
-    prefix = f"{cand.name}|{cand.build_id}|{cand.isa()}|{mx.__version__}|{_machine_id()}"
+    prefix = f"{cand.name}|{cand.build_id}|{cand.isa()}|{mx.__version__}|{_machine_id()}" + ("|fast" if fast else "")
+    matmul, rows = (cand.fast_matmul, FAST_ROWS) if fast else (cand.matmul, VERIFY_ROWS)
+    nmse_tol, rel_tol = (FAST_NMSE_TOL, FAST_MAX_REL_TOL) if fast else (NMSE_TOL, MAX_REL_TOL)
     worst, cached = 0.0, True
     for bits, gs, n, k, *rest in shapes:
         sdtype = rest[0] if rest else "float32"
@@ -371,8 +451,8 @@ def verify(cand: Candidate, shapes: list[tuple]) -> dict:
         if v is None:
             cached = False
             try:
-                nmse, max_rel = check(cand.matmul, bits, gs, n, k, VERIFY_ROWS, sdtype)
-                ok = nmse <= NMSE_TOL and max_rel <= MAX_REL_TOL  # NaN fails both
+                nmse, max_rel = check(matmul, bits, gs, n, k, rows, sdtype)
+                ok = nmse <= nmse_tol and max_rel <= rel_tol  # NaN fails both
                 v = {"ok": ok, "nmse": nmse, "max_rel": max_rel, "checked": int(time.time())}
             except Exception as e:  # noqa: BLE001 - a kernel that crashes is a failed kernel
                 v = {"ok": False, "error": str(e).splitlines()[0][:200], "checked": int(time.time())}

@@ -54,9 +54,13 @@ def supports(bits: int, group_size: int, in_dims: int, mode: str = "affine") -> 
     return mode == "affine" and bits in (4, 8) and group_size in (32, 64, 128) and in_dims % group_size == 0
 
 
-def quantized_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int) -> mx.array:
-    """y = x @ dequantize(w).T with float32/float16 scales and biases; output dtype = x's dtype."""
-    return extension().quantized_matmul(x, w, scales, biases, group_size, bits)
+def quantized_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int,
+                     fast: bool = False) -> mx.array:
+    """y = x @ dequantize(w).T with float32/float16 scales and biases; output dtype = x's dtype.
+
+    fast: int8 activations (per block of 32) when x has at most 16 rows (decode).
+    """
+    return extension().quantized_matmul(x, w, scales, biases, group_size, bits, fast)
 
 
 def scale_dtype(a: mx.array) -> mx.Dtype:
@@ -68,9 +72,9 @@ class CpuQuantizedLinear(nn.QuantizedLinear):
     """nn.QuantizedLinear whose matmul runs edgeai's CPU kernel."""
 
     def __init__(self, weight: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int,
-                 bias: mx.array | None = None):
+                 bias: mx.array | None = None, fast: bool = False):
         nn.Module.__init__(self)  # skip QuantizedLinear.__init__: it would quantize random weights
-        self.group_size, self.bits, self.mode = group_size, bits, "affine"
+        self.group_size, self.bits, self.mode, self.fast = group_size, bits, "affine", fast
         self.weight = weight
         self.scales = scales.astype(scale_dtype(scales))
         self.biases = biases.astype(scale_dtype(scales))
@@ -80,11 +84,11 @@ class CpuQuantizedLinear(nn.QuantizedLinear):
         self.freeze()
 
     @classmethod
-    def from_quantized(cls, layer: nn.QuantizedLinear) -> "CpuQuantizedLinear":
-        return cls(layer.weight, layer.scales, layer.biases, layer.group_size, layer.bits, layer.get("bias"))
+    def from_quantized(cls, layer: nn.QuantizedLinear, fast: bool = False) -> "CpuQuantizedLinear":
+        return cls(layer.weight, layer.scales, layer.biases, layer.group_size, layer.bits, layer.get("bias"), fast)
 
     def __call__(self, x: mx.array) -> mx.array:
-        y = self._qmm(x, self["weight"], self["scales"], self["biases"], self.group_size, self.bits)
+        y = self._qmm(x, self["weight"], self["scales"], self["biases"], self.group_size, self.bits, self.fast)
         return y + self["bias"] if "bias" in self else y
 
 
@@ -94,9 +98,10 @@ class CpuQuantizedEmbedding(nn.QuantizedEmbedding):
     Lookups return float32 rows, which keeps the whole forward pass in float32.
     """
 
-    def __init__(self, weight: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int):
+    def __init__(self, weight: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int,
+                 fast: bool = False):
         nn.Module.__init__(self)
-        self.group_size, self.bits, self.mode = group_size, bits, "affine"
+        self.group_size, self.bits, self.mode, self.fast = group_size, bits, "affine", fast
         self.weight = weight
         self.scales = scales.astype(scale_dtype(scales))
         self.biases = biases.astype(scale_dtype(scales))
@@ -106,15 +111,15 @@ class CpuQuantizedEmbedding(nn.QuantizedEmbedding):
         self.freeze()
 
     @classmethod
-    def from_quantized(cls, layer: nn.QuantizedEmbedding) -> "CpuQuantizedEmbedding":
-        return cls(layer.weight, layer.scales, layer.biases, layer.group_size, layer.bits)
+    def from_quantized(cls, layer: nn.QuantizedEmbedding, fast: bool = False) -> "CpuQuantizedEmbedding":
+        return cls(layer.weight, layer.scales, layer.biases, layer.group_size, layer.bits, fast)
 
     def __call__(self, x: mx.array) -> mx.array:
         rows = mx.dequantize(self["weight"][x], self["scales"][x], self["biases"][x], self.group_size, self.bits)
         return rows.astype(mx.float32)
 
     def as_linear(self, x: mx.array) -> mx.array:
-        return self._qmm(x, self["weight"], self["scales"], self["biases"], self.group_size, self.bits)
+        return self._qmm(x, self["weight"], self["scales"], self["biases"], self.group_size, self.bits, self.fast)
 
 
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool) -> mx.array:
@@ -164,6 +169,80 @@ def _llama_attention_class():
     CpuLlamaAttention._attend = staticmethod(extension().attention)
     CpuLlamaAttention._rope = None
     return CpuLlamaAttention
+
+
+def _plain_linear(m: nn.Module, fmt: tuple) -> bool:
+    """An unwrapped kernel-backed linear without bias, of the format (group_size, bits, fast)."""
+    return type(m) is CpuQuantizedLinear and "bias" not in m and (m.group_size, m.bits, m.fast) == fmt
+
+
+def _triples(*layers: nn.Module) -> list[mx.array]:
+    return [a for m in layers for a in (m["weight"], m["scales"], m["biases"])]
+
+
+def _llama_block_class():
+    from mlx_lm.models import llama
+    from mlx_lm.models.cache import KVCache
+
+    class CpuLlamaBlock(llama.TransformerBlock):
+        """mlx-lm's llama decoder layer as three C++ graph nodes instead of ~28.
+
+        norm_qkv (RMSNorm, q/k/v projections, RoPE), then mlx-lm's own KV-cache update,
+        attn_out (attention, o_proj, residual) and norm_mlp (RMSNorm, SwiGLU MLP,
+        residual). Any call that is not the plain case (LoRA-wrapped projections, biases,
+        per-row batch offsets, masks other than causal, quantized or rotating caches,
+        non-float32 activations) runs mlx-lm's code with edgeai's per-op kernels instead.
+        """
+
+        def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
+            a, m = self.self_attn, self.mlp
+            fmt = (a.q_proj.group_size, a.q_proj.bits, a.q_proj.fast) if type(a.q_proj) is CpuQuantizedLinear else None
+            plain = (
+                fmt is not None and x.dtype == mx.float32 and x.ndim == 3
+                and (mask is None or (isinstance(mask, str) and mask == "causal"))
+                and (cache is None or (type(cache) is KVCache and isinstance(cache.offset, int)))
+                and type(a.rope) is nn.RoPE and a.q_proj.weight.shape[0] // a.n_heads % 16 == 0
+                and all(_plain_linear(p, fmt) for p in (a.q_proj, a.k_proj, a.v_proj, a.o_proj,
+                                                        m.gate_proj, m.up_proj, m.down_proj))
+                and all(type(n) in (nn.RMSNorm, CpuRMSNorm) and n["weight"].dtype == mx.float32
+                        for n in (self.input_layernorm, self.post_attention_layernorm))
+            )
+            if not plain:
+                return super().__call__(x, mask, cache)
+            gs, bits, fast = fmt
+            r, norm = a.rope, self.input_layernorm
+            q, k, v = self._norm_qkv(x, norm["weight"], norm.eps, _triples(a.q_proj, a.k_proj, a.v_proj),
+                                     a.n_heads, a.n_kv_heads, r.dims, bool(r.traditional), float(r.base),
+                                     float(r.scale), cache.offset if cache is not None else 0, gs, bits, fast)
+            if cache is not None:
+                k, v = cache.update_and_fetch(k, v)
+            h = self._attn_out(q, k, v, x, _triples(a.o_proj), a.scale, mask is not None, gs, bits, fast)
+            norm = self.post_attention_layernorm
+            return self._norm_mlp(h, norm["weight"], norm.eps, _triples(m.gate_proj, m.up_proj, m.down_proj),
+                                  gs, bits, fast)
+
+    ext = extension()
+    CpuLlamaBlock._norm_qkv = staticmethod(ext.norm_qkv)
+    CpuLlamaBlock._attn_out = staticmethod(ext.attn_out)
+    CpuLlamaBlock._norm_mlp = staticmethod(ext.norm_mlp)
+    return CpuLlamaBlock
+
+
+def swap_blocks(model: nn.Module) -> int:
+    """Give mlx-lm llama decoder layers edgeai's fused three-node form; returns how many."""
+    try:
+        from mlx_lm.models import llama
+    except ImportError:
+        return 0
+    return _swap_class(model, llama.TransformerBlock, _llama_block_class())
+
+
+def llama_blocks(model: nn.Module) -> list[nn.Module]:
+    try:
+        from mlx_lm.models import llama
+    except ImportError:
+        return []
+    return [m for _, m in model.named_modules() if isinstance(m, llama.TransformerBlock)]
 
 
 class CpuRMSNorm(nn.RMSNorm):

@@ -61,6 +61,86 @@ def test_matches_float32_reference(isa, bits, gs, m):
 
 
 @needs_ext
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("gs", [32, 64, 128])
+@pytest.mark.parametrize("m", [1, 3, 16])
+def test_fast_path_within_int8_tolerance(isa, bits, gs, m):
+    EXT.set_isa(isa)
+    wq, s, b = quantized(76, 384, gs, bits)
+    x = mx.random.normal((m, 384), key=mx.random.key(11))
+    err = nmse(EXT.quantized_matmul(x, wq, s, b, gs, bits, True), reference(x, wq, s, b, gs, bits))
+    # above float32 rounding (so the int8 path really ran), well inside the stated tolerance
+    assert 1e-8 < err < kernels.FAST_NMSE_TOL / 5
+
+
+@needs_ext
+@pytest.mark.parametrize("bits", [4, 8])
+def test_fast_path_rows_do_not_depend_on_the_batch(bits):
+    wq, s, b = quantized(96, 256, 32, bits)
+    x = mx.random.normal((5, 256), key=mx.random.key(12))
+    together = EXT.quantized_matmul(x, wq, s, b, 32, bits, True)
+    for i in range(5):  # each row is quantized on its own: the same bits alone or in a batch
+        assert mx.array_equal(EXT.quantized_matmul(x[i : i + 1], wq, s, b, 32, bits, True), together[i : i + 1])
+
+
+@needs_ext
+def test_fast_flag_past_16_rows_is_float32():
+    wq, s, b = quantized(64, 256, 32, 4)
+    x = mx.random.normal((17, 256), key=mx.random.key(13))  # a prompt: float32 prefill
+    assert nmse(EXT.quantized_matmul(x, wq, s, b, 32, 4, True), reference(x, wq, s, b, 32, 4)) < 1e-10
+
+
+@needs_ext
+def test_fast_path_isas_agree():
+    wq, s, b = quantized(64, 512, 64, 4)
+    x = mx.random.normal((2, 512), key=mx.random.key(14))
+    outs = []
+    for isa in ISAS:
+        EXT.set_isa(isa)
+        outs.append(EXT.quantized_matmul(x, wq, s, b, 64, 4, True))
+    for y in outs[1:]:  # same integer dot products; only the float summation order differs
+        assert nmse(y, outs[0]) < 1e-10
+
+
+@needs_ext
+def test_fast_precision_is_reported_and_close_to_builtin(tiny_model):
+    builtin, fast = _engines(tiny_model, precision="fast")
+    rep = fast.kernel
+    assert rep.precision == "fast" and "int8" in rep.accuracy
+    assert all(m.fast for _, m in fast.model.named_modules() if isinstance(m, kc.CpuQuantizedLinear))
+    tokens = mx.array([[5, 9, 33, 7]])
+    assert nmse(fast.model(tokens), builtin.model(tokens).astype(mx.float32)) < 1e-3
+
+
+@needs_ext
+def test_fast_path_failing_verification_keeps_float32(tiny_model, monkeypatch, capsys):
+    from mlx_lm.utils import load
+
+    real = kernels._candidate
+
+    def with_wrong_fast(be):
+        cand = real(be)
+        cand.fast_matmul = lambda x, w, s, b, gs, bits: cand.matmul(x, w, s, b, gs, bits) * 1.1
+        return cand
+
+    monkeypatch.setattr(kernels, "_candidate", with_wrong_fast)
+    model, _ = load(str(tiny_model))
+    rep = kernels.apply(model, "custom", "fast")
+    assert rep.name == "edgeai-cpu" and rep.precision == "accurate" and rep.accuracy == "float32 accumulation"
+    assert not any(m.fast for _, m in model.named_modules() if isinstance(m, kc.CpuQuantizedLinear))
+    assert "fast (int8) path failed verification" in capsys.readouterr().err
+
+
+def test_unknown_precision_is_a_user_error(tiny_model):
+    from mlx_lm.utils import load
+
+    model, _ = load(str(tiny_model))
+    with pytest.raises(InvalidInput, match="precision"):
+        kernels.apply(model, "custom", "fastest")
+
+
+@needs_ext
 def test_model_shapes_multithreaded():
     # SmolLM2-135M's widest matrices; big enough that the thread pool splits the work.
     for n, k, m in [(1536, 576, 1), (576, 1536, 1), (576, 1536, 37)]:
@@ -109,10 +189,10 @@ def test_mixed_scale_dtypes_are_rejected_not_misread():
         EXT.quantized_matmul(mx.ones((1, 64)), wq, s.astype(mx.float16), b, 32, 4)  # b is float32
 
 
-def _engines(path):
+def _engines(path, precision="accurate"):
     from edgeai.engine import Engine
 
-    return Engine.load(path, kernel="builtin"), Engine.load(path, kernel="custom")
+    return Engine.load(path, kernel="builtin"), Engine.load(path, kernel="custom", precision=precision)
 
 
 @needs_ext
@@ -121,7 +201,8 @@ def test_swaps_layers_and_tied_head(tiny_model):
     assert builtin.kernel.name == "builtin"
     rep = custom.kernel
     assert rep.name == "edgeai-cpu" and rep.isa in ISAS and rep.nmse < kernels.NMSE_TOL
-    assert rep.attention == "attention 2 layers (+RoPE), rms_norm 5"
+    assert rep.attention == "attention 2 layers (+RoPE), rms_norm 5, fused layers 2"
+    assert rep.precision == "accurate" and rep.accuracy == "float32 accumulation"
     mods = [m for _, m in custom.model.named_modules()]
     assert not any(type(m) in (nn.QuantizedLinear, nn.QuantizedEmbedding) for m in mods)
     assert any(isinstance(m, kc.CpuQuantizedEmbedding) for m in mods)
@@ -151,7 +232,7 @@ def _broken(kind: str) -> kernels.Candidate:
     def crash(*a):
         raise RuntimeError("kernel exploded")
 
-    return kernels.Candidate("broken", wrong if kind == "wrong" else crash, lambda m: m, kc.supports, build_id=kind)
+    return kernels.Candidate("broken", wrong if kind == "wrong" else crash, lambda m, fast: m, kc.supports, build_id=kind)
 
 
 @pytest.mark.parametrize("kind", ["wrong", "crash"])
@@ -263,7 +344,7 @@ def test_model_logits_match_builtin_for_other_formats(tmp_path, bits, gs):
     base, _ = load(str(path))
     nn.quantize(base, group_size=gs, bits=bits)
     custom = copy.deepcopy(base)
-    rep = kernels.apply(custom, "custom")
+    rep = kernels.apply(custom, "custom", "accurate")
     assert rep.name == "edgeai-cpu" and rep.layers > 0
     tokens = mx.array([[5, 9, 33, 7, 2, 81]])
     ref, got = base(tokens), custom(tokens)

@@ -11,13 +11,22 @@ using namespace nb::literals;
 NB_MODULE(_edgeai_kernels, m) {
   m.doc() = "edgeai CPU kernels: affine-quantized matmul for MLX";
   m.def("quantized_matmul", &edgeai::quantized_matmul, "x"_a, "w"_a, "scales"_a, "biases"_a, "group_size"_a,
-        "bits"_a, "y = x @ dequantize(w, scales, biases).T in float32 accumulation (CPU).");
+        "bits"_a, "fast"_a = false,
+        "y = x @ dequantize(w, scales, biases).T (CPU). fast: int8 activations per block of 32 "
+        "for at most 16 rows (decode); otherwise float32 activations and accumulation.");
   m.def("attention", &edgeai::attention, "q"_a, "k"_a, "v"_a, "scale"_a, "causal"_a,
         "softmax(q @ k.T * scale, causal mask aligned to the end) @ v for q [B, Hq, L, D], k/v [B, Hkv, S, D]; "
         "returns [B, L, Hq, D]. float32, grouped-query heads.");
   m.def("rms_norm", &edgeai::rms_norm, "x"_a, "weight"_a, "eps"_a, "x * rsqrt(mean(x^2) + eps) * weight; float32.");
   m.def("rope", &edgeai::rope, "x"_a, "dims"_a, "traditional"_a, "base"_a, "scale"_a, "offset"_a,
         "Rotary embedding over axis -2 positions (offset + index), as mx.fast.rope; float32.");
+  m.def("norm_qkv", &edgeai::norm_qkv, "x"_a, "norm_weight"_a, "eps"_a, "qkv"_a, "n_heads"_a, "n_kv_heads"_a,
+        "rope_dims"_a, "traditional"_a, "base"_a, "scale"_a, "offset"_a, "group_size"_a, "bits"_a, "fast"_a,
+        "rms_norm, q/k/v projections and RoPE in one node: returns q [B, Hq, L, hd], k, v [B, Hkv, L, hd].");
+  m.def("attn_out", &edgeai::attn_out, "q"_a, "k"_a, "v"_a, "x"_a, "o_proj"_a, "scale"_a, "causal"_a, "group_size"_a,
+        "bits"_a, "fast"_a, "x + o_proj(attention(q, k, v)) in one node; float32.");
+  m.def("norm_mlp", &edgeai::norm_mlp, "h"_a, "norm_weight"_a, "eps"_a, "gate_up_down"_a, "group_size"_a, "bits"_a,
+        "fast"_a, "h + down(silu(gate(n)) * up(n)), n = rms_norm(h), in one node; float32.");
   m.def("isa", &edgeai::isa_name, "The instruction set the kernels use now.");
   m.def("available_isas", &edgeai::available_isas, "Instruction sets this CPU can run, best first.");
   m.def("set_isa", &edgeai::set_isa, "name"_a, "Force an instruction set (tests), or 'auto'.");

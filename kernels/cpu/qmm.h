@@ -1,5 +1,6 @@
 #pragma once
 
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -7,13 +8,38 @@
 
 namespace edgeai {
 
+// One quantized linear layer's operands, from evaluated, row-contiguous MLX arrays.
+struct QLinear {
+  const uint8_t* w;
+  const void* s;
+  const void* b;
+  int N, K, gs, bits;
+  bool half;  // float16 scales and biases
+};
+
+QLinear qlinear(const mlx::core::array& w, const mlx::core::array& s, const mlx::core::array& b, int gs, int bits);
+
+// ys[i][M, N_i] = x[M, K] @ dequant(ls[i]).T for contiguous float32 rows x: layers that read
+// the same input share its preparation and one run of the thread pool.
+void qmm_rows(const float* x, long M, int K, const QLinear* ls, int n, float* const* ys, bool fast);
+
 mlx::core::array quantized_matmul(const mlx::core::array& x, const mlx::core::array& w,
                                   const mlx::core::array& scales, const mlx::core::array& biases,
-                                  int group_size, int bits);
+                                  int group_size, int bits, bool fast = false);
 mlx::core::array attention(const mlx::core::array& q, const mlx::core::array& k, const mlx::core::array& v,
                            float scale, bool causal);
 mlx::core::array rms_norm(const mlx::core::array& x, const mlx::core::array& weight, float eps);
 mlx::core::array rope(const mlx::core::array& x, int dims, bool traditional, float base, float scale, int offset);
+// Fused llama-layer pieces (fused.cpp); layers are flat (weight, scales, biases) triples.
+std::vector<mlx::core::array> norm_qkv(const mlx::core::array& x, const mlx::core::array& norm_w, float eps,
+                                       const std::vector<mlx::core::array>& qkv, int n_heads, int n_kv_heads,
+                                       int rope_dims, bool traditional, float base, float scale, int offset,
+                                       int group_size, int bits, bool fast);
+mlx::core::array attn_out(const mlx::core::array& q, const mlx::core::array& k, const mlx::core::array& v,
+                          const mlx::core::array& x, const std::vector<mlx::core::array>& o_proj, float scale,
+                          bool causal, int group_size, int bits, bool fast);
+mlx::core::array norm_mlp(const mlx::core::array& h, const mlx::core::array& norm_w, float eps,
+                          const std::vector<mlx::core::array>& gate_up_down, int group_size, int bits, bool fast);
 std::string isa_name();
 std::vector<std::string> available_isas();
 void set_isa(const std::string& name);

@@ -45,6 +45,6 @@ void attn(const AttnArgs& a, int t) { Attention<V512>::task(a, t); }
 
 }  // namespace
 
-QmmIsa isa_avx512() { return {"avx512", 16, tile, attn}; }
+QmmIsa isa_avx512() { return {"avx512", 16, tile, attn, tile_q8_avx2}; }
 
 }  // namespace edgeai

@@ -14,6 +14,12 @@ namespace edgeai {
 // of 2*W values reads [W even-indexed, W odd-indexed]: MLX packs element 2i in the low
 // nibble and 2i+1 in the high nibble of a byte, so unpacking the low (high) nibbles of
 // W bytes yields the even (odd) elements. W is the kernel's vector width.
+// Widest K the int8 tiles take (their per-row scale table lives on the stack).
+constexpr int kMaxQ8K = 16384;
+// Most rows the fast (int8) path takes: decode and batched decode. Every row is quantized
+// on its own, so a row's result does not depend on what else is in the batch.
+constexpr int kMaxQ8Rows = 16;
+
 struct QmmArgs {
   const float* xp;     // M x K prepared activations
   const float* xs;     // M x G per-group sums of x (for the bias term)
@@ -23,6 +29,12 @@ struct QmmArgs {
   float* y;            // M x N output
   int M, N, K, gs, bits;
   bool half_scales;  // float16 scales/biases: half the bytes to stream per token
+  // Fast mode only: activations as int8 per block of 32, x ~= xd[blk] * xq. For 4-bit
+  // weights each block is stored as [16 even-indexed, 16 odd-indexed] values, the order in
+  // which the low and high nibbles of 16 packed bytes unpack; for 8-bit in natural order.
+  // xs then holds the group sums of the quantized row (see prepare_row_q8).
+  const int8_t* xq = nullptr;  // M x K
+  const float* xd = nullptr;   // M x K/32
 };
 
 // Compute y[m0:m1, n0:n1]. Safe to call concurrently on disjoint tiles.
@@ -48,7 +60,11 @@ struct QmmIsa {
   int width;  // W above: 16 (AVX-512), 8 (AVX2), 1 (portable C++)
   QmmTileFn tile;
   AttnTaskFn attention;
+  QmmTileFn tile_q8;  // int8-activation tile (fast mode), or nullptr
 };
+
+// The AVX2 int8 tile, shared by the AVX-512 unit (every AVX-512 CPU has AVX2).
+void tile_q8_avx2(const QmmArgs& a, int m0, int m1, int n0, int n1);
 
 QmmIsa isa_avx512();
 QmmIsa isa_avx2();

@@ -1,0 +1,355 @@
+// A llama decoder layer in three MLX nodes instead of ~28, for the CPU.
+//
+// At decode every graph node costs ~10 us of dispatch on a small CPU, as much as the
+// arithmetic of a 135M model's whole layer. These primitives do the work of many nodes
+// each, calling the same kernels (qmm_rows, attention, the RMSNorm / RoPE arithmetic):
+//   norm_qkv:  rms_norm -> q, k, v projections -> RoPE -> [B, H, L, D]  (3 outputs)
+//   attn_out:  x + o_proj(attention(q, k, v))
+//   norm_mlp:  h + down(silu(gate(n)) * up(n)), n = rms_norm(h)
+// The KV cache stays mlx-lm's: the cache update between norm_qkv and attn_out is ordinary
+// MLX slicing. Everything is float32 with float32 (or float16) scales.
+#include <cmath>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "mlx/allocator.h"
+#include "mlx/backend/cpu/encoder.h"
+#include "mlx/ops.h"
+#include "mlx/primitives.h"
+#include "pool.h"
+#include "qmm.h"
+#include "qmm_isa.h"
+
+namespace mx = mlx::core;
+
+namespace edgeai {
+
+QmmIsa active_isa();
+
+namespace {
+
+mx::Stream cpu_stream() { return mx::default_stream(mx::Device(mx::Device::cpu)); }
+
+// Row-contiguous float32 view of `a`, or a copy.
+const float* rows_of(const mx::array& a, std::vector<float>& tmp) {
+  if (a.flags().row_contiguous) return a.data<float>();
+  tmp.resize(a.size());
+  const int D = a.shape(-1);
+  const long R = a.size() / D;
+  for (long r = 0; r < R; r++) {
+    long off = 0, rem = r;
+    for (int d = int(a.ndim()) - 2; d >= 0; d--) {
+      off += (rem % a.shape(d)) * long(a.strides()[d]);
+      rem /= a.shape(d);
+    }
+    for (int k = 0; k < D; k++) tmp[r * D + k] = a.data<float>()[off + k * long(a.strides().back())];
+  }
+  return tmp.data();
+}
+
+void rms_norm_rows(const float* x, long M, int D, const float* w, float eps, float* out) {
+  for (long m = 0; m < M; m++) {
+    const float* xr = x + m * D;
+    float ss = 0.f;
+    for (int d = 0; d < D; d++) ss += xr[d] * xr[d];
+    const float inv = 1.f / std::sqrt(ss / float(D) + eps);
+    for (int d = 0; d < D; d++) out[m * D + d] = xr[d] * inv * w[d];
+  }
+}
+
+// Three quantized layers given as 3 arrays each (weight, scales, biases).
+QLinear layer(const std::vector<mx::array>& in, int at, int gs, int bits) {
+  return qlinear(in[at], in[at + 1], in[at + 2], gs, bits);
+}
+
+struct Rope {
+  int dims;
+  bool traditional;
+  float base, scale;
+};
+
+// y [M = B*L, H*D] rows -> out [B, H, L, D], rotating the first dims of each head at
+// position offset + l (as mx.fast.rope).
+void to_heads(const float* y, int B, int L, int H, int D, const Rope* rope, int offset, float* out) {
+  std::vector<float> inv_freq;
+  if (rope) {
+    inv_freq.resize(rope->dims / 2);
+    for (int i = 0; i < rope->dims / 2; i++) inv_freq[i] = std::pow(rope->base, -float(2 * i) / float(rope->dims));
+  }
+  for (int b = 0; b < B; b++)
+    for (int l = 0; l < L; l++) {
+      const float* src = y + (long(b) * L + l) * H * D;
+      const float pos = float(offset + l) * (rope ? rope->scale : 1.f);
+      for (int h = 0; h < H; h++) {
+        const float* xr = src + long(h) * D;
+        float* o = out + ((long(b) * H + h) * L + l) * D;
+        if (!rope) {
+          for (int d = 0; d < D; d++) o[d] = xr[d];
+          continue;
+        }
+        const int half = rope->dims / 2;
+        for (int i = 0; i < half; i++) {
+          const float th = pos * inv_freq[i], c = std::cos(th), s = std::sin(th);
+          const int a = rope->traditional ? 2 * i : i, e = rope->traditional ? 2 * i + 1 : i + half;
+          const float x1 = xr[a], x2 = xr[e];
+          o[a] = x1 * c - x2 * s;
+          o[e] = x1 * s + x2 * c;
+        }
+        for (int d = rope->dims; d < D; d++) o[d] = xr[d];
+      }
+    }
+}
+
+class NormQKV : public mx::Primitive {
+ public:
+  NormQKV(mx::Stream s, float eps, int hq, int hkv, Rope rope, int offset, int gs, int bits, bool fast)
+      : mx::Primitive(s), eps_(eps), hq_(hq), hkv_(hkv), rope_(rope), offset_(offset), gs_(gs), bits_(bits),
+        fast_(fast) {}
+
+  // inputs: x [B, L, D], norm weight [D], then (w, scales, biases) for q, k, v.
+  void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& outs) override {
+    for (auto& o : outs) o.set_data(mx::allocator::malloc(o.nbytes()));
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    for (auto& a : in) enc.set_input_array(a);
+    for (auto& o : outs) enc.set_output_array(o);
+    enc.dispatch([in, outs, eps = eps_, hq = hq_, hkv = hkv_, rope = rope_, offset = offset_, gs = gs_, bits = bits_,
+                  fast = fast_]() mutable { run(in, outs, eps, hq, hkv, rope, offset, gs, bits, fast); });
+  }
+
+  static void run(const std::vector<mx::array>& in, std::vector<mx::array>& outs, float eps_, int hq_, int hkv_,
+                  Rope rope_, int offset_, int gs_, int bits_, bool fast_) {
+    thread_local std::vector<float> xt, n, y;
+    const int B = in[0].shape(0), L = in[0].shape(1), D = in[0].shape(2);
+    const long M = long(B) * L;
+    const QLinear ls[3] = {layer(in, 2, gs_, bits_), layer(in, 5, gs_, bits_), layer(in, 8, gs_, bits_)};
+    n.resize(M * D);
+    rms_norm_rows(rows_of(in[0], xt), M, D, in[1].data<float>(), eps_, n.data());
+    y.resize(M * (ls[0].N + ls[1].N + ls[2].N));
+    float* ys[3] = {y.data(), y.data() + M * ls[0].N, y.data() + M * (ls[0].N + ls[1].N)};
+    qmm_rows(n.data(), M, D, ls, 3, ys, fast_);
+    const int hd = ls[0].N / hq_;
+    to_heads(ys[0], B, L, hq_, hd, &rope_, offset_, outs[0].data<float>());
+    to_heads(ys[1], B, L, hkv_, hd, &rope_, offset_, outs[1].data<float>());
+    to_heads(ys[2], B, L, hkv_, hd, nullptr, 0, outs[2].data<float>());
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("edgeai norm_qkv runs on the CPU only");
+  }
+  const char* name() const override { return "EdgeaiNormQKV"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto& o = static_cast<const NormQKV&>(other);
+    return eps_ == o.eps_ && hq_ == o.hq_ && hkv_ == o.hkv_ && rope_.dims == o.rope_.dims &&
+           rope_.traditional == o.rope_.traditional && rope_.base == o.rope_.base && rope_.scale == o.rope_.scale &&
+           offset_ == o.offset_ && gs_ == o.gs_ && bits_ == o.bits_ && fast_ == o.fast_;
+  }
+
+ private:
+  float eps_;
+  int hq_, hkv_;
+  Rope rope_;
+  int offset_, gs_, bits_;
+  bool fast_;
+};
+
+class AttnOut : public mx::UnaryPrimitive {
+ public:
+  AttnOut(mx::Stream s, float scale, bool causal, int gs, int bits, bool fast)
+      : mx::UnaryPrimitive(s), scale_(scale), causal_(causal), gs_(gs), bits_(bits), fast_(fast) {}
+
+  // inputs: q [B, Hq, L, hd], k, v [B, Hkv, S, hd] (strided cache views), x [B, L, D], o_proj (w, s, b).
+  void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    for (auto& a : in) enc.set_input_array(a);
+    enc.set_output_array(out);
+    enc.dispatch([in, out, scale = scale_, causal = causal_, gs = gs_, bits = bits_, fast = fast_]() mutable {
+      run(in, out, scale, causal, gs, bits, fast);
+    });
+  }
+
+  static void run(const std::vector<mx::array>& in, mx::array& out, float scale_, bool causal_, int gs_, int bits_,
+                  bool fast_) {
+    thread_local std::vector<float> att, xt;
+    const mx::array &q = in[0], &k = in[1], &v = in[2];
+    const int B = q.shape(0), Hq = q.shape(1), L = q.shape(2), hd = q.shape(3);
+    const long M = long(B) * L;
+    att.resize(M * Hq * hd);
+    AttnArgs a{};
+    a.q = q.data<float>(), a.k = k.data<float>(), a.v = v.data<float>(), a.out = att.data();
+    for (int d = 0; d < 3; d++) a.qs[d] = q.strides()[d], a.ks[d] = k.strides()[d], a.vs[d] = v.strides()[d];
+    a.B = B, a.Hq = Hq, a.L = L, a.D = hd, a.Hkv = k.shape(1), a.S = k.shape(2);
+    a.scale = scale_, a.causal = causal_;
+    a.block = L > 64 ? 16 : (L > 8 ? 4 : 1);
+    const QmmIsa isa = active_isa();
+    const int tasks = B * Hq * ((L + a.block - 1) / a.block);
+    if (double(B) * Hq * L * a.S * hd < 100000) {
+      for (int t = 0; t < tasks; t++) isa.attention(a, t);
+    } else {
+      Pool::get().run(tasks, [&](int t) { isa.attention(a, t); });
+    }
+    const QLinear o = layer(in, 4, gs_, bits_);
+    float* y = out.data<float>();
+    qmm_rows(att.data(), M, Hq * hd, &o, 1, &y, fast_);
+    const float* x = rows_of(in[3], xt);
+    for (long i = 0; i < M * o.N; i++) y[i] += x[i];
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("edgeai attn_out runs on the CPU only");
+  }
+  const char* name() const override { return "EdgeaiAttnOut"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto& o = static_cast<const AttnOut&>(other);
+    return scale_ == o.scale_ && causal_ == o.causal_ && gs_ == o.gs_ && bits_ == o.bits_ && fast_ == o.fast_;
+  }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& in) override { return {in[3].shape()}; }
+
+ private:
+  float scale_;
+  bool causal_;
+  int gs_, bits_;
+  bool fast_;
+};
+
+class NormMLP : public mx::UnaryPrimitive {
+ public:
+  NormMLP(mx::Stream s, float eps, int gs, int bits, bool fast)
+      : mx::UnaryPrimitive(s), eps_(eps), gs_(gs), bits_(bits), fast_(fast) {}
+
+  // inputs: h [..., D], norm weight [D], then (w, scales, biases) for gate, up, down.
+  void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    for (auto& a : in) enc.set_input_array(a);
+    enc.set_output_array(out);
+    enc.dispatch([in, out, eps = eps_, gs = gs_, bits = bits_, fast = fast_]() mutable {
+      run(in, out, eps, gs, bits, fast);
+    });
+  }
+
+  static void run(const std::vector<mx::array>& in, mx::array& out, float eps_, int gs_, int bits_, bool fast_) {
+    thread_local std::vector<float> ht, n, gu;
+    const int D = in[0].shape(-1);
+    const long M = in[0].size() / D;
+    const float* h = rows_of(in[0], ht);
+    const QLinear gate_up[2] = {layer(in, 2, gs_, bits_), layer(in, 5, gs_, bits_)};
+    const QLinear down = layer(in, 8, gs_, bits_);
+    const int F = gate_up[0].N;
+    n.resize(M * D);
+    rms_norm_rows(h, M, D, in[1].data<float>(), eps_, n.data());
+    gu.resize(2 * M * F);
+    float* ys[2] = {gu.data(), gu.data() + M * F};
+    qmm_rows(n.data(), M, D, gate_up, 2, ys, fast_);
+    for (long i = 0; i < M * F; i++) {  // silu(gate) * up, in place
+      const float g = ys[0][i];
+      ys[0][i] = g / (1.f + std::exp(-g)) * ys[1][i];
+    }
+    float* y = out.data<float>();
+    qmm_rows(ys[0], M, F, &down, 1, &y, fast_);
+    for (long i = 0; i < M * D; i++) y[i] += h[i];
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("edgeai norm_mlp runs on the CPU only");
+  }
+  const char* name() const override { return "EdgeaiNormMLP"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto& o = static_cast<const NormMLP&>(other);
+    return eps_ == o.eps_ && gs_ == o.gs_ && bits_ == o.bits_ && fast_ == o.fast_;
+  }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& in) override { return {in[0].shape()}; }
+
+ private:
+  float eps_;
+  int gs_, bits_;
+  bool fast_;
+};
+
+[[noreturn]] void fail(const char* op, const std::string& m) {
+  throw std::invalid_argument(std::string("edgeai ") + op + ": " + m);
+}
+
+// Checks (w, scales, biases) triples and makes them row-contiguous inputs.
+void add_layers(const char* op, std::vector<mx::array>& in, const std::vector<mx::array>& ws, int K0, int gs,
+                int bits) {
+  if (ws.size() % 3) fail(op, "layers are given as (weight, scales, biases) triples");
+  if (bits != 4 && bits != 8) fail(op, "bits must be 4 or 8");
+  if (gs != 32 && gs != 64 && gs != 128) fail(op, "group_size must be 32, 64 or 128");
+  for (size_t i = 0; i < ws.size(); i += 3) {
+    const mx::array &w = ws[i], &s = ws[i + 1], &b = ws[i + 2];
+    if (w.dtype() != mx::uint32 || w.ndim() != 2) fail(op, "weights must be 2-D uint32 (MLX packing)");
+    if ((s.dtype() != mx::float32 && s.dtype() != mx::float16) || b.dtype() != s.dtype())
+      fail(op, "scales and biases must both be float32 or both float16");
+    const int K = w.shape(1) * 32 / bits;
+    if (K0 > 0 && K != K0) fail(op, "a layer's input size does not match");
+    if (s.ndim() != 2 || s.shape(0) != w.shape(0) || s.shape(1) != K / gs || b.shape() != s.shape())
+      fail(op, "scales/biases must be [N, K/group_size]");
+    for (const mx::array* a : {&w, &s, &b})
+      in.push_back(a->is_available() && a->flags().row_contiguous ? *a : mx::contiguous(*a, false, cpu_stream()));
+  }
+}
+
+}  // namespace
+
+std::vector<mx::array> norm_qkv(const mx::array& x, const mx::array& norm_w, float eps, const std::vector<mx::array>& qkv,
+                                int n_heads, int n_kv_heads, int rope_dims, bool traditional, float base, float scale,
+                                int offset, int group_size, int bits, bool fast) {
+  const char* op = "norm_qkv";
+  if (x.ndim() != 3 || x.dtype() != mx::float32) fail(op, "x must be float32 [B, L, D]");
+  const int D = x.shape(2);
+  if (norm_w.dtype() != mx::float32 || norm_w.ndim() != 1 || norm_w.shape(0) != D) fail(op, "norm weight must be float32 [D]");
+  if (qkv.size() != 9) fail(op, "give q, k, v as three (weight, scales, biases) triples");
+  std::vector<mx::array> in = {x, norm_w};
+  add_layers(op, in, qkv, D, group_size, bits);
+  const int nq = qkv[0].shape(0), nk = qkv[3].shape(0);
+  if (n_heads <= 0 || n_kv_heads <= 0 || nq % n_heads || nk % n_kv_heads || qkv[6].shape(0) != nk)
+    fail(op, "projection sizes do not split into the given heads");
+  const int hd = nq / n_heads;
+  if (nk / n_kv_heads != hd) fail(op, "q and k head sizes differ");
+  if (rope_dims <= 0 || rope_dims % 2 || rope_dims > hd) fail(op, "rope dims must be even and at most the head size");
+  const int B = x.shape(0), L = x.shape(1);
+  return mx::array::make_arrays(
+      {{B, n_heads, L, hd}, {B, n_kv_heads, L, hd}, {B, n_kv_heads, L, hd}}, {mx::float32, mx::float32, mx::float32},
+      std::make_shared<NormQKV>(cpu_stream(), eps, n_heads, n_kv_heads, Rope{rope_dims, traditional, base, scale}, offset,
+                                group_size, bits, fast),
+      in);
+}
+
+mx::array attn_out(const mx::array& q, const mx::array& k, const mx::array& v, const mx::array& x,
+                   const std::vector<mx::array>& o_proj, float scale, bool causal, int group_size, int bits, bool fast) {
+  const char* op = "attn_out";
+  if (q.ndim() != 4 || k.ndim() != 4 || v.ndim() != 4) fail(op, "expected q, k, v of shape [B, H, L, D]");
+  for (const mx::array* a : {&q, &k, &v, &x})
+    if (a->dtype() != mx::float32) fail(op, "q, k, v and x must be float32");
+  if (k.shape() != v.shape() || q.shape(0) != k.shape(0) || q.shape(3) != k.shape(3)) fail(op, "q, k, v shapes disagree");
+  if (k.shape(1) == 0 || q.shape(1) % k.shape(1)) fail(op, "query heads must be a multiple of key/value heads");
+  if (q.shape(3) % 16) fail(op, "head dim must be a multiple of 16");
+  if (causal && q.shape(2) > k.shape(2)) fail(op, "causal attention needs at least as many keys as queries");
+  if (q.strides().back() != 1 || k.strides().back() != 1 || v.strides().back() != 1) fail(op, "q, k, v need a contiguous last axis");
+  if (x.ndim() != 3 || x.shape(0) != q.shape(0) || x.shape(1) != q.shape(2)) fail(op, "x must be [B, L, D]");
+  std::vector<mx::array> in = {q, k, v, x};
+  add_layers(op, in, o_proj, q.shape(1) * q.shape(3), group_size, bits);
+  if (o_proj.size() != 3 || o_proj[0].shape(0) != x.shape(2)) fail(op, "o_proj must map to x's size");
+  return mx::array(x.shape(), mx::float32, std::make_shared<AttnOut>(cpu_stream(), scale, causal, group_size, bits, fast),
+                   in);
+}
+
+mx::array norm_mlp(const mx::array& h, const mx::array& norm_w, float eps, const std::vector<mx::array>& gate_up_down,
+                   int group_size, int bits, bool fast) {
+  const char* op = "norm_mlp";
+  if (h.ndim() < 1 || h.dtype() != mx::float32) fail(op, "h must be float32");
+  const int D = h.shape(-1);
+  if (norm_w.dtype() != mx::float32 || norm_w.ndim() != 1 || norm_w.shape(0) != D) fail(op, "norm weight must be float32 [D]");
+  if (gate_up_down.size() != 9) fail(op, "give gate, up, down as three (weight, scales, biases) triples");
+  std::vector<mx::array> in = {h, norm_w};
+  add_layers(op, in, {gate_up_down.begin(), gate_up_down.begin() + 6}, D, group_size, bits);
+  const int F = gate_up_down[0].shape(0);
+  if (gate_up_down[3].shape(0) != F) fail(op, "gate and up sizes differ");
+  add_layers(op, in, {gate_up_down.begin() + 6, gate_up_down.end()}, F, group_size, bits);
+  if (gate_up_down[6].shape(0) != D) fail(op, "down must map back to h's size");
+  return mx::array(h.shape(), mx::float32, std::make_shared<NormMLP>(cpu_stream(), eps, group_size, bits, fast), in);
+}
+
+}  // namespace edgeai

@@ -1,0 +1,174 @@
+"""edgeai's fused llama-layer nodes (kernels/cpu/fused.cpp) against MLX compositions, and
+how the runtime verifies, uses and refuses them."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+
+from edgeai import kernels
+
+kc = pytest.importorskip("edgeai.kernels_cpu")
+try:
+    EXT = kc.extension()
+except kc.KernelUnavailable:
+    EXT = None
+pytestmark = pytest.mark.skipif(EXT is None, reason="C++ kernels not built")
+
+EPS = 1e-5
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGEAI_HOME", str(tmp_path / "home"))
+
+
+def layer(n: int, k: int, seed: int, bits: int = 4, gs: int = 32):
+    """A quantized layer as (weight, scales, biases) and its dequantized float32 matrix."""
+    w, s, b = mx.quantize(mx.random.normal((n, k), key=mx.random.key(seed)) * 0.2, gs, bits)
+    return [w, s, b], mx.dequantize(w, s, b, gs, bits)
+
+
+def rel_err(y: mx.array, ref: mx.array) -> float:
+    return (mx.max(mx.abs(y - ref)) / mx.max(mx.abs(ref))).item()
+
+
+def tol(fast: bool) -> float:
+    return 2e-2 if fast else 1e-5
+
+
+@pytest.mark.parametrize("fast", [False, True])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_norm_mlp_matches_mlx(fast, bits):
+    d, f = 64, 160
+    h = mx.random.normal((2, 3, d), key=mx.random.key(1))
+    nw = mx.random.uniform(0.5, 1.5, (d,), key=mx.random.key(2))
+    (g, wg), (u, wu), (dn, wd) = layer(f, d, 3, bits), layer(f, d, 4, bits), layer(d, f, 5, bits)
+    n = mx.fast.rms_norm(h, nw, EPS)
+    ref = h + (nn.silu(n @ wg.T) * (n @ wu.T)) @ wd.T
+    y = EXT.norm_mlp(h, nw, EPS, g + u + dn, 32, bits, fast)
+    assert y.shape == h.shape and rel_err(y, ref) < tol(fast)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+@pytest.mark.parametrize("traditional", [False, True])
+def test_norm_qkv_matches_mlx(fast, traditional):
+    b, seq, hq, hkv, hd = 2, 3, 4, 2, 16
+    d, offset = hq * hd, 7
+    x = mx.random.normal((b, seq, d), key=mx.random.key(6))
+    nw = mx.random.uniform(0.5, 1.5, (d,), key=mx.random.key(7))
+    (q, wq), (k, wk), (v, wv) = layer(hq * hd, d, 8), layer(hkv * hd, d, 9), layer(hkv * hd, d, 10)
+    n = mx.fast.rms_norm(x, nw, EPS)
+
+    def heads(y, h):
+        return y.reshape(b, seq, h, hd).transpose(0, 2, 1, 3)
+
+    def rope(t):
+        return mx.fast.rope(t, 12, traditional=traditional, base=10000.0, scale=1.0, offset=offset)
+
+    refs = (rope(heads(n @ wq.T, hq)), rope(heads(n @ wk.T, hkv)), heads(n @ wv.T, hkv))
+    outs = EXT.norm_qkv(x, nw, EPS, q + k + v, hq, hkv, 12, traditional, 10000.0, 1.0, offset, 32, 4, fast)
+    for y, ref in zip(outs, refs):
+        assert y.shape == ref.shape and rel_err(y, ref) < tol(fast)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+@pytest.mark.parametrize("seq, causal", [(1, False), (3, True)])
+def test_attn_out_matches_mlx(fast, seq, causal):
+    hq, hkv, hd, s = 4, 2, 16, 9
+    d = hq * hd
+    q = mx.random.normal((1, hq, seq, hd), key=mx.random.key(11))
+    cache = mx.random.normal((1, hkv, 32, hd), key=mx.random.key(12))
+    k, v = cache[:, :, :s, :], cache[:, :, 3 : s + 3, :]  # strided views, as mlx-lm's KV cache hands out
+    x = mx.random.normal((1, seq, d), key=mx.random.key(13))
+    o, wo = layer(d, d, 14)
+    att = mx.fast.scaled_dot_product_attention(q, k, v, scale=hd**-0.5, mask="causal" if causal else None)
+    ref = x + att.transpose(0, 2, 1, 3).reshape(1, seq, d) @ wo.T
+    y = EXT.attn_out(q, k, v, x, o, hd**-0.5, causal, 32, 4, fast)
+    assert y.shape == x.shape and rel_err(y, ref) < tol(fast)
+
+
+def test_fused_ops_reject_bad_input():
+    (w, s, b), _ = layer(64, 64, 15)
+    x, nw = mx.zeros((1, 1, 64)), mx.ones((64,))
+    with pytest.raises(ValueError, match="triples"):
+        EXT.norm_mlp(x, nw, EPS, [w, s, b, w, s], 32, 4, False)
+    with pytest.raises(ValueError, match="float32"):
+        EXT.norm_mlp(x.astype(mx.float16), nw, EPS, [w, s, b] * 3, 32, 4, False)
+    with pytest.raises(ValueError, match="heads"):
+        EXT.norm_qkv(x, nw, EPS, [w, s, b] * 3, 5, 1, 8, False, 1e4, 1.0, 0, 32, 4, False)
+    with pytest.raises(ValueError, match="input size"):
+        EXT.norm_qkv(mx.zeros((1, 1, 32)), mx.ones((32,)), EPS, [w, s, b] * 3, 4, 4, 8, False, 1e4, 1.0, 0, 32, 4, False)
+    q = mx.zeros((1, 3, 1, 16))
+    with pytest.raises(ValueError, match="multiple of key/value heads"):
+        EXT.attn_out(q, mx.zeros((1, 2, 4, 16)), mx.zeros((1, 2, 4, 16)), mx.zeros((1, 1, 48)), [w, s, b], 1.0, False,
+                     32, 4, False)
+
+
+def _block_classes(model: nn.Module) -> set[str]:
+    from mlx_lm.models import llama
+
+    return {type(m).__name__ for _, m in model.named_modules() if isinstance(m, llama.TransformerBlock)}
+
+
+@pytest.mark.parametrize("precision", ["fast", "accurate"])
+def test_engine_uses_fused_layers_once_verified(tiny_model, precision):
+    from edgeai.engine import Engine
+
+    eng = Engine.load(tiny_model, kernel="custom", precision=precision)
+    assert eng.kernel.attention.endswith("fused layers 2")
+    assert _block_classes(eng.model) == {"CpuLlamaBlock"}
+    verdicts = [v for k, v in kernels._read_cache().items() if k.startswith("fused_block")]
+    assert len(verdicts) == 1 and verdicts[0]["ok"] and verdicts[0]["max_rel"] < kernels.ATTN_TOL
+
+
+def test_wrong_fused_layer_is_refused(tiny_model, monkeypatch):
+    from mlx_lm.utils import load
+
+    real = kc._llama_block_class
+
+    def off_by_one():
+        cls = real()
+
+        class Wrong(cls):
+            def __call__(self, x, mask=None, cache=None):
+                return super().__call__(x, mask, cache) + 1.0
+
+        return Wrong
+
+    monkeypatch.setattr(kc, "_llama_block_class", off_by_one)
+    model, _ = load(str(tiny_model))
+    rep = kernels.apply(model, "custom", "accurate")
+    assert rep.name == "edgeai-cpu" and "fused" not in rep.attention
+    assert _block_classes(model) == {"TransformerBlock"}
+
+
+def test_fused_layer_defers_to_mlx_lm_for_wrapped_projections(tiny_model):
+    """A projection that is not a plain kernel layer (as under LoRA) takes mlx-lm's path."""
+    from mlx_lm.models.cache import KVCache
+
+    from edgeai.engine import Engine
+
+    eng = Engine.load(tiny_model, kernel="custom", precision="accurate")
+    block = eng.model.model.layers[0]
+    x = mx.random.normal((1, 4, block.hidden_size), key=mx.random.key(16))
+    fused = block(x, "causal", KVCache())
+
+    class Wrapped(nn.Module):  # a stand-in wrapper: same output, different type
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def __call__(self, t):
+            return self.inner(t)
+
+    block.self_attn.v_proj = Wrapped(block.self_attn.v_proj)
+    calls = []
+    orig = type(block)._norm_qkv
+    type(block)._norm_qkv = staticmethod(lambda *a: calls.append(1) or orig(*a))
+    try:
+        unfused = block(x, "causal", KVCache())
+    finally:
+        type(block)._norm_qkv = staticmethod(orig)
+    assert not calls and rel_err(unfused, fused) < 1e-5
