@@ -184,6 +184,8 @@ def _llama_block_class():
     from mlx_lm.models import llama
     from mlx_lm.models.cache import KVCache
 
+    ext = extension()
+
     class CpuLlamaBlock(llama.TransformerBlock):
         """mlx-lm's llama decoder layer as three C++ graph nodes instead of ~28.
 
@@ -194,37 +196,44 @@ def _llama_block_class():
         non-float32 activations) runs mlx-lm's code with edgeai's per-op kernels instead.
         """
 
-        def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
+        def _layer(self):
+            """The C++ layer for the current modules and weights, or None if they are not plain.
+
+            Built once and reused while the same weight arrays are in place (an adapter or a
+            weight update swaps them, which rebuilds or disables it).
+            """
             a, m = self.self_attn, self.mlp
-            fmt = (a.q_proj.group_size, a.q_proj.bits, a.q_proj.fast) if type(a.q_proj) is CpuQuantizedLinear else None
-            plain = (
-                fmt is not None and x.dtype == mx.float32 and x.ndim == 3
-                and (mask is None or (isinstance(mask, str) and mask == "causal"))
-                and (cache is None or (type(cache) is KVCache and isinstance(cache.offset, int)))
-                and type(a.rope) is nn.RoPE and a.q_proj.weight.shape[0] // a.n_heads % 16 == 0
-                and all(_plain_linear(p, fmt) for p in (a.q_proj, a.k_proj, a.v_proj, a.o_proj,
-                                                        m.gate_proj, m.up_proj, m.down_proj))
-                and all(type(n) in (nn.RMSNorm, CpuRMSNorm) and n["weight"].dtype == mx.float32
-                        for n in (self.input_layernorm, self.post_attention_layernorm))
-            )
-            if not plain:
+            mods = (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj,
+                    self.input_layernorm, self.post_attention_layernorm)
+            key = tuple(id(p.get("weight")) for p in mods)
+            if key == self.__dict__.get("_fused_key"):
+                return self.__dict__["_fused"]
+            layer = None
+            q = a.q_proj
+            fmt = (q.group_size, q.bits, q.fast) if type(q) is CpuQuantizedLinear else None
+            if (fmt is not None and type(a.rope) is nn.RoPE and q.weight.shape[0] // a.n_heads % 16 == 0
+                    and all(_plain_linear(p, fmt) for p in mods[:7])
+                    and all(type(n) in (nn.RMSNorm, CpuRMSNorm) and n["weight"].dtype == mx.float32 for n in mods[7:])):
+                r, n1, n2 = a.rope, self.input_layernorm, self.post_attention_layernorm
+                layer = ext.FusedLlamaLayer(
+                    n1["weight"], _triples(*mods[:3]), _triples(a.o_proj), n2["weight"], _triples(*mods[4:7]),
+                    n1.eps, n2.eps, a.n_heads, a.n_kv_heads, r.dims, bool(r.traditional), float(r.base),
+                    float(r.scale), *fmt)
+            object.__setattr__(self, "_fused_key", key)  # plain attributes, not module parameters
+            object.__setattr__(self, "_fused", layer)
+            return layer
+
+        def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
+            layer = self._layer()
+            if (layer is None or x.dtype != mx.float32 or x.ndim != 3
+                    or not (mask is None or (isinstance(mask, str) and mask == "causal"))
+                    or not (cache is None or (type(cache) is KVCache and isinstance(cache.offset, int)))):
                 return super().__call__(x, mask, cache)
-            gs, bits, fast = fmt
-            r, norm = a.rope, self.input_layernorm
-            q, k, v = self._norm_qkv(x, norm["weight"], norm.eps, _triples(a.q_proj, a.k_proj, a.v_proj),
-                                     a.n_heads, a.n_kv_heads, r.dims, bool(r.traditional), float(r.base),
-                                     float(r.scale), cache.offset if cache is not None else 0, gs, bits, fast)
+            q, k, v = layer.qkv(x, cache.offset if cache is not None else 0)
             if cache is not None:
                 k, v = cache.update_and_fetch(k, v)
-            h = self._attn_out(q, k, v, x, _triples(a.o_proj), a.scale, mask is not None, gs, bits, fast)
-            norm = self.post_attention_layernorm
-            return self._norm_mlp(h, norm["weight"], norm.eps, _triples(m.gate_proj, m.up_proj, m.down_proj),
-                                  gs, bits, fast)
+            return layer.mlp(layer.attend(q, k, v, x, self.self_attn.scale, mask is not None))
 
-    ext = extension()
-    CpuLlamaBlock._norm_qkv = staticmethod(ext.norm_qkv)
-    CpuLlamaBlock._attn_out = staticmethod(ext.attn_out)
-    CpuLlamaBlock._norm_mlp = staticmethod(ext.norm_mlp)
     return CpuLlamaBlock
 
 

@@ -27,6 +27,15 @@ NB_MODULE(_edgeai_kernels, m) {
         "bits"_a, "fast"_a, "x + o_proj(attention(q, k, v)) in one node; float32.");
   m.def("norm_mlp", &edgeai::norm_mlp, "h"_a, "norm_weight"_a, "eps"_a, "gate_up_down"_a, "group_size"_a, "bits"_a,
         "fast"_a, "h + down(silu(gate(n)) * up(n)), n = rms_norm(h), in one node; float32.");
+  nb::class_<edgeai::FusedLlamaLayer>(m, "FusedLlamaLayer",
+                                      "A llama decoder layer's weights for the fused calls (checked once).")
+      .def(nb::init<mlx::core::array, std::vector<mlx::core::array>, std::vector<mlx::core::array>, mlx::core::array,
+                    std::vector<mlx::core::array>, float, float, int, int, int, bool, float, float, int, int, bool>(),
+           "norm1"_a, "qkv"_a, "o_proj"_a, "norm2"_a, "mlp"_a, "eps1"_a, "eps2"_a, "n_heads"_a, "n_kv_heads"_a,
+           "rope_dims"_a, "traditional"_a, "base"_a, "scale"_a, "group_size"_a, "bits"_a, "fast"_a)
+      .def("qkv", &edgeai::FusedLlamaLayer::qkv, "x"_a, "offset"_a)
+      .def("attend", &edgeai::FusedLlamaLayer::attend, "q"_a, "k"_a, "v"_a, "x"_a, "scale"_a, "causal"_a)
+      .def("mlp", &edgeai::FusedLlamaLayer::mlp, "h"_a);
   m.def("isa", &edgeai::isa_name, "The instruction set the kernels use now.");
   m.def("available_isas", &edgeai::available_isas, "Instruction sets this CPU can run, best first.");
   m.def("set_isa", &edgeai::set_isa, "name"_a, "Force an instruction set (tests), or 'auto'.");

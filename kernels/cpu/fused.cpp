@@ -352,4 +352,30 @@ mx::array norm_mlp(const mx::array& h, const mx::array& norm_w, float eps, const
   return mx::array(h.shape(), mx::float32, std::make_shared<NormMLP>(cpu_stream(), eps, group_size, bits, fast), in);
 }
 
+FusedLlamaLayer::FusedLlamaLayer(mx::array norm1, std::vector<mx::array> qkv, std::vector<mx::array> o_proj,
+                                 mx::array norm2, std::vector<mx::array> mlp, float eps1, float eps2, int n_heads,
+                                 int n_kv_heads, int rope_dims, bool traditional, float base, float scale,
+                                 int group_size, int bits, bool fast)
+    : norm1_(std::move(norm1)), norm2_(std::move(norm2)), qkv_(std::move(qkv)), o_(std::move(o_proj)),
+      mlp_(std::move(mlp)), eps1_(eps1), eps2_(eps2), hq_(n_heads), hkv_(n_kv_heads), rope_dims_(rope_dims),
+      traditional_(traditional), base_(base), scale_(scale), gs_(group_size), bits_(bits), fast_(fast) {
+  // Check everything once, on a one-token input, so later calls fail only on bad activations.
+  const int D = norm1_.shape(0);
+  auto x = mx::zeros({1, 1, D}, mx::float32, cpu_stream());
+  auto q = norm_qkv(x, norm1_, eps1_, qkv_, hq_, hkv_, rope_dims_, traditional_, base_, scale_, 0, gs_, bits_, fast_);
+  attn_out(q[0], q[1], q[2], x, o_, 1.f, false, gs_, bits_, fast_);
+  norm_mlp(x, norm2_, eps2_, mlp_, gs_, bits_, fast_);
+}
+
+std::vector<mx::array> FusedLlamaLayer::qkv(const mx::array& x, int offset) const {
+  return norm_qkv(x, norm1_, eps1_, qkv_, hq_, hkv_, rope_dims_, traditional_, base_, scale_, offset, gs_, bits_, fast_);
+}
+
+mx::array FusedLlamaLayer::attend(const mx::array& q, const mx::array& k, const mx::array& v, const mx::array& x,
+                                  float scale, bool causal) const {
+  return attn_out(q, k, v, x, o_, scale, causal, gs_, bits_, fast_);
+}
+
+mx::array FusedLlamaLayer::mlp(const mx::array& h) const { return norm_mlp(h, norm2_, eps2_, mlp_, gs_, bits_, fast_); }
+
 }  // namespace edgeai

@@ -40,6 +40,30 @@ mlx::core::array attn_out(const mlx::core::array& q, const mlx::core::array& k, 
                           bool causal, int group_size, int bits, bool fast);
 mlx::core::array norm_mlp(const mlx::core::array& h, const mlx::core::array& norm_w, float eps,
                           const std::vector<mlx::core::array>& gate_up_down, int group_size, int bits, bool fast);
+// One llama decoder layer's weights, checked once, for the three fused calls of each step
+// (saves converting nine arrays per call from Python at every layer of every token).
+class FusedLlamaLayer {
+ public:
+  FusedLlamaLayer(mlx::core::array norm1, std::vector<mlx::core::array> qkv, std::vector<mlx::core::array> o_proj,
+                  mlx::core::array norm2, std::vector<mlx::core::array> mlp, float eps1, float eps2, int n_heads,
+                  int n_kv_heads, int rope_dims, bool traditional, float base, float scale, int group_size, int bits,
+                  bool fast);
+  std::vector<mlx::core::array> qkv(const mlx::core::array& x, int offset) const;
+  mlx::core::array attend(const mlx::core::array& q, const mlx::core::array& k, const mlx::core::array& v,
+                          const mlx::core::array& x, float scale, bool causal) const;
+  mlx::core::array mlp(const mlx::core::array& h) const;
+
+ private:
+  mlx::core::array norm1_, norm2_;
+  std::vector<mlx::core::array> qkv_, o_, mlp_;
+  float eps1_, eps2_;
+  int hq_, hkv_, rope_dims_;
+  bool traditional_;
+  float base_, scale_;
+  int gs_, bits_;
+  bool fast_;
+};
+
 std::string isa_name();
 std::vector<std::string> available_isas();
 void set_isa(const std::string& name);
