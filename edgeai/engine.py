@@ -203,12 +203,14 @@ def decode_steps(model: nn.Module, prompt: mx.array, sampler: Callable[[mx.array
     from mlx_lm.models.cache import make_prompt_cache
 
     cache = make_prompt_cache(model)
+    # One fused node (edgeai's CPU kernels, when in use) or MLX's ops: (log-probabilities, entropy).
+    log_softmax = getattr(model, "_edgeai_log_softmax", None) or _log_softmax
 
     def step(tokens: mx.array) -> list[mx.array]:
         logits = model(tokens, cache=cache)[:, -1, :].astype(mx.float32)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        logprobs, entropy = log_softmax(logits)
         tok = sampler(logprobs)
-        outs = [tok, mx.take_along_axis(logprobs, tok[:, None], axis=-1), -(mx.exp(logprobs) * logprobs).sum()]
+        outs = [tok, mx.take_along_axis(logprobs, tok[:, None], axis=-1), entropy.sum()]
         if top_n:
             idx = mx.argpartition(-logprobs[0], top_n - 1)[:top_n]
             outs += [idx, logprobs[0][idx]]
@@ -232,6 +234,11 @@ def decode_steps(model: nn.Module, prompt: mx.array, sampler: Callable[[mx.array
             top = tuple((int(i), float(v)) for i, v in pairs)
         yield int(outs[0].item()), float(outs[1].item()), float(outs[2].item()), top
         outs = nxt
+
+
+def _log_softmax(logits: mx.array) -> tuple[mx.array, mx.array]:
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    return logprobs, -(mx.exp(logprobs) * logprobs).sum(axis=-1)
 
 
 def token_signals_batch(logprobs: mx.array | Sequence[mx.array], tokens: Sequence[int],

@@ -137,6 +137,12 @@ def apply(model: nn.Module, mode: str = "auto", precision: str | None = None) ->
         fused = _fuse_blocks(model, cand, fast)
         if fused:
             layer_note = f"{layer_note}, fused layers {fused}"
+        if _verdict(f"log_softmax|{cand.build_id}|{cand.isa()}", lambda: check_log_softmax(cand)):
+            # engine.decode_steps uses it for each step's log-probabilities and entropy
+            from edgeai import kernels_cpu as kc
+
+            object.__setattr__(model, "_edgeai_log_softmax", kc.extension().log_softmax)
+            layer_note = f"{layer_note}, log_softmax"
     return KernelReport(
         cand.name, "verified against the float32 reference" + (" (cached verdict)" if verdict.get("cached") else ""),
         layers=len(swaps), backend=be, isa=cand.isa(), threads=cand.threads(), accuracy=accuracy,
@@ -286,6 +292,25 @@ def _fuse_blocks(model: nn.Module, cand: Candidate, fast: bool) -> int:
     if not _verdict(key, lambda: check_block(b, kc._llama_block_class()), tol):
         return 0
     return kc.swap_blocks(model)
+
+
+def check_log_softmax(cand: Candidate) -> float:
+    """Max error of the CPU log_softmax (log-probabilities and entropy) vs MLX's, relative to
+    the largest |log-probability|, on vocabulary-sized rows with a masked (-inf) entry."""
+    from edgeai import kernels_cpu as kc
+
+    x = mx.random.normal((2, 49157), key=mx.random.key(3)) * 4.0
+    x[0, 7] = -float("inf")
+    lp, ent = kc.extension().log_softmax(x)
+    ref = x - mx.logsumexp(x, axis=-1, keepdims=True)
+    p = mx.exp(ref)
+    ref_ent = -mx.where(p > 0, p * ref, 0.0).sum(axis=-1)
+    finite = mx.isfinite(ref)
+    if not mx.array_equal(finite, mx.isfinite(lp)).item():
+        return float("inf")
+    scale = mx.max(mx.where(finite, mx.abs(ref), 0.0))
+    err = mx.maximum(mx.max(mx.where(finite, mx.abs(lp - ref), 0.0)), mx.max(mx.abs(ent - ref_ent)))
+    return float((err / scale).item())
 
 
 def check_block(block: nn.Module, fused_cls: type) -> float:

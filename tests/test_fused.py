@@ -117,7 +117,7 @@ def test_engine_uses_fused_layers_once_verified(tiny_model, precision):
     from edgeai.engine import Engine
 
     eng = Engine.load(tiny_model, kernel="custom", precision=precision)
-    assert eng.kernel.attention.endswith("fused layers 2")
+    assert "fused layers 2" in eng.kernel.attention
     assert _block_classes(eng.model) == {"CpuLlamaBlock"}
     verdicts = [v for k, v in kernels._read_cache().items() if k.startswith("fused_block")]
     assert len(verdicts) == 1 and verdicts[0]["ok"] and verdicts[0]["max_rel"] < kernels.ATTN_TOL
@@ -171,3 +171,37 @@ def test_fused_layer_defers_to_mlx_lm_for_wrapped_projections(tiny_model):
     assert rel_err(unfused, fused) < 1e-5
     block.self_attn.v_proj = inner
     assert block._layer() is not None
+
+
+def test_log_softmax_matches_mlx_and_is_what_decoding_uses(tiny_model):
+    x = mx.random.normal((3, 1000), key=mx.random.key(17)) * 5.0
+    x[1, 3] = -float("inf")
+    lp, ent = EXT.log_softmax(x)
+    ref = x - mx.logsumexp(x, axis=-1, keepdims=True)
+    finite = mx.isfinite(ref)
+    assert mx.array_equal(finite, mx.isfinite(lp)).item()
+    assert mx.max(mx.where(finite, mx.abs(lp - ref), 0.0)).item() < 1e-4
+    p = mx.exp(ref)
+    assert mx.allclose(ent, -mx.where(p > 0, p * ref, 0.0).sum(axis=-1), atol=1e-4).item()
+    assert kernels.check_log_softmax(None) < kernels.ATTN_TOL
+    with pytest.raises(ValueError, match="float32"):
+        EXT.log_softmax(x.astype(mx.float16))
+
+    from edgeai.engine import Engine
+
+    eng = Engine.load(tiny_model, kernel="custom")
+    assert eng.kernel.attention.endswith("log_softmax") and eng.model._edgeai_log_softmax is not None
+    assert not hasattr(Engine.load(tiny_model, kernel="builtin").model, "_edgeai_log_softmax")
+
+
+def test_custom_engine_events_carry_true_logprobs_and_entropy(tiny_model):
+    from edgeai.engine import Engine
+    from edgeai.options import GenerationOptions
+    from edgeai.types import Answer
+
+    eng = Engine.load(tiny_model, kernel="custom", precision="accurate")
+    ans = Answer.from_events(eng.generate("hello", GenerationOptions(max_tokens=3)), eng.name)
+    logits = eng.model(mx.array([eng.encode("hello")]))[0, -1]
+    lps = logits - mx.logsumexp(logits)
+    assert abs(ans.logprobs[0] - lps[ans.tokens[0]].item()) < 1e-4
+    assert abs(ans.entropies[0] - (-(mx.exp(lps) * lps).sum().item())) < 1e-4

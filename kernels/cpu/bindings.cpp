@@ -36,6 +36,8 @@ NB_MODULE(_edgeai_kernels, m) {
       .def("qkv", &edgeai::FusedLlamaLayer::qkv, "x"_a, "offset"_a)
       .def("attend", &edgeai::FusedLlamaLayer::attend, "q"_a, "k"_a, "v"_a, "x"_a, "scale"_a, "causal"_a)
       .def("mlp", &edgeai::FusedLlamaLayer::mlp, "h"_a);
+  m.def("log_softmax", &edgeai::log_softmax, "x"_a,
+        "log_softmax over the last axis and each row's entropy (nats), float32: returns [logprobs, entropy].");
   m.def("isa", &edgeai::isa_name, "The instruction set the kernels use now.");
   m.def("available_isas", &edgeai::available_isas, "Instruction sets this CPU can run, best first.");
   m.def("set_isa", &edgeai::set_isa, "name"_a, "Force an instruction set (tests), or 'auto'.");

@@ -5,6 +5,7 @@
 // i.e. ~2,000 of the ~3,800 nodes of one SmolLM2 decode step. Per-node dispatch cost, not
 // arithmetic, is what they cost at decode; one node each removes it. Scalar loops: the
 // compiler vectorizes them and they are a negligible share of the FLOPs.
+#include <algorithm>
 #include <cmath>
 #include <stdexcept>
 #include <string>
@@ -13,6 +14,7 @@
 #include "mlx/allocator.h"
 #include "mlx/backend/cpu/encoder.h"
 #include "mlx/primitives.h"
+#include "pool.h"
 #include "qmm.h"
 
 namespace mx = mlx::core;
@@ -123,9 +125,83 @@ class Rope : public mx::UnaryPrimitive {
   int offset_;
 };
 
+// log_softmax over the last axis plus each row's entropy, in one read of the logits for
+// the exponentials: with S = sum e^(l-m) and T = sum e^(l-m) l (m the row max),
+// logsumexp = m + log S and entropy = -sum p log p = logsumexp - T / S. At decode this is
+// the vocabulary-wide work of every step (49k entries for SmolLM2), which MLX runs as
+// several single-threaded passes.
+void run_log_softmax(const mx::array& x, mx::array& lp, mx::array& ent) {
+  const int V = x.shape(-1);
+  const long rows = x.size() / V;
+  const float* xp = x.data<float>();
+  float* out = lp.data<float>();
+  float* h = ent.data<float>();
+  auto& pool = Pool::get();
+  const int chunks = std::max(1, std::min(pool.threads() * 2, V / 4096));
+  const int per = (V + chunks - 1) / chunks;
+  std::vector<float> cm(chunks);
+  std::vector<double> cs(chunks), ct(chunks);
+  for (long r = 0; r < rows; r++) {
+    const float* l = xp + row_start(x, r);
+    pool.run(chunks, [&](int c) {
+      const int a = c * per, b = std::min(V, a + per);
+      float m = -INFINITY;
+      for (int i = a; i < b; i++) m = std::max(m, l[i]);
+      double S = 0, T = 0;
+      if (m > -INFINITY)
+        for (int i = a; i < b; i++) {
+          const float e = std::exp(l[i] - m);
+          if (e > 0.f) S += e, T += double(e) * l[i];
+        }
+      cm[c] = m, cs[c] = S, ct[c] = T;
+    });
+    float m = -INFINITY;
+    for (int c = 0; c < chunks; c++) m = std::max(m, cm[c]);
+    double S = 0, T = 0;
+    for (int c = 0; c < chunks; c++)
+      if (cs[c] > 0) {
+        const double f = std::exp(double(cm[c]) - m);
+        S += cs[c] * f, T += ct[c] * f;
+      }
+    const float lse = float(m + std::log(S));
+    h[r] = float(double(lse) - T / S);
+    float* o = out + r * V;
+    pool.run(chunks, [&](int c) {
+      for (int i = c * per; i < std::min(V, (c + 1) * per); i++) o[i] = l[i] - lse;
+    });
+  }
+}
+
+class LogSoftmax : public mx::Primitive {
+ public:
+  explicit LogSoftmax(mx::Stream s) : mx::Primitive(s) {}
+  void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& outs) override {
+    for (auto& o : outs) o.set_data(mx::allocator::malloc(o.nbytes()));
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    enc.set_input_array(in[0]);
+    for (auto& o : outs) enc.set_output_array(o);
+    enc.dispatch([x = in[0], lp = outs[0], h = outs[1]]() mutable { run_log_softmax(x, lp, h); });
+  }
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("edgeai log_softmax runs on the CPU only");
+  }
+  const char* name() const override { return "EdgeaiLogSoftmax"; }
+  bool is_equivalent(const mx::Primitive&) const override { return true; }
+};
+
 mx::Stream cpu_stream() { return mx::default_stream(mx::Device(mx::Device::cpu)); }
 
 }  // namespace
+
+std::vector<mx::array> log_softmax(const mx::array& x) {
+  if (x.dtype() != mx::float32) throw std::invalid_argument("edgeai log_softmax: float32 only");
+  if (x.ndim() < 1 || x.shape(-1) == 0) throw std::invalid_argument("edgeai log_softmax: need x[..., V] with V > 0");
+  if (x.strides().back() != 1) throw std::invalid_argument("edgeai log_softmax: the last axis must be contiguous");
+  auto rows = x.shape();
+  rows.pop_back();
+  return mx::array::make_arrays({x.shape(), rows}, {mx::float32, mx::float32}, std::make_shared<LogSoftmax>(cpu_stream()),
+                                {x});
+}
 
 mx::array rms_norm(const mx::array& x, const mx::array& weight, float eps) {
   if (x.dtype() != mx::float32 || weight.dtype() != mx::float32) throw std::invalid_argument("edgeai rms_norm: float32 only");

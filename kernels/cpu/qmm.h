@@ -30,6 +30,7 @@ mlx::core::array attention(const mlx::core::array& q, const mlx::core::array& k,
                            float scale, bool causal);
 mlx::core::array rms_norm(const mlx::core::array& x, const mlx::core::array& weight, float eps);
 mlx::core::array rope(const mlx::core::array& x, int dims, bool traditional, float base, float scale, int offset);
+std::vector<mlx::core::array> log_softmax(const mlx::core::array& x);
 // Fused llama-layer pieces (fused.cpp); layers are flat (weight, scales, biases) triples.
 std::vector<mlx::core::array> norm_qkv(const mlx::core::array& x, const mlx::core::array& norm_w, float eps,
                                        const std::vector<mlx::core::array>& qkv, int n_heads, int n_kv_heads,
