@@ -202,7 +202,8 @@ def decode_steps(model: nn.Module, prompt: mx.array, sampler: Callable[[mx.array
     """
     from mlx_lm.models.cache import make_prompt_cache
 
-    cache = make_prompt_cache(model)
+    # edgeai's fused CPU layers bring a cache they write in place (kernels_cpu.make_cache).
+    cache = getattr(model, "_edgeai_make_cache", make_prompt_cache)(model)
     # One fused node (edgeai's CPU kernels, when in use) or MLX's ops: (log-probabilities, entropy).
     log_softmax = getattr(model, "_edgeai_log_softmax", None) or _log_softmax
 

@@ -137,6 +137,9 @@ def apply(model: nn.Module, mode: str = "auto", precision: str | None = None) ->
         fused = _fuse_blocks(model, cand, fast)
         if fused:
             layer_note = f"{layer_note}, fused layers {fused}"
+            from edgeai import kernels_cpu as kc
+
+            object.__setattr__(model, "_edgeai_make_cache", kc.make_cache)  # engine.decode_steps uses it
         if _verdict(f"log_softmax|{cand.build_id}|{cand.isa()}", lambda: check_log_softmax(cand)):
             # engine.decode_steps uses it for each step's log-probabilities and entropy
             from edgeai import kernels_cpu as kc

@@ -227,14 +227,59 @@ def _llama_block_class():
             layer = self._layer()
             if (layer is None or x.dtype != mx.float32 or x.ndim != 3
                     or not (mask is None or (isinstance(mask, str) and mask == "causal"))
-                    or not (cache is None or (type(cache) is KVCache and isinstance(cache.offset, int)))):
+                    or not (cache is None or (type(cache) in (KVCache, FusedKVCache) and isinstance(cache.offset, int)))):
                 return super().__call__(x, mask, cache)
+            causal, scale = mask is not None, self.self_attn.scale
+            if type(cache) is FusedKVCache:  # k, v written straight into the cache's buffers
+                cache.reserve(x.shape[0], self.self_attn.n_kv_heads, x.shape[1], self.self_attn.q_proj.weight.shape[0]
+                              // self.self_attn.n_heads)
+                q, cache.keys, cache.values = layer.qkv(x, cache.offset, [cache.keys, cache.values])
+                cache.offset += x.shape[1]
+                return layer.mlp(layer.attend(q, cache.keys, cache.values, x, scale, causal, cache.offset))
             q, k, v = layer.qkv(x, cache.offset if cache is not None else 0)
             if cache is not None:
                 k, v = cache.update_and_fetch(k, v)
-            return layer.mlp(layer.attend(q, k, v, x, self.self_attn.scale, mask is not None))
+            return layer.mlp(layer.attend(q, k, v, x, scale, causal))
 
     return CpuLlamaBlock
+
+
+def _fused_kv_cache_class():
+    from mlx_lm.models.cache import KVCache
+
+    class FusedKVCache(KVCache):
+        """mlx-lm's KVCache whose buffers edgeai's fused layers write into in place.
+
+        One graph node per layer and step instead of KVCache.update_and_fetch's four (two
+        slice updates, two slices), and no Python work beyond `reserve`. Anything else
+        (mlx-lm's own layers, trimming, saving) sees an ordinary KVCache.
+        """
+
+        def reserve(self, batch: int, heads: int, length: int, head_dim: int) -> None:
+            """Make room for `length` more positions, growing as KVCache does (steps of 256)."""
+            prev = self.offset
+            if self.keys is not None and prev + length <= self.keys.shape[2]:
+                return
+            steps = (self.step + length - 1) // self.step
+            shape = (batch, heads, steps * self.step, head_dim)
+            new_k, new_v = mx.zeros(shape, mx.float32), mx.zeros(shape, mx.float32)
+            if self.keys is None:
+                self.keys, self.values = new_k, new_v
+                return
+            self.keys = mx.concatenate([self.keys[..., :prev, :], new_k], axis=2)
+            self.values = mx.concatenate([self.values[..., :prev, :], new_v], axis=2)
+
+    return FusedKVCache
+
+
+FusedKVCache = _fused_kv_cache_class()
+
+
+def make_cache(model: nn.Module) -> list:
+    """mlx-lm's prompt cache for `model`, with FusedKVCache in place of each plain KVCache."""
+    from mlx_lm.models.cache import KVCache, make_prompt_cache
+
+    return [FusedKVCache() if type(c) is KVCache else c for c in make_prompt_cache(model)]
 
 
 def swap_blocks(model: nn.Module) -> int:

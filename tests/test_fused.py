@@ -205,3 +205,42 @@ def test_custom_engine_events_carry_true_logprobs_and_entropy(tiny_model):
     lps = logits - mx.logsumexp(logits)
     assert abs(ans.logprobs[0] - lps[ans.tokens[0]].item()) < 1e-4
     assert abs(ans.entropies[0] - (-(mx.exp(lps) * lps).sum().item())) < 1e-4
+
+
+@pytest.mark.parametrize("prompt_len", [5, 250])  # 250 + 12 crosses the 256-position growth step
+def test_fused_cache_matches_mlx_lm_cache(tiny_model, prompt_len):
+    from mlx_lm.models.cache import KVCache, make_prompt_cache
+
+    from edgeai.engine import Engine
+
+    eng = Engine.load(tiny_model, kernel="custom", precision="accurate")
+    m = eng.model
+    assert [type(c).__name__ for c in m._edgeai_make_cache(m)] == ["FusedKVCache"] * len(m.layers)
+    prompt = mx.random.randint(0, 200, (1, prompt_len), key=mx.random.key(18))
+    runs = []
+    for cache in (m._edgeai_make_cache(m), make_prompt_cache(m)):
+        logits, tok = [m(prompt, cache=cache)[:, -1]], None
+        for _ in range(12):
+            tok = mx.argmax(logits[-1], axis=-1)[:, None]
+            logits.append(m(tok, cache=cache)[:, -1])
+        runs.append((mx.concatenate(logits), cache))
+    (fused, fc), (plain, pc) = runs
+    assert type(pc[0]) is KVCache and rel_err(fused, plain) < 1e-5
+    assert fc[0].offset == pc[0].offset == prompt_len + 12
+    k1, v1 = fc[0].keys[..., : fc[0].offset, :], fc[0].values[..., : fc[0].offset, :]
+    k2, v2 = pc[0].state[0][..., : pc[0].offset, :], pc[0].state[1][..., : pc[0].offset, :]
+    assert rel_err(k1, k2) < 1e-5 and rel_err(v1, v2) < 1e-5
+
+
+def test_cache_writes_are_checked():
+    (w, s, b), _ = layer(64, 64, 19)
+    x, nw = mx.random.normal((1, 2, 64), key=mx.random.key(20)), mx.ones((64,))
+    full = [mx.zeros((1, 4, 8, 16)), mx.zeros((1, 4, 8, 16))]
+    args = (x, nw, EPS, [w, s, b] * 3, 4, 4, 16, False, 1e4, 1.0)
+    with pytest.raises(ValueError, match="no room"):
+        EXT.norm_qkv(*args, 7, 32, 4, False, full)
+    with pytest.raises(ValueError, match="capacity"):
+        EXT.norm_qkv(*args, 0, 32, 4, False, [mx.zeros((1, 2, 8, 16))] * 2)
+    q, k, v = EXT.norm_qkv(*args, 6, 32, 4, False, full)
+    assert k.shape == (1, 4, 8, 16) and mx.all(k[:, :, :6] == 0).item()  # only positions 6 and 7 written
+    assert mx.any(v[:, :, 6:] != 0).item()

@@ -8,6 +8,7 @@
 //   norm_mlp:  h + down(silu(gate(n)) * up(n)), n = rms_norm(h)
 // The KV cache stays mlx-lm's: the cache update between norm_qkv and attn_out is ordinary
 // MLX slicing. Everything is float32 with float32 (or float16) scales.
+#include <algorithm>
 #include <cmath>
 #include <stdexcept>
 #include <string>
@@ -69,9 +70,9 @@ struct Rope {
   float base, scale;
 };
 
-// y [M = B*L, H*D] rows -> out [B, H, L, D], rotating the first dims of each head at
-// position offset + l (as mx.fast.rope).
-void to_heads(const float* y, int B, int L, int H, int D, const Rope* rope, int offset, float* out) {
+// y [M = B*L, H*D] rows -> out [B, H, cap, D] at positions pos0 + l, rotating the first
+// dims of each head at position offset + l (as mx.fast.rope).
+void to_heads(const float* y, int B, int L, int H, int D, const Rope* rope, int offset, float* out, int cap, int pos0) {
   std::vector<float> inv_freq;
   if (rope) {
     inv_freq.resize(rope->dims / 2);
@@ -83,7 +84,7 @@ void to_heads(const float* y, int B, int L, int H, int D, const Rope* rope, int 
       const float pos = float(offset + l) * (rope ? rope->scale : 1.f);
       for (int h = 0; h < H; h++) {
         const float* xr = src + long(h) * D;
-        float* o = out + ((long(b) * H + h) * L + l) * D;
+        float* o = out + ((long(b) * H + h) * cap + pos0 + l) * D;
         if (!rope) {
           for (int d = 0; d < D; d++) o[d] = xr[d];
           continue;
@@ -103,22 +104,45 @@ void to_heads(const float* y, int B, int L, int H, int D, const Rope* rope, int 
 
 class NormQKV : public mx::Primitive {
  public:
-  NormQKV(mx::Stream s, float eps, int hq, int hkv, Rope rope, int offset, int gs, int bits, bool fast)
+  NormQKV(mx::Stream s, float eps, int hq, int hkv, Rope rope, int offset, int gs, int bits, bool fast, bool into)
       : mx::Primitive(s), eps_(eps), hq_(hq), hkv_(hkv), rope_(rope), offset_(offset), gs_(gs), bits_(bits),
-        fast_(fast) {}
+        fast_(fast), into_(into) {}
 
-  // inputs: x [B, L, D], norm weight [D], then (w, scales, biases) for q, k, v.
+  // inputs: x [B, L, D], norm weight [D], (w, scales, biases) for q, k, v, and in `into`
+  // mode the KV cache's key and value buffers [B, Hkv, cap, hd]. Outputs q, k, v; in `into`
+  // mode k and v are the cache buffers themselves with this step's rows written at
+  // [offset, offset + L): positions below offset are untouched, so no earlier reader of the
+  // buffer sees a change, and nothing else reads positions at or above offset.
   void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& outs) override {
-    for (auto& o : outs) o.set_data(mx::allocator::malloc(o.nbytes()));
+    outs[0].set_data(mx::allocator::malloc(outs[0].nbytes()));
+    for (int i = 1; i < 3; i++) {
+      if (!into_) {
+        outs[i].set_data(mx::allocator::malloc(outs[i].nbytes()));
+        continue;
+      }
+      const mx::array& buf = in[10 + i];
+      if (buf.flags().row_contiguous && buf.data_size() == buf.size()) {
+        outs[i].copy_shared_buffer(buf);
+      } else {  // a broadcast or strided buffer: give the cache a dense one
+        outs[i].set_data(mx::allocator::malloc(outs[i].nbytes()));
+        copy_dense(buf, outs[i].data<float>());
+      }
+    }
     auto& enc = mx::cpu::get_command_encoder(stream());
     for (auto& a : in) enc.set_input_array(a);
     for (auto& o : outs) enc.set_output_array(o);
     enc.dispatch([in, outs, eps = eps_, hq = hq_, hkv = hkv_, rope = rope_, offset = offset_, gs = gs_, bits = bits_,
-                  fast = fast_]() mutable { run(in, outs, eps, hq, hkv, rope, offset, gs, bits, fast); });
+                  fast = fast_, into = into_]() mutable { run(in, outs, eps, hq, hkv, rope, offset, gs, bits, fast, into); });
+  }
+
+  static void copy_dense(const mx::array& a, float* dst) {
+    std::vector<float> tmp;
+    const float* src = rows_of(a, tmp);  // follows any strides, broadcasts included
+    std::copy(src, src + a.size(), dst);
   }
 
   static void run(const std::vector<mx::array>& in, std::vector<mx::array>& outs, float eps_, int hq_, int hkv_,
-                  Rope rope_, int offset_, int gs_, int bits_, bool fast_) {
+                  Rope rope_, int offset_, int gs_, int bits_, bool fast_, bool into_) {
     thread_local std::vector<float> xt, n, y;
     const int B = in[0].shape(0), L = in[0].shape(1), D = in[0].shape(2);
     const long M = long(B) * L;
@@ -129,9 +153,10 @@ class NormQKV : public mx::Primitive {
     float* ys[3] = {y.data(), y.data() + M * ls[0].N, y.data() + M * (ls[0].N + ls[1].N)};
     qmm_rows(n.data(), M, D, ls, 3, ys, fast_);
     const int hd = ls[0].N / hq_;
-    to_heads(ys[0], B, L, hq_, hd, &rope_, offset_, outs[0].data<float>());
-    to_heads(ys[1], B, L, hkv_, hd, &rope_, offset_, outs[1].data<float>());
-    to_heads(ys[2], B, L, hkv_, hd, nullptr, 0, outs[2].data<float>());
+    to_heads(ys[0], B, L, hq_, hd, &rope_, offset_, outs[0].data<float>(), L, 0);
+    const int cap = into_ ? outs[1].shape(2) : L, pos0 = into_ ? offset_ : 0;
+    to_heads(ys[1], B, L, hkv_, hd, &rope_, offset_, outs[1].data<float>(), cap, pos0);
+    to_heads(ys[2], B, L, hkv_, hd, nullptr, 0, outs[2].data<float>(), cap, pos0);
   }
 
   void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
@@ -142,7 +167,7 @@ class NormQKV : public mx::Primitive {
     auto& o = static_cast<const NormQKV&>(other);
     return eps_ == o.eps_ && hq_ == o.hq_ && hkv_ == o.hkv_ && rope_.dims == o.rope_.dims &&
            rope_.traditional == o.rope_.traditional && rope_.base == o.rope_.base && rope_.scale == o.rope_.scale &&
-           offset_ == o.offset_ && gs_ == o.gs_ && bits_ == o.bits_ && fast_ == o.fast_;
+           offset_ == o.offset_ && gs_ == o.gs_ && bits_ == o.bits_ && fast_ == o.fast_ && into_ == o.into_;
   }
 
  private:
@@ -150,13 +175,13 @@ class NormQKV : public mx::Primitive {
   int hq_, hkv_;
   Rope rope_;
   int offset_, gs_, bits_;
-  bool fast_;
+  bool fast_, into_;
 };
 
 class AttnOut : public mx::UnaryPrimitive {
  public:
-  AttnOut(mx::Stream s, float scale, bool causal, int gs, int bits, bool fast)
-      : mx::UnaryPrimitive(s), scale_(scale), causal_(causal), gs_(gs), bits_(bits), fast_(fast) {}
+  AttnOut(mx::Stream s, float scale, bool causal, int gs, int bits, bool fast, int length)
+      : mx::UnaryPrimitive(s), scale_(scale), causal_(causal), gs_(gs), bits_(bits), fast_(fast), length_(length) {}
 
   // inputs: q [B, Hq, L, hd], k, v [B, Hkv, S, hd] (strided cache views), x [B, L, D], o_proj (w, s, b).
   void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
@@ -164,13 +189,13 @@ class AttnOut : public mx::UnaryPrimitive {
     auto& enc = mx::cpu::get_command_encoder(stream());
     for (auto& a : in) enc.set_input_array(a);
     enc.set_output_array(out);
-    enc.dispatch([in, out, scale = scale_, causal = causal_, gs = gs_, bits = bits_, fast = fast_]() mutable {
-      run(in, out, scale, causal, gs, bits, fast);
-    });
+    enc.dispatch([in, out, scale = scale_, causal = causal_, gs = gs_, bits = bits_, fast = fast_,
+                  length = length_]() mutable { run(in, out, scale, causal, gs, bits, fast, length); });
   }
 
+  // length: how many key/value positions to attend to (the cache's fill), or -1 for all.
   static void run(const std::vector<mx::array>& in, mx::array& out, float scale_, bool causal_, int gs_, int bits_,
-                  bool fast_) {
+                  bool fast_, int length) {
     thread_local std::vector<float> att, xt;
     const mx::array &q = in[0], &k = in[1], &v = in[2];
     const int B = q.shape(0), Hq = q.shape(1), L = q.shape(2), hd = q.shape(3);
@@ -179,7 +204,7 @@ class AttnOut : public mx::UnaryPrimitive {
     AttnArgs a{};
     a.q = q.data<float>(), a.k = k.data<float>(), a.v = v.data<float>(), a.out = att.data();
     for (int d = 0; d < 3; d++) a.qs[d] = q.strides()[d], a.ks[d] = k.strides()[d], a.vs[d] = v.strides()[d];
-    a.B = B, a.Hq = Hq, a.L = L, a.D = hd, a.Hkv = k.shape(1), a.S = k.shape(2);
+    a.B = B, a.Hq = Hq, a.L = L, a.D = hd, a.Hkv = k.shape(1), a.S = length < 0 ? k.shape(2) : length;
     a.scale = scale_, a.causal = causal_;
     a.block = L > 64 ? 16 : (L > 8 ? 4 : 1);
     const QmmIsa isa = active_isa();
@@ -202,7 +227,8 @@ class AttnOut : public mx::UnaryPrimitive {
   const char* name() const override { return "EdgeaiAttnOut"; }
   bool is_equivalent(const mx::Primitive& other) const override {
     auto& o = static_cast<const AttnOut&>(other);
-    return scale_ == o.scale_ && causal_ == o.causal_ && gs_ == o.gs_ && bits_ == o.bits_ && fast_ == o.fast_;
+    return scale_ == o.scale_ && causal_ == o.causal_ && gs_ == o.gs_ && bits_ == o.bits_ && fast_ == o.fast_ &&
+           length_ == o.length_;
   }
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& in) override { return {in[3].shape()}; }
 
@@ -211,6 +237,7 @@ class AttnOut : public mx::UnaryPrimitive {
   bool causal_;
   int gs_, bits_;
   bool fast_;
+  int length_;
 };
 
 class NormMLP : public mx::UnaryPrimitive {
@@ -295,7 +322,7 @@ void add_layers(const char* op, std::vector<mx::array>& in, const std::vector<mx
 
 std::vector<mx::array> norm_qkv(const mx::array& x, const mx::array& norm_w, float eps, const std::vector<mx::array>& qkv,
                                 int n_heads, int n_kv_heads, int rope_dims, bool traditional, float base, float scale,
-                                int offset, int group_size, int bits, bool fast) {
+                                int offset, int group_size, int bits, bool fast, const std::vector<mx::array>& cache) {
   const char* op = "norm_qkv";
   if (x.ndim() != 3 || x.dtype() != mx::float32) fail(op, "x must be float32 [B, L, D]");
   const int D = x.shape(2);
@@ -310,15 +337,28 @@ std::vector<mx::array> norm_qkv(const mx::array& x, const mx::array& norm_w, flo
   if (nk / n_kv_heads != hd) fail(op, "q and k head sizes differ");
   if (rope_dims <= 0 || rope_dims % 2 || rope_dims > hd) fail(op, "rope dims must be even and at most the head size");
   const int B = x.shape(0), L = x.shape(1);
+  const bool into = !cache.empty();
+  if (into) {
+    if (cache.size() != 2) fail(op, "give the cache as [keys, values]");
+    for (const mx::array& c : cache)
+      if (c.dtype() != mx::float32 || c.ndim() != 4 || c.shape(0) != B || c.shape(1) != n_kv_heads || c.shape(3) != hd)
+        fail(op, "cache buffers must be float32 [B, n_kv_heads, capacity, head_dim]");
+    if (cache[0].shape() != cache[1].shape()) fail(op, "key and value buffers differ in shape");
+    if (offset < 0 || offset + L > cache[0].shape(2)) fail(op, "the cache has no room for these positions");
+    in.push_back(cache[0]);
+    in.push_back(cache[1]);
+  }
+  const mx::Shape kv = into ? cache[0].shape() : mx::Shape{B, n_kv_heads, L, hd};
   return mx::array::make_arrays(
-      {{B, n_heads, L, hd}, {B, n_kv_heads, L, hd}, {B, n_kv_heads, L, hd}}, {mx::float32, mx::float32, mx::float32},
+      {{B, n_heads, L, hd}, kv, kv}, {mx::float32, mx::float32, mx::float32},
       std::make_shared<NormQKV>(cpu_stream(), eps, n_heads, n_kv_heads, Rope{rope_dims, traditional, base, scale}, offset,
-                                group_size, bits, fast),
+                                group_size, bits, fast, into),
       in);
 }
 
 mx::array attn_out(const mx::array& q, const mx::array& k, const mx::array& v, const mx::array& x,
-                   const std::vector<mx::array>& o_proj, float scale, bool causal, int group_size, int bits, bool fast) {
+                   const std::vector<mx::array>& o_proj, float scale, bool causal, int group_size, int bits, bool fast,
+                   int length) {
   const char* op = "attn_out";
   if (q.ndim() != 4 || k.ndim() != 4 || v.ndim() != 4) fail(op, "expected q, k, v of shape [B, H, L, D]");
   for (const mx::array* a : {&q, &k, &v, &x})
@@ -326,14 +366,17 @@ mx::array attn_out(const mx::array& q, const mx::array& k, const mx::array& v, c
   if (k.shape() != v.shape() || q.shape(0) != k.shape(0) || q.shape(3) != k.shape(3)) fail(op, "q, k, v shapes disagree");
   if (k.shape(1) == 0 || q.shape(1) % k.shape(1)) fail(op, "query heads must be a multiple of key/value heads");
   if (q.shape(3) % 16) fail(op, "head dim must be a multiple of 16");
-  if (causal && q.shape(2) > k.shape(2)) fail(op, "causal attention needs at least as many keys as queries");
+  if (length > k.shape(2)) fail(op, "length exceeds the key/value buffers");
+  const int S = length < 0 ? k.shape(2) : length;
+  if (S < 1) fail(op, "nothing to attend to");
+  if (causal && q.shape(2) > S) fail(op, "causal attention needs at least as many keys as queries");
   if (q.strides().back() != 1 || k.strides().back() != 1 || v.strides().back() != 1) fail(op, "q, k, v need a contiguous last axis");
   if (x.ndim() != 3 || x.shape(0) != q.shape(0) || x.shape(1) != q.shape(2)) fail(op, "x must be [B, L, D]");
   std::vector<mx::array> in = {q, k, v, x};
   add_layers(op, in, o_proj, q.shape(1) * q.shape(3), group_size, bits);
   if (o_proj.size() != 3 || o_proj[0].shape(0) != x.shape(2)) fail(op, "o_proj must map to x's size");
-  return mx::array(x.shape(), mx::float32, std::make_shared<AttnOut>(cpu_stream(), scale, causal, group_size, bits, fast),
-                   in);
+  return mx::array(x.shape(), mx::float32,
+                   std::make_shared<AttnOut>(cpu_stream(), scale, causal, group_size, bits, fast, length), in);
 }
 
 mx::array norm_mlp(const mx::array& h, const mx::array& norm_w, float eps, const std::vector<mx::array>& gate_up_down,
@@ -362,18 +405,19 @@ FusedLlamaLayer::FusedLlamaLayer(mx::array norm1, std::vector<mx::array> qkv, st
   // Check everything once, on a one-token input, so later calls fail only on bad activations.
   const int D = norm1_.shape(0);
   auto x = mx::zeros({1, 1, D}, mx::float32, cpu_stream());
-  auto q = norm_qkv(x, norm1_, eps1_, qkv_, hq_, hkv_, rope_dims_, traditional_, base_, scale_, 0, gs_, bits_, fast_);
-  attn_out(q[0], q[1], q[2], x, o_, 1.f, false, gs_, bits_, fast_);
+  auto q = norm_qkv(x, norm1_, eps1_, qkv_, hq_, hkv_, rope_dims_, traditional_, base_, scale_, 0, gs_, bits_, fast_, {});
+  attn_out(q[0], q[1], q[2], x, o_, 1.f, false, gs_, bits_, fast_, -1);
   norm_mlp(x, norm2_, eps2_, mlp_, gs_, bits_, fast_);
 }
 
-std::vector<mx::array> FusedLlamaLayer::qkv(const mx::array& x, int offset) const {
-  return norm_qkv(x, norm1_, eps1_, qkv_, hq_, hkv_, rope_dims_, traditional_, base_, scale_, offset, gs_, bits_, fast_);
+std::vector<mx::array> FusedLlamaLayer::qkv(const mx::array& x, int offset, const std::vector<mx::array>& cache) const {
+  return norm_qkv(x, norm1_, eps1_, qkv_, hq_, hkv_, rope_dims_, traditional_, base_, scale_, offset, gs_, bits_, fast_,
+                  cache);
 }
 
 mx::array FusedLlamaLayer::attend(const mx::array& q, const mx::array& k, const mx::array& v, const mx::array& x,
-                                  float scale, bool causal) const {
-  return attn_out(q, k, v, x, o_, scale, causal, gs_, bits_, fast_);
+                                  float scale, bool causal, int length) const {
+  return attn_out(q, k, v, x, o_, scale, causal, gs_, bits_, fast_, length);
 }
 
 mx::array FusedLlamaLayer::mlp(const mx::array& h) const { return norm_mlp(h, norm2_, eps2_, mlp_, gs_, bits_, fast_); }

@@ -35,10 +35,11 @@ std::vector<mlx::core::array> log_softmax(const mlx::core::array& x);
 std::vector<mlx::core::array> norm_qkv(const mlx::core::array& x, const mlx::core::array& norm_w, float eps,
                                        const std::vector<mlx::core::array>& qkv, int n_heads, int n_kv_heads,
                                        int rope_dims, bool traditional, float base, float scale, int offset,
-                                       int group_size, int bits, bool fast);
+                                       int group_size, int bits, bool fast,
+                                       const std::vector<mlx::core::array>& cache = {});
 mlx::core::array attn_out(const mlx::core::array& q, const mlx::core::array& k, const mlx::core::array& v,
                           const mlx::core::array& x, const std::vector<mlx::core::array>& o_proj, float scale,
-                          bool causal, int group_size, int bits, bool fast);
+                          bool causal, int group_size, int bits, bool fast, int length = -1);
 mlx::core::array norm_mlp(const mlx::core::array& h, const mlx::core::array& norm_w, float eps,
                           const std::vector<mlx::core::array>& gate_up_down, int group_size, int bits, bool fast);
 // One llama decoder layer's weights, checked once, for the three fused calls of each step
@@ -49,9 +50,11 @@ class FusedLlamaLayer {
                   mlx::core::array norm2, std::vector<mlx::core::array> mlp, float eps1, float eps2, int n_heads,
                   int n_kv_heads, int rope_dims, bool traditional, float base, float scale, int group_size, int bits,
                   bool fast);
-  std::vector<mlx::core::array> qkv(const mlx::core::array& x, int offset) const;
+  // cache: optional [keys, values] buffers to write this step's k, v into at `offset`.
+  std::vector<mlx::core::array> qkv(const mlx::core::array& x, int offset,
+                                    const std::vector<mlx::core::array>& cache = {}) const;
   mlx::core::array attend(const mlx::core::array& q, const mlx::core::array& k, const mlx::core::array& v,
-                          const mlx::core::array& x, float scale, bool causal) const;
+                          const mlx::core::array& x, float scale, bool causal, int length = -1) const;
   mlx::core::array mlp(const mlx::core::array& h) const;
 
  private:
