@@ -70,18 +70,37 @@ struct Rope {
   float base, scale;
 };
 
+// cos and sin of each rotated pair at positions offset .. offset + L - 1, [L][dims / 2].
+// Every layer of a step asks for the same table: the last one is kept.
+const std::vector<float>& rope_table(const Rope& r, int offset, int L, bool sine) {
+  thread_local std::vector<float> cos_t, sin_t;
+  thread_local Rope last{0, false, 0.f, 0.f};
+  thread_local int last_offset = -1, last_len = -1;
+  if (!(last.dims == r.dims && last.base == r.base && last.scale == r.scale && last_offset == offset && last_len == L)) {
+    const int half = r.dims / 2;
+    cos_t.resize(size_t(L) * half);
+    sin_t.resize(size_t(L) * half);
+    for (int i = 0; i < half; i++) {
+      const float inv_freq = std::pow(r.base, -float(2 * i) / float(r.dims));
+      for (int l = 0; l < L; l++) {
+        const float th = float(offset + l) * r.scale * inv_freq;
+        cos_t[size_t(l) * half + i] = std::cos(th);
+        sin_t[size_t(l) * half + i] = std::sin(th);
+      }
+    }
+    last = r, last_offset = offset, last_len = L;
+  }
+  return sine ? sin_t : cos_t;
+}
+
 // y [M = B*L, H*D] rows -> out [B, H, cap, D] at positions pos0 + l, rotating the first
 // dims of each head at position offset + l (as mx.fast.rope).
 void to_heads(const float* y, int B, int L, int H, int D, const Rope* rope, int offset, float* out, int cap, int pos0) {
-  std::vector<float> inv_freq;
-  if (rope) {
-    inv_freq.resize(rope->dims / 2);
-    for (int i = 0; i < rope->dims / 2; i++) inv_freq[i] = std::pow(rope->base, -float(2 * i) / float(rope->dims));
-  }
+  const float* ct = rope ? rope_table(*rope, offset, L, false).data() : nullptr;
+  const float* st = rope ? rope_table(*rope, offset, L, true).data() : nullptr;
   for (int b = 0; b < B; b++)
     for (int l = 0; l < L; l++) {
       const float* src = y + (long(b) * L + l) * H * D;
-      const float pos = float(offset + l) * (rope ? rope->scale : 1.f);
       for (int h = 0; h < H; h++) {
         const float* xr = src + long(h) * D;
         float* o = out + ((long(b) * H + h) * cap + pos0 + l) * D;
@@ -90,12 +109,13 @@ void to_heads(const float* y, int B, int L, int H, int D, const Rope* rope, int 
           continue;
         }
         const int half = rope->dims / 2;
+        const float* c = ct + size_t(l) * half;
+        const float* sn = st + size_t(l) * half;
         for (int i = 0; i < half; i++) {
-          const float th = pos * inv_freq[i], c = std::cos(th), s = std::sin(th);
           const int a = rope->traditional ? 2 * i : i, e = rope->traditional ? 2 * i + 1 : i + half;
           const float x1 = xr[a], x2 = xr[e];
-          o[a] = x1 * c - x2 * s;
-          o[e] = x1 * s + x2 * c;
+          o[a] = x1 * c[i] - x2 * sn[i];
+          o[e] = x1 * sn[i] + x2 * c[i];
         }
         for (int d = rope->dims; d < D; d++) o[d] = xr[d];
       }

@@ -177,12 +177,15 @@ void prepare_row_q8(const float* x, int K, int gs, int bits, int8_t* xq, float* 
     for (int i = 0; i < 32; i++) amax = std::max(amax, std::fabs(x[k0 + i]));
     const float id = amax > 0 ? 127.f / amax : 0.f;
     xd[k0 / 32] = amax / 127.f;
+    // Round half away from zero (as llama.cpp's roundf) in plain arithmetic: the compiler
+    // vectorizes it, where nearbyint is a libm call per element on baseline x86-64.
+    auto q = [id](float v) { const float r = v * id; return int8_t(r + (r >= 0.f ? 0.5f : -0.5f)); };
     if (bits == 8) {
-      for (int i = 0; i < 32; i++) xq[k0 + i] = int8_t(std::nearbyint(x[k0 + i] * id));
+      for (int i = 0; i < 32; i++) xq[k0 + i] = q(x[k0 + i]);
     } else {
       for (int i = 0; i < 16; i++) {
-        xq[k0 + i] = int8_t(std::nearbyint(x[k0 + 2 * i] * id));
-        xq[k0 + 16 + i] = int8_t(std::nearbyint(x[k0 + 2 * i + 1] * id));
+        xq[k0 + i] = q(x[k0 + 2 * i]);
+        xq[k0 + 16 + i] = q(x[k0 + 2 * i + 1]);
       }
     }
     int sum = 0;
