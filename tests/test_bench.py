@@ -26,6 +26,15 @@ def test_json_all_kernels(tiny_model, edgeai_env):
         assert r["peak_memory_bytes"] > 0
         assert (r["ttft_s"] is not None) == r["test"].startswith("pp")
     assert rows[0]["kernel_detail"] == "builtin"
+    assert rows[2]["kernel_detail"].startswith("edgeai-cpu") and rows[2]["kernel_detail"].endswith(" fast")
+
+
+def test_both_precisions(tiny_model, edgeai_env):
+    p = run_cli(["bench", str(tiny_model), *ARGS, "--kernel", "custom", "--precision", "all", "--json"], edgeai_env)
+    assert p.returncode == 0, p.stderr
+    rows = json.loads(p.stdout)["results"]
+    assert [(r["kernel_detail"].split()[-1], r["test"]) for r in rows] == [
+        ("fast", "pp16"), ("fast", "tg8"), ("accurate", "pp16"), ("accurate", "tg8")]
 
 
 def test_markdown_default_and_csv(tiny_model, edgeai_env):
@@ -44,6 +53,7 @@ def test_markdown_default_and_csv(tiny_model, edgeai_env):
 
 @pytest.mark.parametrize("args, words", [
     (["--kernel", "fastest"], "unknown kernel"),
+    (["--precision", "fastest"], "unknown precision"),
     (["-p", "0", "-n", "0"], "nothing to measure"),
     (["--json", "--csv"], "exclusive"),
 ])
