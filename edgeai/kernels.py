@@ -14,8 +14,8 @@ MLX's `mx.quantized_matmul` runs instead, with a one-line warning.
 Precision of the CPU kernel (`EDGEAI_KERNEL_PRECISION`, or `precision=`):
 - "fast" (default): at decode (at most 16 rows: single or batched decode) layers quantize
   the activations to int8 per block of 32 and use integer dot products, as llama.cpp does; measured normalized
-  MSE vs the float32 reference ~5e-5 (tolerance `FAST_NMSE_TOL`). Prompt processing stays
-  float32. Greedy text can differ from MLX's kernel in rare near-ties.
+  MSE vs the float32 reference ~5e-5 (tolerance `FAST_NMSE_TOL`). Longer prompts (more than
+  16 tokens) are processed in float32. Greedy text can differ from MLX's kernel at near-ties.
 - "accurate": float32 activations and accumulation everywhere; NMSE ~1e-13 (tolerance
   `NMSE_TOL`), greedy generations identical to MLX's kernel.
 """
@@ -125,7 +125,7 @@ def apply(model: nn.Module, mode: str = "auto", precision: str | None = None) ->
     if fast:
         fv = verify(cand, shapes, fast=True)
         if fv["ok"]:
-            accuracy = f"int8 activations at decode (NMSE {fv['nmse']:.1e}), float32 prompt processing"
+            accuracy = f"int8 activations at decode (NMSE {fv['nmse']:.1e}), float32 for prompts over 16 tokens"
         else:  # the accurate kernel passed: keep it, say why the fast one is not used
             fast = False
             _warn_once(f"{cand.name} fast (int8) path failed verification: {fv['detail']}; using float32 accumulation")
