@@ -13,8 +13,8 @@ MLX's `mx.quantized_matmul` runs instead, with a one-line warning.
 
 Precision of the CPU kernel (`EDGEAI_KERNEL_PRECISION`, or `precision=`):
 - "fast" (default): at decode (at most 16 rows: single or batched decode) layers quantize
-  the activations to int8 per block of 32 and use integer dot products, as llama.cpp does; measured normalized
-  MSE vs the float32 reference ~5e-5 (tolerance `FAST_NMSE_TOL`). Longer prompts (more than
+  the activations to int8 per block of 32 and use integer dot products, as llama.cpp does;
+  measured normalized MSE vs the float32 reference ~5e-5 (tolerance `FAST_NMSE_TOL`). Longer prompts (more than
   16 tokens) are processed in float32. Greedy text can differ from MLX's kernel at near-ties.
 - "accurate": float32 activations and accumulation everywhere; NMSE ~1e-13 (tolerance
   `NMSE_TOL`), greedy generations identical to MLX's kernel.
@@ -133,24 +133,23 @@ def apply(model: nn.Module, mode: str = "auto", precision: str | None = None) ->
     swaps = [(p, cand.wrap(m, fast)) for p, m in supported]
     model.update_modules(tree_unflatten(swaps))
     if be == "cpu":
+        from edgeai import kernels_cpu as kc
+
         _float32_params(model)
+        # engine.decode_steps picks these up: the in-place KV cache of the fused layers, and
+        # the one-node log-probabilities + entropy of each step.
         fused = _fuse_blocks(model, cand, fast)
         if fused:
             layer_note = f"{layer_note}, fused layers {fused}"
-            from edgeai import kernels_cpu as kc
-
-            object.__setattr__(model, "_edgeai_make_cache", kc.make_cache)  # engine.decode_steps uses it
-        if _verdict(f"log_softmax|{cand.build_id}|{cand.isa()}", lambda: check_log_softmax(cand)):
-            # engine.decode_steps uses it for each step's log-probabilities and entropy
-            from edgeai import kernels_cpu as kc
-
+            object.__setattr__(model, "_edgeai_make_cache", kc.make_cache)
+        if _verdict(f"log_softmax|{cand.build_id}|{cand.isa()}", check_log_softmax):
             object.__setattr__(model, "_edgeai_log_softmax", kc.extension().log_softmax)
             layer_note = f"{layer_note}, log_softmax"
     return KernelReport(
         cand.name, "verified against the float32 reference" + (" (cached verdict)" if verdict.get("cached") else ""),
         layers=len(swaps), backend=be, isa=cand.isa(), threads=cand.threads(), accuracy=accuracy,
-        precision=("fast" if fast else "accurate") if be == "cpu" else None, nmse=verdict["nmse"], shapes=[f"{b}-bit g{g} {n}x{k} {d} scales" for b, g, n, k, d in shapes],
-        attention=layer_note,
+        precision=("fast" if fast else "accurate") if be == "cpu" else None, nmse=verdict["nmse"],
+        shapes=[f"{b}-bit g{g} {n}x{k} {d} scales" for b, g, n, k, d in shapes], attention=layer_note,
     )
 
 
@@ -161,7 +160,8 @@ def status() -> dict:
         cand = _candidate(be)
         verdicts = _read_cache().values()
         return {"backend": be, "kernel": cand.name, "available": True, "isa": cand.isa(), "threads": cand.threads(),
-                "precision": default_precision() if cand.fast_matmul else None, "verified_ok": sum(bool(v.get("ok")) for v in verdicts),
+                "precision": default_precision() if cand.fast_matmul else None,
+                "verified_ok": sum(bool(v.get("ok")) for v in verdicts),
                 "verified_failed": sum(not v.get("ok") for v in verdicts), "verdict_cache": str(_cache_path())}
     except Exception as e:  # noqa: BLE001
         return {"backend": be, "kernel": "builtin", "available": False, "reason": str(e)}
@@ -297,7 +297,7 @@ def _fuse_blocks(model: nn.Module, cand: Candidate, fast: bool) -> int:
     return kc.swap_blocks(model)
 
 
-def check_log_softmax(cand: Candidate) -> float:
+def check_log_softmax() -> float:
     """Max error of the CPU log_softmax (log-probabilities and entropy) vs MLX's, relative to
     the largest |log-probability|, on vocabulary-sized rows with a masked (-inf) entry."""
     from edgeai import kernels_cpu as kc

@@ -189,9 +189,9 @@ def _llama_block_class():
     class CpuLlamaBlock(llama.TransformerBlock):
         """mlx-lm's llama decoder layer as three C++ graph nodes instead of ~28.
 
-        norm_qkv (RMSNorm, q/k/v projections, RoPE), then mlx-lm's own KV-cache update,
-        attn_out (attention, o_proj, residual) and norm_mlp (RMSNorm, SwiGLU MLP,
-        residual). Any call that is not the plain case (LoRA-wrapped projections, biases,
+        norm_qkv (RMSNorm, q/k/v projections, RoPE; with a FusedKVCache it also writes k, v
+        into the cache, otherwise mlx-lm's KVCache update follows), attn_out (attention,
+        o_proj, residual) and norm_mlp (RMSNorm, SwiGLU MLP, residual). Any call that is not the plain case (LoRA-wrapped projections, biases,
         per-row batch offsets, masks other than causal, quantized or rotating caches,
         non-float32 activations) runs mlx-lm's code with edgeai's per-op kernels instead.
         """
