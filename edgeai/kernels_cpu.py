@@ -58,7 +58,7 @@ def quantized_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.arra
                      fast: bool = False) -> mx.array:
     """y = x @ dequantize(w).T with float32/float16 scales and biases; output dtype = x's dtype.
 
-    fast: int8 activations (per block of 32) when x has at most 16 rows (decode).
+    fast: int8 activations (per block of 32) when x has at most 3 rows (decode).
     """
     return extension().quantized_matmul(x, w, scales, biases, group_size, bits, fast)
 

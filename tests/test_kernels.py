@@ -64,7 +64,7 @@ def test_matches_float32_reference(isa, bits, gs, m):
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("gs", [32, 64, 128])
-@pytest.mark.parametrize("m", [1, 3, 16])
+@pytest.mark.parametrize("m", [1, 2, 3])
 def test_fast_path_within_int8_tolerance(isa, bits, gs, m):
     EXT.set_isa(isa)
     wq, s, b = quantized(76, 384, gs, bits)
@@ -78,16 +78,16 @@ def test_fast_path_within_int8_tolerance(isa, bits, gs, m):
 @pytest.mark.parametrize("bits", [4, 8])
 def test_fast_path_rows_do_not_depend_on_the_batch(bits):
     wq, s, b = quantized(96, 256, 32, bits)
-    x = mx.random.normal((5, 256), key=mx.random.key(12))
+    x = mx.random.normal((3, 256), key=mx.random.key(12))
     together = EXT.quantized_matmul(x, wq, s, b, 32, bits, True)
-    for i in range(5):  # each row is quantized on its own: the same bits alone or in a batch
+    for i in range(3):  # each row is quantized on its own: the same bits alone or in a batch
         assert mx.array_equal(EXT.quantized_matmul(x[i : i + 1], wq, s, b, 32, bits, True), together[i : i + 1])
 
 
 @needs_ext
-def test_fast_flag_past_16_rows_is_float32():
+def test_fast_flag_past_3_rows_is_float32():
     wq, s, b = quantized(64, 256, 32, 4)
-    x = mx.random.normal((17, 256), key=mx.random.key(13))  # a prompt: float32 prefill
+    x = mx.random.normal((4, 256), key=mx.random.key(13))  # a prompt: float32 prefill
     assert nmse(EXT.quantized_matmul(x, wq, s, b, 32, 4, True), reference(x, wq, s, b, 32, 4)) < 1e-10
 
 

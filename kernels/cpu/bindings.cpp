@@ -13,7 +13,7 @@ NB_MODULE(_edgeai_kernels, m) {
   m.def("quantized_matmul", &edgeai::quantized_matmul, "x"_a, "w"_a, "scales"_a, "biases"_a, "group_size"_a,
         "bits"_a, "fast"_a = false,
         "y = x @ dequantize(w, scales, biases).T (CPU). fast: int8 activations per block of 32 "
-        "for at most 16 rows (decode); otherwise float32 activations and accumulation.");
+        "for at most 3 rows (decode); otherwise float32 activations and accumulation.");
   m.def("attention", &edgeai::attention, "q"_a, "k"_a, "v"_a, "scale"_a, "causal"_a,
         "softmax(q @ k.T * scale, causal mask aligned to the end) @ v for q [B, Hq, L, D], k/v [B, Hkv, S, D]; "
         "returns [B, L, Hq, D]. float32, grouped-query heads.");

@@ -16,9 +16,11 @@ namespace edgeai {
 // W bytes yields the even (odd) elements. W is the kernel's vector width.
 // Widest K the int8 tiles take (their per-row scale table lives on the stack).
 constexpr int kMaxQ8K = 16384;
-// Most rows the fast (int8) path takes: decode and batched decode. Every row is quantized
-// on its own, so a row's result does not depend on what else is in the batch.
-constexpr int kMaxQ8Rows = 16;
+// Most rows the fast (int8) path takes: it reads the weights once per row, so past a few
+// rows the float32 tile (weights dequantized once for 64 rows) is faster (benchmarks/shapes.py:
+// M = 16 took 2x longer). Every row is quantized on its own: up to this count a row's result
+// does not depend on what else is in the batch.
+constexpr int kMaxQ8Rows = 3;
 
 struct QmmArgs {
   const float* xp;     // M x K prepared activations
