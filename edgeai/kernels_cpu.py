@@ -202,10 +202,12 @@ def _llama_block_class():
             Built once and reused while the same weight arrays are in place (an adapter or a
             weight update swaps them, which rebuilds or disables it).
             """
-            a, m = self.self_attn, self.mlp
-            mods = (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj,
-                    self.input_layernorm, self.post_attention_layernorm)
-            key = tuple(id(p.get("weight")) for p in mods)
+            # Plain dict lookups (modules are dicts): nn.Module.__getattr__ is the slow path, and
+            # this check runs for every layer of every decoded token.
+            a, m = self["self_attn"], self["mlp"]
+            mods = (a["q_proj"], a["k_proj"], a["v_proj"], a["o_proj"], m["gate_proj"], m["up_proj"],
+                    m["down_proj"], self["input_layernorm"], self["post_attention_layernorm"])
+            key = tuple([id(p.get("weight")) for p in mods])
             if key == self.__dict__.get("_fused_key"):
                 return self.__dict__["_fused"]
             layer = None
@@ -229,10 +231,10 @@ def _llama_block_class():
                     or not (mask is None or (isinstance(mask, str) and mask == "causal"))
                     or not (cache is None or (type(cache) in (KVCache, FusedKVCache) and isinstance(cache.offset, int)))):
                 return super().__call__(x, mask, cache)
-            causal, scale = mask is not None, self.self_attn.scale
+            a = self["self_attn"]
+            causal, scale = mask is not None, a.scale
             if type(cache) is FusedKVCache:  # k, v written straight into the cache's buffers
-                cache.reserve(x.shape[0], self.self_attn.n_kv_heads, x.shape[1], self.self_attn.q_proj.weight.shape[0]
-                              // self.self_attn.n_heads)
+                cache.reserve(x.shape[0], a.n_kv_heads, x.shape[1], a.head_dim)
                 q, cache.keys, cache.values = layer.qkv(x, cache.offset, [cache.keys, cache.values])
                 cache.offset += x.shape[1]
                 return layer.mlp(layer.attend(q, cache.keys, cache.values, x, scale, causal, cache.offset))
