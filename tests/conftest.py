@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import subprocess
 import sys
 import zipfile
@@ -107,6 +108,13 @@ def edgeai_env(tmp_path, monkeypatch) -> dict:
     for k in ("EDGEAI_HOME", "EDGEAI_CONFIG_DIR", "HF_HOME"):
         monkeypatch.setenv(k, env[k])
     return env
+
+
+def default_sigint() -> None:
+    """Popen preexec_fn for tests that press Ctrl-C: a child started with SIGINT ignored (as
+    every job a non-interactive shell puts in the background is) keeps ignoring it, and
+    Python then never raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def run_cli(args: list[str], env: dict, *, input: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import run_cli
+from conftest import default_sigint, run_cli
 
 
 def _json_run(tiny_model, env, *args, input=None):
@@ -100,6 +100,7 @@ def test_ctrl_c_stops_generation_cleanly(tiny_model, edgeai_env):
         [sys.executable, "-m", "edgeai", "run", "-m", str(tiny_model), "--kernel", "builtin", "-n", "100000",
          "tell me a story"],
         env=edgeai_env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        preexec_fn=default_sigint,
     )
     first = proc.stdout.read(1)  # generation has started
     assert first

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+from conftest import default_sigint  # noqa: E402
 from hubserver import Faults, HubServer  # noqa: E402
 from tinymodel import make_tiny_model  # noqa: E402
 
@@ -161,7 +162,8 @@ def test_ctrl_c_mid_download_resumes_next_run(env, hub):
     size = len(hub.repos[REPO].files[WEIGHTS].data)
     hub.faults.stall_after[WEIGHTS] = CHUNK + 1_000_000
     proc = subprocess.Popen([sys.executable, "-c", "from edgeai.cli import main; main()", "pull", "tiny", "-q"],
-                            cwd=ROOT, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=ROOT, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=default_sigint)
     part = next((env / "hf" / "hub").glob("*"), None)
     deadline = time.time() + 60
     while time.time() < deadline:  # wait until the first chunk is on disk
