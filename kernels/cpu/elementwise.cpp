@@ -34,19 +34,9 @@ long row_start(const mx::array& a, long r, int last_dims = 1) {
 }
 
 void run_rms_norm(const mx::array& x, const mx::array& w, mx::array& out, float eps) {
+  thread_local std::vector<float> xt, wt;
   const int D = x.shape(-1);
-  const long rows = x.size() / D, xs = long(x.strides().back()), ws = long(w.strides()[0]);
-  const float* xp = x.data<float>();
-  const float* wp = w.data<float>();
-  float* o = out.data<float>();
-  for (long r = 0; r < rows; r++) {
-    const float* xr = xp + row_start(x, r);
-    float ss = 0.f;
-    for (int d = 0; d < D; d++) ss += xr[d * xs] * xr[d * xs];
-    const float inv = 1.f / std::sqrt(ss / float(D) + eps);
-    float* orow = o + r * D;
-    for (int d = 0; d < D; d++) orow[d] = xr[d * xs] * inv * wp[d * ws];
-  }
+  rms_norm_rows(float_rows(x, xt), long(x.size() / D), D, float_rows(w, wt), eps, out.data<float>());
 }
 
 // x [..., L, D]: rows are positions along axis -2 (offset + index), as mx.fast.rope.
@@ -192,6 +182,16 @@ class LogSoftmax : public mx::Primitive {
 mx::Stream cpu_stream() { return mx::default_stream(mx::Device(mx::Device::cpu)); }
 
 }  // namespace
+
+void rms_norm_rows(const float* x, long M, int D, const float* w, float eps, float* out) {
+  for (long m = 0; m < M; m++) {
+    const float* xr = x + m * D;
+    float ss = 0.f;
+    for (int d = 0; d < D; d++) ss += xr[d] * xr[d];
+    const float inv = 1.f / std::sqrt(ss / float(D) + eps);
+    for (int d = 0; d < D; d++) out[m * D + d] = xr[d] * inv * w[d];
+  }
+}
 
 std::vector<mx::array> log_softmax(const mx::array& x) {
   if (x.dtype() != mx::float32) throw std::invalid_argument("edgeai log_softmax: float32 only");

@@ -32,33 +32,6 @@ namespace {
 
 mx::Stream cpu_stream() { return mx::default_stream(mx::Device(mx::Device::cpu)); }
 
-// Row-contiguous float32 view of `a`, or a copy.
-const float* rows_of(const mx::array& a, std::vector<float>& tmp) {
-  if (a.flags().row_contiguous) return a.data<float>();
-  tmp.resize(a.size());
-  const int D = a.shape(-1);
-  const long R = a.size() / D;
-  for (long r = 0; r < R; r++) {
-    long off = 0, rem = r;
-    for (int d = int(a.ndim()) - 2; d >= 0; d--) {
-      off += (rem % a.shape(d)) * long(a.strides()[d]);
-      rem /= a.shape(d);
-    }
-    for (int k = 0; k < D; k++) tmp[r * D + k] = a.data<float>()[off + k * long(a.strides().back())];
-  }
-  return tmp.data();
-}
-
-void rms_norm_rows(const float* x, long M, int D, const float* w, float eps, float* out) {
-  for (long m = 0; m < M; m++) {
-    const float* xr = x + m * D;
-    float ss = 0.f;
-    for (int d = 0; d < D; d++) ss += xr[d] * xr[d];
-    const float inv = 1.f / std::sqrt(ss / float(D) + eps);
-    for (int d = 0; d < D; d++) out[m * D + d] = xr[d] * inv * w[d];
-  }
-}
-
 // Three quantized layers given as 3 arrays each (weight, scales, biases).
 QLinear layer(const std::vector<mx::array>& in, int at, int gs, int bits) {
   return qlinear(in[at], in[at + 1], in[at + 2], gs, bits);
@@ -157,18 +130,18 @@ class NormQKV : public mx::Primitive {
 
   static void copy_dense(const mx::array& a, float* dst) {
     std::vector<float> tmp;
-    const float* src = rows_of(a, tmp);  // follows any strides, broadcasts included
+    const float* src = float_rows(a, tmp);  // follows any strides, broadcasts included
     std::copy(src, src + a.size(), dst);
   }
 
   static void run(const std::vector<mx::array>& in, std::vector<mx::array>& outs, float eps_, int hq_, int hkv_,
                   Rope rope_, int offset_, int gs_, int bits_, bool fast_, bool into_) {
-    thread_local std::vector<float> xt, n, y;
+    thread_local std::vector<float> xt, wt, n, y;
     const int B = in[0].shape(0), L = in[0].shape(1), D = in[0].shape(2);
     const long M = long(B) * L;
     const QLinear ls[3] = {layer(in, 2, gs_, bits_), layer(in, 5, gs_, bits_), layer(in, 8, gs_, bits_)};
     n.resize(M * D);
-    rms_norm_rows(rows_of(in[0], xt), M, D, in[1].data<float>(), eps_, n.data());
+    rms_norm_rows(float_rows(in[0], xt), M, D, float_rows(in[1], wt), eps_, n.data());
     y.resize(M * (ls[0].N + ls[1].N + ls[2].N));
     float* ys[3] = {y.data(), y.data() + M * ls[0].N, y.data() + M * (ls[0].N + ls[1].N)};
     qmm_rows(n.data(), M, D, ls, 3, ys, fast_);
@@ -237,7 +210,7 @@ class AttnOut : public mx::UnaryPrimitive {
     const QLinear o = layer(in, 4, gs_, bits_);
     float* y = out.data<float>();
     qmm_rows(att.data(), M, Hq * hd, &o, 1, &y, fast_);
-    const float* x = rows_of(in[3], xt);
+    const float* x = float_rows(in[3], xt);
     for (long i = 0; i < M * o.N; i++) y[i] += x[i];
   }
 
@@ -277,15 +250,15 @@ class NormMLP : public mx::UnaryPrimitive {
   }
 
   static void run(const std::vector<mx::array>& in, mx::array& out, float eps_, int gs_, int bits_, bool fast_) {
-    thread_local std::vector<float> ht, n, gu;
+    thread_local std::vector<float> ht, wt, n, gu;
     const int D = in[0].shape(-1);
     const long M = in[0].size() / D;
-    const float* h = rows_of(in[0], ht);
+    const float* h = float_rows(in[0], ht);
     const QLinear gate_up[2] = {layer(in, 2, gs_, bits_), layer(in, 5, gs_, bits_)};
     const QLinear down = layer(in, 8, gs_, bits_);
     const int F = gate_up[0].N;
     n.resize(M * D);
-    rms_norm_rows(h, M, D, in[1].data<float>(), eps_, n.data());
+    rms_norm_rows(h, M, D, float_rows(in[1], wt), eps_, n.data());
     gu.resize(2 * M * F);
     float* ys[2] = {gu.data(), gu.data() + M * F};
     qmm_rows(n.data(), M, D, gate_up, 2, ys, fast_);

@@ -3,8 +3,8 @@
 // MLX's affine packing (bits 4 or 8, group size 32/64/128): uint32 words of 32/bits
 // elements, element j at bits [j*bits, (j+1)*bits), w = scale * q + bias.
 // Two modes. Accurate: float32 activations and accumulation. Fast (at most kMaxQ8Rows
-// rows: decode, batched decode, short prompts): activations quantized to int8 per block of 32, integer dot
-// products per block, float32 across blocks (normalized MSE ~1e-5 vs float32). Scales and
+// rows: decode, small batches): activations quantized to int8 per block of 32, integer dot
+// products per block, float32 across blocks (normalized MSE ~5e-5 vs float32). Scales and
 // biases are float32 or float16 (converted to float32 in registers).
 #include <algorithm>
 #include <cmath>
@@ -124,27 +124,6 @@ long row_offset(const mx::array& x, long m) {
   return off;
 }
 
-// x (any float dtype, any strides) as contiguous float32 rows: x's own buffer when it
-// already is one, else a converted copy in `tmp`.
-const float* float_rows(const mx::array& x, std::vector<float>& tmp) {
-  const int K = x.shape(-1);
-  const long M = x.size() / K;
-  if (x.dtype() == mx::float32 && x.flags().row_contiguous) return x.data<float>();
-  tmp.resize(M * K);
-  const long ks = long(x.strides().back());
-  for (long m = 0; m < M; m++) {
-    const long base = row_offset(x, m);
-    float* dst = tmp.data() + m * K;
-    if (x.dtype() == mx::float32) {
-      const float* src = x.data<float>() + base;
-      for (int k = 0; k < K; k++) dst[k] = src[k * ks];
-    } else {
-      for (int k = 0; k < K; k++) dst[k] = load_elem(x, base + k * ks);
-    }
-  }
-  return tmp.data();
-}
-
 void group_sums(const float* x, int K, int gs, float* xs) {
   for (int g = 0; g < K / gs; g++) {
     float s = 0;
@@ -216,7 +195,6 @@ constexpr int kDecodeTasksPerThread = 4;
 // Activations prepared once for every layer of one format (bits, group size) in a call.
 struct Prepared {
   int bits = 0, gs = 0;
-  bool q8 = false;
   std::vector<float> xp, xs, xd;
   std::vector<int8_t> xq;
 };
@@ -235,6 +213,27 @@ void run_qmm(const mx::array& x, const mx::array& w, const mx::array& s, const m
 
 }  // namespace
 
+// x (any float dtype, any strides) as contiguous float32 rows: x's own buffer when it
+// already is one, else a converted copy in `tmp`.
+const float* float_rows(const mx::array& x, std::vector<float>& tmp) {
+  const int K = x.shape(-1);
+  const long M = x.size() / K;
+  if (x.dtype() == mx::float32 && x.flags().row_contiguous) return x.data<float>();
+  tmp.resize(M * K);
+  const long ks = long(x.strides().back());
+  for (long m = 0; m < M; m++) {
+    const long base = row_offset(x, m);
+    float* dst = tmp.data() + m * K;
+    if (x.dtype() == mx::float32) {
+      const float* src = x.data<float>() + base;
+      for (int k = 0; k < K; k++) dst[k] = src[k * ks];
+    } else {
+      for (int k = 0; k < K; k++) dst[k] = load_elem(x, base + k * ks);
+    }
+  }
+  return tmp.data();
+}
+
 QLinear qlinear(const mx::array& w, const mx::array& s, const mx::array& b, int gs, int bits) {
   return {w.data<uint8_t>(), s.data<void>(), b.data<void>(), int(w.shape(0)), int(w.shape(1) * 32 / bits), gs, bits,
           s.dtype() == mx::float16};
@@ -252,7 +251,7 @@ void qmm_rows(const float* x, long M, int K, const QLinear* ls, int n, float* co
     if (j == np) {
       if (np == int(preps.size())) preps.resize(np + 1);
       Prepared& p = preps[np++];
-      p.bits = ls[i].bits, p.gs = ls[i].gs, p.q8 = q8;
+      p.bits = ls[i].bits, p.gs = ls[i].gs;
       const int G = K / p.gs;
       p.xs.resize(M * G);
       if (q8) {

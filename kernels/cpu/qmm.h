@@ -8,6 +8,13 @@
 
 namespace edgeai {
 
+// x (any float dtype, any strides, broadcasts included) as contiguous float32 rows over its
+// last axis: x's own buffer when it already is one, else a converted copy in `tmp`.
+const float* float_rows(const mlx::core::array& x, std::vector<float>& tmp);
+
+// out[m] = x[m] * rsqrt(mean(x[m]^2) + eps) * w for M contiguous rows of D (elementwise.cpp).
+void rms_norm_rows(const float* x, long M, int D, const float* w, float eps, float* out);
+
 // One quantized linear layer's operands, from evaluated, row-contiguous MLX arrays.
 struct QLinear {
   const uint8_t* w;
