@@ -23,6 +23,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -66,7 +67,20 @@ def mlx_runs(model, vocab: int, args, reps: int, warmup: int | None) -> dict:
     return out
 
 
-def llama_cpp_runs(gguf: Path, args) -> dict | None:
+Timers = dict[str, Callable[[], float]]  # test ("pp", "tg") -> one timed run, in tok/s
+
+
+def mlx_timers(model, vocab: int, args) -> Timers:
+    """The same timed runs as `edgeai bench` (bench.run_test), one call per repetition."""
+    import mlx.core as mx
+
+    from edgeai.bench import gen_time, prompt_time
+
+    prompt = mx.random.randint(0, vocab, (args.p,), key=mx.random.key(0)).astype(mx.int32)
+    return {"pp": lambda: args.p / prompt_time(model, prompt), "tg": lambda: args.n / gen_time(model, prompt[:1], args.n)}
+
+
+def llama_cpp_timers(gguf: Path, args) -> Timers | None:
     try:
         from llama_cpp import Llama
     except ImportError:
@@ -92,10 +106,19 @@ def llama_cpp_runs(gguf: Path, args) -> dict | None:
             llm.eval([tok])
         return args.n / (time.perf_counter() - t)
 
-    out = {}
-    for name, fn in (("pp", pp), ("tg", tg)):
-        fn()  # warm-up
-        out[name] = [fn() for _ in range(args.r)]
+    return {"pp": pp, "tg": tg}
+
+
+def interleaved(runners: dict[str, Timers], reps: int) -> dict[str, dict[str, list[float]]]:
+    """One warm-up each, then the runtimes take turns, repetition by repetition: on a shared
+    machine whose speed drifts within minutes, each ratio then compares like with like."""
+    out: dict[str, dict[str, list[float]]] = {name: {"pp": [], "tg": []} for name in runners}
+    for test in ("pp", "tg"):
+        for timers in runners.values():
+            timers[test]()
+        for _ in range(reps):
+            for name, timers in runners.items():
+                out[name][test].append(timers[test]())
     return out
 
 
@@ -135,22 +158,23 @@ def main() -> None:
         mlx_dir = Path(tempfile.mkdtemp(prefix="edgeai-bench-")) / "smollm2-135m"
         convert(args.gguf, mlx_dir)
 
-    rows: dict[str, dict] = {}
     eng = Engine.load(mlx_dir, kernel="custom")
     vocab = int(eng.config["vocab_size"])
     per_token = bytes_per_token(eng.model)
     print(f"edgeai kernel: {eng.kernel.name} {eng.kernel.isa}, {eng.kernel.threads} threads", file=sys.stderr)
-    rows["edgeai"] = mlx_runs(eng.model, vocab, args, args.r, None)
-    del eng
+    runners = {"edgeai": mlx_timers(eng.model, vocab, args)}
+    if not args.skip_llama and (timers := llama_cpp_timers(args.gguf, args)):
+        runners["llama.cpp"] = timers
+    measured = interleaved(runners, args.r)
+    rows: dict[str, dict] = {"edgeai": measured["edgeai"]}
+    del eng, runners
     mx.clear_cache()
     if not args.skip_stock:
         stock, _ = mlx_load(str(mlx_dir))
         rows["mlx-lm (stock)"] = mlx_runs(stock, vocab, args, args.stock_reps, warmup=8)
         del stock
-    if not args.skip_llama:
-        got = llama_cpp_runs(args.gguf, args)
-        if got:
-            rows["llama.cpp"] = got
+    if "llama.cpp" in measured:
+        rows["llama.cpp"] = measured["llama.cpp"]
     bw = read_bandwidth(args.threads)
 
     report(rows, args, bench.machine(), mx.__version__, bw, per_token)

@@ -76,7 +76,7 @@ def _greedy(logprobs: mx.array) -> mx.array:
     return mx.argmax(logprobs, axis=-1)
 
 
-def _prompt_time(model, tokens: mx.array) -> float:
+def prompt_time(model, tokens: mx.array) -> float:
     """Seconds from the prompt to the first generated token."""
     from edgeai.engine import decode_steps
 
@@ -86,7 +86,7 @@ def _prompt_time(model, tokens: mx.array) -> float:
     return time.perf_counter() - t0
 
 
-def _gen_time(model, first: mx.array, n: int) -> float:
+def gen_time(model, first: mx.array, n: int) -> float:
     """Seconds to generate n tokens greedily after a one-token prompt."""
     from edgeai.engine import decode_steps
 
@@ -112,13 +112,13 @@ def run_test(model, vocab: int, test: str, n: int, reps: int, seed: int = 0,
     """
     key = mx.random.key(seed)
     tokens = mx.random.randint(0, vocab, (n if test == "pp" else 1,), key=key).astype(mx.int32)
-    timer = (lambda: _prompt_time(model, tokens)) if test == "pp" else (lambda: _gen_time(model, tokens, n))
+    timer = (lambda: prompt_time(model, tokens)) if test == "pp" else (lambda: gen_time(model, tokens, n))
     if warmup is None:
         timer()
     elif test == "pp":
-        _prompt_time(model, tokens[: max(1, warmup)])
+        prompt_time(model, tokens[: max(1, warmup)])
     else:
-        _gen_time(model, tokens, max(1, warmup))
+        gen_time(model, tokens, max(1, warmup))
     mx.reset_peak_memory()
     secs = []
     for _ in range(reps):

@@ -6,6 +6,8 @@ it (confidence, router, server, CLI) consumes those.
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import threading
 import time
@@ -217,12 +219,18 @@ def decode_steps(model: nn.Module, prompt: mx.array, sampler: Callable[[mx.array
             outs += [idx, logprobs[0][idx]]
         return outs
 
-    # Long prompts go through in chunks to bound the activations' memory.
-    while prompt.size > prefill_step:
-        model(prompt[None, :prefill_step], cache=cache)
-        mx.eval([c.state for c in cache])
-        prompt = prompt[prefill_step:]
-    outs = step(prompt[None])
+    # All but the last prompt token only fill the cache (in chunks, to bound the activations'
+    # memory): their logits are never evaluated, which skips the LM head, a fifth of a
+    # 512-token prefill. The last token then gives the first generated one. The prompt runs
+    # in float32 even where decoding uses int8 activations (kernels_cpu.full_precision): it
+    # is computed once, and the first token, which sets the answer's course, keeps float32's.
+    with getattr(model, "_edgeai_full_precision", contextlib.nullcontext)():
+        while prompt.size > 1:
+            n = min(prefill_step, prompt.size - 1)
+            model(prompt[None, :n], cache=cache)
+            mx.eval([c.state for c in cache])
+            prompt = prompt[n:]
+        outs = step(prompt[None])
     mx.async_eval(outs)
     for n in range(max_tokens):
         nxt = None

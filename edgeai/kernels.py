@@ -142,6 +142,8 @@ def apply(model: nn.Module, mode: str = "auto", precision: str | None = None) ->
         if fused:
             layer_note = f"{layer_note}, fused layers {fused}"
             object.__setattr__(model, "_edgeai_make_cache", kc.make_cache)
+        if fast:  # the first generated token of each prompt is built in float32
+            object.__setattr__(model, "_edgeai_full_precision", kc.full_precision)
         if _verdict(f"log_softmax|{cand.build_id}|{cand.isa()}", check_log_softmax):
             object.__setattr__(model, "_edgeai_log_softmax", kc.extension().log_softmax)
             layer_note = f"{layer_note}, log_softmax"
@@ -291,9 +293,16 @@ def _fuse_blocks(model: nn.Module, cand: Candidate, fast: bool) -> int:
     a = b.self_attn
     key = (f"fused_block|{cand.build_id}|{cand.isa()}|{fast}|{b.hidden_size}|{a.n_heads}|{a.n_kv_heads}|"
            f"{a.q_proj.weight.shape[0]}|{b.mlp.gate_proj.weight.shape[0]}")
-    tol = FUSED_FAST_TOL if fast else ATTN_TOL
-    if not _verdict(key, lambda: check_block(b, kc._llama_block_class()), tol):
+    if not _verdict(key, lambda: check_block(b, kc._llama_block_class()), FUSED_FAST_TOL if fast else ATTN_TOL):
         return 0
+    if fast:  # fast layers also run in float32 (kc.full_precision): that form is checked too
+
+        def check_full() -> float:
+            with kc.full_precision():
+                return check_block(b, kc._llama_block_class())
+
+        if not _verdict(key.replace(f"|{fast}|", "|full|"), check_full):
+            return 0
     return kc.swap_blocks(model)
 
 

@@ -8,8 +8,11 @@ matmul is edgeai's multi-threaded SIMD kernel. Scales and biases are held in flo
 
 from __future__ import annotations
 
+import contextlib
+from contextvars import ContextVar
 from functools import lru_cache
 from types import ModuleType
+from typing import Iterator
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -63,6 +66,26 @@ def quantized_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.arra
     return extension().quantized_matmul(x, w, scales, biases, group_size, bits, fast)
 
 
+# Set while a graph is built that must not use the int8 (fast) path: see full_precision.
+_FULL_PRECISION: ContextVar[bool] = ContextVar("edgeai_full_precision", default=False)
+
+
+@contextlib.contextmanager
+def full_precision() -> Iterator[None]:
+    """Build graphs with float32 activations even where the layers are in fast mode.
+
+    The engine builds the first generated token's step under it: that token is computed once
+    per prompt, so its fidelity costs one step, and greedy answers keep float32's first token
+    (with int8 activations SmolLM2 opens "What is the capital of France?" with "L'", as
+    llama.cpp does, where float32 says "The", 0.09 nats ahead).
+    """
+    token = _FULL_PRECISION.set(True)
+    try:
+        yield
+    finally:
+        _FULL_PRECISION.reset(token)
+
+
 def scale_dtype(a: mx.array) -> mx.Dtype:
     """The dtype the kernel keeps scales/biases in."""
     return a.dtype if a.dtype in (mx.float16, mx.float32) else mx.float32
@@ -88,7 +111,8 @@ class CpuQuantizedLinear(nn.QuantizedLinear):
         return cls(layer.weight, layer.scales, layer.biases, layer.group_size, layer.bits, layer.get("bias"), fast)
 
     def __call__(self, x: mx.array) -> mx.array:
-        y = self._qmm(x, self["weight"], self["scales"], self["biases"], self.group_size, self.bits, self.fast)
+        fast = self.fast and not _FULL_PRECISION.get()
+        y = self._qmm(x, self["weight"], self["scales"], self["biases"], self.group_size, self.bits, fast)
         return y + self["bias"] if "bias" in self else y
 
 
@@ -119,7 +143,8 @@ class CpuQuantizedEmbedding(nn.QuantizedEmbedding):
         return rows.astype(mx.float32)
 
     def as_linear(self, x: mx.array) -> mx.array:
-        return self._qmm(x, self["weight"], self["scales"], self["biases"], self.group_size, self.bits, self.fast)
+        fast = self.fast and not _FULL_PRECISION.get()
+        return self._qmm(x, self["weight"], self["scales"], self["biases"], self.group_size, self.bits, fast)
 
 
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool) -> mx.array:
@@ -197,7 +222,7 @@ def _llama_block_class():
         """
 
         def _layer(self):
-            """The C++ layer for the current modules and weights, or None if they are not plain.
+            """The C++ layer for the current modules, weights and precision, or None if they are not plain.
 
             Built once and reused while the same weight arrays are in place (an adapter or a
             weight update swaps them, which rebuilds or disables it).
@@ -207,23 +232,27 @@ def _llama_block_class():
             a, m = self["self_attn"], self["mlp"]
             mods = (a["q_proj"], a["k_proj"], a["v_proj"], a["o_proj"], m["gate_proj"], m["up_proj"],
                     m["down_proj"], self["input_layernorm"], self["post_attention_layernorm"])
-            key = tuple([id(p.get("weight")) for p in mods])
-            if key == self.__dict__.get("_fused_key"):
-                return self.__dict__["_fused"]
-            layer = None
+            key = (tuple([id(p.get("weight")) for p in mods]), _FULL_PRECISION.get())
+            layers = self.__dict__.get("_fused")  # plain attribute, not a module parameter
+            if layers is None or layers[0] != key[0]:
+                layers = (key[0], {})
+                object.__setattr__(self, "_fused", layers)
+            if key[1] not in layers[1]:
+                layers[1][key[1]] = self._build(mods, a, full=key[1])
+            return layers[1][key[1]]
+
+        def _build(self, mods: tuple, a: nn.Module, full: bool):
             q = a.q_proj
             fmt = (q.group_size, q.bits, q.fast) if type(q) is CpuQuantizedLinear else None
-            if (fmt is not None and type(a.rope) is nn.RoPE and q.weight.shape[0] // a.n_heads % 16 == 0
+            if not (fmt is not None and type(a.rope) is nn.RoPE and q.weight.shape[0] // a.n_heads % 16 == 0
                     and all(_plain_linear(p, fmt) for p in mods[:7])
                     and all(type(n) in (nn.RMSNorm, CpuRMSNorm) and n["weight"].dtype == mx.float32 for n in mods[7:])):
-                r, n1, n2 = a.rope, self.input_layernorm, self.post_attention_layernorm
-                layer = ext.FusedLlamaLayer(
-                    n1["weight"], _triples(*mods[:3]), _triples(a.o_proj), n2["weight"], _triples(*mods[4:7]),
-                    n1.eps, n2.eps, a.n_heads, a.n_kv_heads, r.dims, bool(r.traditional), float(r.base),
-                    float(r.scale), *fmt)
-            object.__setattr__(self, "_fused_key", key)  # plain attributes, not module parameters
-            object.__setattr__(self, "_fused", layer)
-            return layer
+                return None
+            r, n1, n2 = a.rope, self.input_layernorm, self.post_attention_layernorm
+            return ext.FusedLlamaLayer(
+                n1["weight"], _triples(*mods[:3]), _triples(a.o_proj), n2["weight"], _triples(*mods[4:7]),
+                n1.eps, n2.eps, a.n_heads, a.n_kv_heads, r.dims, bool(r.traditional), float(r.base),
+                float(r.scale), fmt[0], fmt[1], fmt[2] and not full)
 
         def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
             layer = self._layer()

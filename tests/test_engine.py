@@ -38,6 +38,18 @@ def test_events_carry_true_logprobs_and_entropy(engine):
     assert [v for _, v in top] == sorted((v for _, v in top), reverse=True)
 
 
+def test_prompt_in_chunks_matches_one_pass(engine):
+    from edgeai.engine import decode_steps
+
+    prompt = mx.array([(11 * i + 5) % 200 for i in range(10)])
+    greedy = lambda lp: mx.argmax(lp, axis=-1)  # noqa: E731
+    one = list(decode_steps(engine.model, prompt, greedy, 5))
+    chunked = list(decode_steps(engine.model, prompt, greedy, 5, prefill_step=3))  # 3 + 3 + 3, then the last
+    assert [t for t, *_ in chunked] == [t for t, *_ in one]
+    for (_, a, ea, _), (_, b, eb, _) in zip(chunked, one):
+        assert math.isclose(a, b, abs_tol=1e-4) and math.isclose(ea, eb, abs_tol=1e-4)
+
+
 def test_chat_messages_use_the_template(engine):
     ids = engine.encode([{"role": "user", "content": "hi"}])
     text = engine.tokenizer.decode(ids)

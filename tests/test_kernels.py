@@ -64,12 +64,19 @@ def test_matches_float32_reference(isa, bits, gs, m):
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("gs", [32, 64, 128])
-@pytest.mark.parametrize("m", [1, 2, 3])
-def test_fast_path_within_int8_tolerance(isa, bits, gs, m):
+@pytest.mark.parametrize("m, half", [(1, False), (2, True), (3, False)])
+# blocks of 32 per row: 8 (no tail), 11 (a lone last block), 12, 18 (SmolLM2's K = 576)
+@pytest.mark.parametrize("k", [256, 352, 384, 576])
+def test_fast_path_within_int8_tolerance(isa, bits, gs, m, half, k):
+    if k % gs:
+        pytest.skip("K must be a multiple of the group size")
     EXT.set_isa(isa)
-    wq, s, b = quantized(76, 384, gs, bits)
-    x = mx.random.normal((m, 384), key=mx.random.key(11))
-    err = nmse(EXT.quantized_matmul(x, wq, s, b, gs, bits, True), reference(x, wq, s, b, gs, bits))
+    wq, s, b = quantized(76, k, gs, bits)
+    if half:
+        s, b = s.astype(mx.float16), b.astype(mx.float16)
+    x = mx.random.normal((m, k), key=mx.random.key(11))
+    ref = reference(x, wq, s.astype(mx.float32), b.astype(mx.float32), gs, bits)
+    err = nmse(EXT.quantized_matmul(x, wq, s, b, gs, bits, True), ref)
     # above float32 rounding (so the int8 path really ran), well inside the stated tolerance
     assert 1e-8 < err < kernels.FAST_NMSE_TOL / 5
 
@@ -111,6 +118,34 @@ def test_fast_precision_is_reported_and_close_to_builtin(tiny_model):
     assert all(m.fast for _, m in fast.model.named_modules() if isinstance(m, kc.CpuQuantizedLinear))
     tokens = mx.array([[5, 9, 33, 7]])
     assert nmse(fast.model(tokens), builtin.model(tokens).astype(mx.float32)) < 1e-3
+
+
+@needs_ext
+def test_fast_mode_runs_the_prompt_in_float32(tiny_model):
+    from edgeai.engine import Engine, decode_steps
+
+    def steps(precision: str, prompt_len: int) -> list[tuple[int, float]]:
+        model = Engine.load(tiny_model, kernel="custom", precision=precision).model
+        prompt = mx.array([(7 * i + 3) % 200 for i in range(prompt_len)])
+        return [(t, lp) for t, lp, _, _ in decode_steps(model, prompt, lambda lp: mx.argmax(lp, axis=-1), 6)]
+
+    for prompt_len in (3, 40):  # a short prompt's rows would otherwise fit the int8 path
+        fast, accurate = steps("fast", prompt_len), steps("accurate", prompt_len)
+        assert fast[0] == accurate[0]  # bit for bit: the prompt and first token in float32
+        assert [lp for _, lp in fast[1:]] != [lp for _, lp in accurate[1:]]  # then int8 decoding
+
+
+@needs_ext
+def test_full_precision_context_turns_fast_layers_float32():
+    wq, s, b = quantized(64, 256, 32, 4)
+    fast = kc.CpuQuantizedLinear(wq, s, b, 32, 4, fast=True)
+    accurate = kc.CpuQuantizedLinear(wq, s, b, 32, 4, fast=False)
+    x = mx.random.normal((1, 256), key=mx.random.key(15))
+    assert not mx.array_equal(fast(x), accurate(x))
+    with kc.full_precision():
+        y = fast(x)
+    assert mx.array_equal(y, accurate(x))
+    assert not mx.array_equal(fast(x), y)  # the context ends with its block
 
 
 @needs_ext

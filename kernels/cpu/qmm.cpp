@@ -150,26 +150,26 @@ void prepare_row(const float* x, int K, int bits, int W, float* xp) {
 // rounding error that the scale term does; as w = s*q + b with |b| >> |w|, the two errors
 // cancel only when both see the same x (normalized MSE 5e-5 instead of 3e-4).
 void prepare_row_q8(const float* x, int K, int gs, int bits, int8_t* xq, float* xd, float* xs) {
+  const int nb = K / 32;
   for (int g = 0; g < K / gs; g++) xs[g] = 0.f;
-  for (int k0 = 0; k0 < K; k0 += 32) {
+  for (int k = 0; k < nb; k++) {
+    const float* xk = x + 32 * k;
     float amax = 0;
-    for (int i = 0; i < 32; i++) amax = std::max(amax, std::fabs(x[k0 + i]));
+    for (int i = 0; i < 32; i++) amax = std::max(amax, std::fabs(xk[i]));
     const float id = amax > 0 ? 127.f / amax : 0.f;
-    xd[k0 / 32] = amax / 127.f;
+    xd[k] = amax / 127.f;
     // Round half away from zero (as llama.cpp's roundf) in plain arithmetic: the compiler
     // vectorizes it, where nearbyint is a libm call per element on baseline x86-64.
     auto q = [id](float v) { const float r = v * id; return int8_t(r + (r >= 0.f ? 0.5f : -0.5f)); };
-    if (bits == 8) {
-      for (int i = 0; i < 32; i++) xq[k0 + i] = q(x[k0 + i]);
-    } else {
-      for (int i = 0; i < 16; i++) {
-        xq[k0 + i] = q(x[k0 + 2 * i]);
-        xq[k0 + 16 + i] = q(x[k0 + 2 * i + 1]);
-      }
-    }
     int sum = 0;
-    for (int i = 0; i < 32; i++) sum += xq[k0 + i];
-    xs[k0 / gs] += xd[k0 / 32] * float(sum);
+    if (bits == 8) {
+      for (int i = 0; i < 32; i++) sum += xq[32 * k + i] = q(xk[i]);
+    } else {
+      int8_t* even = xq + q4_even_at(k, nb);
+      int8_t* odd = even + q4_odd_gap(k, nb);
+      for (int i = 0; i < 16; i++) sum += (even[i] = q(xk[2 * i])) + (odd[i] = q(xk[2 * i + 1]));
+    }
+    xs[32 * k / gs] += xd[k] * float(sum);
   }
 }
 
@@ -241,7 +241,7 @@ QLinear qlinear(const mx::array& w, const mx::array& s, const mx::array& b, int 
 
 void qmm_rows(const float* x, long M, int K, const QLinear* ls, int n, float* const* ys, bool fast) {
   const QmmIsa isa = current_isa();
-  const bool q8 = fast && M <= kMaxQ8Rows && K <= kMaxQ8K && isa.tile_q8 != nullptr;
+  const bool q8 = fast && M <= kMaxQ8Rows && isa.tile_q8 != nullptr;
   thread_local std::vector<Prepared> preps(4);
   std::vector<int> prep_of(n);
   int np = 0;

@@ -71,13 +71,15 @@ void tile_q8(const QmmArgs& a, int m0, int m1, int n0, int n1) {
       for (int g = 0; g < G; g++) {
         const float sg = scale(a.s, (long)n * G + g);
         for (int k = g * bpg; k < (g + 1) * bpg; k++) {
-          const int8_t* q = xq + k * 32;
           int32_t dot = 0;
           if (a.bits == 4) {
             const uint8_t* p = w + k * 16;
-            for (int i = 0; i < 16; i++) dot += int32_t(p[i] & 15) * q[i] + int32_t(p[i] >> 4) * q[16 + i];
+            const int8_t* even = xq + q4_even_at(k, nb);
+            const int8_t* odd = even + q4_odd_gap(k, nb);
+            for (int i = 0; i < 16; i++) dot += int32_t(p[i] & 15) * even[i] + int32_t(p[i] >> 4) * odd[i];
           } else {
             const uint8_t* p = w + k * 32;
+            const int8_t* q = xq + k * 32;
             for (int i = 0; i < 32; i++) dot += int32_t(p[i]) * q[i];
           }
           acc += sg * xd[k] * float(dot);

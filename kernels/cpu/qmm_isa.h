@@ -8,20 +8,18 @@
 
 namespace edgeai {
 
-// One call's operands, already prepared by the driver.
-//
-// `xp` holds the activations as float32, reordered for 4-bit weights so that a block
-// of 2*W values reads [W even-indexed, W odd-indexed]: MLX packs element 2i in the low
-// nibble and 2i+1 in the high nibble of a byte, so unpacking the low (high) nibbles of
-// W bytes yields the even (odd) elements. W is the kernel's vector width.
-// Widest K the int8 tiles take (their per-row scale table lives on the stack).
-constexpr int kMaxQ8K = 16384;
 // Most rows the fast (int8) path takes: it reads the weights once per row, so past a few
 // rows the float32 tile (weights dequantized once for 64 rows) is faster (benchmarks/shapes.py:
 // M = 16 took 2x longer). Every row is quantized on its own: up to this count a row's result
 // does not depend on what else is in the batch.
 constexpr int kMaxQ8Rows = 3;
 
+// One call's operands, already prepared by the driver.
+//
+// `xp` holds the activations as float32, reordered for 4-bit weights so that a block
+// of 2*W values reads [W even-indexed, W odd-indexed]: MLX packs element 2i in the low
+// nibble and 2i+1 in the high nibble of a byte, so unpacking the low (high) nibbles of
+// W bytes yields the even (odd) elements. W is the kernel's vector width.
 struct QmmArgs {
   const float* xp;     // M x K prepared activations
   const float* xs;     // M x G per-group sums of x (for the bias term)
@@ -31,13 +29,20 @@ struct QmmArgs {
   float* y;            // M x N output
   int M, N, K, gs, bits;
   bool half_scales;  // float16 scales/biases: half the bytes to stream per token
-  // Fast mode only: activations as int8 per block of 32, x ~= xd[blk] * xq. For 4-bit
-  // weights each block is stored as [16 even-indexed, 16 odd-indexed] values, the order in
-  // which the low and high nibbles of 16 packed bytes unpack; for 8-bit in natural order.
-  // xs then holds the group sums of the quantized row (see prepare_row_q8).
+  // Fast mode only: activations as int8 per block of 32, x ~= xd[blk] * xq. For 8-bit
+  // weights in natural order; for 4-bit see q4_even_at. xs then holds the group sums of the
+  // quantized row (see prepare_row_q8).
   const int8_t* xq = nullptr;  // M x K
   const float* xd = nullptr;   // M x K/32
 };
+
+// 4-bit fast mode: where block k's 16 even-indexed int8 activations start in a row of nb
+// blocks; its odd-indexed ones follow q4_odd_gap later. Blocks go in pairs A, B stored as
+// [A even | B even | A odd | B odd]: the low nibbles of one 32-byte load of packed weights
+// (A's 16 bytes, then B's) are then the first 32 values, the high nibbles the next 32. A
+// last unpaired block is [even | odd].
+inline int q4_even_at(int k, int nb) { return (k | 1) < nb ? 64 * (k / 2) + 16 * (k % 2) : 32 * k; }
+inline int q4_odd_gap(int k, int nb) { return (k | 1) < nb ? 32 : 16; }
 
 // Compute y[m0:m1, n0:n1]. Safe to call concurrently on disjoint tiles.
 using QmmTileFn = void (*)(const QmmArgs&, int m0, int m1, int n0, int n1);
