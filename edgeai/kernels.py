@@ -125,7 +125,7 @@ def apply(model: nn.Module, mode: str = "auto", precision: str | None = None) ->
     if fast:
         fv = verify(cand, shapes, fast=True)
         if fv["ok"]:
-            accuracy = f"int8 activations at decode (NMSE {fv['nmse']:.1e}), float32 for more rows (prompts, batches over 3)"
+            accuracy = f"int8 activations at decode (NMSE {fv['nmse']:.1e}), float32 for prompts and batches over 3 rows"
         else:  # the accurate kernel passed: keep it, say why the fast one is not used
             fast = False
             _warn_once(f"{cand.name} fast (int8) path failed verification: {fv['detail']}; using float32 accumulation")

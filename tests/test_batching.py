@@ -2,9 +2,9 @@
 
 Exactly, token for token, with float32 kernels (builtin, or custom "accurate"). The custom
 kernel's default "fast" mode rounds activations to int8 at decode (at most 3 rows) but
-not in prompt processing, and a batch computes a prompt's last token in its first decode
-step where a single stream computes it with the prompt: at a near-tie the first token can
-differ (SmolLM2-135M on "What is the capital of France?": "The" -1.88 vs "L" -1.97 in
+not in prompt processing, and a batch computes a prompt's last token in its first (int8)
+decode step where a single stream computes it in float32 with the prompt
+(kernels_cpu.full_precision): at a near-tie the first token can differ (SmolLM2-135M on "What is the capital of France?": "The" -1.88 vs "L" -1.97 in
 float32, -2.11 vs -1.83 with int8 activations).
 """
 
