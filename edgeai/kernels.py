@@ -136,13 +136,13 @@ def apply(model: nn.Module, mode: str = "auto", precision: str | None = None) ->
         from edgeai import kernels_cpu as kc
 
         _float32_params(model)
-        # engine.decode_steps picks these up: the in-place KV cache of the fused layers, and
-        # the one-node log-probabilities + entropy of each step.
+        # engine.decode_steps picks these up: the in-place KV cache of the fused layers, the
+        # float32 context for prompts, and the one-node log-probabilities + entropy of each step.
         fused = _fuse_blocks(model, cand, fast)
         if fused:
             layer_note = f"{layer_note}, fused layers {fused}"
             object.__setattr__(model, "_edgeai_make_cache", kc.make_cache)
-        if fast:  # the first generated token of each prompt is built in float32
+        if fast:  # a prompt and its first generated token are built in float32
             object.__setattr__(model, "_edgeai_full_precision", kc.full_precision)
         if _verdict(f"log_softmax|{cand.build_id}|{cand.isa()}", check_log_softmax):
             object.__setattr__(model, "_edgeai_log_softmax", kc.extension().log_softmax)
