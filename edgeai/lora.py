@@ -25,9 +25,9 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Callable, ContextManager, Iterator, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -288,15 +288,18 @@ class AdapterSet:
                 self._unpin(names)
                 self._evict()
 
-    def routed(self, adapter_of: Callable[[int], str | LoadedAdapter | None]) -> "RoutedModel":
+    def routed(self, adapter_of: Callable[[int], str | LoadedAdapter | None],
+               context: Callable[[], ContextManager] | None = None) -> "RoutedModel":
         """The model, for mlx-lm's BatchGenerator, with a per-row adapter on every forward pass.
 
         Args:
             adapter_of: a batch uid (what `BatchGenerator.insert` returned) -> its adapter:
                 best the LoadedAdapter that `get(name)` gave when the request was admitted
                 (no store lookups per step; the request keeps that version), or a name.
+            context: entered around every forward pass (the graph is built inside it), e.g.
+                edgeai's float32 context for prompts (kernels_cpu.full_precision).
         """
-        return RoutedModel(self, adapter_of)
+        return RoutedModel(self, adapter_of, context)
 
     def _unpin(self, names: Sequence[str]) -> None:
         for n in names:
@@ -358,9 +361,11 @@ class RoutedModel:
     adapter.
     """
 
-    def __init__(self, owner: AdapterSet, adapter_of: Callable[[int], str | LoadedAdapter | None]):
+    def __init__(self, owner: AdapterSet, adapter_of: Callable[[int], str | LoadedAdapter | None],
+                 context: Callable[[], ContextManager] | None = None):
         self._owner = owner
         self._adapter_of = adapter_of
+        self._context = context or nullcontext
 
     def __getattr__(self, name: str):
         return getattr(self._owner.model, name)
@@ -371,10 +376,9 @@ class RoutedModel:
         if not isinstance(uids, list) or len(uids) != inputs.shape[0]:
             raise RuntimeError("cannot tell which request each batch row belongs to (mlx-lm changed?)")
         names = [self._adapter_of(u) for u in uids]
-        if all(n is None for n in names):
-            return self._owner.model(inputs, *args, **kwargs)
         # The graph is built inside the call, so the selection only needs to last that long.
-        with self._owner.use_rows(names):
+        rows = nullcontext() if all(n is None for n in names) else self._owner.use_rows(names)
+        with self._context(), rows:
             return self._owner.model(inputs, *args, **kwargs)
 
 

@@ -1,20 +1,20 @@
 """Batched decoding (what `edgeai serve` runs) gives each row exactly its single-stream answer.
 
-Exactly, token for token, with float32 kernels (builtin, or custom "accurate"). The custom
-kernel's default "fast" mode rounds activations to int8 at decode (at most 3 rows) but
-not in prompt processing, and a batch computes a prompt's last token in its first (int8)
-decode step where a single stream computes it in float32 with the prompt
-(kernels_cpu.full_precision): at a near-tie the first token can differ (SmolLM2-135M on "What is the capital of France?": "The" -1.88 vs "L" -1.97 in
-float32, -2.11 vs -1.83 with int8 activations).
+Exactly, token for token: with float32 kernels (builtin, or custom "accurate"), and with the
+custom kernel's default "fast" mode while a batch has at most 3 rows (int8 activations, each
+row quantized on its own; larger batches decode in float32). In both paths the prompt and
+its first generated token run in float32 (kernels_cpu.full_precision): with that step in
+int8, SmolLM2-135M opens "What is the capital of France?" with "L" (-1.83 vs "The" -2.11)
+where float32 says "The" (-1.88 vs -1.97).
 """
 
 from __future__ import annotations
 
 import pytest
-from mlx_lm.generate import BatchGenerator
 
 from edgeai.engine import Engine
 from edgeai.options import GenerationOptions
+from edgeai.server import batching
 from edgeai.types import Answer
 
 QUESTIONS = ("What is the capital of France?", "hi", "Name three colors please, in a list")
@@ -23,8 +23,9 @@ QUESTIONS = ("What is the capital of France?", "hi", "Name three colors please, 
 def _batched_equals_single(engine: Engine, n: int = 12) -> None:
     prompts = [engine.encode([{"role": "user", "content": q}]) for q in QUESTIONS]
     single = [Answer.from_events(engine.generate(p, GenerationOptions(max_tokens=n)), "m").tokens for p in prompts]
-    gen = BatchGenerator(engine.model, stop_tokens=[[int(t)] for t in engine.tokenizer.eos_token_ids],
-                         completion_batch_size=4, prefill_batch_size=4)
+    # built as the server builds it (edgeai.server.scheduler)
+    gen = batching.for_engine(engine, lambda uid: None, stop_tokens=[[int(t)] for t in engine.tokenizer.eos_token_ids],
+                              completion_batch_size=4, prefill_batch_size=4)
     uids = gen.insert(prompts, max_tokens=[n] * len(prompts))
     got: dict[int, list[int]] = {u: [] for u in uids}
     for _ in range(10 * n):
@@ -48,3 +49,8 @@ def test_tiny_model_batched_equals_single(tiny_model, kernel):
 @pytest.mark.slow
 def test_real_model_batched_equals_single(smollm_dir):
     _batched_equals_single(Engine.load(smollm_dir, precision="accurate"))
+
+
+@pytest.mark.slow
+def test_real_model_batched_equals_single_in_fast_mode(smollm_dir):
+    _batched_equals_single(Engine.load(smollm_dir, precision="fast"))

@@ -470,12 +470,11 @@ class Scheduler:
                                 "close other programs or use a smaller model")
 
     def _new_generator(self, engine: Any) -> Any:
-        from mlx_lm.generate import BatchGenerator
+        from edgeai.server import batching
 
         eos = [[int(t)] for t in engine.tokenizer.eos_token_ids]
-        # Each batch row gets its own job's LoRA adapter (edgeai.lora.RoutedModel).
-        return BatchGenerator(engine.adapters.routed(self._lora_of), stop_tokens=eos, completion_batch_size=self.max_batch,
-                              prefill_batch_size=min(self.max_batch, 8))
+        return batching.for_engine(engine, self._lora_of, stop_tokens=eos, completion_batch_size=self.max_batch,
+                                   prefill_batch_size=min(self.max_batch, 8))
 
     def _lora_of(self, uid: int) -> Any:
         entry = self._active.get(uid)
