@@ -7,7 +7,6 @@ it (confidence, router, server, CLI) consumes those.
 from __future__ import annotations
 
 import contextlib
-
 import json
 import threading
 import time

@@ -74,10 +74,11 @@ _FULL_PRECISION: ContextVar[bool] = ContextVar("edgeai_full_precision", default=
 def full_precision() -> Iterator[None]:
     """Build graphs with float32 activations even where the layers are in fast mode.
 
-    The engine builds the first generated token's step under it: that token is computed once
-    per prompt, so its fidelity costs one step, and greedy answers keep float32's first token
-    (with int8 activations SmolLM2 opens "What is the capital of France?" with "L'", as
-    llama.cpp does, where float32 says "The", 0.09 nats ahead).
+    The engine (and the server's prompt batches, server.batching) builds a prompt and the
+    step of its first generated token under it: computed once per prompt, so the fidelity
+    costs about one step, and greedy answers keep float32's first token (with int8
+    activations SmolLM2 opens "What is the capital of France?" with "L'", as llama.cpp
+    does, where float32 says "The", 0.09 nats ahead).
     """
     token = _FULL_PRECISION.set(True)
     try:
