@@ -70,7 +70,7 @@ def run(model_dir: Path, rank: int, repeats: int) -> dict:
     import mlx.core as mx
     from mlx_lm.utils import load as mlx_load
 
-    from edgeai import adapters
+    from edgeai.store import adapters
     from edgeai.engine import Engine
 
     work = Path(tempfile.mkdtemp(prefix="bench-adapters-"))

@@ -70,14 +70,15 @@ def mlx_runs(model, vocab: int, args, reps: int, warmup: int | None) -> dict:
 Timers = dict[str, Callable[[], float]]  # test ("pp", "tg") -> one timed run, in tok/s
 
 
-def mlx_timers(model, vocab: int, args) -> Timers:
+def mlx_timers(model, vocab: int, args, hooks=None) -> Timers:
     """The same timed runs as `edgeai bench` (bench.run_test), one call per repetition."""
     import mlx.core as mx
 
     from edgeai.bench import gen_time, prompt_time
 
     prompt = mx.random.randint(0, vocab, (args.p,), key=mx.random.key(0)).astype(mx.int32)
-    return {"pp": lambda: args.p / prompt_time(model, prompt), "tg": lambda: args.n / gen_time(model, prompt[:1], args.n)}
+    return {"pp": lambda: args.p / prompt_time(model, prompt, hooks),
+            "tg": lambda: args.n / gen_time(model, prompt[:1], args.n, hooks)}
 
 
 def llama_cpp_timers(gguf: Path, args) -> Timers | None:
@@ -153,7 +154,7 @@ def main() -> None:
 
     mlx_dir = args.mlx_dir
     if mlx_dir is None:
-        from edgeai.gguf import convert
+        from edgeai.store.gguf import convert
 
         mlx_dir = Path(tempfile.mkdtemp(prefix="edgeai-bench-")) / "smollm2-135m"
         convert(args.gguf, mlx_dir)
@@ -162,7 +163,7 @@ def main() -> None:
     vocab = int(eng.config["vocab_size"])
     per_token = bytes_per_token(eng.model)
     print(f"edgeai kernel: {eng.kernel.name} {eng.kernel.isa}, {eng.kernel.threads} threads", file=sys.stderr)
-    runners = {"edgeai": mlx_timers(eng.model, vocab, args)}
+    runners = {"edgeai": mlx_timers(eng.model, vocab, args, eng.hooks)}
     if not args.skip_llama and (timers := llama_cpp_timers(args.gguf, args)):
         runners["llama.cpp"] = timers
     measured = interleaved(runners, args.r)

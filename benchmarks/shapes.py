@@ -55,7 +55,7 @@ def main() -> None:
 
     import mlx.core as mx
 
-    from edgeai import kernels_cpu
+    from edgeai.kernels import cpu as kernels_cpu
 
     ext = kernels_cpu.extension()
     print(f"edgeai kernel: {ext.isa()}, {ext.threads()} threads; MLX {mx.__version__} (its CPU kernel: 1 thread)")

@@ -3,7 +3,7 @@
 Two tests per kernel: `pp<N>` processes N random prompt tokens (time to first token);
 `tg<N>` generates N tokens greedily from a one-token prompt. Each runs once to warm up,
 then `reps` times; speeds are reported as mean ± standard deviation. Both go through
-`engine.decode_steps`, the same loop `Engine.generate` runs.
+`engine.decode.decode_steps`, the same loop `Engine.generate` runs.
 """
 
 from __future__ import annotations
@@ -17,6 +17,9 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import mlx.core as mx
+
+from edgeai.engine.decode import decode_steps
+from edgeai.kernels import Hooks
 
 KERNELS = ("builtin", "custom")
 
@@ -76,28 +79,25 @@ def _greedy(logprobs: mx.array) -> mx.array:
     return mx.argmax(logprobs, axis=-1)
 
 
-def prompt_time(model, tokens: mx.array) -> float:
-    """Seconds from the prompt to the first generated token."""
-    from edgeai.engine import decode_steps
-
+def prompt_time(model, tokens: mx.array, hooks: Hooks | None = None) -> float:
+    """Seconds from the prompt to the first generated token (`hooks`: the model's kernels')."""
     t0 = time.perf_counter()
-    for _ in decode_steps(model, tokens, _greedy, 1):
+    for _ in decode_steps(model, tokens, _greedy, 1, hooks=hooks):
         pass
     return time.perf_counter() - t0
 
 
-def gen_time(model, first: mx.array, n: int) -> float:
+def gen_time(model, first: mx.array, n: int, hooks: Hooks | None = None) -> float:
     """Seconds to generate n tokens greedily after a one-token prompt."""
-    from edgeai.engine import decode_steps
-
     t0 = time.perf_counter()
-    count = sum(1 for _ in decode_steps(model, first, _greedy, n))
+    count = sum(1 for _ in decode_steps(model, first, _greedy, n, hooks=hooks))
     assert count == n
     return time.perf_counter() - t0
 
 
 def run_test(model, vocab: int, test: str, n: int, reps: int, seed: int = 0,
-             on_rep: Callable[[], None] | None = None, warmup: int | None = None) -> tuple[list[float], list[float], int]:
+             on_rep: Callable[[], None] | None = None, warmup: int | None = None,
+             hooks: Hooks | None = None) -> tuple[list[float], list[float], int]:
     """Warm up once, then time `reps` runs; returns (tok/s per rep, seconds per rep, peak bytes).
 
     Args:
@@ -109,16 +109,20 @@ def run_test(model, vocab: int, test: str, n: int, reps: int, seed: int = 0,
         seed: seed of the random tokens.
         on_rep: called after each timed run.
         warmup: tokens of the warm-up run (default n; a slow peer may warm up on fewer).
+        hooks: the model's kernel hooks (`Engine.hooks`; None for a stock mlx-lm model).
     """
     key = mx.random.key(seed)
     tokens = mx.random.randint(0, vocab, (n if test == "pp" else 1,), key=key).astype(mx.int32)
-    timer = (lambda: prompt_time(model, tokens)) if test == "pp" else (lambda: gen_time(model, tokens, n))
+    if test == "pp":
+        timer = lambda: prompt_time(model, tokens, hooks)  # noqa: E731
+    else:
+        timer = lambda: gen_time(model, tokens, n, hooks)  # noqa: E731
     if warmup is None:
         timer()
     elif test == "pp":
-        prompt_time(model, tokens[: max(1, warmup)])
+        prompt_time(model, tokens[: max(1, warmup)], hooks)
     else:
-        gen_time(model, tokens, max(1, warmup))
+        gen_time(model, tokens, max(1, warmup), hooks)
     mx.reset_peak_memory()
     secs = []
     for _ in range(reps):
@@ -150,11 +154,11 @@ def bench(model_path: Path, name: str, kernels: tuple[str, ...] = ("custom",), n
     for kernel, precision in runs:
         eng = Engine.load(model_path, name=name, kernel=kernel, precision=precision)
         detail = " ".join(x for x in (eng.kernel.name, eng.kernel.isa, eng.kernel.precision) if x)
-        vocab = int(eng.config.get("vocab_size") or eng.tokenizer.vocab_size)
+        vocab = eng.vocab_size
         for test, n in (("pp", n_prompt), ("tg", n_gen)):
             if n <= 0:
                 continue
-            rates, secs, peak = run_test(eng.model, vocab, test, n, reps, on_rep=on_rep)
+            rates, secs, peak = run_test(eng.model, vocab, test, n, reps, on_rep=on_rep, hooks=eng.hooks)
             yield BenchRow(
                 model=name, kernel=kernel, kernel_detail=detail, test=f"{test}{n}", tokens=n, reps=reps,
                 tok_s=statistics.fmean(rates), tok_s_sd=statistics.stdev(rates) if len(rates) > 1 else 0.0,
@@ -166,7 +170,7 @@ def bench(model_path: Path, name: str, kernels: tuple[str, ...] = ("custom",), n
 
 def markdown(head: BenchHeader, rows: list[BenchRow]) -> str:
     """llama-bench-style markdown table with a header line."""
-    from edgeai.render import human_bytes
+    from edgeai.cli.render import human_bytes
 
     lines = [
         f"machine: {head.machine} | backend: {head.backend} | threads: {head.threads} | "

@@ -83,7 +83,7 @@ def check_memory(needed: int | None, what: str, force: bool = False) -> None:
     Raises:
         ResourceError: `needed` is more than the memory available now.
     """
-    from edgeai.render import human_bytes
+    from edgeai.cli.render import human_bytes
 
     if force or needed is None:
         return
@@ -102,7 +102,7 @@ def check_disk(needed: int | None, path: str | Path, what: str) -> None:
     Raises:
         ResourceError: not enough free space (with a margin).
     """
-    from edgeai.render import human_bytes
+    from edgeai.cli.render import human_bytes
 
     if not needed or needed <= 0:
         return

@@ -83,7 +83,7 @@ class Answer:
         reasons: human-readable reasons for the tier decision.
         signals: the raw confidence signals, when scored.
         decision: what the policy did: "local", "kept-local", "escalated", "remote",
-            "fallback-local" (remote failed) — see edgeai.respond.
+            "fallback-local" (remote failed) — see edgeai.routing.respond.
     """
 
     text: str

@@ -32,7 +32,7 @@ def encoder_dir() -> Path:
     """The router's MiniLM encoder, fetched once per machine the way edgeai does offline."""
     if os.environ.get("EDGEAI_EMBED_MODEL"):
         return Path(os.environ["EDGEAI_EMBED_MODEL"])
-    from edgeai import embed
+    from edgeai.routing import embed
 
     target = _test_cache() / "all-MiniLM-L6-v2"
     if not (target / "model.safetensors").exists():
@@ -79,7 +79,7 @@ def smollm_gguf(smollm_wheel) -> Path:
 @pytest.fixture(scope="session")
 def smollm_dir(smollm_gguf, tmp_path_factory) -> Path:
     """The real 135M model converted to an MLX directory by edgeai's importer."""
-    from edgeai.gguf import convert
+    from edgeai.store.gguf import convert
 
     out = tmp_path_factory.mktemp("smollm") / "smollm2-135m"
     convert(smollm_gguf, out)

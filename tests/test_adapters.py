@@ -18,7 +18,7 @@ import pytest
 from conftest import run_cli
 from tinymodel import make_tiny_model
 
-from edgeai import adapters
+from edgeai.store import adapters
 from edgeai.errors import InvalidInput, ModelNotFound
 from edgeai.options import GenerationOptions
 
@@ -184,7 +184,7 @@ def test_per_row_selection_in_one_batch_equals_single_rows(engine):
 
 def test_lru_evicts_least_recently_used(env):
     from edgeai.engine import Engine
-    from edgeai.lora import store_set
+    from edgeai.engine.lora import store_set
 
     eng = Engine.load(env["base"], name="tiny", kernel="builtin")
     eng.adapters = store_set(eng.model, "tiny", capacity=1)
@@ -257,7 +257,7 @@ def test_store_add_list_rm(env):
 def test_works_over_custom_kernel_layers(env, reference):
     """With the custom matmul kernels swapped in, the wrapper calls them and adds the delta."""
     from edgeai.engine import Engine
-    from edgeai.lora import LoRASwitch
+    from edgeai.engine.lora import LoRASwitch
 
     eng = Engine.load(env["base"], name="tiny", kernel="custom")
     if eng.kernel.name == "builtin":
@@ -307,7 +307,7 @@ def test_cli_add_list_rm(env, edgeai_env, tmp_path):
     r = run_cli(["adapter", "add", str(bad), "--base", str(base)], edgeai_env)
     assert r.returncode != 0 and "does not fit base model" in r.stderr and "Traceback" not in r.stderr
     # `edgeai run --adapter`: the answer equals the library's with that adapter, not the base's.
-    from edgeai import chat
+    from edgeai.cli import chat
     from edgeai.engine import Engine
 
     run = ["run", "-m", str(base), "--kernel", "builtin", "--json", "-n", "10"]
@@ -442,7 +442,7 @@ def test_server_requests_with_different_adapters_share_one_batch(tmp_path, monke
 
 def test_adapter_set_refuses_pairs_that_do_not_fit_the_loaded_model(engine):
     """Even past the store's checks (e.g. the base directory was overwritten), nothing bad is installed."""
-    from edgeai.lora import AdapterSet, LoadedAdapter
+    from edgeai.engine.lora import AdapterSet, LoadedAdapter
 
     bad = LoadedAdapter("bad", 1.0, {"model.layers.0.self_attn.q_proj": (mx.zeros((32, 2)), mx.zeros((2, 64)))})
     aset = AdapterSet(engine.model, lambda name: bad)

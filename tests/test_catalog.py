@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from edgeai import catalog
-from edgeai.catalog import HubSource, PipSource
+from edgeai.store import catalog
+from edgeai.store.catalog import HubSource, PipSource
 from edgeai.errors import EdgeAIError, InvalidInput, ModelNotFound
 
 SMOLLM_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"

@@ -10,7 +10,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from fakeproviders import FakeProvider  # noqa: E402
 
-from edgeai import cloud  # noqa: E402
+from edgeai.routing import cloud  # noqa: E402
 from edgeai.options import GenerationOptions  # noqa: E402
 from edgeai.types import Answer  # noqa: E402
 

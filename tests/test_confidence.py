@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from edgeai import confidence
+from edgeai.routing import confidence
 from edgeai.options import GenerationOptions
 from edgeai.types import Answer
 
@@ -106,7 +106,7 @@ def test_shipped_coefficients_cover_the_default_model():
 
 @pytest.mark.slow
 def test_real_model_scores_its_answer(smollm_engine):
-    from edgeai.respond import respond
+    from edgeai.routing.respond import respond
 
     resp = respond("What is the capital of France?", GenerationOptions(max_tokens=16), policy="local-only",
                    engine=smollm_engine, config={})

@@ -8,7 +8,8 @@ import threading
 import mlx.core as mx
 import pytest
 
-from edgeai.engine import Engine, _StopMatcher
+from edgeai.engine import Engine
+from edgeai.engine.decode import StopMatcher
 from edgeai.errors import InvalidInput, UnsupportedModel
 from edgeai.options import GenerationOptions
 from edgeai.types import Answer
@@ -39,12 +40,12 @@ def test_events_carry_true_logprobs_and_entropy(engine):
 
 
 def test_prompt_in_chunks_matches_one_pass(engine):
-    from edgeai.engine import decode_steps
+    from edgeai.engine.decode import decode_steps
 
     prompt = mx.array([(11 * i + 5) % 200 for i in range(10)])
     greedy = lambda lp: mx.argmax(lp, axis=-1)  # noqa: E731
-    one = list(decode_steps(engine.model, prompt, greedy, 5))
-    chunked = list(decode_steps(engine.model, prompt, greedy, 5, prefill_step=3))  # 3 + 3 + 3, then the last
+    one = list(decode_steps(engine.model, prompt, greedy, 5, hooks=engine.hooks))
+    chunked = list(decode_steps(engine.model, prompt, greedy, 5, hooks=engine.hooks, prefill_step=3))  # 3 + 3 + 3, then the last
     assert [t for t, *_ in chunked] == [t for t, *_ in one]
     for (_, a, ea, _), (_, b, eb, _) in zip(chunked, one):
         assert math.isclose(a, b, abs_tol=1e-4) and math.isclose(ea, eb, abs_tol=1e-4)
@@ -91,7 +92,7 @@ def test_not_a_model_directory(tmp_path):
     ],
 )
 def test_stop_matcher(chunks, stops, want_text, want_hit):
-    m = _StopMatcher(stops)
+    m = StopMatcher(stops)
     text, hit = "", False
     for c in chunks:
         t, hit = m.feed(c)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgeai import evaluate as ev
+from edgeai.routing import evaluate as ev
 
 
 def test_load_all_shapes(tmp_path):

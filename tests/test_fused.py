@@ -9,7 +9,7 @@ import pytest
 
 from edgeai import kernels
 
-kc = pytest.importorskip("edgeai.kernels_cpu")
+kc = pytest.importorskip("edgeai.kernels.cpu")
 try:
     EXT = kc.extension()
 except kc.KernelUnavailable:
@@ -192,8 +192,8 @@ def test_log_softmax_matches_mlx_and_is_what_decoding_uses(tiny_model):
     from edgeai.engine import Engine
 
     eng = Engine.load(tiny_model, kernel="custom")
-    assert eng.kernel.attention.endswith("log_softmax") and eng.model._edgeai_log_softmax is not None
-    assert not hasattr(Engine.load(tiny_model, kernel="builtin").model, "_edgeai_log_softmax")
+    assert eng.kernel.attention.endswith("log_softmax") and eng.hooks.log_softmax is EXT.log_softmax
+    assert Engine.load(tiny_model, kernel="builtin").hooks.log_softmax is not EXT.log_softmax
 
 
 def test_custom_engine_events_carry_true_logprobs_and_entropy(tiny_model):
@@ -217,10 +217,10 @@ def test_fused_cache_matches_mlx_lm_cache(tiny_model, prompt_len):
 
     eng = Engine.load(tiny_model, kernel="custom", precision="accurate")
     m = eng.model
-    assert [type(c).__name__ for c in m._edgeai_make_cache(m)] == ["FusedKVCache"] * len(m.layers)
+    assert [type(c).__name__ for c in eng.hooks.make_cache(m)] == ["FusedKVCache"] * len(m.layers)
     prompt = mx.random.randint(0, 200, (1, prompt_len), key=mx.random.key(18))
     runs = []
-    for cache in (m._edgeai_make_cache(m), make_prompt_cache(m)):
+    for cache in (eng.hooks.make_cache(m), make_prompt_cache(m)):
         logits, tok = [m(prompt, cache=cache)[:, -1]], None
         for _ in range(12):
             tok = mx.argmax(logits[-1], axis=-1)[:, None]

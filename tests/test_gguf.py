@@ -11,7 +11,7 @@ import pytest
 from gguf import GGMLQuantizationType as T
 
 from edgeai.errors import InvalidInput, UnsupportedModel
-from edgeai.gguf import convert
+from edgeai.store.gguf import convert
 from ggufmaker import make_gguf, make_q4k_gguf
 
 

@@ -15,10 +15,10 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from fakeproviders import FakeProvider  # noqa: E402
 
-from edgeai import confidence  # noqa: E402
+from edgeai.routing import confidence  # noqa: E402
 from edgeai.options import GenerationOptions  # noqa: E402
-from edgeai.respond import respond  # noqa: E402
-from edgeai.router import Router, routes_from_config, should_escalate  # noqa: E402
+from edgeai.routing.respond import respond  # noqa: E402
+from edgeai.routing.router import Router, routes_from_config, should_escalate  # noqa: E402
 
 KEY = "sk-router-test-9d8e7f6a5b"
 CHAT = "Hello there, how's your day going?"
@@ -27,7 +27,7 @@ OPEN = "Who painted the ceiling of the Sistine Chapel?"  # no route claims it: t
 
 @pytest.fixture(scope="module")
 def encoder():
-    from edgeai.embed import Encoder
+    from edgeai.routing.embed import Encoder
 
     return Encoder.load()
 

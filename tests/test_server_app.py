@@ -16,7 +16,7 @@ from schemathesis.checks import not_a_server_error
 
 from edgeai.server import scheduler as sched_mod
 from edgeai.server.app import Settings, build_app
-from edgeai.server.decode import SequenceDecoder
+from edgeai.engine.decode import SequenceDecoder
 from edgeai.server.models import ModelRegistry
 from edgeai.server.scheduler import Scheduler
 from tinymodel import make_tiny_model
@@ -53,7 +53,7 @@ def test_fuzz_openapi_no_server_errors(case):
 
 
 def test_openapi_policies_match_router():
-    from edgeai.router import POLICIES
+    from edgeai.routing.router import POLICIES
     from edgeai.server.schemas import POLICIES as served
 
     assert tuple(served) == tuple(POLICIES)
@@ -66,10 +66,10 @@ class _FailingDecoder(SequenceDecoder):
         super().__init__(tokenizer, options, prompt_tokens)
         self.boom = "BOOM" in options.stop
 
-    def step(self, token, signals, batch_finish):
+    def step(self, token, signals, last):
         if self.boom and self.stats.generation_tokens >= 2:
             raise RuntimeError("injected fault")
-        return super().step(token, signals, batch_finish)
+        return super().step(token, signals, last)
 
 
 def test_exception_in_generation_fails_that_request_alone(api_app, monkeypatch):
@@ -114,7 +114,7 @@ def test_two_models_take_turns_without_mixing(api_app):
 
 
 def test_embeddings_without_encoder_is_501(api_app, monkeypatch, tmp_path):
-    from edgeai import embed
+    from edgeai.routing import embed
 
     monkeypatch.setenv("EDGEAI_EMBED_MODEL", str(tmp_path / "missing"))
     # Bypass the process-wide cache: another test may have loaded the real encoder already.

@@ -19,7 +19,7 @@ from conftest import default_sigint  # noqa: E402
 from hubserver import Faults, HubServer  # noqa: E402
 from tinymodel import make_tiny_model  # noqa: E402
 
-from edgeai import hub as hubmod  # noqa: E402
+from edgeai.store import hub as hubmod  # noqa: E402
 from edgeai import store  # noqa: E402
 from edgeai.errors import DownloadError, InvalidInput, ModelNotFound, ResourceError  # noqa: E402
 
@@ -281,7 +281,7 @@ def test_unknown_names_suggest_close_ones(env):
 
 def _wheel(out: Path, model_dir: Path, version: str = "0.1.0") -> tuple[Path, str]:
     """A real wheel carrying an MLX model directory as package data."""
-    from edgeai.wheel import sha256_file
+    from edgeai.store.pip import sha256_file
 
     out.mkdir(parents=True, exist_ok=True)
     whl = out / f"tiny_model_pkg-{version}-py3-none-any.whl"

@@ -6,7 +6,7 @@
 | app.py            | routes, body parsing, OpenAI-style errors                            |
 | schemas.py        | pydantic request/response models (sampling bounds from options.py)    |
 | openai_adapter.py | OpenAI request → native request; Events/Answer → bodies and SSE      |
-| escalation.py     | the bridge to edgeai.respond (route, gate, escalate) and embeddings  |
+| escalation.py     | the bridge to edgeai.routing.respond (route, gate, escalate) and embeddings  |
 | scheduler.py      | the one owner of MLX: queue, continuous batching, cancel, keep-alive |
 | decode.py         | per-sequence sampler and token → Event step                          |
 | models.py         | which model names are served, and where they are                     |

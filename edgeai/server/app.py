@@ -33,7 +33,7 @@ from edgeai.server.models import ModelRegistry
 from edgeai.server.scheduler import QueueFull, Scheduler
 
 DEFAULT_MAX_BODY = 4 << 20  # bytes; a long prompt is ≈ 100 KB, nothing needs more
-EMBED_MODELS = ("all-minilm-l6-v2",)  # the router's sentence encoder (edgeai.embed)
+EMBED_MODELS = ("all-minilm-l6-v2",)  # the router's sentence encoder (edgeai.routing.embed)
 
 
 @dataclass

@@ -3,7 +3,7 @@
 mlx-lm computes each prompt (and, once it is done, the prompt's first generated token) in a
 `PromptProcessingBatch` and hands the rows to the running `GenerationBatch` afterwards. Here
 that prompt batch calls `prompt_model`: for edgeai's CPU kernels in fast mode, the same
-model under the float32 context (kernels_cpu.full_precision), as `Engine.generate` runs a
+model under the float32 context (the kernels' prompt context), as `Engine.generate` runs a
 prompt. A batched answer then starts with the same token as the single-stream one.
 """
 
@@ -23,8 +23,8 @@ def for_engine(engine: Any, adapter_of: Callable[[int], Any], **kwargs: Any) -> 
         kwargs: BatchGenerator's keyword arguments.
     """
     model = engine.adapters.routed(adapter_of)
-    full = getattr(engine.model, "_edgeai_full_precision", None)
-    prompt_model = engine.adapters.routed(adapter_of, full) if full else model
+    hooks = engine.hooks
+    prompt_model = engine.adapters.routed(adapter_of, hooks.prompt_context) if hooks.int8_decode else model
     return batch_generator(model, prompt_model, **kwargs)
 
 

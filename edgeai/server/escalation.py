@@ -1,6 +1,6 @@
-"""The server's bridge to `edgeai.respond`: route, generate on the scheduler, score, escalate.
+"""The server's bridge to `edgeai.routing.respond`: route, generate on the scheduler, score, escalate.
 
-`edgeai.respond.respond` is synchronous and decides tiers (through `edgeai.router`); the
+`edgeai.routing.respond.respond` is synchronous and decides tiers (through `edgeai.routing.router`); the
 server runs it on one short-lived thread per request and gives it an engine whose
 `generate` is a job on the shared, batching `Scheduler`. MLX work respond does outside
 generation (the router's sentence encoder) is sent to the scheduler's MLX thread too, so
@@ -116,7 +116,7 @@ class Run:
 
 
 class Escalation:
-    """Starts runs through `edgeai.respond` and serves embeddings with the router's encoder.
+    """Starts runs through `edgeai.routing.respond` and serves embeddings with the router's encoder.
 
     Args:
         scheduler: the one owner of MLX work.
@@ -138,12 +138,12 @@ class Escalation:
 
     def policy(self, policy: str | None) -> str:
         """The policy in force: the request's, else config.toml's, else "auto"."""
-        from edgeai.router import policy_from_config
+        from edgeai.routing.router import policy_from_config
 
         return policy_from_config(self.config, policy)
 
     def _router_for(self, policy: str | None) -> Any:
-        from edgeai.router import Router, policy_from_config
+        from edgeai.routing.router import Router, policy_from_config
 
         if policy_from_config(self.config, policy) == "local-only":
             return None
@@ -180,7 +180,7 @@ class Escalation:
         return run
 
     def _respond(self, messages, options, engine, policy, cancel):
-        from edgeai.respond import respond
+        from edgeai.routing.respond import respond
 
         router = self._router_for(policy)
         resp = respond(messages, options, policy=policy, engine=engine, config=self.config, router=router,
@@ -188,7 +188,7 @@ class Escalation:
         return iter(resp), lambda: resp.answer
 
     def _local(self, prompt, options, engine, cancel):
-        from edgeai import confidence
+        from edgeai.routing import confidence
 
         events: list[Event] = []
 
@@ -211,7 +211,7 @@ class Escalation:
     async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
         """Unit-norm sentence embeddings from the router's encoder, and the token count."""
         try:
-            from edgeai.embed import default_encoder
+            from edgeai.routing.embed import default_encoder
         except ImportError:
             raise EdgeAIError("embeddings are not available in this build", "install edgeai with the router") from None
 

@@ -32,7 +32,7 @@ class NativeRequest:
     policy: str | None
     logprobs: int | None  # None: off; n >= 0: report logprobs with n alternatives
     logits: dict = field(default_factory=dict)  # logit_bias / penalties, for the logits processors
-    adapter: str | None = None  # a stored LoRA adapter for this request only (edgeai.lora)
+    adapter: str | None = None  # a stored LoRA adapter for this request only (edgeai.engine.lora)
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
 

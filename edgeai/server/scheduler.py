@@ -24,12 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from edgeai.engine import token_signals_batch
+from edgeai.engine.decode import SequenceDecoder, make_processors, make_sampler, token_signals_batch
 from edgeai.errors import EdgeAIError, InvalidInput, ResourceError
 from edgeai.options import GenerationOptions
 from edgeai.types import Event
-
-from edgeai.server.decode import SequenceDecoder, make_processors, make_sampler
 
 log = logging.getLogger("edgeai.server")
 ADMITTED = object()  # first item a job gets once its prompt is accepted
@@ -64,7 +62,7 @@ class Job:
     logits: dict = field(default_factory=dict)  # make_logits_processors(**logits)
     tokenizer: Any = None  # set when admitted, for rendering token strings
     prompt_tokens: int = 0
-    adapter: str | None = None  # a stored LoRA adapter's name (edgeai.lora)
+    adapter: str | None = None  # a stored LoRA adapter's name (edgeai.engine.lora)
     lora: Any = None  # that adapter, resolved when the job is admitted
 
     def push(self, item: Any) -> None:
@@ -318,7 +316,7 @@ class Scheduler:
                 continue
             try:
                 loaded = self._ensure_model(job)
-                ids = self._encode(loaded.engine, job)
+                ids = loaded.engine.prompt_ids(job.prompt)
                 # An unknown or mismatched adapter fails this job only; the version read now
                 # serves the whole request.
                 job.lora = loaded.engine.adapters.get(job.adapter) if job.adapter else None
@@ -330,11 +328,11 @@ class Scheduler:
                 continue
             job.tokenizer = loaded.engine.tokenizer
             job.prompt_tokens = len(ids)
-            max_tokens = min(job.options.max_tokens, loaded.engine.context_length - len(ids))
+            max_tokens = loaded.engine.max_new_tokens(ids, job.options)
             try:
                 (uid,) = loaded.generator.insert(
-                    [ids], max_tokens=[max_tokens], samplers=[make_sampler(job.options, loaded.engine)],
-                    logits_processors=[make_processors(job.logits, loaded.engine)])
+                    [ids], max_tokens=[max_tokens], samplers=[make_sampler(job.options, loaded.engine.vocab_size)],
+                    logits_processors=[make_processors(job.logits, loaded.engine.vocab_size, loaded.engine.name)])
             except EdgeAIError as e:
                 job.push(e)
                 continue
@@ -345,16 +343,6 @@ class Scheduler:
             job.push(ADMITTED)
             if self.metrics is not None:
                 self.metrics.prompt_tokens.inc(len(ids))
-
-    def _encode(self, engine: Any, job: Job) -> list[int]:
-        ids = engine.encode(job.prompt)
-        if not ids:
-            raise InvalidInput("the prompt is empty", "send a non-empty prompt")
-        if len(ids) >= engine.context_length:
-            raise InvalidInput(
-                f"the prompt is {len(ids)} tokens; {engine.name} accepts at most {engine.context_length - 1}",
-                "shorten the prompt")
-        return ids
 
     def _reap_cancelled(self) -> None:
         gone = [uid for uid, (job, _) in self._active.items() if job.cancel.is_set()]
@@ -385,7 +373,7 @@ class Scheduler:
         for r, sig in zip(responses, signals):
             job, dec = self._active[r.uid]
             try:
-                events, finish = dec.step(r.token, sig, r.finish_reason)
+                events, finish = dec.step(r.token, sig, last=r.finish_reason is not None)
             except Exception as e:  # one job's failure must not touch the others
                 job.push(GenerationFailed(f"generation failed: {e}"))
                 done.append((r.uid, r.finish_reason is None))

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from edgeai.options import GenerationOptions
 
-POLICIES = ("local-only", "auto", "remote")  # edgeai.router.POLICIES (checked in the tests)
+POLICIES = ("local-only", "auto", "remote")  # edgeai.routing.router.POLICIES (checked in the tests)
 
 
 def _opt(name: str, **override: Any) -> Any:

@@ -26,101 +26,15 @@ import threading
 import time
 from collections import OrderedDict
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
 from typing import Callable, ContextManager, Iterator, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from edgeai.store import adapters
+from edgeai.store.adapters import LoadedAdapter, check_targets
+
 DEFAULT_CACHE = 8  # adapters kept in memory ($EDGEAI_ADAPTER_CACHE)
-
-
-@dataclass
-class LoadedAdapter:
-    """One adapter's weights in memory.
-
-    Attributes:
-        name: the adapter's store name.
-        scale: the LoRA scale (mlx-lm's `lora_parameters.scale`).
-        pairs: module path (e.g. "model.layers.3.self_attn.q_proj") -> (A [in, r], B [r, out]).
-    """
-
-    name: str
-    scale: float
-    pairs: dict[str, tuple[mx.array, mx.array]] = field(default_factory=dict)
-    version: object = None  # what the store said identifies these files (replaced: reload)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes + b.nbytes for a, b in self.pairs.values())
-
-
-def pairs_from_weights(weights: dict[str, mx.array]) -> tuple[dict[str, tuple[mx.array, mx.array]], list[str]]:
-    """Group mlx-lm adapter tensors ("<path>.lora_a", "<path>.lora_b") by module path.
-
-    Returns:
-        (pairs, problems): problems lists tensors that are not LoRA pairs or whose A and B
-        ranks disagree; empty when the file is well formed.
-    """
-    pairs: dict[str, dict[str, mx.array]] = {}
-    problems = []
-    for key, w in weights.items():
-        path, _, leaf = key.rpartition(".")
-        if leaf not in ("lora_a", "lora_b") or not path:
-            problems.append(f"{key}: not a LoRA tensor (DoRA and full fine-tunes are not supported)")
-            continue
-        pairs.setdefault(path, {})[leaf] = w
-    out = {}
-    for path, p in sorted(pairs.items()):
-        if set(p) != {"lora_a", "lora_b"}:
-            problems.append(f"{path}: has only {', '.join(sorted(p))}")
-        elif p["lora_a"].ndim != 2 or p["lora_b"].ndim != 2 or p["lora_a"].shape[1] != p["lora_b"].shape[0]:
-            problems.append(f"{path}: lora_a {tuple(p['lora_a'].shape)} and lora_b {tuple(p['lora_b'].shape)} do not chain")
-        else:
-            out[path] = (p["lora_a"], p["lora_b"])
-    return out, problems
-
-
-def linear_dims(module: nn.Module) -> tuple[int, int] | None:
-    """(input_dims, output_dims) of a linear-like module, or None if it is not one."""
-    if isinstance(module, LoRASwitch):
-        module = module.base
-    if isinstance(module, (nn.Embedding, nn.QuantizedEmbedding)):
-        return None
-    if isinstance(getattr(module, "input_dims", None), int) and isinstance(getattr(module, "output_dims", None), int):
-        return module.input_dims, module.output_dims
-    w = module.get("weight") if isinstance(module, nn.Module) else None
-    if not isinstance(w, mx.array) or w.ndim != 2:
-        return None
-    if "scales" in module:  # quantized: the packed uint32 row holds 32 // bits values per word
-        bits = getattr(module, "bits", None)
-        if not isinstance(bits, int):
-            return None
-        return w.shape[1] * 32 // bits, w.shape[0]
-    return w.shape[1], w.shape[0]
-
-
-def check_targets(modules: dict[str, nn.Module], pairs: dict[str, tuple[mx.array, mx.array]]) -> list[str]:
-    """Problems that keep `pairs` from applying to a model (names, module kinds, shapes).
-
-    Args:
-        modules: the model's `dict(model.named_modules())` (or the part of it `pairs` names).
-        pairs: module path -> (A, B), as `pairs_from_weights` gives.
-    """
-    problems = []
-    for path, (a, b) in pairs.items():
-        m = modules.get(path)
-        if m is None:
-            problems.append(f"{path}: no such layer in the base model")
-            continue
-        dims = linear_dims(m)
-        if dims is None:
-            problems.append(f"{path}: is a {type(m).__name__}, not a linear layer")
-        elif (a.shape[0], b.shape[1]) != dims:
-            problems.append(
-                f"{path}: adapter maps {a.shape[0]} -> {b.shape[1]}, the base layer {dims[0]} -> {dims[1]}"
-            )
-    return problems
 
 
 class LoRASwitch(nn.Module):
@@ -391,8 +305,6 @@ def store_set(model: nn.Module, base: str, path=None, capacity: int | None = Non
         path: its directory.
         capacity: adapters kept in memory.
     """
-
-    from edgeai import adapters
 
     def load(name: str) -> LoadedAdapter:
         return adapters.load(name, base=base, base_path=path)

@@ -13,11 +13,11 @@ Two decisions, both here:
 Policies: `local-only` (nothing leaves the machine: no router model download, no remote
 call), `auto` (router, then confidence gate), `remote` (always the remote tier).
 
-Config (config.toml; all optional — shipped routes live in `edgeai/data/routes.json`)::
+Config (config.toml; all optional — shipped routes live in `edgeai/routing/data/routes.json`)::
 
     [policy]
     mode = "auto"                 # local-only | auto | remote   (CLI --policy wins)
-    remote_tier = "cloud"         # a [tiers.<name>] table, see edgeai.cloud
+    remote_tier = "cloud"         # a [tiers.<name>] table, see edgeai.routing.cloud
     threshold = 0.5               # escalate below this P(correct) (default: calibrated)
 
     [router]
@@ -74,7 +74,7 @@ class Decision:
 
 
 def shipped_routes() -> tuple[dict[str, Route], float]:
-    data = json.loads(resources.files("edgeai").joinpath("data/routes.json").read_text())
+    data = json.loads(resources.files("edgeai.routing").joinpath("data/routes.json").read_text())
     routes = {n: Route(n, r["tier"], list(r["examples"])) for n, r in data["routes"].items()}
     return routes, float(data["min_similarity"])
 
@@ -84,7 +84,7 @@ def routes_from_config(cfg: dict[str, Any]) -> tuple[dict[str, Route], float]:
     routes, min_sim = shipped_routes()
     for name, r in (cfg.get("routes") or {}).items():
         if not isinstance(r, dict) or not r.get("examples"):
-            raise InvalidInput(f"config: routes.{name} needs a list of examples", "see `edgeai.router` docs")
+            raise InvalidInput(f"config: routes.{name} needs a list of examples", "see `edgeai.routing.router` docs")
         routes[name] = Route(name, str(r.get("tier", "remote")), [str(e) for e in r["examples"]])
     min_sim = float((cfg.get("router") or {}).get("min_similarity", min_sim))
     return routes, min_sim
@@ -97,7 +97,7 @@ class Router:
         routes: route name → Route.
         remote_tier: the default remote tier name (None when none is configured).
         min_similarity: below this best similarity no route applies.
-        encoder: an `edgeai.embed.Encoder`-like object (loaded lazily when None).
+        encoder: an `edgeai.routing.embed.Encoder`-like object (loaded lazily when None).
     """
 
     def __init__(self, routes: dict[str, Route], remote_tier: str | None, min_similarity: float = 0.4,
@@ -134,7 +134,7 @@ class Router:
     @property
     def encoder(self):
         if self._encoder is None:
-            from edgeai.embed import default_encoder
+            from edgeai.routing.embed import default_encoder
 
             self._encoder = default_encoder()
         return self._encoder

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Iterable, Iterator
 
-from edgeai import render
+from edgeai.cli import render
 from edgeai.options import GenerationOptions, Message
 from edgeai.types import Answer, Event
 

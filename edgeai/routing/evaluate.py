@@ -15,7 +15,7 @@ for GSM8K; first standalone letter for multiple choice; abstention for unanswera
 Each generation is saved as a *record* (question, gold, text, finish reason, per-token
 logprobs/entropies/top-logprobs, correct) in a JSONL file so that calibration can be refit
 without regenerating. Fitting uses scikit-learn; run-time scoring only numpy
-(`edgeai.confidence.Scorer`).
+(`edgeai.routing.confidence.Scorer`).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-from edgeai import confidence
+from edgeai.routing import confidence
 from edgeai.errors import InvalidInput
 from edgeai.types import Answer, Stats
 

@@ -4,7 +4,7 @@
 `Event`s to show, then read `response.answer` (an `Answer` with tier, confidence, threshold,
 route, reasons, signals and decision). `edgeai run` and `edgeai serve` both call it.
 
-Streaming, by decision (the tier decisions themselves are made in `edgeai.router`):
+Streaming, by decision (the tier decisions themselves are made in `edgeai.routing.router`):
 
 | decision        | what the caller sees                                                  |
 |-----------------|-----------------------------------------------------------------------|
@@ -17,7 +17,7 @@ Streaming, by decision (the tier decisions themselves are made in `edgeai.router
 Holding the gated local answer back is deliberate: showing it and then replacing it would
 make the user read an answer we already decided not to trust. Gating happens only when a
 remote tier is configured; prompts that matched a local route escalate only on a hard flag
-(see `edgeai.router.should_escalate`).
+(see `edgeai.routing.router.should_escalate`).
 """
 
 from __future__ import annotations
@@ -25,9 +25,10 @@ from __future__ import annotations
 import threading
 from typing import Any, Callable, Iterator, Sequence
 
-from edgeai import cloud, confidence
+from edgeai.routing import cloud
+from edgeai.routing import confidence
 from edgeai.options import GenerationOptions, Message
-from edgeai.router import Decision, Router, policy_from_config, should_escalate
+from edgeai.routing.router import Decision, Router, policy_from_config, should_escalate
 from edgeai.types import Answer, Event
 
 EngineLike = Any  # edgeai.engine.Engine, or a zero-argument callable returning one
@@ -86,7 +87,7 @@ def respond(
             scorer's calibrated one).
         transport: httpx transport for remote calls (tests).
         cancel: stops local generation when set.
-        adapter: a stored LoRA adapter for the local model (see edgeai.lora).
+        adapter: a stored LoRA adapter for the local model (see edgeai.engine.lora).
     """
     from edgeai.config import load_config
 

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from edgeai import render
+from edgeai.cli import render
 
 
 def _served_model(model: str | None, name: str | None) -> tuple[str, Path]:
@@ -42,7 +42,7 @@ def register(app: typer.Typer) -> None:
         log_level: str = typer.Option("warning", "--log-level", help="uvicorn log level"),
     ) -> None:
         """Serve models to local apps over a Unix socket, OpenAI-compatible."""
-        from edgeai.router import policy_from_config
+        from edgeai.routing.router import policy_from_config
         from edgeai.config import load_config
         from edgeai.server import app as server_app
         from edgeai.server.metrics import Metrics

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from edgeai import render
+from edgeai.cli import render
 
 
 def register(app: typer.Typer) -> None:
@@ -24,7 +24,7 @@ def register(app: typer.Typer) -> None:
         json_out: bool = typer.Option(False, "--json", help="Print JSON"),
     ) -> None:
         """Check an adapter against its base model's layers and shapes, and store it."""
-        from edgeai import adapters
+        from edgeai.store import adapters
 
         with render.err.status(f"checking {path} against {base}…"):
             info = adapters.add(path, base, name=name, force=force)
@@ -39,7 +39,7 @@ def register(app: typer.Typer) -> None:
         """List the stored adapters."""
         from rich.table import Table
 
-        from edgeai import adapters
+        from edgeai.store import adapters
 
         infos = adapters.list_adapters()
         if json_out:
@@ -56,7 +56,7 @@ def register(app: typer.Typer) -> None:
     @sub.command("rm")
     def rm(name: str = typer.Argument(..., help="Adapter name")) -> None:
         """Remove a stored adapter."""
-        from edgeai import adapters
+        from edgeai.store import adapters
 
         info = adapters.remove(name)
         render.err.print(f"removed adapter {info.name}")

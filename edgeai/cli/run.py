@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from edgeai import render
+from edgeai.cli import render
 
 
 def _read_stdin() -> str:
@@ -64,7 +64,7 @@ def register(app: typer.Typer) -> None:
         explain: bool = typer.Option(False, "--explain", help="Show the route, signals, score, threshold and decision"),
     ) -> None:
         """Answer a prompt with a local model, streaming tokens as they come."""
-        from edgeai import chat
+        from edgeai.cli import chat
 
         opts = _options(max_tokens, temperature, top_p, top_k, min_p, seed, stop)
         if interactive or (prompt is None and sys.stdin is not None and sys.stdin.isatty()):
@@ -78,7 +78,7 @@ def register(app: typer.Typer) -> None:
             from edgeai.errors import InvalidInput
 
             raise InvalidInput("the prompt is empty", 'give a prompt, e.g. edgeai run "Why is the sky blue?"')
-        from edgeai.respond import respond
+        from edgeai.routing.respond import respond
 
         messages = chat.messages_for(text, system)
         # The local model loads only if the router or a fallback needs it.
@@ -97,7 +97,7 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def doctor(json_out: bool = typer.Option(False, "--json", help="Print JSON")) -> None:
         """Check this machine: platform, MLX backend, memory, store, models, kernels."""
-        from edgeai import doctor as doc
+        from edgeai.cli import doctor as doc
 
         report = doc.report()
         if json_out:

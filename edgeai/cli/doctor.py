@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from edgeai import render
+from edgeai.cli import render
 
 
 def report() -> dict[str, Any]:

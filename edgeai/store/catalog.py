@@ -127,7 +127,7 @@ class ModelSpec(_Strict):
 
 
 def shipped_catalog_path() -> Path:
-    return Path(str(resources.files("edgeai").joinpath("models.toml")))
+    return Path(str(resources.files("edgeai.store").joinpath("models.toml")))
 
 
 def user_catalog_path() -> Path:

@@ -18,10 +18,10 @@ Signals (all computed from `Answer`, i.e. from the engine's `Event`s):
 | idk             | 1 when the answer abstains ("I don't know", "it is unknown" …)    |
 
 A `Scorer` turns the signals into P(correct): standardize → logistic regression →
-isotonic (or Platt) calibration. Coefficients per model ship in `edgeai/data/confidence.json`;
+isotonic (or Platt) calibration. Coefficients per model ship in `edgeai/routing/data/confidence.json`;
 `edgeai eval --calibrate` writes the user's own to `<config dir>/confidence.json` (same
 format), which take precedence. Only numpy is needed at run time; fitting lives in
-`edgeai.evaluate` (scikit-learn).
+`edgeai.routing.evaluate` (scikit-learn).
 """
 
 from __future__ import annotations
@@ -182,7 +182,7 @@ def user_calibration_path() -> Path:
 
 
 def _shipped() -> dict[str, Any]:
-    return json.loads(resources.files("edgeai").joinpath("data/confidence.json").read_text())
+    return json.loads(resources.files("edgeai.routing").joinpath("data/confidence.json").read_text())
 
 
 def load_scorer(model: str) -> Scorer:

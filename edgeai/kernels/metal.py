@@ -13,7 +13,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-_SOURCE = Path(__file__).resolve().parent.parent / "kernels" / "metal" / "qmv_affine.metal"
+_SOURCE = Path(__file__).resolve().parent / "qmv_affine.metal"
 
 
 def _source() -> str:

@@ -1,0 +1,176 @@
+"""Load a model once and generate token events with log-probabilities.
+
+The engine is the only code that runs a local model. It yields `Event`s; everything above
+it (confidence, router, server, CLI) consumes those.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from edgeai import kernels
+from edgeai.engine.decode import SequenceDecoder, check_prompt, decode_steps, make_sampler
+from edgeai.engine.lora import store_set
+from edgeai.errors import InvalidInput, UnsupportedModel
+from edgeai.options import GenerationOptions, Message
+from edgeai.types import Event
+
+Prompt = str | Sequence[int] | Sequence[Message] | Sequence[dict]
+
+
+class Engine:
+    """A loaded model with its tokenizer.
+
+    Attributes:
+        name: the store name (or the directory name).
+        path: the MLX model directory.
+        model: the mlx-lm model (quantized layers possibly swapped for our kernels).
+        tokenizer: mlx-lm's TokenizerWrapper.
+        context_length: the most tokens (prompt + answer) the model accepts.
+        vocab_size: rows of the embedding table: token ids must be below it.
+        kernel: which matmul kernel is active and why; its `hooks` are what the decode loop
+            uses with this model.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, path: Path, name: str | None = None,
+                 config: dict | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.path = Path(path)
+        self.name = name or self.path.name
+        self.config = config or {}
+        self.context_length = int(self.config.get("max_position_embeddings") or 4096)
+        self.vocab_size = _vocab_size(model, self.config)
+        self.kernel = kernels.KernelReport("builtin", "not applied")
+        # One generation at a time per model: MLX models are not re-entrant across threads.
+        self.lock = threading.Lock()
+        # LoRA adapters hot-swapped per generation over these base weights (engine/lora.py).
+        self.adapters = store_set(model, self.name, self.path)
+
+    @classmethod
+    def load(cls, path: str | Path, name: str | None = None, kernel: str | None = None,
+             precision: str | None = None) -> "Engine":
+        """Load an MLX model directory (config.json, safetensors, tokenizer files).
+
+        Args:
+            path: the model directory.
+            name: the name to report (defaults to the directory name).
+            kernel: "auto", "builtin" or "custom" (defaults to $EDGEAI_KERNEL or auto).
+            precision: the CPU kernel's "fast" or "accurate" mode (defaults to
+                $EDGEAI_KERNEL_PRECISION or fast; see edgeai/kernels).
+        """
+        from mlx_lm.utils import load as mlx_load
+
+        path = Path(path)
+        if not (path / "config.json").exists():
+            raise UnsupportedModel(f"{path} is not an MLX model directory (no config.json)")
+        try:
+            model, tokenizer = mlx_load(str(path))
+        except (ValueError, KeyError, FileNotFoundError, OSError) as e:
+            raise UnsupportedModel(f"could not load the model in {path}: {e}", "re-import or re-pull it") from e
+        config = json.loads((path / "config.json").read_text())
+        eng = cls(model, tokenizer, path, name, config)
+        eng.kernel = kernels.apply(model, kernel or os.environ.get("EDGEAI_KERNEL", "auto"), precision)
+        return eng
+
+    @property
+    def hooks(self) -> kernels.Hooks:
+        return self.kernel.hooks
+
+    # -- prompts -------------------------------------------------------------------------
+
+    def encode(self, prompt: Prompt) -> list[int]:
+        """Token ids for a raw string, a message list (chat template applied) or ids."""
+        if isinstance(prompt, str):
+            return list(self.tokenizer.encode(prompt))
+        prompt = list(prompt)
+        if not prompt:
+            raise InvalidInput("the prompt is empty", "give a prompt, or pipe text on stdin")
+        if isinstance(prompt[0], int):
+            return [int(t) for t in prompt]
+        messages = [m.model_dump() if isinstance(m, Message) else dict(m) for m in prompt]
+        if getattr(self.tokenizer, "has_chat_template", False):
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            return list(ids)
+        # Models without a template: plain transcript, answer cue at the end.
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+        return list(self.tokenizer.encode(text))
+
+    # -- generation ----------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompt: Prompt,
+        options: GenerationOptions | None = None,
+        cancel: threading.Event | None = None,
+        adapter: str | None = None,
+    ) -> Iterator[Event]:
+        """Stream the answer to `prompt` as token events.
+
+        Args:
+            prompt: text, token ids, or chat messages (the chat template is applied).
+            options: sampling and stopping options.
+            cancel: set it from another thread to stop after the current step.
+            adapter: a stored LoRA adapter to apply for this generation only (None: base).
+
+        Yields:
+            One Event per token (text may be held back while it could start a stop
+            string); the last carries finish_reason and stats.
+        """
+        options = options or GenerationOptions()
+        ids = self.prompt_ids(prompt)
+        # The adapter is selected inside the lock, so it is scoped to this generation alone.
+        with self.lock, self.adapters.use(adapter):
+            yield from self.stream(ids, options, cancel)
+
+    def prompt_ids(self, prompt: Prompt) -> list[int]:
+        """`encode(prompt)`, checked: not empty, shorter than the context, ids in the vocabulary."""
+        ids = self.encode(prompt)
+        check_prompt(ids, self.context_length, self.vocab_size, self.name)
+        return ids
+
+    def max_new_tokens(self, ids: Sequence[int], options: GenerationOptions) -> int:
+        return min(options.max_tokens, self.context_length - len(ids))
+
+    def stream(self, ids: list[int], options: GenerationOptions, cancel: threading.Event | None = None,
+               model: Callable | None = None) -> Iterator[Event]:
+        """Events for checked prompt ids (`prompt_ids`), through the one decode loop.
+
+        The caller holds the model (the lock, or the server's MLX thread) and has chosen
+        its adapter; `model` replaces `self.model` for the calls (a LoRA-routing wrapper).
+        """
+        mx.reset_peak_memory()
+        seq = SequenceDecoder(self.tokenizer, options, len(ids))
+        max_tokens = self.max_new_tokens(ids, options)
+        steps = decode_steps(model or self.model, mx.array(ids), make_sampler(options, self.vocab_size),
+                             max_tokens, options.top_logprobs, self.hooks)
+        finish = "length"
+        try:
+            for n, (token, lp, ent, top) in enumerate(steps):
+                events, end = seq.step(token, (lp, ent, top), last=n + 1 == max_tokens)
+                yield from events
+                if end is not None:
+                    finish = end
+                    break
+                if cancel is not None and cancel.is_set():
+                    finish = "cancelled"
+                    break
+        finally:
+            steps.close()
+        yield seq.finish(finish)
+
+
+def _vocab_size(model: nn.Module, config: dict) -> int:
+    """Rows of the model's input embedding (the config can disagree with the weights)."""
+    emb = getattr(getattr(model, "model", model), "embed_tokens", None)
+    weight = getattr(emb, "weight", None)
+    if weight is not None:
+        return int(weight.shape[0])
+    return int(config.get("vocab_size") or 0) or 1 << 31

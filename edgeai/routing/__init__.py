@@ -1,0 +1,1 @@
+"""Which tier answers: routes, the local answer's confidence, remote providers, evaluation."""
