@@ -1,13 +1,16 @@
-"""Aggregate generation tokens/s of `edgeai serve` for 1, 4 and 16 concurrent clients.
+"""`edgeai serve` against `edgeai bench`: one client's decode speed, and what batching buys.
 
-A real server subprocess on a Unix socket; each client sends non-streamed chat requests
-(greedy, a different prompt each) back to back for the whole round. The peer is the same
-server with one client: the ratio says what continuous batching buys.
+A real server subprocess on a Unix socket.
+1. One client streams long greedy answers; its decode rate (tokens after the first, over the
+   time since the first) is printed beside `edgeai bench`'s tg on the same model and kernel,
+   measured in this process between the server's rounds (the two take turns, never overlap).
+2. 1, 4 and 16 concurrent clients send non-streamed chat requests (greedy, a different prompt
+   each) back to back; aggregate tokens/s, and its ratio to one client.
 
 Usage:
     python benchmarks/bench_server.py [--model DIR] [--clients 1,4,16] [--max-tokens 32]
-                                      [--seconds 20] [--json]
-Without --model it uses /tmp/smollm2-mlx when present, else a tiny random model.
+                                      [--seconds 20] [--stream-tokens 128] [--rounds 3] [--json]
+Without --model it uses the store's smollm2-135m when installed, else a tiny random model.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import sys
 import tempfile
 import threading
@@ -56,26 +60,73 @@ def measure(srv, clients: int, max_tokens: int, seconds: float) -> dict:
     return {"clients": clients, "tokens": sum(counts), "seconds": round(wall, 2), "tok_s": round(sum(counts) / wall, 2)}
 
 
+def stream_rate(srv, max_tokens: int) -> float:
+    """Decode tokens/s of one streamed answer, as its client sees them."""
+    body = {"model": "bench", "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "messages": [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]}
+    stamps = []
+    with srv.client(timeout=600) as c, c.stream("POST", "/v1/chat/completions", json=body) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if line.startswith("data: {") and '"content":' in line and '"content":""' not in line:
+                stamps.append(time.perf_counter())
+    if len(stamps) < 8:
+        raise SystemExit(f"the answer was only {len(stamps)} chunks long: raise --stream-tokens or change the prompt")
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+
+def bench_tg(model_dir: Path, n: int) -> float:
+    """`edgeai bench`'s tg: n greedy tokens after a one-token prompt, in this process."""
+    import mlx.core as mx
+
+    from edgeai.bench import gen_time
+    from edgeai.engine import Engine
+
+    eng = _ENGINES.get(model_dir) or _ENGINES.setdefault(model_dir, Engine.load(model_dir))
+    first = mx.array([eng.tokenizer.bos_token_id or 1])
+    gen_time(eng.model, first, 8, eng.hooks)  # warm-up
+    return n / gen_time(eng.model, first, n, eng.hooks)
+
+
+_ENGINES: dict = {}
+
+
+def default_model() -> Path:
+    from edgeai import store
+    from edgeai.errors import EdgeAIError
+
+    try:
+        return store.resolve("smollm2-135m")
+    except EdgeAIError:
+        from tinymodel import make_tiny_model
+
+        return make_tiny_model(Path(tempfile.mkdtemp(prefix="edgeai-bench-tiny-")) / "tiny")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path)
     ap.add_argument("--clients", default="1,4,16")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--seconds", type=float, default=20.0)
+    ap.add_argument("--stream-tokens", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=3, help="alternations of one streamed answer and bench's tg")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="edgeai-bench-server-"))
-    model = args.model
-    if model is None:
-        model = Path("/tmp/smollm2-mlx")
-        if not (model / "config.json").exists():
-            from tinymodel import make_tiny_model
-
-            model = make_tiny_model(work / "tiny")
+    model = args.model or default_model()
     levels = [int(x) for x in args.clients.split(",")]
     srv = start_server(model, work, "--name", "bench", "--max-batch", str(max(levels)), "--max-queue", "64")
     try:
         measure(srv, 1, 4, 0.1)  # load the model and warm up
+        served, tg = [], []
+        for _ in range(args.rounds):
+            served.append(stream_rate(srv, args.stream_tokens))
+            tg.append(bench_tg(model, args.stream_tokens))
+        single = {"server_one_client_tok_s": round(statistics.fmean(served), 1),
+                  "bench_tg_tok_s": round(statistics.fmean(tg), 1),
+                  "ratio": round(statistics.fmean(served) / statistics.fmean(tg), 2),
+                  "server_runs": [round(x, 1) for x in served], "bench_runs": [round(x, 1) for x in tg]}
         rows = [measure(srv, n, args.max_tokens, args.seconds) for n in levels]
         with srv.client() as c:
             kernel = c.get("/api/ps").json()["models"][0]["kernel"]
@@ -86,9 +137,14 @@ def main() -> None:
     for r in rows:
         r["vs_1_client"] = round(r["tok_s"] / base, 2)
     if args.json:
-        print(json.dumps({"model": str(model), "kernel": kernel, "max_tokens": args.max_tokens, "rows": rows}, indent=2))
+        print(json.dumps({"model": str(model), "kernel": kernel, "max_tokens": args.max_tokens,
+                          "one_client": single, "rows": rows}, indent=2))
         return
-    print(f"model {model} (kernel {kernel}), max_tokens {args.max_tokens}, ~{args.seconds:.0f} s per level")
+    print(f"model {model} (kernel {kernel})")
+    print(f"one streamed client: {single['server_one_client_tok_s']} tok/s {single['server_runs']}; "
+          f"edgeai bench tg{args.stream_tokens}: {single['bench_tg_tok_s']} tok/s {single['bench_runs']}; "
+          f"ratio {single['ratio']}x")
+    print(f"concurrent clients, max_tokens {args.max_tokens}, ~{args.seconds:.0f} s per level")
     print(f"{'clients':>8} {'tokens':>8} {'seconds':>8} {'tok/s':>9} {'vs 1 client':>12}")
     for r in rows:
         print(f"{r['clients']:>8} {r['tokens']:>8} {r['seconds']:>8} {r['tok_s']:>9} {r['vs_1_client']:>11}x")

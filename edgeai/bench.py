@@ -170,7 +170,7 @@ def bench(model_path: Path, name: str, kernels: tuple[str, ...] = ("custom",), n
 
 def markdown(head: BenchHeader, rows: list[BenchRow]) -> str:
     """llama-bench-style markdown table with a header line."""
-    from edgeai.cli.render import human_bytes
+    from edgeai.hardware import human_bytes
 
     lines = [
         f"machine: {head.machine} | backend: {head.backend} | threads: {head.threads} | "

@@ -77,14 +77,12 @@ def fits_memory(needed: int | None) -> bool | None:
     return needed <= memory().available
 
 
-def check_memory(needed: int | None, what: str, force: bool = False) -> None:
+def check_memory(needed: int | None, what: str, force: bool = False, hint: str | None = None) -> None:
     """Refuse a model that does not fit in available memory, unless forced.
 
     Raises:
         ResourceError: `needed` is more than the memory available now.
     """
-    from edgeai.cli.render import human_bytes
-
     if force or needed is None:
         return
     mem = memory()
@@ -92,7 +90,7 @@ def check_memory(needed: int | None, what: str, force: bool = False) -> None:
         raise ResourceError(
             f"{what} needs about {human_bytes(needed)} of memory; this machine has "
             f"{human_bytes(mem.available)} available ({human_bytes(mem.total)} total)",
-            f"close other programs, pick a smaller model (`edgeai list`), or `edgeai pull {what} --force` to try anyway",
+            hint or f"close other programs, pick a smaller model (`edgeai list`), or `edgeai pull {what} --force` to try anyway",
         )
 
 
@@ -102,8 +100,6 @@ def check_disk(needed: int | None, path: str | Path, what: str) -> None:
     Raises:
         ResourceError: not enough free space (with a margin).
     """
-    from edgeai.cli.render import human_bytes
-
     if not needed or needed <= 0:
         return
     free = free_disk(path)
@@ -117,3 +113,14 @@ def check_disk(needed: int | None, path: str | Path, what: str) -> None:
 def summary() -> dict:
     """Everything above as one JSON-ready dict."""
     return {**platform_info(), "memory": asdict(memory())}
+
+
+def human_bytes(n: float | int | None) -> str:
+    if n is None:
+        return "?"
+    n = float(n)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"

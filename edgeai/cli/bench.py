@@ -13,15 +13,11 @@ from edgeai.cli import render
 
 def _resolve(model: str | None) -> tuple[Path, str]:
     """A store name (pulled on first use) or an MLX directory -> (directory, name)."""
-    from edgeai import config
-
-    name = model or config.default_model()
-    path = Path(name).expanduser()
-    if (path / "config.json").is_file():
-        return path, path.name
     from edgeai import store
 
-    return store.ensure(name, progress=True), name
+    with render.progress() as on_progress:
+        name, path = store.locate(model, on_progress)
+    return path, name
 
 
 def register(app: typer.Typer) -> None:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from rich.console import Console
+
+from edgeai.hardware import human_bytes  # noqa: F401 - the CLI formats sizes through render
 
 # Answers go to stdout; progress, stats and errors to stderr, so pipes get only the answer.
 out = Console(highlight=False, soft_wrap=True)
@@ -42,15 +45,28 @@ def show_library_warnings() -> None:
         log.propagate = False
 
 
-def human_bytes(n: float | int | None) -> str:
-    if n is None:
-        return "?"
-    n = float(n)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
+@contextlib.contextmanager
+def progress() -> Iterator[Callable[[Any], None]]:
+    """An `on_progress` for the store's reports (edgeai.store.progress.Progress): a bar per
+    task on stderr where bytes are counted, a spinner where they are not."""
+    from rich.progress import (BarColumn, DownloadColumn, Progress, SpinnerColumn, TextColumn,
+                               TimeRemainingColumn, TransferSpeedColumn)
+
+    columns = (SpinnerColumn(finished_text="[green]✓[/]"), TextColumn("{task.description}"), BarColumn(),
+               DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err, transient=False) as bars:
+        tasks: dict[str, Any] = {}
+
+        def show(p: Any) -> None:
+            if p.task not in tasks:
+                tasks[p.task] = bars.add_task(p.task, total=p.total, completed=p.done)
+            tid = tasks[p.task]
+            bars.update(tid, completed=p.done, total=p.total)
+            if p.finished:
+                bars.update(tid, total=p.total or 1, completed=p.total or 1)
+                bars.stop_task(tid)
+
+        yield show
 
 
 def decision(answer: Any, explain: bool = False) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Optional
 
 import typer
@@ -28,16 +27,11 @@ def build_prompt(prompt: str | None, stdin_text: str) -> str:
 
 def load_engine(model: str | None, kernel: str | None = None):
     """Resolve a model name (pulling it on first use) or a directory, and load it."""
-    from edgeai import config
+    from edgeai import store
     from edgeai.engine import Engine
 
-    name = model or config.default_model()
-    path = Path(name).expanduser()
-    if path.is_dir():
-        return Engine.load(path, kernel=kernel)
-    from edgeai import store
-
-    model_dir = store.ensure(name, progress=True)
+    with render.progress() as on_progress:
+        name, model_dir = store.locate(model, on_progress)
     with render.err.status(f"loading {name}…"):
         return Engine.load(model_dir, name=name, kernel=kernel)
 

@@ -13,15 +13,11 @@ from edgeai.cli import render
 
 def _served_model(model: str | None, name: str | None) -> tuple[str, Path]:
     """The default model's name and MLX directory (pulled into the store on first use)."""
-    from edgeai import config
-
-    ref = model or config.default_model()
-    path = Path(ref).expanduser()
-    if path.is_dir():
-        return name or path.name, path
     from edgeai import store
 
-    return name or ref, Path(store.ensure(ref, progress=True))
+    with render.progress() as on_progress:
+        found, path = store.locate(model, on_progress)
+    return name or found, path
 
 
 def register(app: typer.Typer) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from pathlib import Path
 from typing import Any, Optional
 
@@ -54,6 +56,10 @@ def _table(rows: list[dict]) -> None:
     render.out.print(t)
 
 
+def _progress(quiet: bool):
+    return contextlib.nullcontext() if quiet else render.progress()
+
+
 def register(app: typer.Typer) -> None:
     @app.command()
     def pull(
@@ -67,7 +73,8 @@ def register(app: typer.Typer) -> None:
         from edgeai import store
 
         try:
-            lm = store.pull(model, name=name, progress=not quiet, force=force)
+            with _progress(quiet) as on_progress:
+                lm = store.pull(model, name=name, on_progress=on_progress, force=force)
         except KeyboardInterrupt:
             render.err.print(f"[yellow]interrupted[/]: run `edgeai pull {model}` again to resume")
             raise typer.Exit(130) from None
@@ -84,7 +91,9 @@ def register(app: typer.Typer) -> None:
         """Convert a GGUF file into an MLX model in the local store."""
         from edgeai import store
 
-        _done(store.import_gguf(file, name, force=force, progress=not quiet), "imported", as_json)
+        with _progress(quiet) as on_progress:
+            lm = store.import_gguf(file, name, force=force, on_progress=on_progress)
+        _done(lm, "imported", as_json)
 
     @app.command("list")
     def list_(

@@ -96,6 +96,7 @@ def make_processors(logits: dict, vocab_size: int, model: str) -> list:
 
 def decode_steps(model: nn.Module, prompt: mx.array, sampler: Sampler, max_tokens: int,
                  top_n: int = 0, hooks: Hooks | None = None, prefill_step: int = 512,
+                 processors: Sequence[Callable[[mx.array, mx.array], mx.array]] = (),
                  ) -> Iterator[tuple[int, float, float, tuple]]:
     """Prefill `prompt`, then yield (token, logprob, entropy, top alternatives) per step.
 
@@ -110,12 +111,21 @@ def decode_steps(model: nn.Module, prompt: mx.array, sampler: Sampler, max_token
         top_n: alternatives to report per token.
         hooks: what the model's kernels need (`edgeai.kernels.Hooks`; MLX's defaults if None).
         prefill_step: prompt tokens per prefill chunk (bounds the activations' memory).
+        processors: mlx-lm logits processors, (tokens so far, logits) -> logits (penalties,
+            logit_bias); the logprobs reported are the processed ones, as in a batch.
     """
     hooks = hooks or Hooks()
     cache = hooks.make_cache(model)
+    context = [prompt]  # the tokens so far, for the processors
 
     def step(tokens: mx.array) -> list[mx.array]:
         logits = model(tokens, cache=cache)[:, -1, :].astype(mx.float32)
+        if processors:
+            if context[-1] is not tokens:
+                context.append(tokens.reshape(-1))
+            seen = mx.concatenate(context) if len(context) > 1 else context[0]
+            for proc in processors:
+                logits = proc(seen, logits)
         logprobs, entropy = hooks.log_softmax(logits)
         tok = sampler(logprobs)
         outs = [tok, mx.take_along_axis(logprobs, tok[:, None], axis=-1), entropy.sum()]
@@ -148,6 +158,52 @@ def decode_steps(model: nn.Module, prompt: mx.array, sampler: Sampler, max_token
             top = tuple((int(i), float(v)) for i, v in pairs)
         yield int(outs[0].item()), float(outs[1].item()), float(outs[2].item()), top
         outs = nxt
+
+
+class Generation:
+    """One sequence through `decode_steps` and a `SequenceDecoder`, a token at a time.
+
+    `advance()` returns the events of one more token; the sequence's last events end with
+    the finishing Event (finish reason and stats), after which `finish` is set. The caller
+    holds the model while it advances (the engine's lock, or the server's MLX thread).
+
+    Args:
+        model: the model to call (or a wrapper with the same signature, e.g. a LoRA one).
+        ids: the checked prompt ids.
+        options: the request's options.
+        tokenizer: the engine's TokenizerWrapper.
+        max_tokens: the most tokens to generate (already bounded by the context).
+        vocab_size: the model's vocabulary size (top_k bound).
+        hooks: the model's kernel hooks.
+        processors: mlx-lm logits processors (penalties, logit_bias).
+    """
+
+    def __init__(self, model: Callable, ids: Sequence[int], options: GenerationOptions, tokenizer: Any,
+                 max_tokens: int, vocab_size: int = 0, hooks: Hooks | None = None,
+                 processors: Sequence[Callable] = ()):
+        self.decoder = SequenceDecoder(tokenizer, options, len(ids))
+        self.max_tokens = max_tokens
+        self.finish: str | None = None
+        self._n = 0
+        self._steps = decode_steps(model, mx.array(list(ids)), make_sampler(options, vocab_size), max_tokens,
+                                   options.top_logprobs, hooks, processors=processors)
+
+    def advance(self) -> list[Event]:
+        """The events of the next token (the first call also processes the prompt)."""
+        if self.finish is not None:
+            return []
+        token, lp, ent, top = next(self._steps)
+        self._n += 1
+        events, end = self.decoder.step(token, (lp, ent, top), last=self._n >= self.max_tokens)
+        if end is not None:
+            events.append(self.end(end))
+        return events
+
+    def end(self, reason: str) -> Event:
+        """Stop here; the finishing Event."""
+        self._steps.close()
+        self.finish = reason
+        return self.decoder.finish(reason)
 
 
 def token_signals_batch(logprobs: mx.array | Sequence[mx.array], tokens: Sequence[int],

@@ -16,7 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from edgeai import kernels
-from edgeai.engine.decode import SequenceDecoder, check_prompt, decode_steps, make_sampler
+from edgeai.engine.decode import Generation, check_prompt
 from edgeai.engine.lora import store_set
 from edgeai.errors import InvalidInput, UnsupportedModel
 from edgeai.options import GenerationOptions, Message
@@ -147,24 +147,22 @@ class Engine:
         its adapter; `model` replaces `self.model` for the calls (a LoRA-routing wrapper).
         """
         mx.reset_peak_memory()
-        seq = SequenceDecoder(self.tokenizer, options, len(ids))
-        max_tokens = self.max_new_tokens(ids, options)
-        steps = decode_steps(model or self.model, mx.array(ids), make_sampler(options, self.vocab_size),
-                             max_tokens, options.top_logprobs, self.hooks)
-        finish = "length"
+        gen = self.generation(ids, options, model=model)
         try:
-            for n, (token, lp, ent, top) in enumerate(steps):
-                events, end = seq.step(token, (lp, ent, top), last=n + 1 == max_tokens)
-                yield from events
-                if end is not None:
-                    finish = end
-                    break
+            while gen.finish is None:
                 if cancel is not None and cancel.is_set():
-                    finish = "cancelled"
+                    yield gen.end("cancelled")
                     break
+                yield from gen.advance()
         finally:
-            steps.close()
-        yield seq.finish(finish)
+            if gen.finish is None:  # the consumer stopped early
+                gen.end("cancelled")
+
+    def generation(self, ids: list[int], options: GenerationOptions, *, model: Callable | None = None,
+                   processors: Sequence[Callable] = ()) -> Generation:
+        """A `Generation` of this model for checked prompt ids (the caller holds the model)."""
+        return Generation(model or self.model, ids, options, self.tokenizer, self.max_new_tokens(ids, options),
+                          self.vocab_size, self.hooks, processors)
 
 
 def _vocab_size(model: nn.Module, config: dict) -> int:

@@ -14,14 +14,14 @@ the selection is scoped to exactly that generation and no other request can obse
 A caller that batches several requests in one forward pass (different rows, different
 adapters) uses `AdapterSet.use_rows([name_or_None, ...])` instead: each batch row then gets
 its own adapter's delta. `AdapterSet.routed(adapter_of)` does that for mlx-lm's
-`BatchGenerator` (continuous batching, as the server runs it): it stands in for the model
-and selects, at every forward pass, the adapter of each row's request.
+`BatchGenerator` (continuous batching, as the server runs it, see server/batching.py): it
+stands in for the model and selects, at every forward pass, the adapter of each row's
+request. `AdapterSet.fixed(name)` is the same for one adapter on every row.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 import threading
 import time
 from collections import OrderedDict
@@ -202,18 +202,25 @@ class AdapterSet:
                 self._unpin(names)
                 self._evict()
 
-    def routed(self, adapter_of: Callable[[int], str | LoadedAdapter | None],
+    def routed(self, rows: Callable[[int], Sequence[str | LoadedAdapter | None]],
                context: Callable[[], ContextManager] | None = None) -> "RoutedModel":
-        """The model, for mlx-lm's BatchGenerator, with a per-row adapter on every forward pass.
+        """The model with a per-row adapter on every forward pass.
 
         Args:
-            adapter_of: a batch uid (what `BatchGenerator.insert` returned) -> its adapter:
-                best the LoadedAdapter that `get(name)` gave when the request was admitted
-                (no store lookups per step; the request keeps that version), or a name.
+            rows: the batch size of a call -> each row's adapter: best the LoadedAdapter
+                that `get(name)` gave when the request was admitted (no store lookups per
+                step; the request keeps that version), or a name, or None.
             context: entered around every forward pass (the graph is built inside it), e.g.
-                edgeai's float32 context for prompts (kernels_cpu.full_precision).
+                the kernels' float32 context for prompts (`Hooks.prompt_context`).
         """
-        return RoutedModel(self, adapter_of, context)
+        return RoutedModel(self, rows, context)
+
+    def fixed(self, adapter: str | LoadedAdapter | None,
+              context: Callable[[], ContextManager] | None = None) -> "nn.Module | RoutedModel":
+        """The model with one adapter (or none) on every row of every call."""
+        if adapter is None and context is None:
+            return self.model
+        return RoutedModel(self, lambda n: [adapter] * n, context)
 
     def _unpin(self, names: Sequence[str]) -> None:
         for n in names:
@@ -269,27 +276,23 @@ def _row_groups(ads: list[LoadedAdapter | None]):
 class RoutedModel:
     """Calls the model with each batch row's adapter selected; everything else is the model's.
 
-    mlx-lm's BatchGenerator keeps the request ids of the rows it feeds the model in the
-    `uids` list of the batch object that makes the call (rows in that order); this reads
-    it there. A call whose rows cannot be told is refused rather than run with the wrong
-    adapter.
+    `rows(batch_size)` says which adapter each row of a call gets; a call whose rows cannot
+    be told (a wrong count) is refused rather than run with the wrong adapter.
     """
 
-    def __init__(self, owner: AdapterSet, adapter_of: Callable[[int], str | LoadedAdapter | None],
+    def __init__(self, owner: AdapterSet, rows: Callable[[int], Sequence[str | LoadedAdapter | None]],
                  context: Callable[[], ContextManager] | None = None):
         self._owner = owner
-        self._adapter_of = adapter_of
+        self._rows = rows
         self._context = context or nullcontext
 
     def __getattr__(self, name: str):
         return getattr(self._owner.model, name)
 
     def __call__(self, inputs: mx.array, *args, **kwargs) -> mx.array:
-        caller = sys._getframe(1).f_locals.get("self")
-        uids = getattr(caller, "uids", None)
-        if not isinstance(uids, list) or len(uids) != inputs.shape[0]:
-            raise RuntimeError("cannot tell which request each batch row belongs to (mlx-lm changed?)")
-        names = [self._adapter_of(u) for u in uids]
+        names = list(self._rows(inputs.shape[0]))
+        if len(names) != inputs.shape[0]:
+            raise RuntimeError(f"{len(names)} adapters for a batch of {inputs.shape[0]} rows")
         # The graph is built inside the call, so the selection only needs to last that long.
         rows = nullcontext() if all(n is None for n in names) else self._owner.use_rows(names)
         with self._context(), rows:

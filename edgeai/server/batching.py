@@ -1,31 +1,65 @@
-"""mlx-lm's BatchGenerator with prompts computed by a model of their own.
+"""mlx-lm's BatchGenerator as the server uses it: the one module that relies on its internals.
 
-mlx-lm computes each prompt (and, once it is done, the prompt's first generated token) in a
-`PromptProcessingBatch` and hands the rows to the running `GenerationBatch` afterwards. Here
-that prompt batch calls `prompt_model`: for edgeai's CPU kernels in fast mode, the same
-model under the float32 context (the kernels' prompt context), as `Engine.generate` runs a
-prompt. A batched answer then starts with the same token as the single-stream one.
+Everything here depends on mlx-lm 0.32.2 (pinned in pyproject.toml) beyond its public API,
+and `tests/test_batching.py::test_mlx_lm_contract` fails if a new mlx-lm breaks it:
+
+- prompts (and each prompt's first generated token) are computed by a `PromptProcessingBatch`
+  (`BatchGenerator._prompt_batch`, new ones made by `_make_batch`) and handed to the
+  running `GenerationBatch` afterwards; both call `self.model(inputs, cache=...)` with the
+  rows in the order of their `uids` list.
+
+Here prompt batches call the model under the kernels' prompt context (float32 where decoding
+uses int8 activations, as `Engine.generate` runs a prompt), so a batched answer starts with
+the same token as the single-stream one; and every call gets each row's LoRA adapter from
+the uids of the batch object that makes it.
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Callable
+
+CONTRACT = {  # what this module reads or overrides in mlx_lm.generate (checked by the test)
+    "BatchGenerator": ("_prompt_batch", "_make_batch", "insert", "remove", "next"),
+    "PromptProcessingBatch": ("uids", "model"),
+    "GenerationBatch": ("uids", "model"),
+}
 
 
 def for_engine(engine: Any, adapter_of: Callable[[int], Any], **kwargs: Any) -> Any:
-    """The server's BatchGenerator for an Engine: each row runs with its request's LoRA
-    adapter (`adapter_of(uid)`, lora.RoutedModel), and prompts run in float32 where decoding
-    uses int8 activations, as in Engine.generate.
+    """The server's BatchGenerator for an Engine.
 
     Args:
         engine: an edgeai Engine.
-        adapter_of: a batch uid -> its adapter (or None).
+        adapter_of: a batch uid -> its adapter (a LoadedAdapter, or None).
         kwargs: BatchGenerator's keyword arguments.
     """
-    model = engine.adapters.routed(adapter_of)
+
+    def rows(n: int) -> list:
+        return [adapter_of(u) for u in calling_batch_uids(n)]
+
     hooks = engine.hooks
-    prompt_model = engine.adapters.routed(adapter_of, hooks.prompt_context) if hooks.int8_decode else model
+    model = engine.adapters.routed(rows)
+    prompt_model = engine.adapters.routed(rows, hooks.prompt_context) if hooks.int8_decode else model
     return batch_generator(model, prompt_model, **kwargs)
+
+
+def calling_batch_uids(n: int) -> list[int]:
+    """The request uids, in row order, of the mlx-lm batch object whose call is under way.
+
+    mlx-lm passes no request ids to the model: the batch (`self` of the frame that called
+    the model) holds them in `uids`. Raises if that is not what is found.
+    """
+    frame = sys._getframe(1)
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        uids = getattr(owner, "uids", None)
+        if type(owner).__name__ in ("PromptProcessingBatch", "GenerationBatch") and isinstance(uids, list):
+            if len(uids) != n:
+                break
+            return uids
+        frame = frame.f_back
+    raise RuntimeError("cannot tell which request each batch row belongs to (mlx-lm changed?)")
 
 
 def batch_generator(model: Callable, prompt_model: Callable, **kwargs: Any) -> Any:

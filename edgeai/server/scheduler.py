@@ -1,8 +1,12 @@
 """The one owner of the MLX model: a bounded queue, continuous batching, cancellation, keep-alive.
 
-Every request becomes a `Job`. One worker thread loads the model on the first job, feeds
-jobs into mlx-lm's `BatchGenerator` (so N clients share each decoding step), turns every
-sampled token into an `edgeai.types.Event` and hands it to the job's consumer. A job
+Every request becomes a `Job`. One worker thread loads the model on the first job and runs
+every generation. A job that arrives when nothing else runs decodes alone through the
+engine's own loop (`Engine.generation`, the one `edgeai run` uses: same speed, same
+tokens); jobs that arrive while others run share decoding steps in mlx-lm's
+`BatchGenerator` (server/batching.py), interleaved with the single stream's steps. Every
+sampled token becomes an `edgeai.types.Event` for the job's consumer, through the same
+`engine.decode.SequenceDecoder` in both lanes. A job
 whose client went away is removed from the batch before the next step. After the last job
 the model stays loaded for `keep_alive` seconds, then it is unloaded.
 
@@ -24,8 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from edgeai.engine.decode import SequenceDecoder, make_processors, make_sampler, token_signals_batch
-from edgeai.errors import EdgeAIError, InvalidInput, ResourceError
+from edgeai.engine import Engine
+from edgeai.engine.decode import Generation, SequenceDecoder, make_processors, make_sampler, token_signals_batch
+from edgeai import hardware
+from edgeai.errors import EdgeAIError
 from edgeai.options import GenerationOptions
 from edgeai.types import Event
 
@@ -135,19 +141,18 @@ class Scheduler:
         max_queue: most jobs waiting for a batch slot; beyond it `submit` raises QueueFull.
         keep_alive: seconds an idle model stays loaded (< 0: forever, 0: unload at once).
         metrics: a `Metrics` to update (optional).
-        loader: `loader(path, name, kernel=None) -> Engine` (defaults to `Engine.load`).
     """
 
     def __init__(self, *, max_batch: int = 16, max_queue: int = 64, keep_alive: float = 300.0,
-                 metrics: Any = None, loader: Callable[..., Any] | None = None):
+                 metrics: Any = None):
         self.max_batch = max(1, max_batch)
         self.max_queue = max(0, max_queue)
         self.keep_alive = keep_alive
         self.metrics = metrics
-        self._loader = loader
         self._cv = threading.Condition()
         self._waiting: deque[Job] = deque()
-        self._active: dict[int, tuple[Job, SequenceDecoder]] = {}
+        self._active: dict[int, tuple[Job, SequenceDecoder]] = {}  # batch uid -> its job
+        self._solo: tuple[Job, Generation] | None = None  # the job decoding alone
         self._loaded: _Loaded | None = None
         self._idle_since = time.monotonic()
         self._stopping = False
@@ -192,7 +197,7 @@ class Scheduler:
         with self._cv:
             if self._stopping:
                 raise QueueFull(5)
-            if len(self._waiting) >= self.max_queue and len(self._active) + len(self._waiting) >= self.max_batch:
+            if len(self._waiting) >= self.max_queue and self._running() + len(self._waiting) >= self.max_batch:
                 raise QueueFull(self._retry_after())
             self._waiting.append(job)
             self._cv.notify_all()
@@ -226,7 +231,7 @@ class Scheduler:
         """What is loaded, for how long, and how busy the scheduler is (`edgeai ps`)."""
         with self._cv:
             loaded = self._loaded
-            active, waiting = len(self._active), len(self._waiting)
+            active, waiting = self._running(), len(self._waiting)
             idle_since = self._idle_since
         models = []
         if loaded is not None:
@@ -250,7 +255,10 @@ class Scheduler:
         return len(self._waiting)
 
     def active_count(self) -> int:
-        return len(self._active)
+        return self._running()
+
+    def _running(self) -> int:
+        return len(self._active) + (self._solo is not None)
 
     def recent_tps(self, window: float = 10.0) -> float:
         """Generated tokens per second over the last `window` seconds, all jobs together."""
@@ -278,6 +286,8 @@ class Scheduler:
                 if new:
                     self._admit(new)
                 self._reap_cancelled()
+                if self._solo is not None:
+                    self._solo_step()
                 if self._active:
                     self._step()
         finally:
@@ -286,7 +296,7 @@ class Scheduler:
     def _next_jobs(self) -> list[Job] | None:
         """Block until there is work; unload an idle model when its keep-alive ends."""
         with self._cv:
-            while not self._stopping and not self._active and not self._waiting and not self._calls:
+            while not self._stopping and not self._running() and not self._waiting and not self._calls:
                 timeout = None
                 if self._loaded is not None and self.keep_alive >= 0:
                     timeout = self._idle_since + self.keep_alive - time.monotonic()
@@ -299,8 +309,8 @@ class Scheduler:
             jobs: list[Job] = []
             # One model per batch: the running batch's, else the oldest waiting job's. A job for
             # another model waits for the batch to drain (oldest first: no starvation).
-            current = self._loaded.path if self._loaded is not None and self._active else None
-            while self._waiting and len(self._active) + len(jobs) < self.max_batch:
+            current = self._loaded.path if self._loaded is not None and self._running() else None
+            while self._waiting and self._running() + len(jobs) < self.max_batch:
                 job = self._waiting[0]
                 if current is not None and job.path != current:
                     break
@@ -328,6 +338,9 @@ class Scheduler:
                 continue
             job.tokenizer = loaded.engine.tokenizer
             job.prompt_tokens = len(ids)
+            if self._solo is None and not self._active and len(jobs) == 1 and not self._waiting:
+                self._start_solo(loaded.engine, job, ids)
+                continue
             max_tokens = loaded.engine.max_new_tokens(ids, job.options)
             try:
                 (uid,) = loaded.generator.insert(
@@ -343,6 +356,48 @@ class Scheduler:
             job.push(ADMITTED)
             if self.metrics is not None:
                 self.metrics.prompt_tokens.inc(len(ids))
+
+    def _start_solo(self, engine: Engine, job: Job, ids: list[int]) -> None:
+        """Decode `job` alone through the engine's own loop, with its adapter on every row."""
+        try:
+            processors = make_processors(job.logits, engine.vocab_size, engine.name)
+            gen = engine.generation(ids, job.options, model=engine.adapters.fixed(job.lora), processors=processors)
+        except EdgeAIError as e:
+            job.push(e)
+            return
+        self._solo = (job, gen)
+        job.push(ADMITTED)
+        if self.metrics is not None:
+            self.metrics.prompt_tokens.inc(len(ids))
+
+    def _solo_step(self) -> None:
+        """One token of the job decoding alone (its first step also processes the prompt)."""
+        job, gen = self._solo
+        if job.cancel.is_set():
+            events = [gen.end("cancelled")]
+            if self.metrics is not None:
+                self.metrics.cancelled.inc()
+        else:
+            try:
+                events = gen.advance()
+            except Exception as e:  # noqa: BLE001 - fails this job, never the server
+                self._solo = None
+                job.push(GenerationFailed(f"generation failed: {e}"))
+                self._mark_idle()
+                return
+            self._count_tokens(1)
+        for ev in events:
+            job.push(ev)
+        if gen.finish is not None:
+            self._solo = None
+            self._mark_idle()
+
+    def _count_tokens(self, n: int) -> None:
+        self._recent.append((time.monotonic(), n))
+        while self._recent and time.monotonic() - self._recent[0][0] > 30:
+            self._recent.popleft()
+        if self.metrics is not None:
+            self.metrics.generation_tokens.inc(n)
 
     def _reap_cancelled(self) -> None:
         gone = [uid for uid, (job, _) in self._active.items() if job.cancel.is_set()]
@@ -366,9 +421,7 @@ class Scheduler:
         except Exception as e:  # the batch's state is unknown now: fail its jobs, start afresh
             self._fail_all(GenerationFailed(f"generation failed: {e}"))
             return
-        self._recent.append((time.monotonic(), len(responses)))
-        while self._recent and time.monotonic() - self._recent[0][0] > 30:
-            self._recent.popleft()
+        self._count_tokens(len(responses))
         done = []
         for r, sig in zip(responses, signals):
             job, dec = self._active[r.uid]
@@ -383,8 +436,6 @@ class Scheduler:
             if finish is not None:
                 job.push(dec.finish(finish))
                 done.append((r.uid, r.finish_reason is None))
-        if self.metrics is not None:
-            self.metrics.generation_tokens.inc(len(responses))
         still_in_batch = [uid for uid, inside in done if inside]
         if still_in_batch:
             gen.remove(still_in_batch)
@@ -397,13 +448,16 @@ class Scheduler:
         for job, _ in self._active.values():
             job.push(error)
         self._active.clear()
+        if self._solo is not None:
+            self._solo[0].push(error)
+            self._solo = None
         if self._loaded is not None:
             self._loaded.generator = self._new_generator(self._loaded.engine)
         self._mark_idle()
 
     def _mark_idle(self) -> None:
         with self._cv:
-            if not self._active:
+            if not self._running():
                 self._idle_since = time.monotonic()
 
     # -- model lifetime ----------------------------------------------------------------
@@ -412,13 +466,9 @@ class Scheduler:
         if self._loaded is not None and self._loaded.path == job.path:
             return self._loaded
         self._unload()  # one model at a time: a new one needs the memory
-        self._check_memory(job.path)
-        loader = self._loader
-        if loader is None:
-            from edgeai.engine import Engine
-
-            loader = Engine.load
-        engine = loader(job.path, job.model)
+        need = sum(f.stat().st_size for f in job.path.glob("*.safetensors"))
+        hardware.check_memory(need, job.model, hint="close other programs or use a smaller model")
+        engine = Engine.load(job.path, job.model)
         problem = self._batch_problem(engine)
         if problem is not None and _undo_layer_swaps(engine.model):
             # Custom layer kernels (attention/RoPE) that cannot take per-row cache offsets:
@@ -429,7 +479,7 @@ class Scheduler:
         if problem is not None and getattr(engine.kernel, "name", "builtin") != "builtin":
             # A custom kernel that cannot decode ragged batches: fall back rather than fail.
             log.warning("kernel %s fails batched decoding (%s); using the builtin one", engine.kernel.name, problem)
-            engine = loader(job.path, job.model, kernel="builtin")
+            engine = Engine.load(job.path, job.model, kernel="builtin")
             engine.kernel.reason = f"custom kernel failed batched decoding: {problem}"
         self._loaded = _Loaded(job.model, job.path, engine, self._new_generator(engine), time.monotonic())
         if self.metrics is not None:
@@ -446,16 +496,6 @@ class Scheduler:
         except Exception as e:
             return f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
         return None
-
-    @staticmethod
-    def _check_memory(path: Path) -> None:
-        import psutil
-
-        need = sum(f.stat().st_size for f in path.glob("*.safetensors"))
-        free = psutil.virtual_memory().available
-        if need > free:
-            raise ResourceError(f"the model needs about {need >> 20} MiB but only {free >> 20} MiB is free",
-                                "close other programs or use a smaller model")
 
     def _new_generator(self, engine: Any) -> Any:
         from edgeai.server import batching
@@ -488,5 +528,8 @@ class Scheduler:
         for job, dec in self._active.values():
             job.push(dec.finish("cancelled"))
         self._active.clear()
+        if self._solo is not None:
+            self._solo[0].push(self._solo[1].end("cancelled"))
+            self._solo = None
         self._unload()
         self._stopped.set()

