@@ -106,7 +106,7 @@ class FileSource(_Strict):
         return f"file {self.path}"
 
 
-def kind(v: Any) -> str | None:
+def source_kind(v: Any) -> str | None:
     """The source's kind; a pip source with `parts` is the multi-wheel shape."""
     if isinstance(v, dict):
         k = v.get("kind")
@@ -117,7 +117,7 @@ def kind(v: Any) -> str | None:
 Source = Annotated[
     Annotated[HubSource, Tag("hub")] | Annotated[PipSource, Tag("pip")]
     | Annotated[PipPartsSource, Tag("pip parts")] | Annotated[FileSource, Tag("file")],
-    Discriminator(kind),
+    Discriminator(source_kind),
 ]
 
 
