@@ -133,3 +133,33 @@ def test_nothing_close_gives_a_pointer(config_dir):
     with pytest.raises(ModelNotFound) as e:
         catalog.get("zzzzzz")
     assert "edgeai list" in e.value.hint
+
+
+SPLIT = {  # name: (wheels, joined bytes, joined sha256)
+    "qwen2.5-coder-1.5b":
+        (22, 1117320768, "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"),
+    "qwen2.5-coder-0.5b":
+        (6, 491400064, "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"),
+    "gemma-3-270m":
+        (4, 253113024, "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SPLIT))
+def test_split_gguf_models_pin_every_wheel_and_the_joined_file(config_dir, name):
+    from edgeai.store.catalog import PipPartsSource
+
+    n, size, sha = SPLIT[name]
+    spec = catalog.get(name)
+    assert spec.tier == "edge" and spec.license and spec.memory > spec.size
+    assert [type(s) for s in spec.sources] == [HubSource, PipPartsSource]
+    parts = spec.sources[1]
+    assert parts.size == size and parts.sha256 == sha and parts.file.endswith(".gguf")
+    assert len(parts.parts) == n and len({p.sha256 for p in parts.parts}) == n
+    for i, p in enumerate(parts.parts, 1):
+        assert p.package.split("==")[0].endswith(f"part{i}") and p.size and p.size < size
+
+
+def test_gemma_names_its_own_terms(config_dir):
+    assert "https://ai.google.dev/gemma/terms" in catalog.get("gemma-3-270m").license
+    assert catalog.get("qwen2.5-coder-1.5b").license == "apache-2.0"

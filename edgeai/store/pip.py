@@ -35,8 +35,13 @@ def _wheel_glob(package: str) -> str:
     return f"{re.sub(r'[-_.]+', '_', name).lower()}-{version}-*.whl"
 
 
+def cached_candidates(src: PipSource, dest: Path) -> list[Path]:
+    """Wheels in `dest` named like `src`'s package (not yet checked against its sha256)."""
+    return sorted(dest.glob(_wheel_glob(src.package)))
+
+
 def _cached_wheel(src: PipSource, dest: Path) -> Path | None:
-    for whl in sorted(dest.glob(_wheel_glob(src.package))):
+    for whl in cached_candidates(src, dest):
         if sha256_file(whl) == src.sha256:
             return whl
         whl.unlink()  # a stale or damaged copy: pip fetches it again

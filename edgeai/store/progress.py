@@ -30,7 +30,7 @@ class Progress:
 OnProgress = Callable[[Progress], None]
 
 
-def _silent(_: Progress) -> None:
+def silent(_: Progress) -> None:
     pass
 
 
@@ -38,7 +38,7 @@ def _silent(_: Progress) -> None:
 def task(on_progress: OnProgress | None, what: str, total: int | None = None,
          done: int = 0) -> Iterator[Callable[[int], None]]:
     """Report `what` from its start to its end; yields a callback that adds done bytes."""
-    report = on_progress or _silent
+    report = on_progress or silent
     count = [done]
     report(Progress(what, done, total))
 
