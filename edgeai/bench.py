@@ -18,7 +18,10 @@ from typing import Callable, Iterator
 
 import mlx.core as mx
 
+from edgeai import kernels
+from edgeai.engine import Engine
 from edgeai.engine.decode import decode_steps
+from edgeai.hardware import human_bytes
 from edgeai.kernels import Hooks
 
 KERNELS = ("builtin", "custom")
@@ -68,8 +71,6 @@ def machine() -> str:
 
 
 def header(model: str) -> BenchHeader:
-    from edgeai import kernels
-
     st = kernels.status()
     threads = st.get("threads") or os.cpu_count() or 1
     return BenchHeader(machine(), kernels.backend(), int(threads), model, mx.__version__)
@@ -148,8 +149,6 @@ def bench(model_path: Path, name: str, kernels: tuple[str, ...] = ("custom",), n
         reps: timed repetitions after one warm-up.
         on_rep: called after each timed repetition (progress bars).
     """
-    from edgeai.engine import Engine
-
     runs = [(k, p) for k in kernels for p in ((None,) if k == "builtin" else precisions)]
     for kernel, precision in runs:
         eng = Engine.load(model_path, name=name, kernel=kernel, precision=precision)
@@ -170,8 +169,6 @@ def bench(model_path: Path, name: str, kernels: tuple[str, ...] = ("custom",), n
 
 def markdown(head: BenchHeader, rows: list[BenchRow]) -> str:
     """llama-bench-style markdown table with a header line."""
-    from edgeai.hardware import human_bytes
-
     lines = [
         f"machine: {head.machine} | backend: {head.backend} | threads: {head.threads} | "
         f"model: {head.model} | mlx {head.mlx}",

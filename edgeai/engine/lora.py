@@ -31,6 +31,7 @@ from typing import Callable, ContextManager, Iterator, Sequence
 import mlx.core as mx
 import mlx.nn as nn
 
+from edgeai.errors import InvalidInput
 from edgeai.store import adapters
 from edgeai.store.adapters import LoadedAdapter, check_targets
 
@@ -238,8 +239,6 @@ class AdapterSet:
 
     def _install(self, ad: LoadedAdapter) -> None:
         """Check `ad` against the model and wrap the layers it targets (once per layer)."""
-        from edgeai.errors import InvalidInput
-
         # Adapters mostly target the same layers: once those are wrapped, skip walking the model.
         modules = self._wrapped if all(p in self._wrapped for p in ad.pairs) else dict(self.model.named_modules())
         problems = check_targets(modules, ad.pairs)

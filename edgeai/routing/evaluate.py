@@ -30,8 +30,9 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-from edgeai.routing import confidence
 from edgeai.errors import InvalidInput
+from edgeai.options import GenerationOptions
+from edgeai.routing import confidence
 from edgeai.types import Answer, Stats
 
 SYSTEM = "Answer in a few words. If nobody can know, say you don't know."
@@ -184,8 +185,6 @@ def generate_records(engine, items: list[Item], max_tokens: int, max_tokens_math
 
     Records already in `out` for the same question are reused, so an interrupted run resumes.
     """
-    from edgeai.options import GenerationOptions
-
     seen: dict[str, dict] = {}
     if out is not None and out.exists():
         for line in out.read_text().splitlines():

@@ -25,9 +25,9 @@ from __future__ import annotations
 import threading
 from typing import Any, Callable, Iterator, Sequence
 
-from edgeai.routing import cloud
-from edgeai.routing import confidence
+from edgeai.config import load_config
 from edgeai.options import GenerationOptions, Message
+from edgeai.routing import cloud, confidence
 from edgeai.routing.router import Decision, Router, policy_from_config, should_escalate
 from edgeai.types import Answer, Event
 
@@ -89,8 +89,6 @@ def respond(
         cancel: stops local generation when set.
         adapter: a stored LoRA adapter for the local model (see edgeai.engine.lora).
     """
-    from edgeai.config import load_config
-
     if isinstance(messages, str):
         messages = [{"role": "user", "content": messages}]
     options = options or GenerationOptions()
@@ -217,10 +215,7 @@ def _gated(resp: Response, ctx: _Context, d: Decision, reasons: list[str]) -> It
 def _scored(events: list[Event], ctx: _Context, d: Decision, reasons: list[str], decision: str) -> Answer:
     eng = ctx.engine()
     ans = Answer.from_events(events, eng.name)
-    scorer = ctx.scorer()
-    p, sig, why = confidence.assess(ans, scorer)
-    ans.confidence, ans.signals = round(p, 4), {k: round(v, 4) for k, v in sig.items()}
-    ans.threshold = float(ctx.threshold if ctx.threshold is not None else scorer.threshold)
+    why = confidence.score_answer(ans, ctx.scorer(), ctx.threshold)
     ans.route, ans.decision = d.route, decision
     ans.reasons = list(reasons) + why
     return ans

@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from edgeai.config import cache_dir, load_config
 from edgeai.errors import InvalidInput
 
 POLICIES = ("local-only", "auto", "remote")
@@ -113,8 +114,6 @@ class Router:
     def from_config(cls, cfg: dict[str, Any] | None = None, *, encoder=None) -> "Router":
         """The router for config.toml (`edgeai.config.load_config()` when cfg is None)."""
         if cfg is None:
-            from edgeai.config import load_config
-
             cfg = load_config()
         routes, min_sim = routes_from_config(cfg)
         return cls(routes, remote_tier_from_config(cfg), min_sim, encoder=encoder)
@@ -226,8 +225,6 @@ def should_escalate(decision: Decision, score: float, threshold: float, flags: l
 
 def _cached_embeddings(encoder, texts: list[str]) -> np.ndarray:
     """Embeddings of the route examples, cached on disk by content hash (they rarely change)."""
-    from edgeai.config import cache_dir
-
     h = hashlib.sha256(("\x00".join(texts) + type(encoder).__name__).encode()).hexdigest()[:16]
     path = cache_dir() / "router" / f"{h}.npy"
     if path.exists():

@@ -23,14 +23,14 @@ from starlette.routing import Route
 
 import edgeai
 from edgeai.errors import EdgeAIError, ModelNotFound, ResourceError
-from edgeai.types import Answer, Event
-
 from edgeai.server import openai_adapter as oa
 from edgeai.server import schemas as s
 from edgeai.server.escalation import Escalation, Run
 from edgeai.server.metrics import CONTENT_TYPE, Metrics
 from edgeai.server.models import ModelRegistry
+from edgeai.server.openapi import document
 from edgeai.server.scheduler import QueueFull, Scheduler
+from edgeai.types import Answer, Event
 
 DEFAULT_MAX_BODY = 4 << 20  # bytes; a long prompt is ≈ 100 KB, nothing needs more
 EMBED_MODELS = ("all-minilm-l6-v2",)  # the router's sentence encoder (edgeai.routing.embed)
@@ -249,8 +249,6 @@ class Server:
         return Response(self.metrics.render(), media_type=CONTENT_TYPE)
 
     async def openapi(self, request: Request) -> Response:
-        from edgeai.server.openapi import document
-
         return JSONResponse(document())
 
 

@@ -15,11 +15,15 @@ import threading
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterator
 
-from edgeai.errors import EdgeAIError, ModelNotFound
+from edgeai.config import load_config
+from edgeai.errors import ModelNotFound
 from edgeai.options import GenerationOptions
-from edgeai.types import Answer, Event
-
+from edgeai.routing import confidence
+from edgeai.routing.embed import default_encoder
+from edgeai.routing.respond import respond
+from edgeai.routing.router import Router, policy_from_config
 from edgeai.server.scheduler import ADMITTED, GenerationFailed, Scheduler
+from edgeai.types import Answer, Event
 
 _END = object()
 
@@ -131,20 +135,14 @@ class Escalation:
     @property
     def config(self) -> dict:
         if self._config is None:
-            from edgeai.config import load_config
-
             self._config = load_config()
         return self._config
 
     def policy(self, policy: str | None) -> str:
         """The policy in force: the request's, else config.toml's, else "auto"."""
-        from edgeai.routing.router import policy_from_config
-
         return policy_from_config(self.config, policy)
 
     def _router_for(self, policy: str | None) -> Any:
-        from edgeai.routing.router import Router, policy_from_config
-
         if policy_from_config(self.config, policy) == "local-only":
             return None
         if self._router is None:
@@ -180,16 +178,12 @@ class Escalation:
         return run
 
     def _respond(self, messages, options, engine, policy, cancel):
-        from edgeai.routing.respond import respond
-
         router = self._router_for(policy)
         resp = respond(messages, options, policy=policy, engine=engine, config=self.config, router=router,
                        cancel=cancel)
         return iter(resp), lambda: resp.answer
 
     def _local(self, prompt, options, engine, cancel):
-        from edgeai.routing import confidence
-
         events: list[Event] = []
 
         def stream() -> Iterator[Event]:
@@ -199,10 +193,7 @@ class Escalation:
 
         def answer() -> Answer:
             ans = Answer.from_events(events, engine.name)
-            scorer = confidence.load_scorer(engine.name)
-            p, sig, why = confidence.assess(ans, scorer)
-            ans.confidence, ans.threshold = round(p, 4), scorer.threshold
-            ans.signals = {k: round(v, 4) for k, v in sig.items()}
+            why = confidence.score_answer(ans, confidence.load_scorer(engine.name))
             ans.reasons = ["completions are answered locally"] + why
             return ans
 
@@ -210,11 +201,6 @@ class Escalation:
 
     async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
         """Unit-norm sentence embeddings from the router's encoder, and the token count."""
-        try:
-            from edgeai.routing.embed import default_encoder
-        except ImportError:
-            raise EdgeAIError("embeddings are not available in this build", "install edgeai with the router") from None
-
         def work() -> tuple[list[list[float]], int]:
             try:
                 enc = default_encoder()

@@ -28,11 +28,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from edgeai.engine import Engine
-from edgeai.engine.decode import Generation, SequenceDecoder, make_processors, make_sampler, token_signals_batch
 from edgeai import hardware
+from edgeai.engine import Engine
+from edgeai.engine.decode import (
+    Generation,
+    SequenceDecoder,
+    make_processors,
+    make_sampler,
+    token_signals_batch,
+)
 from edgeai.errors import EdgeAIError
 from edgeai.options import GenerationOptions
+from edgeai.server import batching
 from edgeai.types import Event
 
 log = logging.getLogger("edgeai.server")
@@ -498,8 +505,6 @@ class Scheduler:
         return None
 
     def _new_generator(self, engine: Any) -> Any:
-        from edgeai.server import batching
-
         eos = [[int(t)] for t in engine.tokenizer.eos_token_ids]
         return batching.for_engine(engine, self._lora_of, stop_tokens=eos, completion_batch_size=self.max_batch,
                                    prefill_batch_size=min(self.max_batch, 8))

