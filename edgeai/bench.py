@@ -183,6 +183,24 @@ def markdown(head: BenchHeader, rows: list[BenchRow]) -> str:
     return "\n".join(lines)
 
 
+def verdict(rows: list[BenchRow]) -> dict[str, str]:
+    """Per test measured with more than one kernel: the fastest, and its speed-up over MLX's
+    own kernel ("builtin") when that ran too. On a Mac this is how a user learns whether
+    edgeai's Metal kernel (opt-in: --kernel custom) beats MLX's."""
+    out = {}
+    for test in dict.fromkeys(r.test for r in rows):
+        rs = [r for r in rows if r.test == test]
+        if len(rs) < 2:
+            continue
+        best = max(rs, key=lambda r: r.tok_s)
+        base = next((r for r in rs if r.kernel == "builtin"), None)
+        text = f"{best.kernel_detail} ({best.tok_s:.1f} t/s"
+        if base is not None and best is not base and base.tok_s > 0:
+            text += f", {best.tok_s / base.tok_s:.2f}x MLX's kernel"
+        out[test] = text + ")"
+    return out
+
+
 def csv_text(head: BenchHeader, rows: list[BenchRow]) -> str:
     import csv
     import io

@@ -27,6 +27,11 @@ def test_json_all_kernels(tiny_model, edgeai_env):
         assert (r["ttft_s"] is not None) == r["test"].startswith("pp")
     assert rows[0]["kernel_detail"] == "builtin"
     assert rows[2]["kernel_detail"].startswith("edgeai-cpu") and rows[2]["kernel_detail"].endswith(" fast")
+    # which kernel won each test, and by how much over MLX's own
+    for test in ("pp16", "tg8"):
+        best = max((r for r in rows if r["test"] == test), key=lambda r: r["tok_s"])
+        assert data["fastest"][test].startswith(best["kernel_detail"] + " (")
+        assert ("x MLX's kernel" in data["fastest"][test]) == (best["kernel"] != "builtin")
 
 
 def test_both_precisions(tiny_model, edgeai_env):

@@ -59,7 +59,11 @@ def register(app: typer.Typer) -> None:
             for row in b.bench(path, name, kernels, n_prompt, n_gen, reps, on_rep=lambda: progress.advance(task),
                                precisions=precisions):
                 rows.append(row)
+        fastest = b.verdict(rows)
         if json_out:
-            render.print_json({"header": head.to_dict(), "results": [r.to_dict() for r in rows]})
+            render.print_json({"header": head.to_dict(), "results": [r.to_dict() for r in rows], "fastest": fastest})
+        elif csv_out:
+            sys.stdout.write(b.csv_text(head, rows))
         else:  # plain text to stdout, byte for byte (no rich markup or wrapping)
-            sys.stdout.write(b.csv_text(head, rows) if csv_out else b.markdown(head, rows) + "\n")
+            lines = [f"fastest for {test}: {text}" for test, text in fastest.items()]
+            sys.stdout.write(b.markdown(head, rows) + "\n" + "".join(f"\n{ln}" for ln in lines) + ("\n" if lines else ""))
