@@ -160,6 +160,7 @@ class Scheduler:
         self._waiting: deque[Job] = deque()
         self._active: dict[int, tuple[Job, SequenceDecoder]] = {}  # batch uid -> its job
         self._solo: tuple[Job, Generation] | None = None  # the job decoding alone
+        self.lanes = {"alone": 0, "batched": 0}  # jobs admitted to each lane, for `edgeai ps`
         self._loaded: _Loaded | None = None
         self._idle_since = time.monotonic()
         self._stopping = False
@@ -255,7 +256,7 @@ class Scheduler:
                 "context_length": loaded.engine.context_length,
             })
         return {"models": models, "active": active, "waiting": waiting,
-                "max_batch": self.max_batch, "max_queue": self.max_queue,
+                "max_batch": self.max_batch, "max_queue": self.max_queue, "lanes": dict(self.lanes),
                 "tokens_per_second": round(self.recent_tps(), 2)}
 
     def queue_depth(self) -> int:
@@ -360,6 +361,7 @@ class Scheduler:
                 job.push(GenerationFailed(f"could not start generation: {e}"))
                 continue
             self._active[uid] = (job, SequenceDecoder(loaded.engine.tokenizer, job.options, len(ids)))
+            self.lanes["batched"] += 1
             job.push(ADMITTED)
             if self.metrics is not None:
                 self.metrics.prompt_tokens.inc(len(ids))
@@ -373,6 +375,7 @@ class Scheduler:
             job.push(e)
             return
         self._solo = (job, gen)
+        self.lanes["alone"] += 1
         job.push(ADMITTED)
         if self.metrics is not None:
             self.metrics.prompt_tokens.inc(len(ids))
