@@ -51,6 +51,7 @@ class Engine:
         self.kernel = kernels.KernelReport("builtin", "not applied")
         # One generation at a time per model: MLX models are not re-entrant across threads.
         self.lock = threading.Lock()
+        self._tokenizer_lock = threading.Lock()
         # LoRA adapters hot-swapped per generation over these base weights (engine/lora.py).
         self.adapters = store_set(model, self.name, self.path)
 
@@ -87,7 +88,15 @@ class Engine:
     # -- prompts -------------------------------------------------------------------------
 
     def encode(self, prompt: Prompt) -> list[int]:
-        """Token ids for a raw string, a message list (chat template applied) or ids."""
+        """Token ids for a raw string, a message list (chat template applied) or ids.
+
+        Safe from any thread: a Hugging Face fast tokenizer may refuse concurrent calls
+        ("Already borrowed"), so they take turns.
+        """
+        with self._tokenizer_lock:
+            return self._encode(prompt)
+
+    def _encode(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
             return list(self.tokenizer.encode(prompt))
         prompt = list(prompt)

@@ -77,6 +77,7 @@ class Job:
     prompt_tokens: int = 0
     adapter: str | None = None  # a stored LoRA adapter's name (edgeai.engine.lora)
     lora: Any = None  # that adapter, resolved when the job is admitted
+    encoded: Any = None  # the checked prompt ids (or the error), when made before admission
 
     def push(self, item: Any) -> None:
         try:
@@ -202,6 +203,7 @@ class Scheduler:
         """
         job = Job(prompt, options, model, Path(path), put, cancel or threading.Event(), logits or {})
         job.adapter = adapter
+        self._encode_here(job)
         with self._cv:
             if self._stopping:
                 raise QueueFull(5)
@@ -210,6 +212,17 @@ class Scheduler:
             self._waiting.append(job)
             self._cv.notify_all()
         return job
+
+    def _encode_here(self, job: Job) -> None:
+        """Tokenize on the caller's thread when the job's model is loaded: a huge prompt then
+        costs its own request's time, not a pause of every stream on the MLX thread."""
+        loaded = self._loaded
+        if loaded is None or loaded.path != job.path:
+            return  # the worker encodes it once the model is loaded
+        try:
+            job.encoded = loaded.engine.prompt_ids(job.prompt)
+        except EdgeAIError as e:
+            job.encoded = e
 
     def call(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
         """Run `fn` on the MLX thread between decoding steps; its Future has the result.
@@ -334,7 +347,9 @@ class Scheduler:
                 continue
             try:
                 loaded = self._ensure_model(job)
-                ids = loaded.engine.prompt_ids(job.prompt)
+                if isinstance(job.encoded, EdgeAIError):
+                    raise job.encoded
+                ids = job.encoded if job.encoded is not None else loaded.engine.prompt_ids(job.prompt)
                 # An unknown or mismatched adapter fails this job only; the version read now
                 # serves the whole request.
                 job.lora = loaded.engine.adapters.get(job.adapter) if job.adapter else None
