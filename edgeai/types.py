@@ -20,6 +20,7 @@ class Stats:
     generation_seconds: float = 0.0
     ttft_seconds: float = 0.0
     peak_memory_bytes: int = 0
+    cached_tokens: int = 0  # prompt tokens taken from the prompt cache instead of prefilled
 
     @property
     def prompt_tps(self) -> float:

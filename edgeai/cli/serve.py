@@ -87,13 +87,19 @@ def register(app: typer.Typer) -> None:
             return
         from rich.table import Table
 
-        table = Table("model", "loaded for", "unloads in", "kernel", "context", box=None)
+        table = Table("model", "loaded for", "unloads in", "kernel", "context", "prompt cache", box=None)
         for m in status["models"]:
             expires = "busy" if m["expires_in_seconds"] is None else f"{m['expires_in_seconds']:.0f} s"
-            table.add_row(m["name"], f"{m['loaded_seconds']:.0f} s", expires, str(m["kernel"]), str(m["context_length"]))
+            pc = m.get("prompt_cache") or {}
+            cache = (f"{pc.get('entries', 0)} prompts, {render.human_bytes(pc.get('bytes', 0))}, "
+                     f"{pc.get('hits', 0)} hits / {pc.get('misses', 0)} misses")
+            table.add_row(m["name"], f"{m['loaded_seconds']:.0f} s", expires, str(m["kernel"]), str(m["context_length"]),
+                          cache)
         if not status["models"]:
             render.out.print("no model loaded")
         else:
             render.out.print(table)
+        lanes = status.get("lanes") or {}
         render.out.print(f"active {status['active']}/{status['max_batch']}, waiting {status['waiting']}/"
-                         f"{status['max_queue']}, {status['tokens_per_second']:.1f} tok/s")
+                         f"{status['max_queue']}, {status['tokens_per_second']:.1f} tok/s; requests decoded alone "
+                         f"{lanes.get('alone', 0)}, batched {lanes.get('batched', 0)}")

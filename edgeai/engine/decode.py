@@ -13,12 +13,13 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Hashable, Iterator, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from edgeai.errors import InvalidInput
+from edgeai.engine.prompt_cache import PromptCache
 from edgeai.kernels import Hooks
 from edgeai.options import GenerationOptions
 from edgeai.types import Event, Stats
@@ -97,7 +98,7 @@ def make_processors(logits: dict, vocab_size: int, model: str) -> list:
 def decode_steps(model: nn.Module, prompt: mx.array, sampler: Sampler, max_tokens: int,
                  top_n: int = 0, hooks: Hooks | None = None, prefill_step: int = 512,
                  processors: Sequence[Callable[[mx.array, mx.array], mx.array]] = (),
-                 ) -> Iterator[tuple[int, float, float, tuple]]:
+                 cache: list | None = None) -> Iterator[tuple[int, float, float, tuple]]:
     """Prefill `prompt`, then yield (token, logprob, entropy, top alternatives) per step.
 
     The signals are part of each step's graph, evaluated asynchronously with the token, so
@@ -113,9 +114,12 @@ def decode_steps(model: nn.Module, prompt: mx.array, sampler: Sampler, max_token
         prefill_step: prompt tokens per prefill chunk (bounds the activations' memory).
         processors: mlx-lm logits processors, (tokens so far, logits) -> logits (penalties,
             logit_bias); the logprobs reported are the processed ones, as in a batch.
+        cache: a KV cache to continue (it already holds the positions before `prompt`);
+            default: a new one.
     """
     hooks = hooks or Hooks()
-    cache = hooks.make_cache(model)
+    if cache is None:
+        cache = hooks.make_cache(model)
     context = [prompt]  # the tokens so far, for the processors
 
     def step(tokens: mx.array) -> list[mx.array]:
@@ -176,17 +180,30 @@ class Generation:
         vocab_size: the model's vocabulary size (top_k bound).
         hooks: the model's kernel hooks.
         processors: mlx-lm logits processors (penalties, logit_bias).
+        reuse: (prompt cache, scope): start from the cached prompt that shares the longest
+            beginning with `ids` (prefilling only the rest), and keep this prompt's cache
+            there when the sequence ends. The scope keeps caches of different weights (LoRA
+            adapters) apart.
     """
 
     def __init__(self, model: Callable, ids: Sequence[int], options: GenerationOptions, tokenizer: Any,
                  max_tokens: int, vocab_size: int = 0, hooks: Hooks | None = None,
-                 processors: Sequence[Callable] = ()):
+                 processors: Sequence[Callable] = (), reuse: tuple[PromptCache, Hashable] | None = None):
+        hooks = hooks or Hooks()
         self.decoder = SequenceDecoder(tokenizer, options, len(ids))
         self.max_tokens = max_tokens
         self.finish: str | None = None
         self._n = 0
-        self._steps = decode_steps(model, mx.array(list(ids)), make_sampler(options, vocab_size), max_tokens,
-                                   options.top_logprobs, hooks, processors=processors)
+        self._ids = list(ids)
+        self._reuse = reuse
+        cache, self.reused = reuse[0].take(reuse[1], self._ids) if reuse else (None, 0)
+        self._cache = hooks.make_cache(model)
+        if cache is not None and not _continue_from(self._cache, cache):
+            self.reused = 0  # a cache kind that cannot be carried over: prefill it all
+        self.decoder.stats.cached_tokens = self.reused
+        self._steps = decode_steps(model, mx.array(self._ids[self.reused:]), make_sampler(options, vocab_size),
+                                   max_tokens, options.top_logprobs, hooks, processors=processors,
+                                   cache=self._cache)
 
     def advance(self) -> list[Event]:
         """The events of the next token (the first call also processes the prompt)."""
@@ -203,7 +220,23 @@ class Generation:
         """Stop here; the finishing Event."""
         self._steps.close()
         self.finish = reason
+        if self._reuse is not None:
+            cached = max((getattr(c, "offset", 0) for c in self._cache), default=0)
+            self._reuse[0].put(self._reuse[1], self._ids, self._cache, cached)
         return self.decoder.finish(reason)
+
+
+def _continue_from(fresh: list, kept: list) -> bool:
+    """Give the kernels' own cache (`fresh`, e.g. fused layers' in-place one) the positions
+    of a kept one, which may be another KVCache (one cut out of a server batch). False, and
+    nothing changed, unless every layer's cache is a plain (growing) KVCache."""
+    from mlx_lm.models.cache import KVCache
+
+    if len(fresh) != len(kept) or not all(isinstance(c, KVCache) for c in (*fresh, *kept)):
+        return False
+    for f, k in zip(fresh, kept):
+        f.keys, f.values, f.offset = k.keys, k.values, k.offset
+    return True
 
 
 def token_signals_batch(logprobs: mx.array | Sequence[mx.array], tokens: Sequence[int],

@@ -10,13 +10,14 @@ import json
 import os
 import threading
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Hashable, Iterator, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from edgeai import kernels
 from edgeai.engine.decode import Generation, check_prompt
+from edgeai.engine.prompt_cache import DEFAULT_BYTES, PromptCache
 from edgeai.engine.lora import store_set
 from edgeai.errors import InvalidInput, UnsupportedModel
 from edgeai.options import GenerationOptions, Message
@@ -52,6 +53,9 @@ class Engine:
         # One generation at a time per model: MLX models are not re-entrant across threads.
         self.lock = threading.Lock()
         self._tokenizer_lock = threading.Lock()
+        # Recent prompts' KV caches, reused by prompts that start the same way.
+        mb = os.environ.get("EDGEAI_PROMPT_CACHE_MB")
+        self.prompt_cache = PromptCache((int(mb) << 20) if mb and mb.isdigit() else DEFAULT_BYTES)
         # LoRA adapters hot-swapped per generation over these base weights (engine/lora.py).
         self.adapters = store_set(model, self.name, self.path)
 
@@ -136,8 +140,8 @@ class Engine:
         options = options or GenerationOptions()
         ids = self.prompt_ids(prompt)
         # The adapter is selected inside the lock, so it is scoped to this generation alone.
-        with self.lock, self.adapters.use(adapter):
-            yield from self.stream(ids, options, cancel)
+        with self.lock, self.adapters.use(adapter) as ad:
+            yield from self.stream(ids, options, cancel, scope=cache_scope(ad))
 
     def prompt_ids(self, prompt: Prompt) -> list[int]:
         """`encode(prompt)`, checked: not empty, shorter than the context, ids in the vocabulary."""
@@ -149,14 +153,15 @@ class Engine:
         return min(options.max_tokens, self.context_length - len(ids))
 
     def stream(self, ids: list[int], options: GenerationOptions, cancel: threading.Event | None = None,
-               model: Callable | None = None) -> Iterator[Event]:
+               model: Callable | None = None, scope: Hashable = None) -> Iterator[Event]:
         """Events for checked prompt ids (`prompt_ids`), through the one decode loop.
 
         The caller holds the model (the lock, or the server's MLX thread) and has chosen
-        its adapter; `model` replaces `self.model` for the calls (a LoRA-routing wrapper).
+        its adapter; `model` replaces `self.model` for the calls (a LoRA-routing wrapper),
+        and `scope` names those weights for the prompt cache (`cache_scope`).
         """
         mx.reset_peak_memory()
-        gen = self.generation(ids, options, model=model)
+        gen = self.generation(ids, options, model=model, scope=scope)
         try:
             while gen.finish is None:
                 if cancel is not None and cancel.is_set():
@@ -168,10 +173,17 @@ class Engine:
                 gen.end("cancelled")
 
     def generation(self, ids: list[int], options: GenerationOptions, *, model: Callable | None = None,
-                   processors: Sequence[Callable] = ()) -> Generation:
-        """A `Generation` of this model for checked prompt ids (the caller holds the model)."""
+                   processors: Sequence[Callable] = (), scope: Hashable = None) -> Generation:
+        """A `Generation` of this model for checked prompt ids (the caller holds the model),
+        continuing from the prompt cache within `scope` (`cache_scope` of its adapter)."""
+        reuse = (self.prompt_cache, scope) if self.prompt_cache.max_bytes > 0 else None
         return Generation(model or self.model, ids, options, self.tokenizer, self.max_new_tokens(ids, options),
-                          self.vocab_size, self.hooks, processors)
+                          self.vocab_size, self.hooks, processors, reuse)
+
+
+def cache_scope(adapter: Any) -> Hashable:
+    """What a prompt's KV depends on besides its tokens: the LoRA adapter (and its version)."""
+    return None if adapter is None else (adapter.name, adapter.version)
 
 
 def _vocab_size(model: nn.Module, config: dict) -> int:

@@ -26,6 +26,10 @@ class Metrics:
         self.queue_depth = Gauge("edgeai_queue_depth", "requests waiting for a batch slot", registry=r)
         self.active = Gauge("edgeai_active_sequences", "sequences being generated", registry=r)
         self.tps = Gauge("edgeai_tokens_per_second", "generated tokens/s over the last 10 s, all clients", registry=r)
+        self.cache_hits = Counter("edgeai_prompt_cache_hits", "prompts that continued a cached prompt", registry=r)
+        self.cache_misses = Counter("edgeai_prompt_cache_misses", "prompts prefilled from the start", registry=r)
+        self.cached_tokens = Counter("edgeai_prompt_cache_tokens", "prompt tokens taken from the prompt cache",
+                                     registry=r)
 
     def bind(self, queue_depth: Callable[[], float], active: Callable[[], float], tps: Callable[[], float]) -> None:
         """Read the live gauges from the scheduler when scraped."""

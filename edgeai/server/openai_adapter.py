@@ -96,7 +96,8 @@ def _finish(reason: str | None) -> str | None:
 
 def usage(ans: Answer) -> s.Usage:
     p, c = ans.stats.prompt_tokens, ans.stats.generation_tokens
-    return s.Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
+    return s.Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c,
+                   prompt_tokens_details=s.PromptTokensDetails(cached_tokens=ans.stats.cached_tokens))
 
 
 def info(ans: Answer, policy: str | None) -> s.EdgeaiInfo:

@@ -30,6 +30,7 @@ from typing import Any, Callable
 
 from edgeai import hardware
 from edgeai.engine import Engine
+from edgeai.engine.engine import cache_scope
 from edgeai.engine.decode import (
     Generation,
     SequenceDecoder,
@@ -267,6 +268,7 @@ class Scheduler:
                 "kernel": getattr(getattr(loaded.engine, "kernel", None), "name", None),
                 "kernel_reason": getattr(getattr(loaded.engine, "kernel", None), "reason", None),
                 "context_length": loaded.engine.context_length,
+                "prompt_cache": loaded.engine.prompt_cache.stats(),
             })
         return {"models": models, "active": active, "waiting": waiting,
                 "max_batch": self.max_batch, "max_queue": self.max_queue, "lanes": dict(self.lanes),
@@ -364,36 +366,47 @@ class Scheduler:
             if self._solo is None and not self._active and len(jobs) == 1 and not self._waiting:
                 self._start_solo(loaded.engine, job, ids)
                 continue
-            max_tokens = loaded.engine.max_new_tokens(ids, job.options)
+            engine = loaded.engine
+            max_tokens = engine.max_new_tokens(ids, job.options)
+            job.encoded = ids
+            cache, reused = engine.prompt_cache.take(cache_scope(job.lora), ids)
             try:
                 (uid,) = loaded.generator.insert(
-                    [ids], max_tokens=[max_tokens], samplers=[make_sampler(job.options, loaded.engine.vocab_size)],
-                    logits_processors=[make_processors(job.logits, loaded.engine.vocab_size, loaded.engine.name)])
+                    [ids[reused:]], max_tokens=[max_tokens], caches=[cache] if cache is not None else None,
+                    all_tokens=[ids[:reused]], samplers=[make_sampler(job.options, engine.vocab_size)],
+                    logits_processors=[make_processors(job.logits, engine.vocab_size, engine.name)])
             except EdgeAIError as e:
                 job.push(e)
                 continue
             except Exception as e:
                 job.push(GenerationFailed(f"could not start generation: {e}"))
                 continue
-            self._active[uid] = (job, SequenceDecoder(loaded.engine.tokenizer, job.options, len(ids)))
+            dec = SequenceDecoder(engine.tokenizer, job.options, len(ids))
+            dec.stats.cached_tokens = reused
+            self._active[uid] = (job, dec)
             self.lanes["batched"] += 1
             job.push(ADMITTED)
-            if self.metrics is not None:
-                self.metrics.prompt_tokens.inc(len(ids))
+            self._count_prompt(len(ids), reused)
 
     def _start_solo(self, engine: Engine, job: Job, ids: list[int]) -> None:
         """Decode `job` alone through the engine's own loop, with its adapter on every row."""
         try:
             processors = make_processors(job.logits, engine.vocab_size, engine.name)
-            gen = engine.generation(ids, job.options, model=engine.adapters.fixed(job.lora), processors=processors)
+            gen = engine.generation(ids, job.options, model=engine.adapters.fixed(job.lora), processors=processors,
+                                    scope=cache_scope(job.lora))
         except EdgeAIError as e:
             job.push(e)
             return
         self._solo = (job, gen)
         self.lanes["alone"] += 1
         job.push(ADMITTED)
+        self._count_prompt(len(ids), gen.reused)
+
+    def _count_prompt(self, tokens: int, reused: int) -> None:
         if self.metrics is not None:
-            self.metrics.prompt_tokens.inc(len(ids))
+            self.metrics.prompt_tokens.inc(tokens - reused)
+            (self.metrics.cache_hits if reused else self.metrics.cache_misses).inc()
+            self.metrics.cached_tokens.inc(reused)
 
     def _solo_step(self) -> None:
         """One token of the job decoding alone (its first step also processes the prompt)."""
@@ -450,6 +463,8 @@ class Scheduler:
         done = []
         for r, sig in zip(responses, signals):
             job, dec = self._active[r.uid]
+            if dec.t_first is None:  # its prompt is all in the cache now: keep it for reuse
+                self._keep_prompt(r.uid, job)
             try:
                 events, finish = dec.step(r.token, sig, last=r.finish_reason is not None)
             except Exception as e:  # one job's failure must not touch the others
@@ -468,6 +483,17 @@ class Scheduler:
             self._active.pop(uid, None)
         if done:
             self._mark_idle()
+
+    def _keep_prompt(self, uid: int, job: Job) -> None:
+        """Put a batched row's prompt KV into the prompt cache (a copy; the row goes on)."""
+        engine = self._loaded.engine
+        try:
+            cache, _ = self._loaded.generator.extract_cache([uid])[uid]
+        except Exception as e:  # noqa: BLE001 - reuse is an optimisation, never a failure
+            log.debug("prompt cache: could not extract row %s: %s", uid, e)
+            return
+        cached = max((getattr(c, "offset", 0) for c in cache), default=0)
+        engine.prompt_cache.put(cache_scope(job.lora), job.encoded, cache, cached)
 
     def _fail_all(self, error: Exception) -> None:
         for job, _ in self._active.values():
