@@ -6,6 +6,9 @@ A real server subprocess on a Unix socket.
    measured in this process between the server's rounds (the two take turns, never overlap).
 2. 1, 4 and 16 concurrent clients send non-streamed chat requests (greedy, a different prompt
    each) back to back; aggregate tokens/s, and its ratio to one client.
+3. `--turns 8`: an 8-turn conversation under a ~1,000-token system prompt, sent turn by turn
+   to this server and to a second one started with the prompt cache off
+   (EDGEAI_PROMPT_CACHE_MB=0), alternating; time to first token of each turn, side by side.
 
 Usage:
     python benchmarks/bench_server.py [--model DIR] [--clients 1,4,16] [--max-tokens 32]
@@ -75,6 +78,46 @@ def stream_rate(srv, max_tokens: int) -> float:
     return (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
 
+SYSTEM = ("You are the support assistant of a company that makes espresso machines. Answer in short, "
+          "friendly sentences, cite the manual section when you can, never invent part numbers, and ask "
+          "for the serial number when a warranty question comes up. ")
+
+
+def first_token_seconds(srv, messages: list[dict], max_tokens: int) -> tuple[float, str, int]:
+    """(seconds to the first streamed token, the answer, prompt tokens taken from the cache)."""
+    body = {"model": "bench", "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}, "messages": messages}
+    t0, first, text, cached = time.perf_counter(), None, [], 0
+    with srv.client(timeout=600) as c, c.stream("POST", "/v1/chat/completions", json=body) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                cached = (chunk["usage"].get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+            for ch in chunk.get("choices", []):
+                piece = (ch.get("delta") or {}).get("content")
+                if piece:
+                    first = first or time.perf_counter()
+                    text.append(piece)
+    return (first or time.perf_counter()) - t0, "".join(text), cached
+
+
+def conversation(srv, cold, turns: int, max_tokens: int) -> list[dict]:
+    """Each turn to the server with the prompt cache (`srv`) and without (`cold`), in turn."""
+    messages = [{"role": "system", "content": SYSTEM * 20}]
+    rows = []
+    for k in range(turns):
+        messages.append({"role": "user", "content": f"Question {k + 1}: my machine shows error E{k + 3}. What now?"})
+        warm_s, answer, cached = first_token_seconds(srv, messages, max_tokens)
+        cold_s, _, _ = first_token_seconds(cold, messages, max_tokens)
+        rows.append({"turn": k + 1, "ttft_reuse_s": round(warm_s, 3), "ttft_no_reuse_s": round(cold_s, 3),
+                     "cached_tokens": cached, "speedup": round(cold_s / warm_s, 2)})
+        messages.append({"role": "assistant", "content": answer})
+    return rows
+
+
 def bench_tg(model_dir: Path, n: int) -> float:
     """`edgeai bench`'s tg: n greedy tokens after a one-token prompt, in this process."""
     import mlx.core as mx
@@ -111,6 +154,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--stream-tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3, help="alternations of one streamed answer and bench's tg")
+    ap.add_argument("--turns", type=int, default=8, help="turns of the multi-turn run (0 skips it)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="edgeai-bench-server-"))
@@ -128,6 +172,15 @@ def main() -> None:
                   "ratio": round(statistics.fmean(served) / statistics.fmean(tg), 2),
                   "server_runs": [round(x, 1) for x in served], "bench_runs": [round(x, 1) for x in tg]}
         rows = [measure(srv, n, args.max_tokens, args.seconds) for n in levels]
+        turns = []
+        if args.turns:
+            import os
+
+            cold = start_server(model, work / "cold", "--name", "bench", env={**os.environ, "EDGEAI_PROMPT_CACHE_MB": "0"})
+            try:
+                turns = conversation(srv, cold, args.turns, args.max_tokens)
+            finally:
+                cold.stop()
         with srv.client() as c:
             kernel = c.get("/api/ps").json()["models"][0]["kernel"]
     finally:
@@ -138,7 +191,7 @@ def main() -> None:
         r["vs_1_client"] = round(r["tok_s"] / base, 2)
     if args.json:
         print(json.dumps({"model": str(model), "kernel": kernel, "max_tokens": args.max_tokens,
-                          "one_client": single, "rows": rows}, indent=2))
+                          "one_client": single, "rows": rows, "multi_turn": turns}, indent=2))
         return
     print(f"model {model} (kernel {kernel})")
     print(f"one streamed client: {single['server_one_client_tok_s']} tok/s {single['server_runs']}; "
@@ -148,6 +201,12 @@ def main() -> None:
     print(f"{'clients':>8} {'tokens':>8} {'seconds':>8} {'tok/s':>9} {'vs 1 client':>12}")
     for r in rows:
         print(f"{r['clients']:>8} {r['tokens']:>8} {r['seconds']:>8} {r['tok_s']:>9} {r['vs_1_client']:>11}x")
+    if turns:
+        print("multi-turn conversation, time to first token (s), with and without the prompt cache")
+        print(f"{'turn':>5} {'reuse':>8} {'no reuse':>9} {'cached tokens':>14} {'speed-up':>9}")
+        for r in turns:
+            print(f"{r['turn']:>5} {r['ttft_reuse_s']:>8} {r['ttft_no_reuse_s']:>9} {r['cached_tokens']:>14} "
+                  f"{r['speedup']:>8}x")
 
 
 if __name__ == "__main__":
