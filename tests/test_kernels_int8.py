@@ -4,6 +4,8 @@ right at its tolerances (`FAST_NMSE_TOL`, `FAST_MAX_REL_TOL`)."""
 
 from __future__ import annotations
 
+import os
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -55,8 +57,9 @@ def test_int8_path_at_the_model_sizes_on_two_threads(two_threads, n, k, sdtype):
     w, s, b = mx.quantize(mx.array(rng.standard_normal((n, k)).astype(np.float32)), 32, 4)
     x = mx.array(rng.standard_normal((3, k)).astype(np.float32))
     two = _fast(x, w, s, b, 32, 4)
-    EXT.set_threads(1)
-    assert mx.array_equal(_fast(x, w, s, b, 32, 4), two)
+    for threads in (1, os.cpu_count() or 1):  # one, and every core (the default)
+        EXT.set_threads(threads)
+        assert mx.array_equal(_fast(x, w, s, b, 32, 4), two)
 
 
 @pytest.mark.parametrize("bits", [4, 8])

@@ -26,16 +26,13 @@ def server(tiny_model, tmp_path_factory):
     assert srv.stop() == 0, srv.output()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _letters(tiny_model):
-    """LETTERS: a logit_bias that keeps the tiny model's every token among "a", "b", "c", "d"."""
+@pytest.fixture(scope="module")
+def letters(tiny_model) -> dict[str, int]:
+    """A logit_bias that keeps the tiny model's every token among "a", "b", "c", "d"."""
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(tiny_model / "tokenizer.json"))
-    LETTERS.update({str(tok.token_to_id(ch)): 100 for ch in "abcd"})
-
-
-LETTERS: dict[str, int] = {}
+    return {str(tok.token_to_id(ch)): 100 for ch in "abcd"}
 
 
 @pytest.fixture
@@ -81,13 +78,13 @@ def test_sdk_completions_and_models(sdk):
     assert streamed == r.choices[0].text
 
 
-def test_seed_reproducible_and_stop(sdk):
+def test_seed_reproducible_and_stop(sdk, letters):
     args = dict(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=10, temperature=1.0, seed=7)
     a = sdk.chat.completions.create(**args).choices[0].message.content
     b = sdk.chat.completions.create(**args).choices[0].message.content
     assert a == b
     # logit_bias keeps every token among a, b, c, d (one character each): 10 tokens, 10 letters
-    forced = dict(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=10, logit_bias=LETTERS)
+    forced = dict(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=10, logit_bias=letters)
     greedy = sdk.chat.completions.create(**forced).choices[0]
     text = greedy.message.content
     assert greedy.finish_reason == "length" and len(text) == 10 and set(text) <= set("abcd")
@@ -224,14 +221,14 @@ def test_escalation_tier_and_confidence_reported(tiny_model, tmp_path):
             assert srv.stop() == 0, srv.output()
 
 
-def test_logit_bias_and_penalties(sdk):
+def test_logit_bias_and_penalties(sdk, letters):
     forced = sdk.completions.create(model="tiny", prompt="abc", max_tokens=6, logprobs=0,
                                     logit_bias={"70": 100})
     tokens = forced.choices[0].logprobs.tokens
     assert len(tokens) == 6 and len(set(tokens)) == 1
     # Among four letters the greedy text repeats itself; penalties must move it (tokens are letters).
     def text(**penalty) -> str:
-        return sdk.completions.create(model="tiny", prompt="abc", max_tokens=16, logit_bias=LETTERS,
+        return sdk.completions.create(model="tiny", prompt="abc", max_tokens=16, logit_bias=letters,
                                       **penalty).choices[0].text
 
     def most(t: str) -> int:
