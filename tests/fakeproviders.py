@@ -2,7 +2,8 @@
 
 `FakeProvider(kind)` runs a starlette app under uvicorn in a thread on a free loopback port.
 Its behaviour is set by attributes (reply text, failures before success, a fixed error status,
-breaking the stream midway, answering late or stalling midway) and every request it gets is recorded (headers and JSON body).
+breaking the stream midway, answering late or stalling midway) and every request it gets is
+recorded (headers and JSON body).
 Run as a script (`python tests/fakeproviders.py openai|anthropic`) it serves until killed and
 prints its base URL on stdout — for subprocess tests.
 """

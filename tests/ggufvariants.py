@@ -11,13 +11,12 @@ writes the plain case).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from gguf import GGMLQuantizationType as T
 from gguf import GGUFWriter, quants
-
 from ggufmaker import _permute
 from tinymodel import CHAT_TEMPLATE, SPECIALS
 
@@ -35,9 +34,15 @@ def bpe_vocab(merges: list[str]) -> tuple[list[str], list[str], list[int]]:
     return tokens, merges, [3] * len(SPECIALS) + [1] * (len(tokens) - len(SPECIALS))
 
 
-def llama3_rope_factors(head_dim: int, base: float, factor: float = 8.0, low: float = 1.0, high: float = 4.0,
-                        old_context: int = 8192) -> np.ndarray:
-    """The `rope_freqs` tensor llama.cpp's convert_hf_to_gguf.py writes for Llama 3.1-style scaling."""
+def llama3_rope_factors(
+    head_dim: int,
+    base: float,
+    factor: float = 8.0,
+    low: float = 1.0,
+    high: float = 4.0,
+    old_context: int = 8192,
+) -> np.ndarray:
+    """The `rope_freqs` llama.cpp's convert_hf_to_gguf.py writes for Llama 3.1-style scaling."""
     out = []
     for i in range(0, head_dim, 2):
         wavelen = 2 * math.pi * base ** (i / head_dim)
@@ -51,15 +56,30 @@ def llama3_rope_factors(head_dim: int, base: float, factor: float = 8.0, low: fl
     return np.array(out, dtype=np.float32)
 
 
-def make_variant(path: Path, *, arch: str = "llama", qtype: T | QTypeOf = T.Q8_0, hidden: int = 64,
-                 heads: int = 4, kv_heads: int = 2, head_dim: int | None = None, layers: int = 1,
-                 untied: bool = False, rope_freqs: bool = False, rope_base: float = 10000.0,
-                 pre: str = "gpt-2", tokenizer_model: str = "gpt2",
-                 merges: list[str] | None = None, seed: int = 0) -> dict[str, np.ndarray]:
+def make_variant(
+    path: Path,
+    *,
+    arch: str = "llama",
+    qtype: T | QTypeOf = T.Q8_0,
+    hidden: int = 64,
+    heads: int = 4,
+    kv_heads: int = 2,
+    head_dim: int | None = None,
+    layers: int = 1,
+    untied: bool = False,
+    rope_freqs: bool = False,
+    rope_base: float = 10000.0,
+    pre: str = "gpt-2",
+    tokenizer_model: str = "gpt2",
+    merges: list[str] | None = None,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
     """Write a tiny model to `path`; return {hf_name: float32 weights as stored}."""
     rng = np.random.default_rng(seed)
     qtype_of: QTypeOf = qtype if callable(qtype) else (lambda name, t=qtype: t)
-    tokens, merges, types = bpe_vocab(merges if merges is not None else ["Ġ t", "h e", "Ġt he", "i n", "e r"])
+    tokens, merges, types = bpe_vocab(
+        merges if merges is not None else ["Ġ t", "h e", "Ġt he", "i n", "e r"]
+    )
     hd = head_dim or hidden // heads
     vocab, ffn = len(tokens), hidden * 2
     w = GGUFWriter(str(path), arch)
@@ -103,7 +123,9 @@ def make_variant(path: Path, *, arch: str = "llama", qtype: T | QTypeOf = T.Q8_0
             w.add_tensor(name, data, raw_dtype=t)
             back = quants.dequantize(data, t).reshape(arr.shape)
         if permute_heads:  # undo for the HF-layout reference
-            back = back.reshape(permute_heads, back.shape[0] // permute_heads // 2, 2, -1).swapaxes(1, 2)
+            back = back.reshape(permute_heads, back.shape[0] // permute_heads // 2, 2, -1).swapaxes(
+                1, 2
+            )
             back = back.reshape(arr.shape)
         ref[hf_name or name] = back
 
@@ -119,9 +141,18 @@ def make_variant(path: Path, *, arch: str = "llama", qtype: T | QTypeOf = T.Q8_0
     permute = arch == "llama"
     for i in range(layers):
         p, b = f"blk.{i}", f"model.layers.{i}"
-        put(f"{p}.attn_q.weight", f"{b}.self_attn.q_proj.weight", rnd(heads * hd, hidden), heads if permute else 0)
-        put(f"{p}.attn_k.weight", f"{b}.self_attn.k_proj.weight", rnd(kv_heads * hd, hidden),
-            kv_heads if permute else 0)
+        put(
+            f"{p}.attn_q.weight",
+            f"{b}.self_attn.q_proj.weight",
+            rnd(heads * hd, hidden),
+            heads if permute else 0,
+        )
+        put(
+            f"{p}.attn_k.weight",
+            f"{b}.self_attn.k_proj.weight",
+            rnd(kv_heads * hd, hidden),
+            kv_heads if permute else 0,
+        )
         put(f"{p}.attn_v.weight", f"{b}.self_attn.v_proj.weight", rnd(kv_heads * hd, hidden))
         put(f"{p}.attn_output.weight", f"{b}.self_attn.o_proj.weight", rnd(hidden, heads * hd))
         if arch == "qwen2":

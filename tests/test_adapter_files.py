@@ -7,11 +7,11 @@ import json
 
 import mlx.core as mx
 import pytest
-
 from conftest import run_cli
+from test_adapters import make_adapter
+
 from edgeai.errors import InvalidInput
 from edgeai.store import adapters
-from test_adapters import make_adapter
 
 CFG, WEIGHTS = "adapter_config.json", "adapters.safetensors"
 LAYER = "model.layers.0.self_attn.q_proj"
@@ -94,4 +94,6 @@ def test_cli_refuses_a_damaged_adapter_in_one_line(tiny_model, tmp_path, edgeai_
     _ranks_do_not_chain(src)
     r = run_cli(["adapter", "add", str(src), "--base", str(tiny_model)], edgeai_env)
     assert r.returncode != 0 and "Traceback" not in r.stderr
-    assert "do not chain" in r.stderr and len(r.stderr.strip().splitlines()) <= 2  # the error and its hint
+    assert (
+        "do not chain" in r.stderr and len(r.stderr.strip().splitlines()) <= 2
+    )  # the error and its hint

@@ -94,7 +94,8 @@ def test_interactive_chat_keeps_history(tiny_model, edgeai_env):
     eng = Engine.load(tiny_model)
 
     def reply(*turns: str) -> str:
-        msgs = [{"role": "assistant" if i % 2 else "user", "content": t} for i, t in enumerate(turns)]
+        roles = ("user", "assistant")
+        msgs = [{"role": roles[i % 2], "content": t} for i, t in enumerate(turns)]
         return "".join(e.text for e in eng.generate(msgs, GenerationOptions(max_tokens=4)))
 
     first = reply("hello")

@@ -27,8 +27,8 @@ def fake(request):
 
 def tier_for(fp: FakeProvider, **kw) -> cloud.Tier:
     return cloud.Tier(name="cloud", kind=fp.kind, base_url=fp.base_url, model="big-model",
-                      api_key_env="EDGEAI_TEST_KEY", timeout=kw.pop("timeout", 5), retries=kw.pop("retries", 2),
-                      backoff=0.01, **kw)
+                      api_key_env="EDGEAI_TEST_KEY", timeout=kw.pop("timeout", 5),
+                      retries=kw.pop("retries", 2), backoff=0.01, **kw)
 
 
 def test_streams_events_with_tier_and_finish(fake, monkeypatch):

@@ -10,10 +10,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
+from ggufvariants import make_variant
 
 from edgeai.errors import UnsupportedModel
 from edgeai.store.gguf import convert
-from ggufvariants import make_variant
 
 TEXT = "the cat sat in the hat"
 
@@ -25,14 +25,21 @@ def imported(src, out) -> tuple[dict, dict[str, np.ndarray]]:
     raw = mx.load(str(out / "model.safetensors"))
     weights = {}
     for key, w in raw.items():
-        if key.endswith((".scales", ".biases")) and w.dtype != mx.uint32 and f"{key[:-7]}.weight" in raw \
-                and raw[f"{key[:-7]}.weight"].dtype == mx.uint32:
+        if (
+            key.endswith((".scales", ".biases"))
+            and w.dtype != mx.uint32
+            and f"{key[:-7]}.weight" in raw
+            and raw[f"{key[:-7]}.weight"].dtype == mx.uint32
+        ):
             continue
         if w.dtype == mx.uint32:
             layer = key[: -len(".weight")]
             q = config["quantization"][layer]
             # float32 scales: dequantizing in float16 (MLX's choice for float16 scales) would round
-            s, b = raw[f"{layer}.scales"].astype(mx.float32), raw[f"{layer}.biases"].astype(mx.float32)
+            s, b = (
+                raw[f"{layer}.scales"].astype(mx.float32),
+                raw[f"{layer}.biases"].astype(mx.float32),
+            )
             w = mx.dequantize(w, s, b, q["group_size"], q["bits"])
         weights[key] = np.array(w.astype(mx.float32))
     return config, weights
@@ -43,7 +50,9 @@ def reference_logits(ref: dict[str, np.ndarray], config: dict, ids: list[int]) -
     from mlx_lm.models import llama, qwen2
 
     module = {"llama": llama, "qwen2": qwen2}[config["model_type"]]
-    model = module.Model(module.ModelArgs.from_dict({k: v for k, v in config.items() if k != "quantization"}))
+    model = module.Model(
+        module.ModelArgs.from_dict({k: v for k, v in config.items() if k != "quantization"})
+    )
     model.load_weights([(k, mx.array(v)) for k, v in ref.items() if k != "rope_freqs"], strict=True)
     return np.array(model(mx.array([ids]))[0].astype(mx.float32))
 
@@ -79,7 +88,11 @@ def test_each_type_imports_exactly_the_files_numbers(tmp_path, qtype):
     config, got = imported(tmp_path / "m.gguf", tmp_path / "out")
     assert_same_weights(got, ref)
     layer = config["quantization"]["model.layers.0.mlp.up_proj"]
-    assert layer is False if qtype in (T.F32, T.F16) else layer == {"group_size": 32, "bits": 8 if qtype == T.Q8_0 else 4}
+    assert (
+        layer is False
+        if qtype in (T.F32, T.F16)
+        else layer == {"group_size": 32, "bits": 8 if qtype == T.Q8_0 else 4}
+    )
     got_logits, ids, _ = logits(tmp_path / "out")
     assert rel(got_logits, reference_logits(ref, config, ids)) < TYPE_BOUNDS[qtype]
 
@@ -91,8 +104,12 @@ def test_untied_output_weight_is_the_lm_head(tmp_path):
     assert_same_weights(got, ref)  # lm_head.weight among them, not the embedding again
     got_logits, ids, _ = logits(tmp_path / "out")
     assert rel(got_logits, reference_logits(ref, config, ids)) < TYPE_BOUNDS[T.Q8_0]
-    tied = {k: v for k, v in ref.items() if k != "lm_head.weight"}  # what a tied import would compute
-    assert rel(got_logits, reference_logits(tied, {**config, "tie_word_embeddings": True}, ids)) > 0.5
+    tied = {
+        k: v for k, v in ref.items() if k != "lm_head.weight"
+    }  # what a tied import would compute
+    assert (
+        rel(got_logits, reference_logits(tied, {**config, "tie_word_embeddings": True}, ids)) > 0.5
+    )
 
 
 def test_llama3_rope_freqs_become_llama3_rope_scaling(tmp_path):
@@ -101,7 +118,9 @@ def test_llama3_rope_freqs_become_llama3_rope_scaling(tmp_path):
     factors = ref["rope_freqs"]
     assert factors.min() == 1.0 and factors.max() == 8.0 and ((factors > 1) & (factors < 8)).any()
     config, got = imported(tmp_path / "m.gguf", tmp_path / "out")
-    assert config["rope_scaling"]["rope_type"] == "llama3" and config["rope_scaling"]["factor"] == 8.0
+    assert (
+        config["rope_scaling"]["rope_type"] == "llama3" and config["rope_scaling"]["factor"] == 8.0
+    )
     assert "rope_freqs.weight" not in got
     _, _, model = logits(tmp_path / "out")
     rope = model.model.layers[0].self_attn.rope
@@ -122,7 +141,9 @@ def test_head_dim_other_than_hidden_over_heads(tmp_path):
 
 def test_qwen2_with_another_head_dim_is_refused_at_import(tmp_path):
     make_variant(tmp_path / "m.gguf", arch="qwen2", hidden=64, heads=4, head_dim=32)
-    with pytest.raises(UnsupportedModel, match="heads of 32"):  # not a model that fails to load later
+    with pytest.raises(
+        UnsupportedModel, match="heads of 32"
+    ):  # not a model that fails to load later
         convert(tmp_path / "m.gguf", tmp_path / "out")
 
 
@@ -168,8 +189,17 @@ def test_unknown_tokenizer_is_refused(tmp_path):
 
 def test_file_mixing_types(tmp_path):
     """As llama.cpp's Q4 files are: Q4 layers, a Q8 or Q6 head, float16 / float32 elsewhere."""
-    kinds = {"token_embd": T.Q4_1, "output": T.Q8_0, "attn_q": T.Q4_0, "attn_k": T.Q4_0, "attn_v": T.Q8_0,
-             "attn_output": T.F16, "ffn_gate": T.Q4_1, "ffn_up": T.Q4_0, "ffn_down": T.F32}
+    kinds = {
+        "token_embd": T.Q4_1,
+        "output": T.Q8_0,
+        "attn_q": T.Q4_0,
+        "attn_k": T.Q4_0,
+        "attn_v": T.Q8_0,
+        "attn_output": T.F16,
+        "ffn_gate": T.Q4_1,
+        "ffn_up": T.Q4_0,
+        "ffn_down": T.F32,
+    }
 
     def qtype_of(name: str) -> T:
         return kinds[name.split(".")[-2]]
@@ -178,8 +208,13 @@ def test_file_mixing_types(tmp_path):
     config, got = imported(tmp_path / "m.gguf", tmp_path / "out")
     q = config["quantization"]
     assert q["model.embed_tokens"]["bits"] == 4 and q["lm_head"]["bits"] == 8
-    assert q["model.layers.1.self_attn.v_proj"]["bits"] == 8 and q["model.layers.1.self_attn.q_proj"]["bits"] == 4
-    assert q["model.layers.0.self_attn.o_proj"] is False and q["model.layers.0.mlp.down_proj"] is False
+    assert (
+        q["model.layers.1.self_attn.v_proj"]["bits"] == 8
+        and q["model.layers.1.self_attn.q_proj"]["bits"] == 4
+    )
+    assert (
+        q["model.layers.0.self_attn.o_proj"] is False and q["model.layers.0.mlp.down_proj"] is False
+    )
     assert_same_weights(got, ref)
     got_logits, ids, _ = logits(tmp_path / "out")
     assert rel(got_logits, reference_logits(ref, config, ids)) < TYPE_BOUNDS[T.Q8_0]

@@ -140,14 +140,18 @@ def test_fast_verification_draws_the_line_at_fast_max_rel_tol(amount, ok):
 def test_apply_keeps_int8_only_inside_the_tolerance(tiny_model, monkeypatch, target, precision):
     from mlx_lm.utils import load
 
-    # the tiny model's own int8 error (K = 64: 2 blocks a row) is up to ~1.3e-4 = 0.26 x the tolerance
+    # the tiny model's own int8 error (K = 64: 2 blocks a row) is up to ~1.3e-4,
+    # 0.26 x the tolerance
     amount = float(np.sqrt(target * kernels.FAST_NMSE_TOL))
     monkeypatch.setattr(kernels, "_candidate", lambda be: _perturbed("noise", amount))
     model, _ = load(str(tiny_model))
     rep = kernels.apply(model, "custom", "fast")
     assert rep.name == "edgeai-cpu" and rep.precision == precision
-    assert all(m.fast == (precision == "fast") for _, m in model.named_modules()
-               if isinstance(m, kc.CpuQuantizedLinear))
+    assert all(
+        m.fast == (precision == "fast")
+        for _, m in model.named_modules()
+        if isinstance(m, kc.CpuQuantizedLinear)
+    )
 
 
 # -- fused layers at decode rows ----------------------------------------------------------------
@@ -204,7 +208,11 @@ def test_fused_norm_qkv_int8_at_decode_rows(shape, int8):
     d, offset = hq * hd, 7
     x = mx.random.normal((b, seq, d), key=mx.random.key(6))
     nw = mx.random.uniform(0.5, 1.5, (d,), key=mx.random.key(7))
-    (q, wq), (k, wk), (v, wv) = _layer(hq * hd, d, 8), _layer(hkv * hd, d, 9), _layer(hkv * hd, d, 10)
+    (q, wq), (k, wk), (v, wv) = (
+        _layer(hq * hd, d, 8),
+        _layer(hkv * hd, d, 9),
+        _layer(hkv * hd, d, 10),
+    )
     n = mx.fast.rms_norm(x, nw, EPS)
 
     def heads(y, h):

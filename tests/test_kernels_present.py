@@ -38,7 +38,9 @@ def kernels_expected() -> str | None:
 def test_cpp_kernels_built_and_loaded_where_they_can_be():
     why = kernels_expected()
     if why is None:
-        pytest.skip("kernels optional here (EDGEAI_NO_KERNELS, another platform, or no C++ compiler)")
+        pytest.skip(
+            "kernels optional here (EDGEAI_NO_KERNELS, another platform, or no C++ compiler)"
+        )
     from edgeai import kernels
     from edgeai.kernels import cpu as kc
 
@@ -61,7 +63,13 @@ def test_missing_extension_is_noticed(tmp_path):
         "sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', t.__file__ + "
         "'::test_cpp_kernels_built_and_loaded_where_they_can_be']))\n"
     )
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                       cwd=tmp_path, env={**os.environ, "EDGEAI_HOME": str(tmp_path)})
+    p = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env={**os.environ, "EDGEAI_HOME": str(tmp_path)},
+    )
     assert p.returncode == 1, p.stdout + p.stderr
     assert "1 failed" in p.stdout and "edgeai._edgeai_kernels is unusable" in p.stdout

@@ -9,7 +9,6 @@ import threading
 from pathlib import Path
 
 import pytest
-
 from fakeproviders import FakeProvider
 
 from edgeai.options import GenerationOptions
@@ -29,9 +28,19 @@ def engine(tiny_model):
 
 
 def _cfg(base_url: str) -> dict:
-    return {"tiers": {"cloud": {"kind": "openai", "base_url": base_url, "model": "big", "retries": 1,
-                                "backoff": 0.01, "timeout": 5}},
-            "policy": {"remote_tier": "cloud"}}
+    return {
+        "tiers": {
+            "cloud": {
+                "kind": "openai",
+                "base_url": base_url,
+                "model": "big",
+                "retries": 1,
+                "backoff": 0.01,
+                "timeout": 5,
+            }
+        },
+        "policy": {"remote_tier": "cloud"},
+    }
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +49,10 @@ def router():
 
     # The route examples' embeddings are cached under $EDGEAI_HOME, keyed by content: share
     # test_server_api's cache so they are embedded once per machine, not once per module.
-    home = Path(os.environ.get("EDGEAI_TEST_CACHE", Path.home() / ".cache" / "edgeai-tests")) / "server-home"
+    home = (
+        Path(os.environ.get("EDGEAI_TEST_CACHE", Path.home() / ".cache" / "edgeai-tests"))
+        / "server-home"
+    )
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("EDGEAI_HOME", str(home))
         r = Router.from_config(_cfg("http://127.0.0.1:9"), encoder=Encoder.load())
@@ -75,13 +87,17 @@ def test_failing_remote_route_falls_back_to_the_local_answer(engine, router, fak
 def test_remote_stream_breaking_after_escalation_keeps_what_was_shown(engine, router, fake):
     fake.break_after = 2  # two chunks ("Remote ", "says: "), then the connection drops
     cfg = _cfg(fake.base_url)
-    resp = respond(OPEN, OPTS, policy="auto", engine=engine, config=cfg, router=router, threshold=1.01)
+    resp = respond(
+        OPEN, OPTS, policy="auto", engine=engine, config=cfg, router=router, threshold=1.01
+    )
     assert resp.decision.gate and resp.decision.route is None
     events = list(resp)
     ans = resp.result()
     assert len(fake.requests) == 1  # tokens were shown: no retry that could repeat them
     assert [e.text for e in events if e.text] == ["Remote ", "says: "]
-    assert not any(e.tier == "local" and e.text for e in events), "the distrusted local answer stays hidden"
+    assert not any(e.tier == "local" and e.text for e in events), (
+        "the distrusted local answer stays hidden"
+    )
     assert events[-1].finish_reason == "error" and events[-1].tier == "cloud"
     assert ans.tier == "cloud" and ans.decision == "escalated" and ans.finish_reason == "error"
     assert ans.text == "Remote says: " and ans.confidence < ans.threshold == 1.01
@@ -94,8 +110,16 @@ def test_cancelled_gated_answer_is_neither_escalated_nor_hidden(engine, router, 
     cfg = _cfg(fake.base_url)
     cancel = threading.Event()
     cancel.set()  # e.g. the client went away while the local answer was held for the gate
-    resp = respond(OPEN, OPTS, policy="auto", engine=engine, config=cfg, router=router, threshold=1.01,
-                   cancel=cancel)
+    resp = respond(
+        OPEN,
+        OPTS,
+        policy="auto",
+        engine=engine,
+        config=cfg,
+        router=router,
+        threshold=1.01,
+        cancel=cancel,
+    )
     assert resp.decision.gate
     events = list(resp)
     ans = resp.result()

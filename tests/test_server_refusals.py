@@ -10,7 +10,7 @@ import shutil
 import socket
 import threading
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 import httpx
 import psutil
@@ -42,8 +42,12 @@ def served(tiny_model, tmp_path, monkeypatch):
     (long / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 1 << 20}))
     scheduler = Scheduler(max_batch=4, max_queue=8, keep_alive=-1)
     models = {"tiny": tiny_model, "huge": huge, "long": long}
-    app = build_app(scheduler, ModelRegistry(models, use_store=False),
-                    settings=Settings(policy="local-only"), manage_scheduler=False)
+    app = build_app(
+        scheduler,
+        ModelRegistry(models, use_store=False),
+        settings=Settings(policy="local-only"),
+        manage_scheduler=False,
+    )
     scheduler.start()
     yield app, scheduler
     scheduler.stop()
@@ -83,7 +87,9 @@ def test_model_larger_than_free_memory_is_503_insufficient_memory(served):
 def test_requests_while_stopping_are_503_and_running_ones_end(served):
     app, scheduler = served
     with http(app) as c:
-        assert c.post("/v1/chat/completions", json=_body("long")).status_code == 200  # loaded, serving
+        assert (
+            c.post("/v1/chat/completions", json=_body("long")).status_code == 200
+        )  # loaded, serving
         # no end-of-text token (<|im_end|> is id 2): minutes of answer, unless stopped
         endless = _body("long", max_tokens=100000, stream=True, logit_bias={"2": -100})
         with c.stream("POST", "/v1/chat/completions", json=endless) as running:
