@@ -25,21 +25,13 @@ def imported(src, out) -> tuple[dict, dict[str, np.ndarray]]:
     raw = mx.load(str(out / "model.safetensors"))
     weights = {}
     for key, w in raw.items():
-        if (
-            key.endswith((".scales", ".biases"))
-            and w.dtype != mx.uint32
-            and f"{key[:-7]}.weight" in raw
-            and raw[f"{key[:-7]}.weight"].dtype == mx.uint32
-        ):
-            continue
+        layer, _, leaf = key.rpartition(".")
+        if leaf in ("scales", "biases") and raw.get(f"{layer}.weight", w).dtype == mx.uint32:
+            continue  # part of a quantized weight, dequantized with it
         if w.dtype == mx.uint32:
-            layer = key[: -len(".weight")]
             q = config["quantization"][layer]
-            # float32 scales: dequantizing in float16 (MLX's choice for float16 scales) would round
-            s, b = (
-                raw[f"{layer}.scales"].astype(mx.float32),
-                raw[f"{layer}.biases"].astype(mx.float32),
-            )
+            # float32 scales: MLX dequantizes in float16 when the scales are, which rounds
+            s, b = (raw[f"{layer}.{part}"].astype(mx.float32) for part in ("scales", "biases"))
             w = mx.dequantize(w, s, b, q["group_size"], q["bits"])
         weights[key] = np.array(w.astype(mx.float32))
     return config, weights
