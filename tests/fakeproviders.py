@@ -2,7 +2,8 @@
 
 `FakeProvider(kind)` runs a starlette app under uvicorn in a thread on a free loopback port.
 Its behaviour is set by attributes (reply text, failures before success, a fixed error status,
-breaking the stream midway) and every request it gets is recorded (headers and JSON body).
+breaking the stream midway, answering late or stalling midway) and every request it gets is
+recorded (headers and JSON body).
 Run as a script (`python tests/fakeproviders.py openai|anthropic`) it serves until killed and
 prints its base URL on stdout — for subprocess tests.
 """
@@ -31,6 +32,9 @@ class FakeProvider:
         self.fail_status = 503
         self.status = 200            # a fixed status for every request (e.g. 401)
         self.break_after = None      # close the stream after this many chunks
+        self.delay = 0.0             # seconds to wait before answering at all
+        self.stall_after = None      # after this many chunks, send nothing for `stall` seconds
+        self.stall = 0.0
         self.requests: list[dict] = []
         path = "/v1/messages" if kind == "anthropic" else "/v1/chat/completions"
         self.app = Starlette(routes=[Route(path, self._handle, methods=["POST"])])
@@ -67,6 +71,7 @@ class FakeProvider:
     async def _handle(self, request: Request):
         body = await request.json()
         self.requests.append({"headers": dict(request.headers), "body": body})
+        await asyncio.sleep(self.delay)
         key = request.headers.get("authorization", "").removeprefix("Bearer ") or request.headers.get("x-api-key", "")
         if self.status != 200 or len(self.requests) <= self.fail_first:
             status = self.status if self.status != 200 else self.fail_status
@@ -82,9 +87,14 @@ class FakeProvider:
             return chunks[: self.break_after], True
         return chunks, False
 
+    async def _stall(self, sent: int) -> None:
+        if self.stall_after is not None and sent == self.stall_after:
+            await asyncio.sleep(self.stall)
+
     async def _openai(self, chunks: list[str], body: dict):
         chunks, broken = self._cut(chunks)
-        for c in chunks:
+        for i, c in enumerate(chunks):
+            await self._stall(i)
             d = {"id": "x", "object": "chat.completion.chunk", "model": body["model"],
                  "choices": [{"index": 0, "delta": {"content": c}, "finish_reason": None}]}
             yield f"data: {json.dumps(d)}\n\n"
@@ -104,7 +114,8 @@ class FakeProvider:
 
         yield ev("message_start", {"message": {"id": "m", "model": body["model"], "usage": {"input_tokens": 7}}})
         yield ev("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}})
-        for c in chunks:
+        for i, c in enumerate(chunks):
+            await self._stall(i)
             yield ev("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": c}})
             await asyncio.sleep(0.005)
         if broken:

@@ -87,11 +87,30 @@ def test_prompt_longer_than_context_is_refused(tiny_model, edgeai_env):
 
 
 def test_interactive_chat_keeps_history(tiny_model, edgeai_env):
+    from edgeai.engine import Engine
+    from edgeai.options import GenerationOptions
+
+    # What the model answers (greedy) with and without the earlier turns in front.
+    eng = Engine.load(tiny_model)
+
+    def reply(*turns: str) -> str:
+        roles = ("user", "assistant")
+        msgs = [{"role": roles[i % 2], "content": t} for i, t in enumerate(turns)]
+        return "".join(e.text for e in eng.generate(msgs, GenerationOptions(max_tokens=4)))
+
+    first = reply("hello")
+    second = reply("hello", first, "how are you")
+    assert second != reply("how are you")  # the history changes this answer
+    after_clear = reply("again")
+    assert after_clear != reply("hello", first, "how are you", second, "again")
+
     script = "hello\nhow are you\n/clear\nagain\n/bye\n"
-    r = run_cli(["run", "-m", str(tiny_model), "-i", "-n", "3", "--json"], edgeai_env, input=script)
+    r = run_cli(["run", "-m", str(tiny_model), "-i", "-n", "4", "--json"], edgeai_env, input=script)
     assert r.returncode == 0, r.stderr
     assert "conversation cleared" in r.stderr
     assert "Traceback" not in r.stderr
+    # the second turn saw the first; the turn after /clear saw nothing before it
+    assert r.stdout == f"{first}\n{second}\n{after_clear}\n"
 
 
 def test_ctrl_c_stops_generation_cleanly(tiny_model, edgeai_env):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,8 @@ def fake(request):
 
 def tier_for(fp: FakeProvider, **kw) -> cloud.Tier:
     return cloud.Tier(name="cloud", kind=fp.kind, base_url=fp.base_url, model="big-model",
-                      api_key_env="EDGEAI_TEST_KEY", timeout=5, retries=kw.pop("retries", 2), backoff=0.01, **kw)
+                      api_key_env="EDGEAI_TEST_KEY", timeout=kw.pop("timeout", 5),
+                      retries=kw.pop("retries", 2), backoff=0.01, **kw)
 
 
 def test_streams_events_with_tier_and_finish(fake, monkeypatch):
@@ -89,7 +91,7 @@ def test_broken_stream_raises(fake, monkeypatch):
         list(cloud.stream(tier_for(fake), MSGS, GenerationOptions()))
 
 
-def test_connection_refused_and_timeout():
+def test_connection_refused():
     s = __import__("socket").socket()
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
@@ -106,3 +108,25 @@ def test_tiers_from_config():
     assert t.kind == "anthropic" and t.base_url == "http://127.0.0.1:1" and t.retries == 1
     with pytest.raises(cloud.EdgeAIError):
         cloud.tiers_from_config({"tiers": {"x": {"kind": "grpc", "base_url": "u", "model": "m"}}})
+
+
+def test_a_server_slower_than_the_timeout_is_retried_then_reported(fake, monkeypatch):
+    monkeypatch.setenv("EDGEAI_TEST_KEY", KEY)
+    fake.delay = 2.0  # each attempt waits past the tier's 0.3 s timeout
+    t0 = time.monotonic()
+    with pytest.raises(cloud.RemoteError, match="ReadTimeout") as e:
+        list(cloud.stream(tier_for(fake, retries=1, timeout=0.3), MSGS, GenerationOptions()))
+    assert time.monotonic() - t0 < 1.5  # gave up at the timeout, not when the server answered
+    assert len(fake.requests) == 2 and KEY not in str(e.value)
+
+
+def test_a_stream_that_stalls_past_the_timeout_is_not_retried(fake, monkeypatch):
+    monkeypatch.setenv("EDGEAI_TEST_KEY", KEY)
+    fake.stall_after, fake.stall = 2, 2.0
+    events: list = []
+    t0 = time.monotonic()
+    with pytest.raises(cloud.RemoteError, match="stream broke after 2 chunks: ReadTimeout"):
+        for ev in cloud.stream(tier_for(fake, retries=2, timeout=0.3), MSGS, GenerationOptions()):
+            events.append(ev)
+    assert time.monotonic() - t0 < 1.5
+    assert "".join(e.text for e in events) == "Remote says: " and len(fake.requests) == 1

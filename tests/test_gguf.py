@@ -40,9 +40,10 @@ def test_imported_model_computes_what_the_file_holds(tmp_path, qtype, arch):
     ids = tok.encode("the cat sat in the hat")
     got = np.array(model(mx.array([ids]))[0].astype(mx.float32))
     want = _reference_logits(ref, config, ids)
-    # Same weights, so only float16 scale rounding and summation order differ.
+    # Same weights: float ones compute exactly as the reference (0 measured); quantized ones
+    # differ by MLX dequantizing with float16 scales in float16 (test_gguf_branches: weights exact).
     rel = np.linalg.norm(got - want) / np.linalg.norm(want)
-    assert rel < 1e-2, rel
+    assert rel < (1e-6 if qtype in (T.F32, T.F16) else 1e-2), rel
 
 
 def test_sentencepiece_tokenizer_merges_and_byte_fallback(tmp_path):

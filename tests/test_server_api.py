@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 import httpx
+import numpy as np
 import openai
 import pytest
 
@@ -23,6 +24,15 @@ def server(tiny_model, tmp_path_factory):
     srv = start_server(tiny_model, tmp_path_factory.mktemp("srv"), "--name", "tiny")
     yield srv
     assert srv.stop() == 0, srv.output()
+
+
+@pytest.fixture(scope="module")
+def letters(tiny_model) -> dict[str, int]:
+    """A logit_bias that keeps the tiny model's every token among "a", "b", "c", "d"."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tiny_model / "tokenizer.json"))
+    return {str(tok.token_to_id(ch)): 100 for ch in "abcd"}
 
 
 @pytest.fixture
@@ -68,19 +78,25 @@ def test_sdk_completions_and_models(sdk):
     assert streamed == r.choices[0].text
 
 
-def test_seed_reproducible_and_stop(sdk):
+def test_seed_reproducible_and_stop(sdk, letters):
     args = dict(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=10, temperature=1.0, seed=7)
     a = sdk.chat.completions.create(**args).choices[0].message.content
     b = sdk.chat.completions.create(**args).choices[0].message.content
     assert a == b
-    greedy = sdk.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=10)
-    text = greedy.choices[0].message.content
-    if len(text) >= 3:
-        stop = text[1:3]
-        cut = sdk.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}],
-                                          max_tokens=10, stop=[stop]).choices[0]
-        assert cut.finish_reason == "stop" and stop not in cut.message.content
-        assert text.startswith(cut.message.content)
+    # logit_bias keeps every token among a, b, c, d (one character each): 10 tokens, 10 letters
+    forced = dict(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=10,
+                  logit_bias=letters)
+    greedy = sdk.chat.completions.create(**forced).choices[0]
+    text = greedy.message.content
+    assert greedy.finish_reason == "length" and len(text) == 10 and set(text) <= set("abcd")
+    stop = text[5:8]
+    cut = sdk.chat.completions.create(**forced, stop=["zz", stop]).choices[0]
+    assert cut.finish_reason == "stop" and cut.message.content == text[: text.find(stop)]
+    streamed = sdk.chat.completions.create(**forced, stop=[stop], stream=True)
+    streamed_text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+    assert streamed_text == text[: text.find(stop)]
+    never = sdk.chat.completions.create(**forced, stop=["zz"]).choices[0]
+    assert never.finish_reason == "length" and never.message.content == text
 
 
 def test_health_metrics_openapi(server):
@@ -139,14 +155,18 @@ def test_unknown_route_and_method(server):
         assert c.get("/v1/chat/completions").status_code == 405
 
 
-def test_embeddings_known_or_clear_error(server):
+def test_embeddings_match_the_router_encoder(server):
     with server.client() as c:
-        r = c.post("/v1/embeddings", json={"model": "all-minilm-l6-v2", "input": ["a cat", "a dog"]})
-        if r.status_code == 200:
-            data = r.json()["data"]
-            assert len(data) == 2 and len(data[0]["embedding"]) == 384
-        else:  # the encoder is not installed here: a clear 501, not a crash
-            assert r.status_code == 501 and r.json()["error"]["code"] == "embeddings_unavailable"
+        texts = ["a cat", "a dog sleeps on the sofa"]
+        r = c.post("/v1/embeddings", json={"model": "all-minilm-l6-v2", "input": texts})
+        assert r.status_code == 200, r.text  # the encoder is here (conftest fetched it)
+        data = r.json()["data"]
+        assert [d["index"] for d in data] == [0, 1] and r.json()["usage"]["prompt_tokens"] > 0
+        # what the router's own encoder gives for the same texts
+        from edgeai.routing.embed import Encoder
+
+        want = np.asarray(Encoder.load().encode(texts))
+        assert np.abs(np.array([d["embedding"] for d in data]) - want).max() < 1e-5
         assert c.post("/v1/embeddings", json={"model": "nope", "input": "x"}).status_code == 404
 
 
@@ -182,7 +202,10 @@ def test_escalation_tier_and_confidence_reported(tiny_model, tmp_path):
         home = Path(os.environ.get("EDGEAI_TEST_CACHE", Path.home() / ".cache" / "edgeai-tests")) / "server-home"
         srv = start_server(tiny_model, tmp_path, "--name", "tiny", home=home)
         try:
-            ask = {"model": "tiny", "messages": [{"role": "user", "content": "What is 2+2?"}], "max_tokens": 8}
+            # a question no route claims: under "auto" the local answer is scored, then gated
+            question = "Who painted the ceiling of the Sistine Chapel?"
+            ask = {"model": "tiny", "messages": [{"role": "user", "content": question}],
+                   "max_tokens": 8}
             with srv.client() as c:
                 local = c.post("/v1/chat/completions", json=ask).json()  # server default: local-only
                 assert local["edgeai"]["tier"] == "local" and local["edgeai"]["policy"] == "local-only"
@@ -190,7 +213,11 @@ def test_escalation_tier_and_confidence_reported(tiny_model, tmp_path):
                 gated = c.post("/v1/chat/completions", json={**ask, "policy": "auto"}).json()
                 assert gated["edgeai"]["tier"] == "cloud", gated["edgeai"]
                 assert gated["choices"][0]["message"]["content"] == remote.reply
-                assert gated["edgeai"]["reasons"]
+                info = gated["edgeai"]
+                assert info["route"] is None and info["threshold"] == 0.99
+                assert info["confidence"] is not None  # scored: the gate decided
+                assert any(r.endswith("→ escalated to cloud") for r in info["reasons"]), info
+                assert len(remote.requests) == 1
                 streamed = c.post("/v1/chat/completions", json={**ask, "policy": "remote", "stream": True}).text
                 assert '"tier": "cloud"' in streamed and streamed.rstrip().endswith("data: [DONE]")
             assert srv.metric('edgeai_escalations_total{tier="cloud"}') == 2
@@ -198,14 +225,24 @@ def test_escalation_tier_and_confidence_reported(tiny_model, tmp_path):
             assert srv.stop() == 0, srv.output()
 
 
-def test_logit_bias_and_penalties(sdk):
+def test_logit_bias_and_penalties(sdk, letters):
     forced = sdk.completions.create(model="tiny", prompt="abc", max_tokens=6, logprobs=0,
                                     logit_bias={"70": 100})
     tokens = forced.choices[0].logprobs.tokens
     assert len(tokens) == 6 and len(set(tokens)) == 1
-    plain = sdk.completions.create(model="tiny", prompt="abc", max_tokens=12).choices[0].text
-    penalized = sdk.completions.create(model="tiny", prompt="abc", max_tokens=12, frequency_penalty=2.0,
-                                       presence_penalty=2.0).choices[0].text
-    assert isinstance(penalized, str) and isinstance(plain, str)
+    # Among four letters (one token each) the greedy text repeats itself; penalties must move it.
+    def text(**penalty) -> str:
+        return sdk.completions.create(model="tiny", prompt="abc", max_tokens=16, logit_bias=letters,
+                                      **penalty).choices[0].text
+
+    def most(t: str) -> int:
+        return max(t.count(ch) for ch in t)
+
+    plain = text()
+    assert len(plain) == 16 and set(plain) <= set("abcd") and len(set(plain)) < 4
+    spread = text(frequency_penalty=2.0)
+    assert len(set(spread)) > len(set(plain)) and most(spread) < most(plain)
+    assert len(set(text(presence_penalty=2.0))) > len(set(plain))
+    assert most(text(frequency_penalty=-2.0)) > most(plain)  # a negative penalty rewards repeats
     with pytest.raises(openai.BadRequestError, match="logit_bias"):
         sdk.completions.create(model="tiny", prompt="abc", max_tokens=2, logit_bias={"99999999": 1})

@@ -199,13 +199,14 @@ def _gated(resp: Response, ctx: _Context, d: Decision, reasons: list[str]) -> It
             shown.append(ev)
             yield ev
     except cloud.RemoteError as e:
-        ans.reasons.append(f"remote tier {d.remote} failed: {e.message}; returning the local answer (low confidence)")
-        ans.decision = "fallback-local"
         if any(ev.text for ev in shown):  # the remote stream broke midway: keep what was shown
+            ans.reasons.append(f"remote tier {d.remote} failed: {e.message}; keeping its partial answer")
             yield Event(finish_reason="error", tier=d.remote)
             resp.answer = _finish(shown + [Event(finish_reason="error", tier=d.remote)], ctx.model_of(d.remote), d,
                                   ans.reasons, "escalated", ans)
             return
+        ans.reasons.append(f"remote tier {d.remote} failed: {e.message}; returning the local answer (low confidence)")
+        ans.decision = "fallback-local"
         yield from held
         resp.answer = ans
         return

@@ -150,6 +150,9 @@ def _config(meta: dict, arch: str, weights: dict) -> dict[str, Any]:
     }
     head_dim = g("attention.key_length")
     if head_dim and int(head_dim) != hidden // n_heads:
+        if arch == "qwen2":  # mlx-lm's qwen2 has no head_dim setting: the model would not load
+            raise UnsupportedModel(f"this qwen2 file has attention heads of {int(head_dim)} (not hidden size / "
+                                   f"heads = {hidden // n_heads}); edgeai's qwen2 model cannot run it")
         config["head_dim"] = int(head_dim)
     if "rope_freqs.weight" in weights:
         # Llama 3.x bakes its RoPE scaling into per-dimension divisors; the largest is the factor.
