@@ -52,9 +52,12 @@ def available() -> bool:
         return False
 
 
+BITS = (4, 5, 6, 8)  # MLX affine bit widths the kernel unpacks (2 and 3 keep MLX's kernel)
+
+
 def supports(bits: int, group_size: int, in_dims: int, mode: str = "affine") -> bool:
     """Whether the kernel handles this layer (others keep MLX's kernel)."""
-    return mode == "affine" and bits in (4, 8) and group_size in (32, 64, 128) and in_dims % group_size == 0
+    return mode == "affine" and bits in BITS and group_size in (32, 64, 128) and in_dims % group_size == 0
 
 
 def quantized_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int,
@@ -197,9 +200,17 @@ def _llama_attention_class():
     return CpuLlamaAttention
 
 
-def _plain_linear(m: nn.Module, fmt: tuple) -> bool:
-    """An unwrapped kernel-backed linear without bias, of the format (group_size, bits, fast)."""
-    return type(m) is CpuQuantizedLinear and "bias" not in m and (m.group_size, m.bits, m.fast) == fmt
+def _plain_linear(m: nn.Module, fast: bool) -> bool:
+    """An unwrapped kernel-backed linear without bias, in the given precision (any bits and
+    group size the kernel takes: the fused layer reads each projection's format from its shapes)."""
+    return type(m) is CpuQuantizedLinear and "bias" not in m and m.fast == fast
+
+
+def block_formats(block: nn.Module) -> tuple:
+    """(bits, group_size) of each of a llama layer's seven projections (None: not quantized)."""
+    a, m = block.self_attn, block.mlp
+    return tuple((p.bits, p.group_size) if hasattr(p, "bits") else None
+                 for p in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj))
 
 
 def _triples(*layers: nn.Module) -> list[mx.array]:
@@ -244,16 +255,16 @@ def _llama_block_class():
 
         def _build(self, mods: tuple, a: nn.Module, full: bool):
             q = a.q_proj
-            fmt = (q.group_size, q.bits, q.fast) if type(q) is CpuQuantizedLinear else None
-            if not (fmt is not None and type(a.rope) is nn.RoPE and q.weight.shape[0] // a.n_heads % 16 == 0
-                    and all(_plain_linear(p, fmt) for p in mods[:7])
+            fast = q.fast if type(q) is CpuQuantizedLinear else None
+            if not (fast is not None and type(a.rope) is nn.RoPE and q.weight.shape[0] // a.n_heads % 16 == 0
+                    and all(_plain_linear(p, fast) for p in mods[:7])
                     and all(type(n) in (nn.RMSNorm, CpuRMSNorm) and n["weight"].dtype == mx.float32 for n in mods[7:])):
                 return None
             r, n1, n2 = a.rope, self.input_layernorm, self.post_attention_layernorm
             return ext.FusedLlamaLayer(
                 n1["weight"], _triples(*mods[:3]), _triples(a.o_proj), n2["weight"], _triples(*mods[4:7]),
                 n1.eps, n2.eps, a.n_heads, a.n_kv_heads, r.dims, bool(r.traditional), float(r.base),
-                float(r.scale), fmt[0], fmt[1], fmt[2] and not full)
+                float(r.scale), 0, 0, fast and not full)  # 0, 0: each projection's own format
 
         def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
             layer = self._layer()

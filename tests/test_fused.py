@@ -39,7 +39,7 @@ def tol(fast: bool) -> float:
 
 
 @pytest.mark.parametrize("fast", [False, True])
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [4, 5, 6, 8])
 def test_norm_mlp_matches_mlx(fast, bits):
     d, f = 64, 160
     h = mx.random.normal((2, 3, d), key=mx.random.key(1))
@@ -87,6 +87,34 @@ def test_attn_out_matches_mlx(fast, seq, causal):
     ref = x + att.transpose(0, 2, 1, 3).reshape(1, seq, d) @ wo.T
     y = EXT.attn_out(q, k, v, x, o, hd**-0.5, causal, 32, 4, fast)
     assert y.shape == x.shape and rel_err(y, ref) < tol(fast)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_fused_ops_take_each_layers_own_format(fast):
+    """bits = group_size = 0: every projection keeps its own (a K-quant layer mixes them)."""
+    b, seq, hq, hkv, hd = 1, 2, 4, 2, 32
+    d, f = hq * hd, 192
+    x = mx.random.normal((b, seq, d), key=mx.random.key(20))
+    nw = mx.random.uniform(0.5, 1.5, (d,), key=mx.random.key(21))
+    (q, wq), (k, wk) = layer(d, d, 22, 5), layer(hkv * hd, d, 23, 8, 64)
+    v, wv = layer(hkv * hd, d, 24, 6)
+    (g, wg), (u, wu), (dn, wd) = layer(f, d, 25, 4, 128), layer(f, d, 26, 5, 64), layer(d, f, 27, 6)
+    n = mx.fast.rms_norm(x, nw, EPS)
+    outs = EXT.norm_qkv(x, nw, EPS, q + k + v, hq, hkv, hd, False, 1e4, 1.0, 0, 0, 0, fast)
+    def heads(y, h):
+        return y.reshape(b, seq, h, hd).transpose(0, 2, 1, 3)
+
+    rope = dict(traditional=False, base=1e4, scale=1.0, offset=0)
+    refs = [mx.fast.rope(heads(n @ w.T, h), hd, **rope) for w, h in ((wq, hq), (wk, hkv))]
+    refs.append(heads(n @ wv.T, hkv))
+    for y, ref in zip(outs, refs):
+        assert rel_err(y, ref) < tol(fast)
+    ref = x + (nn.silu(n @ wg.T) * (n @ wu.T)) @ wd.T
+    assert rel_err(EXT.norm_mlp(x, nw, EPS, g + u + dn, 0, 0, fast), ref) < tol(fast)
+    with pytest.raises(ValueError, match="bits are not 5"):  # a stated format is enforced
+        EXT.norm_mlp(x, nw, EPS, g + u + dn, 0, 5, fast)
+    with pytest.raises(ValueError, match="group_size"):
+        EXT.norm_mlp(x, nw, EPS, g + u + dn, 32, 0, fast)
 
 
 def test_fused_ops_reject_bad_input():

@@ -47,8 +47,12 @@ def make_tokenizer(out: Path) -> int:
 
 
 def make_tiny_model(out: Path, *, seed: int = 0, hidden: int = 64, layers: int = 2,
-                    quantize: bool = True, tie: bool = True) -> Path:
-    """Write a random llama model directory loadable by mlx_lm.load and edgeai."""
+                    quantize: bool = True, tie: bool = True, layer_quant: dict | None = None) -> Path:
+    """Write a random llama model directory loadable by mlx_lm.load and edgeai.
+
+    layer_quant: per-layer formats over the 4-bit group-32 default, e.g.
+    {"model.layers.0.mlp.down_proj": {"bits": 6}} (mlx-lm's per-layer `quantization` config).
+    """
     import mlx.core as mx
     import mlx.nn as nn
     from mlx.utils import tree_flatten
@@ -79,8 +83,16 @@ def make_tiny_model(out: Path, *, seed: int = 0, hidden: int = 64, layers: int =
         )
     )
     if quantize:
-        nn.quantize(model, group_size=32, bits=4)
-        config["quantization"] = {"group_size": 32, "bits": 4, "mode": "affine"}
+        default = {"group_size": 32, "bits": 4, "mode": "affine"}
+        config["quantization"] = dict(default)
+
+        def predicate(path: str, m) -> bool | dict:
+            if path in (layer_quant or {}):
+                config["quantization"][path] = {**default, **layer_quant[path]}
+                return config["quantization"][path]
+            return hasattr(m, "to_quantized")
+
+        nn.quantize(model, group_size=32, bits=4, class_predicate=predicate)
     weights = dict(tree_flatten(model.parameters()))
     mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
     (out / "config.json").write_text(json.dumps(config, indent=2))

@@ -1,7 +1,8 @@
 // edgeai's CPU quantized matmul as an MLX primitive: y = x @ dequant(w).T
 //
-// MLX's affine packing (bits 4 or 8, group size 32/64/128): uint32 words of 32/bits
-// elements, element j at bits [j*bits, (j+1)*bits), w = scale * q + bias.
+// MLX's affine packing (bits 4, 5, 6 or 8, group size 32/64/128): one little-endian bit
+// stream per row, element j at bits [j*bits, (j+1)*bits) (so 5- and 6-bit elements straddle
+// bytes and words: see qmm_unpack.h), w = scale * q + bias.
 // Two modes. Accurate: float32 activations and accumulation. Fast (at most kMaxQ8Rows
 // rows: decode, small batches): activations quantized to int8 per block of 32, integer dot
 // products per block, float32 across blocks (normalized MSE ~5e-5 vs float32). Scales and
@@ -162,7 +163,7 @@ void prepare_row_q8(const float* x, int K, int gs, int bits, int8_t* xq, float* 
     // vectorizes it, where nearbyint is a libm call per element on baseline x86-64.
     auto q = [id](float v) { const float r = v * id; return int8_t(r + (r >= 0.f ? 0.5f : -0.5f)); };
     int sum = 0;
-    if (bits == 8) {
+    if (bits != 4) {  // natural order
       for (int i = 0; i < 32; i++) sum += xq[32 * k + i] = q(xk[i]);
     } else {
       int8_t* even = xq + q4_even_at(k, nb);
@@ -348,7 +349,8 @@ class QuantMatmul : public mx::UnaryPrimitive {
 mx::array quantized_matmul(const mx::array& x, const mx::array& w, const mx::array& scales,
                            const mx::array& biases, int group_size, int bits, bool fast) {
   auto fail = [](const std::string& m) { throw std::invalid_argument("edgeai quantized_matmul: " + m); };
-  if (bits != 4 && bits != 8) fail("bits must be 4 or 8, got " + std::to_string(bits));
+  if (bits != 4 && bits != 5 && bits != 6 && bits != 8)
+    fail("bits must be 4, 5, 6 or 8, got " + std::to_string(bits));
   if (group_size != 32 && group_size != 64 && group_size != 128)
     fail("group_size must be 32, 64 or 128, got " + std::to_string(group_size));
   if (x.ndim() < 1 || w.ndim() != 2 || scales.ndim() != 2 || biases.ndim() != 2) fail("expected x[..., K], 2-D w, scales, biases");
@@ -359,7 +361,9 @@ mx::array quantized_matmul(const mx::array& x, const mx::array& w, const mx::arr
     fail("scales and biases must both be float32 or both float16");
   const int K = x.shape(-1), N = w.shape(0);
   if (K % group_size) fail("K=" + std::to_string(K) + " is not a multiple of the group size");
-  if (w.shape(1) * 32 / bits != K) fail("w has " + std::to_string(w.shape(1)) + " words per row; K=" + std::to_string(K) + " needs " + std::to_string(K * bits / 32));
+  if (long(w.shape(1)) * 32 != long(K) * bits)
+    fail("w has " + std::to_string(w.shape(1)) + " words per row; K=" + std::to_string(K) + " needs " +
+         std::to_string(K * bits / 32));
   if (scales.shape(0) != N || scales.shape(1) != K / group_size || biases.shape() != scales.shape())
     fail("scales/biases must be [N, K/group_size]");
   auto shape = x.shape();

@@ -11,6 +11,8 @@
 namespace edgeai {
 namespace {
 
+#include "qmm_unpack.h"
+
 struct V256 {
   using reg = __m256;
   static constexpr int W = 8;
@@ -41,6 +43,14 @@ struct V256 {
   static void q8(const uint8_t* p, reg& a, reg& b) {
     a = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p)));
     b = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(p + 8))));
+  }
+  // 5- or 6-bit elements e .. e + 15 (e a multiple of 16) in order: 8, then the next 8.
+  template <int BITS>
+  static void qb(const uint8_t* row, int e, reg& a, reg& b) {
+    const uint8_t* blk = row + (e / 32) * 4 * BITS;
+    const __m256i v = (e & 16) ? unpack16<BITS, 1>(blk) : unpack16<BITS, 0>(blk);
+    a = _mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(v)));
+    b = _mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(v, 1)));
   }
 };
 
@@ -110,10 +120,26 @@ EDGEAI_INLINE __m256i q8_block(const uint8_t* w, const int8_t* x) {
   return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(q), _mm256_sign_epi8(xv, q)), _mm256_set1_epi16(1));
 }
 
-// Dot products of 8-bit blocks j..j+7, in block order.
+// 5- or 6-bit: unsigned values below 64 against int8 in natural order; u8 x s8 maddubs
+// cannot saturate (pairs at most 2*63*127).
+template <int BITS>
+EDGEAI_INLINE __m256i qb_block(const uint8_t* w, const int8_t* x) {
+  const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(unpack32<BITS>(w), xv), _mm256_set1_epi16(1));
+}
+
+// One block of 32 (5, 6 or 8-bit weights; 4 * BITS bytes): 8 int32 partial sums.
+template <int BITS>
+EDGEAI_INLINE __m256i block_dot(const uint8_t* w, const int8_t* x) {
+  if constexpr (BITS == 8) return q8_block(w, x);
+  else return qb_block<BITS>(w, x);
+}
+
+// Dot products of 5, 6 or 8-bit blocks j..j+7, in block order.
+template <int BITS>
 EDGEAI_INLINE __m256i q8_dots8(const uint8_t* w, const int8_t* xq, int j) {
   __m256i d[8];
-  for (int b = 0; b < 8; b++) d[b] = q8_block(w + 32 * (j + b), xq + 32 * (j + b));
+  for (int b = 0; b < 8; b++) d[b] = block_dot<BITS>(w + 4 * BITS * (j + b), xq + 32 * (j + b));
   // Per 128-bit lane, [b0 b1 b2 b3] and [b4 b5 b6 b7] partial sums; then the lanes added.
   const __m256i lo = _mm256_hadd_epi32(_mm256_hadd_epi32(d[0], d[1]), _mm256_hadd_epi32(d[2], d[3]));
   const __m256i hi = _mm256_hadd_epi32(_mm256_hadd_epi32(d[4], d[5]), _mm256_hadd_epi32(d[6], d[7]));
@@ -152,7 +178,9 @@ void q8_tile(const QmmArgs& a, int m0, int m1, int n0, int n1) {
         // waiting on memory (measured 20 -> 16 ms per SmolLM2 token).
         if (m == m0)
           for (int c = 0; c < 32 * BITS; c += 64) _mm_prefetch(reinterpret_cast<const char*>(w + 8 * rb + j * 4 * BITS + c), _MM_HINT_T0);
-        const __m256i d = BITS == 4 ? q4_dots8(w, xq, j) : q8_dots8(w, xq, j);
+        __m256i d;
+        if constexpr (BITS == 4) d = q4_dots8(w, xq, j);
+        else d = q8_dots8<BITS>(w, xq, j);
         const __m256 s = G32 ? load8(a.s, HALF, soff + j, 8)
                              : _mm256_permutevar8x32_ps(load8(a.s, HALF, soff + j / bpg, 8 / bpg), gidx);
         acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_mul_ps(s, _mm256_loadu_ps(xd + j)), acc);
@@ -163,9 +191,9 @@ void q8_tile(const QmmArgs& a, int m0, int m1, int n0, int n1) {
         }
       }
       // Fewer than 8 blocks left: pairs ([A's 4 sums | B's 4] x [sd_A x4 | sd_B x4]), then a
-      // lone 4-bit block ([even | odd], 16 bytes), or single 8-bit blocks.
+      // lone 4-bit block ([even | odd], 16 bytes), or single 5/6/8-bit blocks.
       const int tail = j;
-      if (BITS == 4) {
+      if constexpr (BITS == 4) {
         const __m128i low4 = _mm_set1_epi8(0x0f);
         for (; j + 2 <= nb; j += 2) {
           const __m256i d = _mm256_madd_epi16(q4_pair16(w + 16 * j, xq + 32 * j), _mm256_set1_epi16(1));
@@ -182,7 +210,8 @@ void q8_tile(const QmmArgs& a, int m0, int m1, int n0, int n1) {
         }
       } else {
         for (; j < nb; j++)
-          acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q8_block(w + 32 * j, xq + 32 * j)), _mm256_set1_ps(sd(j)), acc);
+          acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot<BITS>(w + 4 * BITS * j, xq + 32 * j)),
+                                _mm256_set1_ps(sd(j)), acc);
       }
       float out = V256::sum(acc);
       for (int g = G32 ? tail : 0; g < G; g++) out += bias(g) * xs[g];
@@ -201,8 +230,12 @@ void q8_tile_for(const QmmArgs& a, int m0, int m1, int n0, int n1) {
 }  // namespace
 
 void tile_q8_avx2(const QmmArgs& a, int m0, int m1, int n0, int n1) {
-  if (a.bits == 4) q8_tile_for<4>(a, m0, m1, n0, n1);
-  else q8_tile_for<8>(a, m0, m1, n0, n1);
+  switch (a.bits) {
+    case 4: return q8_tile_for<4>(a, m0, m1, n0, n1);
+    case 5: return q8_tile_for<5>(a, m0, m1, n0, n1);
+    case 6: return q8_tile_for<6>(a, m0, m1, n0, n1);
+    default: return q8_tile_for<8>(a, m0, m1, n0, n1);
+  }
 }
 
 QmmIsa isa_avx2() { return {"avx2", 8, tile, attn, tile_q8_avx2}; }

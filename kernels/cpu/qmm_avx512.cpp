@@ -8,6 +8,8 @@
 namespace edgeai {
 namespace {
 
+#include "qmm_unpack.h"
+
 struct V512 {
   using reg = __m512;
   static constexpr int W = 16;
@@ -34,6 +36,13 @@ struct V512 {
   static void q8(const uint8_t* p, reg& a, reg& b) {
     a = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p)));
     b = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(p + 16))));
+  }
+  // 5- or 6-bit block of 32 elements (e a multiple of 32) in order: first 16, next 16.
+  template <int BITS>
+  static void qb(const uint8_t* row, int e, reg& a, reg& b) {
+    const uint8_t* blk = row + (e / 32) * 4 * BITS;
+    a = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(unpack16<BITS, 0>(blk)));
+    b = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(unpack16<BITS, 1>(blk)));
   }
 };
 

@@ -5,6 +5,7 @@
 //
 // y[m, n] = sum_g s[n,g] * dot(x[m, g], q[n, g]) + b[n,g] * sum(x[m, g])
 // i.e. the affine dequantization w = s*q + b folded into the dot product, in float32.
+// Bit widths 4, 5, 6 and 8; V unpacks each (V::q4, V::q8, V::qb<5 or 6>).
 
 template <class V>
 struct Kernel {
@@ -22,6 +23,25 @@ struct Kernel {
   static void row_f32(const void* p, bool half, long off, int G, float* out) {
     if (half) V::h2f_n(static_cast<const uint16_t*>(p) + off, out, G);
     else for (int g = 0; g < G; g++) out[g] = static_cast<const float*>(p)[off + g];
+  }
+
+  // Elements e .. e + 2W - 1 of a packed row as two registers, in xp's order (see QmmArgs).
+  template <int BITS>
+  static void wload(const uint8_t* row, int e, R& lo, R& hi) {
+    if (BITS == 4) V::q4(row + e / 2, lo, hi);
+    else if (BITS == 8) V::q8(row + e, lo, hi);
+    else V::template qb<BITS>(row, e, lo, hi);  // 5, 6: natural order
+  }
+
+  // f(std::integral_constant<int, bits>) for the bit widths the kernels take.
+  template <class F>
+  static void by_bits(int bits, F&& f) {
+    switch (bits) {
+      case 4: return f(std::integral_constant<int, 4>());
+      case 5: return f(std::integral_constant<int, 5>());
+      case 6: return f(std::integral_constant<int, 6>());
+      default: return f(std::integral_constant<int, 8>());
+    }
   }
 
   // Dot products of 4 weight rows with one activation row, straight from packed data
@@ -53,8 +73,7 @@ struct Kernel {
         R x0 = V::load(x + e), x1 = V::load(x + e + W);
         for (int r = 0; r < 4; r++) {
           R lo, hi;
-          if (BITS == 4) V::q4(wr[r] + e / 2, lo, hi);
-          else V::q8(wr[r] + e, lo, hi);
+          wload<BITS>(wr[r], e, lo, hi);
           ag[r] = V::fma(lo, x0, ag[r]);
           ag[r] = V::fma(hi, x1, ag[r]);
         }
@@ -68,8 +87,9 @@ struct Kernel {
     }
   }
 
+  template <int BITS>
   static void direct1(const QmmArgs& a, int m, int n, float* out) {
-    const int G = a.K / a.gs, rb = a.K * a.bits / 8;
+    const int G = a.K / a.gs, rb = a.K * BITS / 8;
     const float* x = a.xp + (long)m * a.K;
     const uint8_t* wr = a.w + (long)n * rb;
     R acc = V::zero();
@@ -78,8 +98,7 @@ struct Kernel {
       R ag = V::zero();
       for (int e = g * a.gs; e < (g + 1) * a.gs; e += 2 * W) {
         R lo, hi;
-        if (a.bits == 4) V::q4(wr + e / 2, lo, hi);
-        else V::q8(wr + e, lo, hi);
+        wload<BITS>(wr, e, lo, hi);
         ag = V::fma(lo, V::load(x + e), ag);
         ag = V::fma(hi, V::load(x + e + W), ag);
       }
@@ -90,8 +109,9 @@ struct Kernel {
   }
 
   // Dequantize rows [n0, n1) into `dst` (float32, same element order as xp).
+  template <int BITS>
   static void dequant(const QmmArgs& a, int n0, int n1, float* dst) {
-    const int G = a.K / a.gs, rb = a.K * a.bits / 8;
+    const int G = a.K / a.gs, rb = a.K * BITS / 8;
     for (int n = n0; n < n1; n++) {
       const uint8_t* wr = a.w + (long)n * rb;
       float* d = dst + (long)(n - n0) * a.K;
@@ -99,8 +119,7 @@ struct Kernel {
         R s = V::set1(sc(a, (long)n * G + g)), b = V::set1(bi(a, (long)n * G + g));
         for (int e = g * a.gs; e < (g + 1) * a.gs; e += 2 * W) {
           R lo, hi;
-          if (a.bits == 4) V::q4(wr + e / 2, lo, hi);
-          else V::q8(wr + e, lo, hi);
+          wload<BITS>(wr, e, lo, hi);
           V::store(d + e, V::fma(lo, s, b));
           V::store(d + e + W, V::fma(hi, s, b));
         }
@@ -140,7 +159,7 @@ struct Kernel {
       buf = new float[need];
       cap = need;
     }
-    dequant(a, n0, n1, buf);
+    by_bits(a.bits, [&](auto b) { dequant<decltype(b)::value>(a, n0, n1, buf); });
     const int nn = n1 - n0, n4 = nn / 4 * 4, m4 = m0 + (m1 - m0) / 4 * 4;
     for (int m = m0; m < m4; m += 4)
       for (int j = 0; j < n4; j += 4)
@@ -152,13 +171,13 @@ struct Kernel {
 
   static void tile(const QmmArgs& a, int m0, int m1, int n0, int n1) {
     if (m1 - m0 >= 4) return tiled(a, m0, m1, n0, n1);
-    for (int m = m0; m < m1; m++) {
-      int n = n0;
-      for (; n + 4 <= n1; n += 4) {
-        if (a.bits == 4) direct4<4>(a, m, n, a.y + (long)m * a.N + n);
-        else direct4<8>(a, m, n, a.y + (long)m * a.N + n);
+    by_bits(a.bits, [&](auto b) {
+      constexpr int BITS = decltype(b)::value;
+      for (int m = m0; m < m1; m++) {
+        int n = n0;
+        for (; n + 4 <= n1; n += 4) direct4<BITS>(a, m, n, a.y + (long)m * a.N + n);
+        for (; n < n1; n++) direct1<BITS>(a, m, n, a.y + (long)m * a.N + n);
       }
-      for (; n < n1; n++) direct1(a, m, n, a.y + (long)m * a.N + n);
-    }
+    });
   }
 };

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 namespace edgeai {
 
@@ -31,8 +32,8 @@ struct QmmArgs {
   float* y;            // M x N output
   int M, N, K, gs, bits;
   bool half_scales;  // float16 scales/biases: half the bytes to stream per token
-  // Fast mode only: activations as int8 per block of 32, x ~= xd[blk] * xq. For 8-bit
-  // weights in natural order; for 4-bit see q4_even_at. xs then holds the group sums of the
+  // Fast mode only: activations as int8 per block of 32, x ~= xd[blk] * xq. For 5, 6 and
+  // 8-bit weights in natural order; for 4-bit see q4_even_at. xs then holds the group sums of the
   // quantized row (see prepare_row_q8).
   const int8_t* xq = nullptr;  // M x K
   const float* xd = nullptr;   // M x K/32
