@@ -129,6 +129,27 @@ def test_5_and_6_bit_verification_passes_on_model_shapes(bits):
     assert kc.supports(bits, 32, 576) and not kc.supports(3, 32, 576)
 
 
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+@needs_ext
+def test_vnni_int8_tile_is_picked_where_the_cpu_has_it():
+    """The VNNI tile runs in every ISA-parametrized test above where the CPU has it; elsewhere
+    it must not be offered (this test then skips: CI machines may be AVX2-only)."""
+    needed = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512vbmi"}
+    if not needed <= _cpu_flags():
+        assert "avx512vnni" not in ISAS
+        pytest.skip("this CPU has no AVX-512 VNNI + VBMI")
+    assert ISAS[0] == "avx512vnni"
+    EXT.set_isa("auto")
+    assert EXT.isa() == "avx512vnni"
+
+
 @needs_ext
 @pytest.mark.parametrize("bits", [4, 5, 6, 8])
 def test_fast_path_rows_do_not_depend_on_the_batch(bits):

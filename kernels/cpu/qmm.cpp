@@ -33,6 +33,9 @@ bool cpu_has(const char* feature) {
 #if defined(__x86_64__) && defined(__GNUC__)
   __builtin_cpu_init();
   if (!std::strcmp(feature, "avx512f")) return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("f16c");
+  if (!std::strcmp(feature, "avx512vnni"))
+    return cpu_has("avx512f") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vbmi");
   if (!std::strcmp(feature, "avx2")) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 #endif
   (void)feature;
@@ -41,6 +44,9 @@ bool cpu_has(const char* feature) {
 
 QmmIsa best_isa() {
 #if defined(EDGEAI_HAVE_X86_KERNELS)
+#if defined(EDGEAI_HAVE_VNNI)
+  if (cpu_has("avx512vnni")) return isa_avx512_vnni();
+#endif
   if (cpu_has("avx512f")) return isa_avx512();
   if (cpu_has("avx2")) return isa_avx2();
 #endif
@@ -385,6 +391,9 @@ QmmIsa active_isa() { return current_isa(); }
 std::vector<std::string> available_isas() {
   std::vector<std::string> out;
 #if defined(EDGEAI_HAVE_X86_KERNELS)
+#if defined(EDGEAI_HAVE_VNNI)
+  if (cpu_has("avx512vnni")) out.push_back("avx512vnni");
+#endif
   if (cpu_has("avx512f")) out.push_back("avx512");
   if (cpu_has("avx2")) out.push_back("avx2");
 #endif
@@ -394,6 +403,9 @@ std::vector<std::string> available_isas() {
 
 void set_isa(const std::string& name) {
 #if defined(EDGEAI_HAVE_X86_KERNELS)
+#if defined(EDGEAI_HAVE_VNNI)
+  if (name == "avx512vnni" && cpu_has("avx512vnni")) { current_isa() = isa_avx512_vnni(); return; }
+#endif
   if (name == "avx512" && cpu_has("avx512f")) { current_isa() = isa_avx512(); return; }
   if (name == "avx2" && cpu_has("avx2")) { current_isa() = isa_avx2(); return; }
 #endif

@@ -73,10 +73,13 @@ struct QmmIsa {
   QmmTileFn tile_q8;  // int8-activation tile (fast mode), or nullptr
 };
 
-// The AVX2 int8 tile, shared by the AVX-512 unit (every AVX-512 CPU has AVX2).
+// The AVX2 int8 tile, shared by the AVX-512 unit (every AVX-512 CPU has AVX2), and the same
+// tile with AVX-512 VNNI dot products (qmm_vnni.cpp, where the build has it).
 void tile_q8_avx2(const QmmArgs& a, int m0, int m1, int n0, int n1);
+void tile_q8_vnni(const QmmArgs& a, int m0, int m1, int n0, int n1);
 
 QmmIsa isa_avx512();
+QmmIsa isa_avx512_vnni();  // AVX-512 float32 tile + the VNNI int8 tile
 QmmIsa isa_avx2();
 QmmIsa isa_generic();
 

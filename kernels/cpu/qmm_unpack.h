@@ -52,6 +52,27 @@ inline __attribute__((always_inline)) __m256i unpack16(const uint8_t* blk) {
 }
 
 // The whole block as 32 uint8 in element order.
+#if defined(EDGEAI_Q8_VNNI)
+// AVX-512 VBMI: vpermb gives each qword the `bits` bytes of its 8 elements, vpmultishiftqb
+// pulls each element's byte from its bit offset, one AND drops the bits above it. A masked
+// load reads exactly the block (no fault past a row's end).
+template <int BITS>
+inline __attribute__((always_inline)) __m256i unpack32(const uint8_t* blk) {
+  auto at = [](int i) { return char(BITS * (i / 8) + (i % 8 < BITS ? i % 8 : BITS - 1)); };
+  auto off = [](int i) { return char(BITS * (i % 8)); };
+  const __m256i idx = _mm256_setr_epi8(at(0), at(1), at(2), at(3), at(4), at(5), at(6), at(7), at(8), at(9),
+                                       at(10), at(11), at(12), at(13), at(14), at(15), at(16), at(17), at(18),
+                                       at(19), at(20), at(21), at(22), at(23), at(24), at(25), at(26), at(27),
+                                       at(28), at(29), at(30), at(31));
+  const __m256i sh = _mm256_setr_epi8(off(0), off(1), off(2), off(3), off(4), off(5), off(6), off(7), off(0),
+                                      off(1), off(2), off(3), off(4), off(5), off(6), off(7), off(0), off(1),
+                                      off(2), off(3), off(4), off(5), off(6), off(7), off(0), off(1), off(2),
+                                      off(3), off(4), off(5), off(6), off(7));
+  const __m256i v = _mm256_maskz_loadu_epi8((1u << (4 * BITS)) - 1, blk);
+  const __m256i q = _mm256_multishift_epi64_epi8(sh, _mm256_permutexvar_epi8(idx, v));
+  return _mm256_and_si256(q, _mm256_set1_epi8(char((1 << BITS) - 1)));
+}
+#else
 template <int BITS>
 inline __attribute__((always_inline)) __m256i unpack32(const uint8_t* blk) {
   // packus interleaves 128-bit lanes: [0..7, 16..23, 8..15, 24..31]; the permute restores
@@ -59,3 +80,4 @@ inline __attribute__((always_inline)) __m256i unpack32(const uint8_t* blk) {
   const __m256i packed = _mm256_packus_epi16(unpack16<BITS, 0>(blk), unpack16<BITS, 1>(blk));
   return _mm256_permute4x64_epi64(packed, 0xD8);
 }
+#endif
