@@ -47,9 +47,10 @@ def nmse(y, r):
 
 @needs_ext
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [4, 5, 6, 8])
 @pytest.mark.parametrize("gs", [32, 64, 128])
-@pytest.mark.parametrize("m", [1, 3, 4, 9, 70])
+# 140 and 300 rows: the panel GEMM of long prompts (256 rows a task, then the 4x4 tile)
+@pytest.mark.parametrize("m", [1, 3, 4, 9, 70, 140, 300])
 def test_matches_float32_reference(isa, bits, gs, m):
     EXT.set_isa(isa)
     n, k = 76, 384  # N not a multiple of 8 on purpose: the kernel has no such limit
@@ -106,7 +107,7 @@ def test_5_and_6_bit_match_float32_reference(isa, bits, half, gs, k):
     if half:
         qs, qb = qs.astype(mx.float16), qb.astype(mx.float16)
     qref_w = mx.dequantize(qw, qs.astype(mx.float32), qb.astype(mx.float32), gs, bits).T
-    for m in (1, 2, 3, 8):
+    for m in (1, 2, 3, 8, 130):
         x = mx.random.normal((m, k), key=mx.random.key(m))
         y = EXT.quantized_matmul(x, wq, s, b, gs, bits)  # accurate: float32 everywhere
         assert y.shape == (m, n) and nmse(y, x @ ref_w) < 1e-10

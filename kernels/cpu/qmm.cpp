@@ -284,8 +284,12 @@ void qmm_rows(const float* x, long M, int K, const QLinear* ls, int n, float* co
   const bool by_row = q8 || M < 4;
   int total_n = 0;
   for (int i = 0; i < n; i++) total_n += ls[i].N;
-  const int nb = by_row ? std::max(32, (total_n / (Pool::get().threads() * kDecodeTasksPerThread)) / 4 * 4) : 16;
-  const int mb = by_row ? int(M) : 64;
+  // Long prompts (Kernel::gemm): wider tasks, weight panels of 2W rows, up to 256 x rows.
+  const int threads = Pool::get().threads(), nr = 2 * isa.width;
+  const bool gemm = !by_row && isa.width > 1 && M >= kGemmRows;
+  const int nb = by_row ? std::max(32, (total_n / (threads * kDecodeTasksPerThread)) / 4 * 4)
+                 : gemm ? std::max(nr, (total_n / (threads * 4)) / nr * nr) : 16;
+  const int mb = by_row ? int(M) : gemm ? 256 : 64;
   const int tm = int((M + mb - 1) / mb);
   double work = 0;
   for (int i = 0; i < n; i++) {

@@ -21,6 +21,7 @@ struct V256 {
   static void store(float* p, reg v) { _mm256_storeu_ps(p, v); }
   static reg set1(float v) { return _mm256_set1_ps(v); }
   static reg mul(reg a, reg b) { return _mm256_mul_ps(a, b); }
+  static reg add(reg a, reg b) { return _mm256_add_ps(a, b); }
   static reg fma(reg a, reg b, reg c) { return _mm256_fmadd_ps(a, b, c); }
   static float h2f(uint16_t h) { return _cvtsh_ss(h); }
   static void h2f_n(const uint16_t* p, float* out, int n) {

@@ -17,6 +17,7 @@ struct V1 {
   static void store(float* p, reg v) { *p = v; }
   static reg set1(float v) { return v; }
   static reg mul(reg a, reg b) { return a * b; }
+  static reg add(reg a, reg b) { return a + b; }
   static reg fma(reg a, reg b, reg c) { return a * b + c; }
   static float sum(reg v) { return v; }
   static void h2f_n(const uint16_t* p, float* out, int n) {

@@ -108,14 +108,16 @@ struct Kernel {
     *out = V::sum(acc) + bsum;
   }
 
-  // Dequantize rows [n0, n1) into `dst` (float32, same element order as xp).
+  // Dequantize rows [n0, n1), elements [k0, k1) (group-aligned; all by default) into `dst`
+  // (float32, rows of k1 - k0, same element order as xp).
   template <int BITS>
-  static void dequant(const QmmArgs& a, int n0, int n1, float* dst) {
+  static void dequant(const QmmArgs& a, int n0, int n1, float* dst, int k0 = 0, int k1 = -1) {
+    if (k1 < 0) k1 = a.K;
     const int G = a.K / a.gs, rb = a.K * BITS / 8;
     for (int n = n0; n < n1; n++) {
       const uint8_t* wr = a.w + (long)n * rb;
-      float* d = dst + (long)(n - n0) * a.K;
-      for (int g = 0; g < G; g++) {
+      float* d = dst + (long)(n - n0) * (k1 - k0) - k0;
+      for (int g = k0 / a.gs; g < k1 / a.gs; g++) {
         R s = V::set1(sc(a, (long)n * G + g)), b = V::set1(bi(a, (long)n * G + g));
         for (int e = g * a.gs; e < (g + 1) * a.gs; e += 2 * W) {
           R lo, hi;
@@ -169,7 +171,68 @@ struct Kernel {
         a.y[(long)m * a.N + n0 + j] = dot(a.xp + (long)m * a.K, buf + (long)j * a.K, a.K);
   }
 
+  // Long prompts: a register-blocked GEMM on weights dequantized once per task into panels
+  // [k][NR] (NR = 2W weight rows side by side). The micro-kernel does MR x 2 vector FMAs per k
+  // from 2 panel loads and MR broadcasts of x: FMA-bound (~110 GMAC/s per AVX-512 core here),
+  // where the 4x4 dot-product tile (tiled) spends its time on loads and horizontal sums
+  // (~75). Packing a panel (dequantize, transpose) is paid once per weight row and m-block,
+  // so below kGemmRows rows the 4x4 tile stays ahead. K is cut into chunks of KC: the
+  // x rows' chunk stays in L2 for every panel of the task.
+  static constexpr int NR = 2 * W, MR = 6, KC = 256;
+
+  template <int M>
+  static void micro(const float* x, long ldx, const float* p, int kc, float* y, long ldy, bool add) {
+    R c[M][2];
+    for (int i = 0; i < M; i++) c[i][0] = c[i][1] = V::zero();
+    for (int k = 0; k < kc; k++) {
+      const R w0 = V::load(p + (long)k * NR), w1 = V::load(p + (long)k * NR + W);
+      for (int i = 0; i < M; i++) {
+        const R xv = V::set1(x[i * ldx + k]);
+        c[i][0] = V::fma(xv, w0, c[i][0]);
+        c[i][1] = V::fma(xv, w1, c[i][1]);
+      }
+    }
+    for (int i = 0; i < M; i++)
+      for (int j = 0; j < 2; j++) {
+        float* o = y + i * ldy + j * W;
+        V::store(o, add ? V::add(V::load(o), c[i][j]) : c[i][j]);
+      }
+  }
+
+  template <int BITS>
+  static void gemm(const QmmArgs& a, int m0, int m1, int n0, int n1) {
+    thread_local std::vector<float> rows, panel;
+    const int kstep = std::max(a.gs, KC / a.gs * a.gs);
+    rows.resize((size_t)NR * kstep);
+    panel.resize((size_t)NR * kstep);
+    const int n_end = n0 + (n1 - n0) / NR * NR;
+    for (int k0 = 0; k0 < a.K; k0 += kstep) {
+      const int kc = std::min(kstep, a.K - k0);
+      const bool add = k0 > 0;
+      for (int n = n0; n < n_end; n += NR) {
+        dequant<BITS>(a, n, n + NR, rows.data(), k0, k0 + kc);
+        for (int r = 0; r < NR; r++)  // transpose into [k][NR]
+          for (int k = 0; k < kc; k++) panel[(size_t)k * NR + r] = rows[(size_t)r * kc + k];
+        const float* x = a.xp + (long)m0 * a.K + k0;
+        float* y = a.y + (long)m0 * a.N + n;
+        int m = m0;
+        for (; m + MR <= m1; m += MR, x += MR * (long)a.K, y += MR * (long)a.N)
+          micro<MR>(x, a.K, panel.data(), kc, y, a.N, add);
+        switch (m1 - m) {
+          case 5: micro<5>(x, a.K, panel.data(), kc, y, a.N, add); break;
+          case 4: micro<4>(x, a.K, panel.data(), kc, y, a.N, add); break;
+          case 3: micro<3>(x, a.K, panel.data(), kc, y, a.N, add); break;
+          case 2: micro<2>(x, a.K, panel.data(), kc, y, a.N, add); break;
+          case 1: micro<1>(x, a.K, panel.data(), kc, y, a.N, add); break;
+        }
+      }
+    }
+    if (n_end < n1) tiled(a, m0, m1, n_end, n1);  // rows short of a panel
+  }
+
   static void tile(const QmmArgs& a, int m0, int m1, int n0, int n1) {
+    if (m1 - m0 >= kGemmRows && W > 1)
+      return by_bits(a.bits, [&](auto b) { gemm<decltype(b)::value>(a, m0, m1, n0, n1); });
     if (m1 - m0 >= 4) return tiled(a, m0, m1, n0, n1);
     by_bits(a.bits, [&](auto b) {
       constexpr int BITS = decltype(b)::value;

@@ -4,8 +4,10 @@
 // driver (qmm.cpp) picks one at run time from what the CPU reports.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
+#include <vector>
 
 namespace edgeai {
 
@@ -16,6 +18,11 @@ namespace edgeai {
 // kernels_cpu.full_precision.) Every row is quantized on its own: up to this count a row's
 // result does not depend on what else is in the batch.
 constexpr int kMaxQ8Rows = 3;
+
+// Rows from which float32 (accurate, prompt) matmuls run as Kernel::gemm rather than the 4x4
+// tile: its weight panels cost a transpose per weight row and m-block, repaid from about 128
+// rows (measured 1.1-1.25x at M = 128, 1.3-1.5x at 512 on the 1.5B's shapes, AVX-512).
+constexpr int kGemmRows = 128;
 
 // One call's operands, already prepared by the driver.
 //
