@@ -49,7 +49,7 @@ def nmse(y, r):
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("bits", [4, 5, 6, 8])
 @pytest.mark.parametrize("gs", [32, 64, 128])
-# 140 and 300 rows: the panel GEMM of long prompts (256 rows a task, then the 4x4 tile)
+# 70, 140 and 300 rows: the panel GEMM of prompts (256 rows a task; 44 left: the GEMM again)
 @pytest.mark.parametrize("m", [1, 3, 4, 9, 70, 140, 300])
 def test_matches_float32_reference(isa, bits, gs, m):
     EXT.set_isa(isa)

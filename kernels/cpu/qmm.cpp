@@ -284,7 +284,7 @@ void qmm_rows(const float* x, long M, int K, const QLinear* ls, int n, float* co
   const bool by_row = q8 || M < 4;
   int total_n = 0;
   for (int i = 0; i < n; i++) total_n += ls[i].N;
-  // Long prompts (Kernel::gemm): wider tasks, weight panels of 2W rows, up to 256 x rows.
+  // Prompts (Kernel::gemm): wider tasks, weight panels of 2W rows, up to 256 x rows.
   const int threads = Pool::get().threads(), nr = 2 * isa.width;
   const bool gemm = !by_row && isa.width > 1 && M >= kGemmRows;
   const int nb = by_row ? std::max(32, (total_n / (threads * kDecodeTasksPerThread)) / 4 * 4)

@@ -35,6 +35,24 @@ struct V256 {
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
   }
+  // r[i][j] <- r[j][i] for 8 registers (the gemm's weight panels).
+  static void transpose(reg* r) {
+    reg t[8], s[8];
+    for (int i = 0; i < 4; i++) {
+      t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+      t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 2; i++) {
+      s[4 * i] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+      s[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+      s[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+      s[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+    }
+    for (int i = 0; i < 4; i++) {
+      r[i] = _mm256_permute2f128_ps(s[i], s[4 + i], 0x20);
+      r[4 + i] = _mm256_permute2f128_ps(s[i], s[4 + i], 0x31);
+    }
+  }
   // 8 bytes = 16 nibbles: low nibbles are the even elements, high the odd ones.
   static void q4(const uint8_t* p, reg& lo, reg& hi) {
     __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p));

@@ -27,6 +27,29 @@ struct V512 {
     for (; i < n; i++) out[i] = _cvtsh_ss(p[i]);
   }
   static float sum(reg v) { return _mm512_reduce_add_ps(v); }
+  // r[i][j] <- r[j][i] for 16 registers (the gemm's weight panels).
+  static void transpose(reg* r) {
+    reg t[16];
+    for (int i = 0; i < 8; i++) {
+      t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+      t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; i++) {
+      r[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+      r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+      r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+      r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+    }
+    for (int h = 0; h < 2; h++)
+      for (int i = 0; i < 4; i++) {
+        t[8 * h + i] = _mm512_shuffle_f32x4(r[8 * h + i], r[8 * h + 4 + i], 0x88);
+        t[8 * h + 4 + i] = _mm512_shuffle_f32x4(r[8 * h + i], r[8 * h + 4 + i], 0xDD);
+      }
+    for (int i = 0; i < 8; i++) {
+      r[i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0x88);
+      r[8 + i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0xDD);
+    }
+  }
   // 16 bytes = 32 nibbles: low nibbles are the even elements, high the odd ones.
   static void q4(const uint8_t* p, reg& lo, reg& hi) {
     __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p));

@@ -171,13 +171,13 @@ struct Kernel {
         a.y[(long)m * a.N + n0 + j] = dot(a.xp + (long)m * a.K, buf + (long)j * a.K, a.K);
   }
 
-  // Long prompts: a register-blocked GEMM on weights dequantized once per task into panels
-  // [k][NR] (NR = 2W weight rows side by side). The micro-kernel does MR x 2 vector FMAs per k
-  // from 2 panel loads and MR broadcasts of x: FMA-bound (~110 GMAC/s per AVX-512 core here),
-  // where the 4x4 dot-product tile (tiled) spends its time on loads and horizontal sums
-  // (~75). Packing a panel (dequantize, transpose) is paid once per weight row and m-block,
-  // so below kGemmRows rows the 4x4 tile stays ahead. K is cut into chunks of KC: the
-  // x rows' chunk stays in L2 for every panel of the task.
+  // Prompts: a register-blocked GEMM on weights dequantized once per task into panels
+  // [k][NR] (NR = 2W weight rows side by side, transposed W x W in registers). The
+  // micro-kernel does MR x 2 vector FMAs per k from 2 panel loads and MR broadcasts of x:
+  // FMA-bound (~115 GMAC/s per AVX-512 core here), where the 4x4 dot-product tile (tiled)
+  // spends its time on loads and horizontal sums (~70). Packing is paid once per weight row
+  // and m-block, so below kGemmRows rows the 4x4 tile stays ahead. K is cut into chunks of
+  // KC: the x rows' chunk stays in L2 for every panel of the task.
   static constexpr int NR = 2 * W, MR = 6, KC = 256;
 
   template <int M>
@@ -211,8 +211,13 @@ struct Kernel {
       const bool add = k0 > 0;
       for (int n = n0; n < n_end; n += NR) {
         dequant<BITS>(a, n, n + NR, rows.data(), k0, k0 + kc);
-        for (int r = 0; r < NR; r++)  // transpose into [k][NR]
-          for (int k = 0; k < kc; k++) panel[(size_t)k * NR + r] = rows[(size_t)r * kc + k];
+        for (int rb = 0; rb < NR; rb += W)  // transpose into [k][NR], W x W at a time
+          for (int k = 0; k < kc; k += W) {
+            R t[W];
+            for (int i = 0; i < W; i++) t[i] = V::load(rows.data() + (size_t)(rb + i) * kc + k);
+            V::transpose(t);
+            for (int i = 0; i < W; i++) V::store(panel.data() + (size_t)(k + i) * NR + rb, t[i]);
+          }
         const float* x = a.xp + (long)m0 * a.K + k0;
         float* y = a.y + (long)m0 * a.N + n;
         int m = m0;

@@ -20,9 +20,10 @@ namespace edgeai {
 constexpr int kMaxQ8Rows = 3;
 
 // Rows from which float32 (accurate, prompt) matmuls run as Kernel::gemm rather than the 4x4
-// tile: its weight panels cost a transpose per weight row and m-block, repaid from about 128
-// rows (measured 1.1-1.25x at M = 128, 1.3-1.5x at 512 on the 1.5B's shapes, AVX-512).
-constexpr int kGemmRows = 128;
+// tile: its weight panels cost a dequantization + transpose per weight row and m-block,
+// repaid from about 32 rows. Measured on the 1.5B's shapes (one AVX-512 core, CPU time): vs
+// the tile 0.85x at M = 16, 1.1x at 32, 1.3x at 64, 1.5x at 128, 1.65x at 512.
+constexpr int kGemmRows = 32;
 
 // One call's operands, already prepared by the driver.
 //
