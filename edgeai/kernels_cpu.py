@@ -200,10 +200,12 @@ def _llama_attention_class():
     return CpuLlamaAttention
 
 
-def _plain_linear(m: nn.Module, fast: bool) -> bool:
-    """An unwrapped kernel-backed linear without bias, in the given precision (any bits and
-    group size the kernel takes: the fused layer reads each projection's format from its shapes)."""
-    return type(m) is CpuQuantizedLinear and "bias" not in m and m.fast == fast
+def _plain_linear(m: nn.Module, fast: bool, bias: bool = False) -> bool:
+    """An unwrapped kernel-backed linear in the given precision, with a float32 bias exactly
+    when `bias` (any bits and group size the kernel takes: the fused layer reads each
+    projection's format from its shapes)."""
+    return (type(m) is CpuQuantizedLinear and m.fast == fast and ("bias" in m) == bias
+            and (not bias or (m["bias"].dtype == mx.float32 and m["bias"].ndim == 1)))
 
 
 def block_formats(block: nn.Module) -> tuple:
@@ -217,14 +219,26 @@ def _triples(*layers: nn.Module) -> list[mx.array]:
     return [a for m in layers for a in (m["weight"], m["scales"], m["biases"])]
 
 
-def _llama_block_class():
+def _block_bases() -> list[type]:
+    """mlx-lm decoder layers of the llama layout the fused layer takes: llama, and qwen2
+    (the same layer with biases on the q, k, v projections)."""
+    try:
+        from mlx_lm.models import llama, qwen2
+    except ImportError:
+        return []
+    return [llama.TransformerBlock, qwen2.TransformerBlock]
+
+
+def _llama_block_class(base: type | None = None):
+    """The fused form of `base` (one of _block_bases(); default: llama's layer)."""
     from mlx_lm.models import llama
     from mlx_lm.models.cache import KVCache
 
     ext = extension()
+    base = base or llama.TransformerBlock
 
-    class CpuLlamaBlock(llama.TransformerBlock):
-        """mlx-lm's llama decoder layer as three C++ graph nodes instead of ~28.
+    class CpuLlamaBlock(base):
+        """mlx-lm's llama (or qwen2) decoder layer as three C++ graph nodes instead of ~28.
 
         norm_qkv (RMSNorm, q/k/v projections, RoPE; with a FusedKVCache it also writes k, v
         into the cache, otherwise mlx-lm's KVCache update follows), attn_out (attention,
@@ -256,15 +270,19 @@ def _llama_block_class():
         def _build(self, mods: tuple, a: nn.Module, full: bool):
             q = a.q_proj
             fast = q.fast if type(q) is CpuQuantizedLinear else None
+            bias = "bias" in q  # qwen2: q, k, v have biases (all three or none)
             if not (fast is not None and type(a.rope) is nn.RoPE and q.weight.shape[0] // a.n_heads % 16 == 0
-                    and all(_plain_linear(p, fast) for p in mods[:7])
+                    and all(_plain_linear(p, fast, bias) for p in mods[:3])
+                    and all(_plain_linear(p, fast) for p in mods[3:7])
                     and all(type(n) in (nn.RMSNorm, CpuRMSNorm) and n["weight"].dtype == mx.float32 for n in mods[7:])):
                 return None
             r, n1, n2 = a.rope, self.input_layernorm, self.post_attention_layernorm
+            object.__setattr__(self, "_head_dim", q.weight.shape[0] // a.n_heads)
             return ext.FusedLlamaLayer(
                 n1["weight"], _triples(*mods[:3]), _triples(a.o_proj), n2["weight"], _triples(*mods[4:7]),
                 n1.eps, n2.eps, a.n_heads, a.n_kv_heads, r.dims, bool(r.traditional), float(r.base),
-                float(r.scale), 0, 0, fast and not full)  # 0, 0: each projection's own format
+                float(r.scale), 0, 0, fast and not full,  # 0, 0: each projection's own format
+                [p["bias"] for p in mods[:3]] if bias else [])
 
         def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
             layer = self._layer()
@@ -275,7 +293,7 @@ def _llama_block_class():
             a = self["self_attn"]
             causal, scale = mask is not None, a.scale
             if type(cache) is FusedKVCache:  # k, v written straight into the cache's buffers
-                cache.reserve(x.shape[0], a.n_kv_heads, x.shape[1], a.head_dim)
+                cache.reserve(x.shape[0], a.n_kv_heads, x.shape[1], self.__dict__["_head_dim"])
                 q, cache.keys, cache.values = layer.qkv(x, cache.offset, [cache.keys, cache.values])
                 cache.offset += x.shape[1]
                 return layer.mlp(layer.attend(q, cache.keys, cache.values, x, scale, causal, cache.offset))
@@ -284,6 +302,8 @@ def _llama_block_class():
                 k, v = cache.update_and_fetch(k, v)
             return layer.mlp(layer.attend(q, k, v, x, scale, causal))
 
+    if base is not llama.TransformerBlock:
+        CpuLlamaBlock.__name__ = CpuLlamaBlock.__qualname__ = f"Cpu{base.__module__.rsplit('.', 1)[-1].title()}Block"
     return CpuLlamaBlock
 
 
@@ -326,20 +346,14 @@ def make_cache(model: nn.Module) -> list:
 
 
 def swap_blocks(model: nn.Module) -> int:
-    """Give mlx-lm llama decoder layers edgeai's fused three-node form; returns how many."""
-    try:
-        from mlx_lm.models import llama
-    except ImportError:
-        return 0
-    return _swap_class(model, llama.TransformerBlock, _llama_block_class())
+    """Give mlx-lm llama and qwen2 decoder layers edgeai's fused three-node form; returns how many."""
+    return sum(_swap_class(model, base, _llama_block_class(base)) for base in _block_bases())
 
 
 def llama_blocks(model: nn.Module) -> list[nn.Module]:
-    try:
-        from mlx_lm.models import llama
-    except ImportError:
-        return []
-    return [m for _, m in model.named_modules() if isinstance(m, llama.TransformerBlock)]
+    """The model's decoder layers of the llama layout (llama, qwen2), fused or not."""
+    bases = tuple(_block_bases())
+    return [m for _, m in model.named_modules() if bases and isinstance(m, bases)]
 
 
 class CpuRMSNorm(nn.RMSNorm):

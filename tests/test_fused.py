@@ -135,9 +135,10 @@ def test_fused_ops_reject_bad_input():
 
 
 def _block_classes(model: nn.Module) -> set[str]:
-    from mlx_lm.models import llama
+    from mlx_lm.models import llama, qwen2
 
-    return {type(m).__name__ for _, m in model.named_modules() if isinstance(m, llama.TransformerBlock)}
+    blocks = (llama.TransformerBlock, qwen2.TransformerBlock)
+    return {type(m).__name__ for _, m in model.named_modules() if isinstance(m, blocks)}
 
 
 @pytest.mark.parametrize("precision", ["fast", "accurate"])
@@ -158,8 +159,8 @@ def test_wrong_fused_layer_is_refused(tiny_model, monkeypatch):
 
     real = kc._llama_block_class
 
-    def off_by_one():
-        cls = real()
+    def off_by_one(base=None):
+        cls = real(base)
 
         class Wrong(cls):
             def __call__(self, x, mask=None, cache=None):
@@ -286,3 +287,33 @@ def test_long_prompt_prefilled_in_chunks_matches_builtin(tiny_model):
     runs = [[e.token for e in Engine.load(tiny_model, kernel=k, precision="accurate").generate(prompt, opts)
              if e.token is not None] for k in ("builtin", "custom")]
     assert runs[0] == runs[1] and len(runs[0]) > 0
+
+
+@pytest.fixture(scope="module")
+def qwen2_model(tmp_path_factory):
+    from tinymodel import make_tiny_model
+
+    # qwen2: biases on q, k, v; a K-quant-like mix of formats in one layer
+    mix = {"model.layers.0.self_attn.k_proj": {"bits": 5}, "model.layers.0.mlp.down_proj": {"bits": 8}}
+    return make_tiny_model(tmp_path_factory.mktemp("qwen2") / "tiny-qwen2", arch="qwen2", layer_quant=mix)
+
+
+@pytest.mark.parametrize("precision", ["accurate", "fast"])
+def test_qwen2_layers_are_fused_with_their_biases(qwen2_model, precision):
+    from edgeai.engine import Engine
+    from edgeai.options import GenerationOptions
+
+    builtin = Engine.load(qwen2_model, kernel="builtin")
+    custom = Engine.load(qwen2_model, kernel="custom", precision=precision)
+    assert "bias" in builtin.model.model.layers[0].self_attn.q_proj
+    assert "fused layers 2" in custom.kernel.attention
+    assert _block_classes(custom.model) == {"CpuQwen2Block"}
+    opts = GenerationOptions(max_tokens=20, temperature=0.0)
+    a = [e.token for e in builtin.generate("the theme", opts) if e.token is not None]
+    b = [e.token for e in custom.generate("the theme", opts) if e.token is not None]
+    if precision == "accurate":  # float32 throughout: MLX's tokens exactly
+        assert a == b and len(a) > 0
+    x = mx.random.normal((1, 3, 64), key=mx.random.key(9))
+    with kc.full_precision():  # fast layers too: float32 here, as for a prompt
+        for ref, got in zip(builtin.model.model.layers, custom.model.model.layers):
+            assert rel_err(got(x, "causal"), ref(x, "causal")) < tol(False)

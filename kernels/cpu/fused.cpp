@@ -99,11 +99,13 @@ void to_heads(const float* y, int B, int L, int H, int D, const Rope* rope, int 
 
 class NormQKV : public mx::Primitive {
  public:
-  NormQKV(mx::Stream s, float eps, int hq, int hkv, Rope rope, int offset, bool fast, bool into)
-      : mx::Primitive(s), eps_(eps), hq_(hq), hkv_(hkv), rope_(rope), offset_(offset), fast_(fast), into_(into) {}
+  NormQKV(mx::Stream s, float eps, int hq, int hkv, Rope rope, int offset, bool fast, bool into, bool bias)
+      : mx::Primitive(s), eps_(eps), hq_(hq), hkv_(hkv), rope_(rope), offset_(offset), fast_(fast), into_(into),
+        bias_(bias) {}
 
   // inputs: x [B, L, D], norm weight [D], (w, scales, biases) for q, k, v, and in `into`
-  // mode the KV cache's key and value buffers [B, Hkv, cap, hd]. Outputs q, k, v; in `into`
+  // mode the KV cache's key and value buffers [B, Hkv, cap, hd], then with `bias` the q, k, v
+  // projections' float32 biases (qwen2). Outputs q, k, v; in `into`
   // mode k and v are the cache buffers themselves with this step's rows written at
   // [offset, offset + L): positions below offset are untouched, so no earlier reader of the
   // buffer sees a change, and nothing else reads positions at or above offset.
@@ -126,7 +128,7 @@ class NormQKV : public mx::Primitive {
     for (auto& a : in) enc.set_input_array(a);
     for (auto& o : outs) enc.set_output_array(o);
     enc.dispatch([in, outs, eps = eps_, hq = hq_, hkv = hkv_, rope = rope_, offset = offset_, fast = fast_,
-                  into = into_]() mutable { run(in, outs, eps, hq, hkv, rope, offset, fast, into); });
+                  into = into_, bias = bias_]() mutable { run(in, outs, eps, hq, hkv, rope, offset, fast, into, bias); });
   }
 
   static void copy_dense(const mx::array& a, float* dst) {
@@ -136,7 +138,7 @@ class NormQKV : public mx::Primitive {
   }
 
   static void run(const std::vector<mx::array>& in, std::vector<mx::array>& outs, float eps_, int hq_, int hkv_,
-                  Rope rope_, int offset_, bool fast_, bool into_) {
+                  Rope rope_, int offset_, bool fast_, bool into_, bool bias_) {
     thread_local std::vector<float> xt, wt, n, y;
     const int B = in[0].shape(0), L = in[0].shape(1), D = in[0].shape(2);
     const long M = long(B) * L;
@@ -146,6 +148,11 @@ class NormQKV : public mx::Primitive {
     y.resize(M * (ls[0].N + ls[1].N + ls[2].N));
     float* ys[3] = {y.data(), y.data() + M * ls[0].N, y.data() + M * (ls[0].N + ls[1].N)};
     qmm_rows(n.data(), M, D, ls, 3, ys, fast_);
+    for (int i = 0; bias_ && i < 3; i++) {
+      const float* b = in[in.size() - 3 + i].data<float>();
+      for (long m = 0; m < M; m++)
+        for (int j = 0; j < ls[i].N; j++) ys[i][m * ls[i].N + j] += b[j];
+    }
     const int hd = ls[0].N / hq_;
     to_heads(ys[0], B, L, hq_, hd, &rope_, offset_, outs[0].data<float>(), L, 0);
     const int cap = into_ ? outs[1].shape(2) : L, pos0 = into_ ? offset_ : 0;
@@ -161,7 +168,7 @@ class NormQKV : public mx::Primitive {
     auto& o = static_cast<const NormQKV&>(other);
     return eps_ == o.eps_ && hq_ == o.hq_ && hkv_ == o.hkv_ && rope_.dims == o.rope_.dims &&
            rope_.traditional == o.rope_.traditional && rope_.base == o.rope_.base && rope_.scale == o.rope_.scale &&
-           offset_ == o.offset_ && fast_ == o.fast_ && into_ == o.into_;
+           offset_ == o.offset_ && fast_ == o.fast_ && into_ == o.into_ && bias_ == o.bias_;
   }
 
  private:
@@ -169,7 +176,7 @@ class NormQKV : public mx::Primitive {
   int hq_, hkv_;
   Rope rope_;
   int offset_;
-  bool fast_, into_;
+  bool fast_, into_, bias_;
 };
 
 class AttnOut : public mx::UnaryPrimitive {
@@ -319,7 +326,8 @@ void add_layers(const char* op, std::vector<mx::array>& in, const std::vector<mx
 
 std::vector<mx::array> norm_qkv(const mx::array& x, const mx::array& norm_w, float eps, const std::vector<mx::array>& qkv,
                                 int n_heads, int n_kv_heads, int rope_dims, bool traditional, float base, float scale,
-                                int offset, int group_size, int bits, bool fast, const std::vector<mx::array>& cache) {
+                                int offset, int group_size, int bits, bool fast, const std::vector<mx::array>& cache,
+                                const std::vector<mx::array>& qkv_bias) {
   const char* op = "norm_qkv";
   if (x.ndim() != 3 || x.dtype() != mx::float32) fail(op, "x must be float32 [B, L, D]");
   const int D = x.shape(2);
@@ -345,11 +353,21 @@ std::vector<mx::array> norm_qkv(const mx::array& x, const mx::array& norm_w, flo
     in.push_back(cache[0]);
     in.push_back(cache[1]);
   }
+  const bool bias = !qkv_bias.empty();
+  if (bias) {
+    if (qkv_bias.size() != 3) fail(op, "give the q, k, v biases as three arrays (or none)");
+    for (int i = 0; i < 3; i++) {
+      const mx::array& b = qkv_bias[i];
+      if (b.dtype() != mx::float32 || b.ndim() != 1 || b.shape(0) != qkv[3 * i].shape(0))
+        fail(op, "the q, k, v biases must be float32 [N] of their projections");
+      in.push_back(b.is_available() && b.flags().row_contiguous ? b : mx::contiguous(b, false, cpu_stream()));
+    }
+  }
   const mx::Shape kv = into ? cache[0].shape() : mx::Shape{B, n_kv_heads, L, hd};
   return mx::array::make_arrays(
       {{B, n_heads, L, hd}, kv, kv}, {mx::float32, mx::float32, mx::float32},
       std::make_shared<NormQKV>(cpu_stream(), eps, n_heads, n_kv_heads, Rope{rope_dims, traditional, base, scale}, offset,
-                                fast, into),
+                                fast, into, bias),
       in);
 }
 
@@ -395,21 +413,23 @@ mx::array norm_mlp(const mx::array& h, const mx::array& norm_w, float eps, const
 FusedLlamaLayer::FusedLlamaLayer(mx::array norm1, std::vector<mx::array> qkv, std::vector<mx::array> o_proj,
                                  mx::array norm2, std::vector<mx::array> mlp, float eps1, float eps2, int n_heads,
                                  int n_kv_heads, int rope_dims, bool traditional, float base, float scale,
-                                 int group_size, int bits, bool fast)
+                                 int group_size, int bits, bool fast, std::vector<mx::array> qkv_bias)
     : norm1_(std::move(norm1)), norm2_(std::move(norm2)), qkv_(std::move(qkv)), o_(std::move(o_proj)),
       mlp_(std::move(mlp)), eps1_(eps1), eps2_(eps2), hq_(n_heads), hkv_(n_kv_heads), rope_dims_(rope_dims),
-      traditional_(traditional), base_(base), scale_(scale), gs_(group_size), bits_(bits), fast_(fast) {
+      traditional_(traditional), base_(base), scale_(scale), gs_(group_size), bits_(bits), fast_(fast),
+      qkv_bias_(std::move(qkv_bias)) {
   // Check everything once, on a one-token input, so later calls fail only on bad activations.
   const int D = norm1_.shape(0);
   auto x = mx::zeros({1, 1, D}, mx::float32, cpu_stream());
-  auto q = norm_qkv(x, norm1_, eps1_, qkv_, hq_, hkv_, rope_dims_, traditional_, base_, scale_, 0, gs_, bits_, fast_, {});
+  auto q = norm_qkv(x, norm1_, eps1_, qkv_, hq_, hkv_, rope_dims_, traditional_, base_, scale_, 0, gs_, bits_, fast_, {},
+                    qkv_bias_);
   attn_out(q[0], q[1], q[2], x, o_, 1.f, false, gs_, bits_, fast_, -1);
   norm_mlp(x, norm2_, eps2_, mlp_, gs_, bits_, fast_);
 }
 
 std::vector<mx::array> FusedLlamaLayer::qkv(const mx::array& x, int offset, const std::vector<mx::array>& cache) const {
   return norm_qkv(x, norm1_, eps1_, qkv_, hq_, hkv_, rope_dims_, traditional_, base_, scale_, offset, gs_, bits_, fast_,
-                  cache);
+                  cache, qkv_bias_);
 }
 
 mx::array FusedLlamaLayer::attend(const mx::array& q, const mx::array& k, const mx::array& v, const mx::array& x,
