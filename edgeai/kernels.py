@@ -283,7 +283,8 @@ def _cpu_layer_kernels(model: nn.Module, cand: Candidate) -> str:
 
 
 def _fuse_blocks(model: nn.Module, cand: Candidate, fast: bool) -> int:
-    """Turn llama / qwen2 decoder layers into edgeai's three fused nodes once they match the unfused layer."""
+    """Turn llama / qwen2 decoder layers into edgeai's three fused nodes once they match the
+    unfused layer."""
     from edgeai import kernels_cpu as kc
 
     blocks = kc.llama_blocks(model)
@@ -297,8 +298,9 @@ def _fuse_blocks(model: nn.Module, cand: Candidate, fast: bool) -> int:
     for fmts, b in firsts.items():
         a = b.self_attn
         mix = ",".join(f"{f[0]}/{f[1]}" if f else "-" for f in fmts)
-        key = (f"fused_block|{cand.build_id}|{cand.isa()}|{fast}|{type(b).__module__}|{b.hidden_size}|"
-               f"{a.n_heads}|{a.n_kv_heads}|{a.q_proj.weight.shape[0]}|{b.mlp.gate_proj.weight.shape[0]}|{mix}")
+        dims = f"{b.hidden_size}|{a.n_heads}|{a.n_kv_heads}|{a.q_proj.weight.shape[0]}"
+        key = (f"fused_block|{cand.build_id}|{cand.isa()}|{fast}|{type(b).__module__}|{dims}|"
+               f"{b.mlp.gate_proj.weight.shape[0]}|{mix}")
         fused_cls = kc._llama_block_class(type(b))
         tol = FUSED_FAST_TOL if fast else ATTN_TOL
         if not _verdict(key, lambda b=b, c=fused_cls: check_block(b, c), tol):

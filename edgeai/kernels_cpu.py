@@ -57,7 +57,8 @@ BITS = (4, 5, 6, 8)  # MLX affine bit widths the kernel unpacks (2 and 3 keep ML
 
 def supports(bits: int, group_size: int, in_dims: int, mode: str = "affine") -> bool:
     """Whether the kernel handles this layer (others keep MLX's kernel)."""
-    return mode == "affine" and bits in BITS and group_size in (32, 64, 128) and in_dims % group_size == 0
+    return (mode == "affine" and bits in BITS and group_size in (32, 64, 128)
+            and in_dims % group_size == 0)
 
 
 def quantized_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int,
@@ -211,8 +212,8 @@ def _plain_linear(m: nn.Module, fast: bool, bias: bool = False) -> bool:
 def block_formats(block: nn.Module) -> tuple:
     """(bits, group_size) of each of a llama layer's seven projections (None: not quantized)."""
     a, m = block.self_attn, block.mlp
-    return tuple((p.bits, p.group_size) if hasattr(p, "bits") else None
-                 for p in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj))
+    projections = (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj)
+    return tuple((p.bits, p.group_size) if hasattr(p, "bits") else None for p in projections)
 
 
 def _triples(*layers: nn.Module) -> list[mx.array]:
@@ -303,7 +304,8 @@ def _llama_block_class(base: type | None = None):
             return layer.mlp(layer.attend(q, k, v, x, scale, causal))
 
     if base is not llama.TransformerBlock:
-        CpuLlamaBlock.__name__ = CpuLlamaBlock.__qualname__ = f"Cpu{base.__module__.rsplit('.', 1)[-1].title()}Block"
+        name = f"Cpu{base.__module__.rsplit('.', 1)[-1].title()}Block"  # CpuQwen2Block
+        CpuLlamaBlock.__name__ = CpuLlamaBlock.__qualname__ = name
     return CpuLlamaBlock
 
 
@@ -346,7 +348,8 @@ def make_cache(model: nn.Module) -> list:
 
 
 def swap_blocks(model: nn.Module) -> int:
-    """Give mlx-lm llama and qwen2 decoder layers edgeai's fused three-node form; returns how many."""
+    """Give mlx-lm llama and qwen2 decoder layers edgeai's fused three-node form; returns how
+    many."""
     return sum(_swap_class(model, base, _llama_block_class(base)) for base in _block_bases())
 
 

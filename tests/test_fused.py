@@ -104,7 +104,7 @@ def test_fused_ops_take_each_layers_own_format(fast):
     def heads(y, h):
         return y.reshape(b, seq, h, hd).transpose(0, 2, 1, 3)
 
-    rope = dict(traditional=False, base=1e4, scale=1.0, offset=0)
+    rope = {"traditional": False, "base": 1e4, "scale": 1.0, "offset": 0}
     refs = [mx.fast.rope(heads(n @ w.T, h), hd, **rope) for w, h in ((wq, hq), (wk, hkv))]
     refs.append(heads(n @ wv.T, hkv))
     for y, ref in zip(outs, refs):
@@ -294,8 +294,10 @@ def qwen2_model(tmp_path_factory):
     from tinymodel import make_tiny_model
 
     # qwen2: biases on q, k, v; a K-quant-like mix of formats in one layer
-    mix = {"model.layers.0.self_attn.k_proj": {"bits": 5}, "model.layers.0.mlp.down_proj": {"bits": 8}}
-    return make_tiny_model(tmp_path_factory.mktemp("qwen2") / "tiny-qwen2", arch="qwen2", layer_quant=mix)
+    mix = {"model.layers.0.self_attn.k_proj": {"bits": 5},
+           "model.layers.0.mlp.down_proj": {"bits": 8}}
+    out = tmp_path_factory.mktemp("qwen2") / "tiny-qwen2"
+    return make_tiny_model(out, arch="qwen2", layer_quant=mix)
 
 
 @pytest.mark.parametrize("precision", ["accurate", "fast"])

@@ -97,7 +97,8 @@ def random_words(n, k, gs, bits, half, seed=0):
 @pytest.mark.parametrize("bits", [5, 6])
 @pytest.mark.parametrize("half", [False, True])
 # 8, 11 (a lone last block), 18 (SmolLM2) and 28 blocks of 32 per row
-@pytest.mark.parametrize("gs, k", [(g, k) for g in (32, 64, 128) for k in (256, 352, 576, 896) if k % g == 0])
+@pytest.mark.parametrize("gs, k", [(g, k) for g in (32, 64, 128) for k in (256, 352, 576, 896)
+                                   if k % g == 0])
 def test_5_and_6_bit_match_float32_reference(isa, bits, half, gs, k):
     EXT.set_isa(isa)
     n = 44  # not a multiple of 8 or of the 4-row kernel
@@ -133,7 +134,8 @@ def test_5_and_6_bit_verification_passes_on_model_shapes(bits):
 def _cpu_flags() -> set[str]:
     try:
         with open("/proc/cpuinfo") as f:
-            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+            lines = (line for line in f if line.startswith("flags"))
+            return next((set(line.split(":", 1)[1].split()) for line in lines), set())
     except OSError:
         return set()
 
@@ -477,7 +479,8 @@ MIXED = {
 def mixed_model(tmp_path_factory):
     from tinymodel import make_tiny_model
 
-    return make_tiny_model(tmp_path_factory.mktemp("mixed") / "tiny-mixed", hidden=128, layer_quant=MIXED)
+    out = tmp_path_factory.mktemp("mixed") / "tiny-mixed"
+    return make_tiny_model(out, hidden=128, layer_quant=MIXED)
 
 
 @needs_ext
