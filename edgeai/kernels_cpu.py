@@ -161,11 +161,21 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool)
     return extension().attention(q, k, v, scale, causal)
 
 
-def _llama_attention_class():
+def _attention_bases() -> list[type]:
+    """mlx-lm attention modules of the llama layout: llama's, and qwen2's (the same call; its
+    q, k, v projections carry their biases themselves)."""
+    try:
+        from mlx_lm.models import llama, qwen2
+    except ImportError:
+        return []
+    return [llama.Attention, qwen2.Attention]
+
+
+def _llama_attention_class(attention: type | None = None):
     from mlx_lm.models import base, llama
 
-    class CpuLlamaAttention(llama.Attention):
-        """mlx-lm's llama attention with edgeai's CPU attention kernel.
+    class CpuLlamaAttention(attention or llama.Attention):
+        """mlx-lm's llama (or qwen2) attention with edgeai's CPU attention kernel.
 
         Installed by swapping the instance's class, so parameters (and any LoRA wrapping of
         the projections) are untouched. Masks other than causal, non-float32 activations
@@ -370,15 +380,15 @@ class CpuRMSNorm(nn.RMSNorm):
 
 
 def swap_attention(model: nn.Module, rope: bool = True) -> int:
-    """Give mlx-lm llama attention modules edgeai's attention (and RoPE) kernels; returns how many."""
-    try:
-        from mlx_lm.models import llama
-    except ImportError:
-        return 0
-    cls = _llama_attention_class()
-    if rope:
-        cls._rope = staticmethod(extension().rope)
-    return _swap_class(model, llama.Attention, cls)
+    """Give mlx-lm llama and qwen2 attention modules edgeai's attention (and RoPE) kernels;
+    returns how many."""
+    n = 0
+    for attention in _attention_bases():
+        cls = _llama_attention_class(attention)
+        if rope:
+            cls._rope = staticmethod(extension().rope)
+        n += _swap_class(model, attention, cls)
+    return n
 
 
 def swap_norms(model: nn.Module) -> int:
@@ -402,27 +412,18 @@ def norm_dims(model: nn.Module) -> set[int]:
 
 
 def rope_configs(model: nn.Module) -> set[tuple]:
-    """(dims, traditional, base, scale, head_dim) of plain nn.RoPE in llama attention modules."""
-    try:
-        from mlx_lm.models import llama
-    except ImportError:
-        return set()
+    """(dims, traditional, base, scale, head_dim) of plain nn.RoPE in llama / qwen2 attention."""
+    bases = tuple(_attention_bases())
     out = set()
     for _, m in model.named_modules():
-        if type(m) is llama.Attention and type(m.rope) is nn.RoPE:
-            r = m.rope
-            out.add((r.dims, bool(r.traditional), float(r.base), float(r.scale), m.q_proj.weight.shape[0] // m.n_heads))
+        if type(m) in bases and type(m.rope) is nn.RoPE:
+            r, hd = m.rope, m.q_proj.weight.shape[0] // m.n_heads
+            out.add((r.dims, bool(r.traditional), float(r.base), float(r.scale), hd))
     return out
 
 
 def attention_heads(model: nn.Module) -> set[tuple[int, int, int]]:
-    """(query heads, kv heads, head dim) of the llama attention modules in `model`."""
-    try:
-        from mlx_lm.models import llama
-    except ImportError:
-        return set()
-    out = set()
-    for _, m in model.named_modules():
-        if type(m) is llama.Attention:
-            out.add((m.n_heads, m.n_kv_heads, m.q_proj.weight.shape[0] // m.n_heads))
-    return out
+    """(query heads, kv heads, head dim) of the llama / qwen2 attention modules in `model`."""
+    bases = tuple(_attention_bases())
+    return {(m.n_heads, m.n_kv_heads, m.q_proj.weight.shape[0] // m.n_heads)
+            for _, m in model.named_modules() if type(m) in bases}

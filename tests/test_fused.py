@@ -308,6 +308,7 @@ def test_qwen2_layers_are_fused_with_their_biases(qwen2_model, precision):
     builtin = Engine.load(qwen2_model, kernel="builtin")
     custom = Engine.load(qwen2_model, kernel="custom", precision=precision)
     assert "bias" in builtin.model.model.layers[0].self_attn.q_proj
+    assert "attention 2 layers (+RoPE)" in custom.kernel.attention  # when a layer is not fused
     assert "fused layers 2" in custom.kernel.attention
     assert _block_classes(custom.model) == {"CpuQwen2Block"}
     opts = GenerationOptions(max_tokens=20, temperature=0.0)
