@@ -199,7 +199,7 @@ void store_out(mx::array& out, const float* y, long n) {
 // that loses its core for a while.
 constexpr int kDecodeTasksPerThread = 4;
 
-// Activations prepared once for every layer of one format (bits, group size) in a call.
+// Activations prepared once for every layer of one layout (4-bit or not, group size) in a call.
 struct Prepared {
   int bits = 0, gs = 0;
   std::vector<float> xp, xs, xd;
@@ -254,7 +254,8 @@ void qmm_rows(const float* x, long M, int K, const QLinear* ls, int n, float* co
   int np = 0;
   for (int i = 0; i < n; i++) {
     int j = 0;
-    while (j < np && !(preps[j].bits == ls[i].bits && preps[j].gs == ls[i].gs)) j++;
+    // 5, 6 and 8-bit layers read the same natural-order activations; 4-bit its own order.
+    while (j < np && !((preps[j].bits == 4) == (ls[i].bits == 4) && preps[j].gs == ls[i].gs)) j++;
     if (j == np) {
       if (np == int(preps.size())) preps.resize(np + 1);
       Prepared& p = preps[np++];
