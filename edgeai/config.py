@@ -6,8 +6,8 @@
 | EDGEAI_CONFIG_DIR | platform user config dir (…/edgeai)       | config.toml, models.toml   |
 | EDGEAI_MODEL      | smollm2-135m                              | default model              |
 | EDGEAI_KERNEL     | auto                                      | auto / builtin / custom    |
-| EDGEAI_KERNEL_PRECISION | fast                                | fast (int8 activations at decode) / accurate (float32); edgeai/kernels.py |
-| EDGEAI_THREADS    | all CPU cores                             | threads of the C++ CPU kernels (edgeai/kernels_cpu.py) |
+| EDGEAI_KERNEL_PRECISION | fast                                | fast (int8 activations at decode) / accurate (float32); edgeai/kernels |
+| EDGEAI_THREADS    | all CPU cores                             | threads of the C++ CPU kernels (edgeai/kernels/cpu.py) |
 | EDGEAI_NO_KERNELS | (unset)                                   | set during install: skip building the C++ kernels (setup.py) |
 | EDGEAI_SOCKET     | $XDG_RUNTIME_DIR/edgeai/edgeai.sock       | server socket (else /tmp/edgeai-$UID/edgeai.sock; edgeai/server/transport.py) |
 | EDGEAI_SERVER_TOKEN | (none)                                  | bearer token TCP clients of `edgeai serve` must send |

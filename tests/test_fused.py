@@ -39,7 +39,7 @@ def tol(fast: bool) -> float:
 
 
 @pytest.mark.parametrize("fast", [False, True])
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [4, 5, 6, 8])
 def test_norm_mlp_matches_mlx(fast, bits):
     d, f = 64, 160
     h = mx.random.normal((2, 3, d), key=mx.random.key(1))
@@ -89,6 +89,34 @@ def test_attn_out_matches_mlx(fast, seq, causal):
     assert y.shape == x.shape and rel_err(y, ref) < tol(fast)
 
 
+@pytest.mark.parametrize("fast", [False, True])
+def test_fused_ops_take_each_layers_own_format(fast):
+    """bits = group_size = 0: every projection keeps its own (a K-quant layer mixes them)."""
+    b, seq, hq, hkv, hd = 1, 2, 4, 2, 32
+    d, f = hq * hd, 192
+    x = mx.random.normal((b, seq, d), key=mx.random.key(20))
+    nw = mx.random.uniform(0.5, 1.5, (d,), key=mx.random.key(21))
+    (q, wq), (k, wk) = layer(d, d, 22, 5), layer(hkv * hd, d, 23, 8, 64)
+    v, wv = layer(hkv * hd, d, 24, 6)
+    (g, wg), (u, wu), (dn, wd) = layer(f, d, 25, 4, 128), layer(f, d, 26, 5, 64), layer(d, f, 27, 6)
+    n = mx.fast.rms_norm(x, nw, EPS)
+    outs = EXT.norm_qkv(x, nw, EPS, q + k + v, hq, hkv, hd, False, 1e4, 1.0, 0, 0, 0, fast)
+    def heads(y, h):
+        return y.reshape(b, seq, h, hd).transpose(0, 2, 1, 3)
+
+    rope = {"traditional": False, "base": 1e4, "scale": 1.0, "offset": 0}
+    refs = [mx.fast.rope(heads(n @ w.T, h), hd, **rope) for w, h in ((wq, hq), (wk, hkv))]
+    refs.append(heads(n @ wv.T, hkv))
+    for y, ref in zip(outs, refs):
+        assert rel_err(y, ref) < tol(fast)
+    ref = x + (nn.silu(n @ wg.T) * (n @ wu.T)) @ wd.T
+    assert rel_err(EXT.norm_mlp(x, nw, EPS, g + u + dn, 0, 0, fast), ref) < tol(fast)
+    with pytest.raises(ValueError, match="bits are not 5"):  # a stated format is enforced
+        EXT.norm_mlp(x, nw, EPS, g + u + dn, 0, 5, fast)
+    with pytest.raises(ValueError, match="group_size"):
+        EXT.norm_mlp(x, nw, EPS, g + u + dn, 32, 0, fast)
+
+
 def test_fused_ops_reject_bad_input():
     (w, s, b), _ = layer(64, 64, 15)
     x, nw = mx.zeros((1, 1, 64)), mx.ones((64,))
@@ -107,9 +135,10 @@ def test_fused_ops_reject_bad_input():
 
 
 def _block_classes(model: nn.Module) -> set[str]:
-    from mlx_lm.models import llama
+    from mlx_lm.models import llama, qwen2
 
-    return {type(m).__name__ for _, m in model.named_modules() if isinstance(m, llama.TransformerBlock)}
+    blocks = (llama.TransformerBlock, qwen2.TransformerBlock)
+    return {type(m).__name__ for _, m in model.named_modules() if isinstance(m, blocks)}
 
 
 @pytest.mark.parametrize("precision", ["fast", "accurate"])
@@ -130,8 +159,8 @@ def test_wrong_fused_layer_is_refused(tiny_model, monkeypatch):
 
     real = kc._llama_block_class
 
-    def off_by_one():
-        cls = real()
+    def off_by_one(base=None):
+        cls = real(base)
 
         class Wrong(cls):
             def __call__(self, x, mask=None, cache=None):
@@ -258,3 +287,36 @@ def test_long_prompt_prefilled_in_chunks_matches_builtin(tiny_model):
     runs = [[e.token for e in Engine.load(tiny_model, kernel=k, precision="accurate").generate(prompt, opts)
              if e.token is not None] for k in ("builtin", "custom")]
     assert runs[0] == runs[1] and len(runs[0]) > 0
+
+
+@pytest.fixture(scope="module")
+def qwen2_model(tmp_path_factory):
+    from tinymodel import make_tiny_model
+
+    # qwen2: biases on q, k, v; a K-quant-like mix of formats in one layer
+    mix = {"model.layers.0.self_attn.k_proj": {"bits": 5},
+           "model.layers.0.mlp.down_proj": {"bits": 8}}
+    out = tmp_path_factory.mktemp("qwen2") / "tiny-qwen2"
+    return make_tiny_model(out, arch="qwen2", layer_quant=mix)
+
+
+@pytest.mark.parametrize("precision", ["accurate", "fast"])
+def test_qwen2_layers_are_fused_with_their_biases(qwen2_model, precision):
+    from edgeai.engine import Engine
+    from edgeai.options import GenerationOptions
+
+    builtin = Engine.load(qwen2_model, kernel="builtin")
+    custom = Engine.load(qwen2_model, kernel="custom", precision=precision)
+    assert "bias" in builtin.model.model.layers[0].self_attn.q_proj
+    assert "attention 2 layers (+RoPE)" in custom.kernel.attention  # when a layer is not fused
+    assert "fused layers 2" in custom.kernel.attention
+    assert _block_classes(custom.model) == {"CpuQwen2Block"}
+    opts = GenerationOptions(max_tokens=20, temperature=0.0)
+    a = [e.token for e in builtin.generate("the theme", opts) if e.token is not None]
+    b = [e.token for e in custom.generate("the theme", opts) if e.token is not None]
+    if precision == "accurate":  # float32 throughout: MLX's tokens exactly
+        assert a == b and len(a) > 0
+    x = mx.random.normal((1, 3, 64), key=mx.random.key(9))
+    with kc.full_precision():  # fast layers too: float32 here, as for a prompt
+        for ref, got in zip(builtin.model.model.layers, custom.model.model.layers):
+            assert rel_err(got(x, "causal"), ref(x, "causal")) < tol(False)

@@ -48,9 +48,10 @@ def nmse(y, r):
 
 @needs_ext
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [4, 5, 6, 8])
 @pytest.mark.parametrize("gs", [32, 64, 128])
-@pytest.mark.parametrize("m", [1, 3, 4, 9, 70])
+# 70, 140 and 300 rows: the panel GEMM of prompts (256 rows a task; 44 left: the GEMM again)
+@pytest.mark.parametrize("m", [1, 3, 4, 9, 70, 140, 300])
 def test_matches_float32_reference(isa, bits, gs, m):
     EXT.set_isa(isa)
     n, k = 76, 384  # N not a multiple of 8 on purpose: the kernel has no such limit
@@ -79,8 +80,82 @@ def test_fast_path_within_int8_tolerance(isa, bits, gs, m, half, k):
     assert 1e-8 < err < kernels.FAST_NMSE_TOL / 5
 
 
+def random_words(n, k, gs, bits, half, seed=0):
+    """Packed rows of random words (every bit pattern occurs, values straddle bytes and words)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    wq = mx.array(rng.integers(0, 2**32, (n, k * bits // 32), dtype=np.uint32))
+    s = mx.array(rng.uniform(0.005, 0.05, (n, k // gs)).astype(np.float32))
+    b = mx.array(rng.uniform(-0.2, 0.2, (n, k // gs)).astype(np.float32))
+    dt = mx.float16 if half else mx.float32
+    return wq, s.astype(dt), b.astype(dt)
+
+
+# K-quant GGUFs import as 5-bit (Q5_0/Q5_1/Q5_K) and possibly 6-bit (Q6_K) layers.
 @needs_ext
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("bits", [5, 6])
+@pytest.mark.parametrize("half", [False, True])
+# 8, 11 (a lone last block), 18 (SmolLM2) and 28 blocks of 32 per row
+@pytest.mark.parametrize("gs, k", [(g, k) for g in (32, 64, 128) for k in (256, 352, 576, 896)
+                                   if k % g == 0])
+def test_5_and_6_bit_match_float32_reference(isa, bits, half, gs, k):
+    EXT.set_isa(isa)
+    n = 44  # not a multiple of 8 or of the 4-row kernel
+    wq, s, b = random_words(n, k, gs, bits, half, seed=bits * k + gs)
+    ref_w = mx.dequantize(wq, s.astype(mx.float32), b.astype(mx.float32), gs, bits).T
+    qw, qs, qb = quantized(n, k, gs, bits, seed=k)  # realistic weights for the int8 tolerance
+    if half:
+        qs, qb = qs.astype(mx.float16), qb.astype(mx.float16)
+    qref_w = mx.dequantize(qw, qs.astype(mx.float32), qb.astype(mx.float32), gs, bits).T
+    for m in (1, 2, 3, 8, 130):
+        x = mx.random.normal((m, k), key=mx.random.key(m))
+        y = EXT.quantized_matmul(x, wq, s, b, gs, bits)  # accurate: float32 everywhere
+        assert y.shape == (m, n) and nmse(y, x @ ref_w) < 1e-10
+        err = nmse(EXT.quantized_matmul(x, qw, qs, qb, gs, bits, True), x @ qref_w)
+        if m <= 3:  # int8 activations: above float32 rounding, well inside the tolerance
+            assert 1e-8 < err < kernels.FAST_NMSE_TOL / 5
+        else:  # more rows than the int8 path takes: float32
+            assert err < 1e-10
+
+
+@needs_ext
+@pytest.mark.parametrize("bits", [5, 6])
+def test_5_and_6_bit_verification_passes_on_model_shapes(bits):
+    cand = kernels._candidate("cpu")
+    shapes = [(bits, 32, 576, 576, "float16"), (bits, 32, 1536, 576, "float32"),
+              (bits, 64, 576, 1536, "float16")]
+    for fast in (False, True):
+        v = kernels.verify(cand, shapes, fast=fast)
+        assert v["ok"], v
+    assert kc.supports(bits, 32, 576) and not kc.supports(3, 32, 576)
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = (line for line in f if line.startswith("flags"))
+            return next((set(line.split(":", 1)[1].split()) for line in lines), set())
+    except OSError:
+        return set()
+
+
+@needs_ext
+def test_vnni_int8_tile_is_picked_where_the_cpu_has_it():
+    """The VNNI tile runs in every ISA-parametrized test above where the CPU has it; elsewhere
+    it must not be offered (this test then skips: CI machines may be AVX2-only)."""
+    needed = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512vbmi"}
+    if not needed <= _cpu_flags():
+        assert "avx512vnni" not in ISAS
+        pytest.skip("this CPU has no AVX-512 VNNI + VBMI")
+    assert ISAS[0] == "avx512vnni"
+    EXT.set_isa("auto")
+    assert EXT.isa() == "avx512vnni"
+
+
+@needs_ext
+@pytest.mark.parametrize("bits", [4, 5, 6, 8])
 def test_fast_path_rows_do_not_depend_on_the_batch(bits):
     wq, s, b = quantized(96, 256, 32, bits)
     x = mx.random.normal((3, 256), key=mx.random.key(12))
@@ -97,13 +172,14 @@ def test_fast_flag_past_3_rows_is_float32():
 
 
 @needs_ext
-def test_fast_path_isas_agree():
-    wq, s, b = quantized(64, 512, 64, 4)
+@pytest.mark.parametrize("bits", [4, 5, 6, 8])
+def test_fast_path_isas_agree(bits):
+    wq, s, b = quantized(64, 512, 64, bits)
     x = mx.random.normal((2, 512), key=mx.random.key(14))
     outs = []
     for isa in ISAS:
         EXT.set_isa(isa)
-        outs.append(EXT.quantized_matmul(x, wq, s, b, 64, 4, True))
+        outs.append(EXT.quantized_matmul(x, wq, s, b, 64, bits, True))
     for y in outs[1:]:  # same integer dot products; only the float summation order differs
         assert nmse(y, outs[0]) < 1e-10
 
@@ -384,3 +460,59 @@ def test_model_logits_match_builtin_for_other_formats(tmp_path, bits, gs):
     tokens = mx.array([[5, 9, 33, 7, 2, 81]])
     ref, got = base(tokens), custom(tokens)
     assert nmse(got, ref.astype(mx.float32)) < 1e-8
+
+
+# Formats of a K-quant import (Q4_K_M: Q4_K with Q6_K, Q5_0, Q8_0) as mlx-lm per-layer
+# quantization: the projections of one layer differ in bits and group size.
+MIXED = {
+    "model.embed_tokens": {"bits": 6},
+    "model.layers.0.self_attn.q_proj": {"bits": 5},
+    "model.layers.0.self_attn.v_proj": {"bits": 8},
+    "model.layers.0.self_attn.o_proj": {"bits": 6, "group_size": 64},
+    "model.layers.0.mlp.gate_proj": {"bits": 5},
+    "model.layers.0.mlp.up_proj": {"group_size": 64},
+    "model.layers.0.mlp.down_proj": {"bits": 8},
+    **{f"model.layers.1.{p}": {"bits": 5} for p in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")},
+}
+
+
+@pytest.fixture(scope="module")
+def mixed_model(tmp_path_factory):
+    from tinymodel import make_tiny_model
+
+    out = tmp_path_factory.mktemp("mixed") / "tiny-mixed"
+    return make_tiny_model(out, hidden=128, layer_quant=MIXED)
+
+
+@needs_ext
+def test_mixed_bit_model_greedy_identical_to_builtin(mixed_model):
+    from edgeai.options import GenerationOptions
+
+    builtin, custom = _engines(mixed_model)
+    quantized_types = (nn.QuantizedLinear, nn.QuantizedEmbedding)
+    bits = {m.bits for _, m in builtin.model.named_modules() if isinstance(m, quantized_types)}
+    assert bits == {4, 5, 6, 8}
+    rep = custom.kernel
+    assert rep.name == "edgeai-cpu" and rep.precision == "accurate"
+    assert {s.split("-bit")[0] for s in rep.shapes} == {"4", "5", "6", "8"}
+    assert "fused layers 2" in rep.attention  # each mix of formats checked, then fused
+    mods = [m for _, m in custom.model.named_modules()]
+    assert not any(type(m) in quantized_types for m in mods)
+    opts = GenerationOptions(max_tokens=24, temperature=0.0)
+    for prompt in ["the theme", [{"role": "user", "content": "hello there"}]]:
+        a = [e.token for e in builtin.generate(prompt, opts) if e.token is not None]
+        b = [e.token for e in custom.generate(prompt, opts) if e.token is not None]
+        assert a == b and len(a) > 0
+    tokens = mx.array([[5, 9, 33, 7, 2, 81]])
+    assert nmse(custom.model(tokens), builtin.model(tokens).astype(mx.float32)) < 1e-8
+
+
+@needs_ext
+def test_mixed_bit_model_fast_mode_close_to_builtin(mixed_model):
+    builtin, fast = _engines(mixed_model, precision="fast")
+    assert fast.kernel.precision == "fast" and "fused layers 2" in fast.kernel.attention
+    x = mx.random.normal((1, 1, 128), key=mx.random.key(5))
+    for a, b in zip(builtin.model.model.layers, fast.model.model.layers):  # decode steps, int8 path
+        assert nmse(b(x), a(x).astype(mx.float32)) < 1e-3

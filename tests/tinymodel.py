@@ -47,18 +47,24 @@ def make_tokenizer(out: Path) -> int:
 
 
 def make_tiny_model(out: Path, *, seed: int = 0, hidden: int = 64, layers: int = 2,
-                    quantize: bool = True, tie: bool = True) -> Path:
-    """Write a random llama model directory loadable by mlx_lm.load and edgeai."""
+                    quantize: bool = True, tie: bool = True, layer_quant: dict | None = None,
+                    arch: str = "llama") -> Path:
+    """Write a random llama model directory loadable by mlx_lm.load and edgeai.
+
+    layer_quant: per-layer formats over the 4-bit group-32 default, e.g.
+    {"model.layers.0.mlp.down_proj": {"bits": 6}} (mlx-lm's per-layer `quantization` config).
+    arch: "llama", or "qwen2" (the same layers with biases on the q, k, v projections).
+    """
     import mlx.core as mx
     import mlx.nn as nn
     from mlx.utils import tree_flatten
-    from mlx_lm.models import llama
+    from mlx_lm.models import llama, qwen2
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     vocab_size = make_tokenizer(out)
     config = {
-        "model_type": "llama",
+        "model_type": arch,
         "hidden_size": hidden,
         "num_hidden_layers": layers,
         "intermediate_size": hidden * 2,
@@ -71,7 +77,8 @@ def make_tiny_model(out: Path, *, seed: int = 0, hidden: int = 64, layers: int =
         "tie_word_embeddings": tie,
     }
     mx.random.seed(seed)
-    model = llama.Model(llama.ModelArgs.from_dict(config))
+    arch_module = {"llama": llama, "qwen2": qwen2}[arch]
+    model = arch_module.Model(arch_module.ModelArgs.from_dict(config))
     # Larger-than-default init so the random model's distribution is not flat.
     model.update(
         __import__("mlx.utils", fromlist=["tree_map"]).tree_map(
@@ -79,8 +86,16 @@ def make_tiny_model(out: Path, *, seed: int = 0, hidden: int = 64, layers: int =
         )
     )
     if quantize:
-        nn.quantize(model, group_size=32, bits=4)
-        config["quantization"] = {"group_size": 32, "bits": 4, "mode": "affine"}
+        default = {"group_size": 32, "bits": 4, "mode": "affine"}
+        config["quantization"] = dict(default)
+
+        def predicate(path: str, m) -> bool | dict:
+            if path in (layer_quant or {}):
+                config["quantization"][path] = {**default, **layer_quant[path]}
+                return config["quantization"][path]
+            return hasattr(m, "to_quantized")
+
+        nn.quantize(model, group_size=32, bits=4, class_predicate=predicate)
     weights = dict(tree_flatten(model.parameters()))
     mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
     (out / "config.json").write_text(json.dumps(config, indent=2))

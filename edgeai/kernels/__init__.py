@@ -321,24 +321,34 @@ def _cpu_layer_kernels(model: nn.Module, cand: Candidate) -> str:
 
 
 def _fuse_blocks(model: nn.Module, cand: Candidate, fast: bool) -> int:
-    """Turn llama decoder layers into edgeai's three fused nodes once they match the unfused layer."""
+    """Turn llama / qwen2 decoder layers into edgeai's three fused nodes once they match the
+    unfused layer."""
     blocks = kc.llama_blocks(model)
     if not blocks:
         return 0
-    b = blocks[0]
-    a = b.self_attn
-    key = (f"fused_block|{cand.build_id}|{cand.isa()}|{fast}|{b.hidden_size}|{a.n_heads}|{a.n_kv_heads}|"
-           f"{a.q_proj.weight.shape[0]}|{b.mlp.gate_proj.weight.shape[0]}")
-    if not _verdict(key, lambda: check_block(b, kc._llama_block_class()), FUSED_FAST_TOL if fast else ATTN_TOL):
-        return 0
-    if fast:  # fast layers also run in float32 (kc.full_precision): that form is checked too
-
-        def check_full() -> float:
-            with kc.full_precision():
-                return check_block(b, kc._llama_block_class())
-
-        if not _verdict(key.replace(f"|{fast}|", "|full|"), check_full):
+    # One check per mix of projection formats: layers of a K-quant (or mlx-lm per-layer
+    # quantized) model differ in bits and group size, and the fused layer reads each one's.
+    firsts: dict[tuple, nn.Module] = {}
+    for blk in blocks:
+        firsts.setdefault(kc.block_formats(blk), blk)
+    for fmts, b in firsts.items():
+        a = b.self_attn
+        mix = ",".join(f"{f[0]}/{f[1]}" if f else "-" for f in fmts)
+        dims = f"{b.hidden_size}|{a.n_heads}|{a.n_kv_heads}|{a.q_proj.weight.shape[0]}"
+        key = (f"fused_block|{cand.build_id}|{cand.isa()}|{fast}|{type(b).__module__}|{dims}|"
+               f"{b.mlp.gate_proj.weight.shape[0]}|{mix}")
+        fused_cls = kc._llama_block_class(type(b))
+        tol = FUSED_FAST_TOL if fast else ATTN_TOL
+        if not _verdict(key, lambda b=b, c=fused_cls: check_block(b, c), tol):
             return 0
+        if fast:  # fast layers also run in float32 (kc.full_precision): that form is checked too
+
+            def check_full(b: nn.Module = b, c: type = fused_cls) -> float:
+                with kc.full_precision():
+                    return check_block(b, c)
+
+            if not _verdict(key.replace(f"|{fast}|", "|full|"), check_full):
+                return 0
     return kc.swap_blocks(model)
 
 

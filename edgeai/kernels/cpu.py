@@ -52,9 +52,13 @@ def available() -> bool:
         return False
 
 
+BITS = (4, 5, 6, 8)  # MLX affine bit widths the kernel unpacks (2 and 3 keep MLX's kernel)
+
+
 def supports(bits: int, group_size: int, in_dims: int, mode: str = "affine") -> bool:
     """Whether the kernel handles this layer (others keep MLX's kernel)."""
-    return mode == "affine" and bits in (4, 8) and group_size in (32, 64, 128) and in_dims % group_size == 0
+    return (mode == "affine" and bits in BITS and group_size in (32, 64, 128)
+            and in_dims % group_size == 0)
 
 
 def quantized_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int,
@@ -157,11 +161,21 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool)
     return extension().attention(q, k, v, scale, causal)
 
 
-def _llama_attention_class():
+def _attention_bases() -> list[type]:
+    """mlx-lm attention modules of the llama layout: llama's, and qwen2's (the same call; its
+    q, k, v projections carry their biases themselves)."""
+    try:
+        from mlx_lm.models import llama, qwen2
+    except ImportError:
+        return []
+    return [llama.Attention, qwen2.Attention]
+
+
+def _llama_attention_class(attention: type | None = None):
     from mlx_lm.models import base, llama
 
-    class CpuLlamaAttention(llama.Attention):
-        """mlx-lm's llama attention with edgeai's CPU attention kernel.
+    class CpuLlamaAttention(attention or llama.Attention):
+        """mlx-lm's llama (or qwen2) attention with edgeai's CPU attention kernel.
 
         Installed by swapping the instance's class, so parameters (and any LoRA wrapping of
         the projections) are untouched. Masks other than causal, non-float32 activations
@@ -197,23 +211,45 @@ def _llama_attention_class():
     return CpuLlamaAttention
 
 
-def _plain_linear(m: nn.Module, fmt: tuple) -> bool:
-    """An unwrapped kernel-backed linear without bias, of the format (group_size, bits, fast)."""
-    return type(m) is CpuQuantizedLinear and "bias" not in m and (m.group_size, m.bits, m.fast) == fmt
+def _plain_linear(m: nn.Module, fast: bool, bias: bool = False) -> bool:
+    """An unwrapped kernel-backed linear in the given precision, with a float32 bias exactly
+    when `bias` (any bits and group size the kernel takes: the fused layer reads each
+    projection's format from its shapes)."""
+    return (type(m) is CpuQuantizedLinear and m.fast == fast and ("bias" in m) == bias
+            and (not bias or (m["bias"].dtype == mx.float32 and m["bias"].ndim == 1)))
+
+
+def block_formats(block: nn.Module) -> tuple:
+    """(bits, group_size) of each of a llama layer's seven projections (None: not quantized)."""
+    a, m = block.self_attn, block.mlp
+    projections = (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj)
+    return tuple((p.bits, p.group_size) if hasattr(p, "bits") else None for p in projections)
 
 
 def _triples(*layers: nn.Module) -> list[mx.array]:
     return [a for m in layers for a in (m["weight"], m["scales"], m["biases"])]
 
 
-def _llama_block_class():
+def _block_bases() -> list[type]:
+    """mlx-lm decoder layers of the llama layout the fused layer takes: llama, and qwen2
+    (the same layer with biases on the q, k, v projections)."""
+    try:
+        from mlx_lm.models import llama, qwen2
+    except ImportError:
+        return []
+    return [llama.TransformerBlock, qwen2.TransformerBlock]
+
+
+def _llama_block_class(base: type | None = None):
+    """The fused form of `base` (one of _block_bases(); default: llama's layer)."""
     from mlx_lm.models import llama
     from mlx_lm.models.cache import KVCache
 
     ext = extension()
+    base = base or llama.TransformerBlock
 
-    class CpuLlamaBlock(llama.TransformerBlock):
-        """mlx-lm's llama decoder layer as three C++ graph nodes instead of ~28.
+    class CpuLlamaBlock(base):
+        """mlx-lm's llama (or qwen2) decoder layer as three C++ graph nodes instead of ~28.
 
         norm_qkv (RMSNorm, q/k/v projections, RoPE; with a FusedKVCache it also writes k, v
         into the cache, otherwise mlx-lm's KVCache update follows), attn_out (attention,
@@ -244,16 +280,20 @@ def _llama_block_class():
 
         def _build(self, mods: tuple, a: nn.Module, full: bool):
             q = a.q_proj
-            fmt = (q.group_size, q.bits, q.fast) if type(q) is CpuQuantizedLinear else None
-            if not (fmt is not None and type(a.rope) is nn.RoPE and q.weight.shape[0] // a.n_heads % 16 == 0
-                    and all(_plain_linear(p, fmt) for p in mods[:7])
+            fast = q.fast if type(q) is CpuQuantizedLinear else None
+            bias = "bias" in q  # qwen2: q, k, v have biases (all three or none)
+            if not (fast is not None and type(a.rope) is nn.RoPE and q.weight.shape[0] // a.n_heads % 16 == 0
+                    and all(_plain_linear(p, fast, bias) for p in mods[:3])
+                    and all(_plain_linear(p, fast) for p in mods[3:7])
                     and all(type(n) in (nn.RMSNorm, CpuRMSNorm) and n["weight"].dtype == mx.float32 for n in mods[7:])):
                 return None
             r, n1, n2 = a.rope, self.input_layernorm, self.post_attention_layernorm
+            object.__setattr__(self, "_head_dim", q.weight.shape[0] // a.n_heads)
             return ext.FusedLlamaLayer(
                 n1["weight"], _triples(*mods[:3]), _triples(a.o_proj), n2["weight"], _triples(*mods[4:7]),
                 n1.eps, n2.eps, a.n_heads, a.n_kv_heads, r.dims, bool(r.traditional), float(r.base),
-                float(r.scale), fmt[0], fmt[1], fmt[2] and not full)
+                float(r.scale), 0, 0, fast and not full,  # 0, 0: each projection's own format
+                [p["bias"] for p in mods[:3]] if bias else [])
 
         def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
             layer = self._layer()
@@ -264,7 +304,7 @@ def _llama_block_class():
             a = self["self_attn"]
             causal, scale = mask is not None, a.scale
             if type(cache) is FusedKVCache:  # k, v written straight into the cache's buffers
-                cache.reserve(x.shape[0], a.n_kv_heads, x.shape[1], a.head_dim)
+                cache.reserve(x.shape[0], a.n_kv_heads, x.shape[1], self.__dict__["_head_dim"])
                 q, cache.keys, cache.values = layer.qkv(x, cache.offset, [cache.keys, cache.values])
                 cache.offset += x.shape[1]
                 return layer.mlp(layer.attend(q, cache.keys, cache.values, x, scale, causal, cache.offset))
@@ -273,6 +313,9 @@ def _llama_block_class():
                 k, v = cache.update_and_fetch(k, v)
             return layer.mlp(layer.attend(q, k, v, x, scale, causal))
 
+    if base is not llama.TransformerBlock:
+        name = f"Cpu{base.__module__.rsplit('.', 1)[-1].title()}Block"  # CpuQwen2Block
+        CpuLlamaBlock.__name__ = CpuLlamaBlock.__qualname__ = name
     return CpuLlamaBlock
 
 
@@ -315,20 +358,15 @@ def make_cache(model: nn.Module) -> list:
 
 
 def swap_blocks(model: nn.Module) -> int:
-    """Give mlx-lm llama decoder layers edgeai's fused three-node form; returns how many."""
-    try:
-        from mlx_lm.models import llama
-    except ImportError:
-        return 0
-    return _swap_class(model, llama.TransformerBlock, _llama_block_class())
+    """Give mlx-lm llama and qwen2 decoder layers edgeai's fused three-node form; returns how
+    many."""
+    return sum(_swap_class(model, base, _llama_block_class(base)) for base in _block_bases())
 
 
 def llama_blocks(model: nn.Module) -> list[nn.Module]:
-    try:
-        from mlx_lm.models import llama
-    except ImportError:
-        return []
-    return [m for _, m in model.named_modules() if isinstance(m, llama.TransformerBlock)]
+    """The model's decoder layers of the llama layout (llama, qwen2), fused or not."""
+    bases = tuple(_block_bases())
+    return [m for _, m in model.named_modules() if bases and isinstance(m, bases)]
 
 
 class CpuRMSNorm(nn.RMSNorm):
@@ -342,15 +380,15 @@ class CpuRMSNorm(nn.RMSNorm):
 
 
 def swap_attention(model: nn.Module, rope: bool = True) -> int:
-    """Give mlx-lm llama attention modules edgeai's attention (and RoPE) kernels; returns how many."""
-    try:
-        from mlx_lm.models import llama
-    except ImportError:
-        return 0
-    cls = _llama_attention_class()
-    if rope:
-        cls._rope = staticmethod(extension().rope)
-    return _swap_class(model, llama.Attention, cls)
+    """Give mlx-lm llama and qwen2 attention modules edgeai's attention (and RoPE) kernels;
+    returns how many."""
+    n = 0
+    for attention in _attention_bases():
+        cls = _llama_attention_class(attention)
+        if rope:
+            cls._rope = staticmethod(extension().rope)
+        n += _swap_class(model, attention, cls)
+    return n
 
 
 def swap_norms(model: nn.Module) -> int:
@@ -374,27 +412,18 @@ def norm_dims(model: nn.Module) -> set[int]:
 
 
 def rope_configs(model: nn.Module) -> set[tuple]:
-    """(dims, traditional, base, scale, head_dim) of plain nn.RoPE in llama attention modules."""
-    try:
-        from mlx_lm.models import llama
-    except ImportError:
-        return set()
+    """(dims, traditional, base, scale, head_dim) of plain nn.RoPE in llama / qwen2 attention."""
+    bases = tuple(_attention_bases())
     out = set()
     for _, m in model.named_modules():
-        if type(m) is llama.Attention and type(m.rope) is nn.RoPE:
-            r = m.rope
-            out.add((r.dims, bool(r.traditional), float(r.base), float(r.scale), m.q_proj.weight.shape[0] // m.n_heads))
+        if type(m) in bases and type(m.rope) is nn.RoPE:
+            r, hd = m.rope, m.q_proj.weight.shape[0] // m.n_heads
+            out.add((r.dims, bool(r.traditional), float(r.base), float(r.scale), hd))
     return out
 
 
 def attention_heads(model: nn.Module) -> set[tuple[int, int, int]]:
-    """(query heads, kv heads, head dim) of the llama attention modules in `model`."""
-    try:
-        from mlx_lm.models import llama
-    except ImportError:
-        return set()
-    out = set()
-    for _, m in model.named_modules():
-        if type(m) is llama.Attention:
-            out.add((m.n_heads, m.n_kv_heads, m.q_proj.weight.shape[0] // m.n_heads))
-    return out
+    """(query heads, kv heads, head dim) of the llama / qwen2 attention modules in `model`."""
+    bases = tuple(_attention_bases())
+    return {(m.n_heads, m.n_kv_heads, m.q_proj.weight.shape[0] // m.n_heads)
+            for _, m in model.named_modules() if type(m) in bases}

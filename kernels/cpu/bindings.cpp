@@ -22,21 +22,23 @@ NB_MODULE(_edgeai_kernels, m) {
         "Rotary embedding over axis -2 positions (offset + index), as mx.fast.rope; float32.");
   m.def("norm_qkv", &edgeai::norm_qkv, "x"_a, "norm_weight"_a, "eps"_a, "qkv"_a, "n_heads"_a, "n_kv_heads"_a,
         "rope_dims"_a, "traditional"_a, "base"_a, "scale"_a, "offset"_a, "group_size"_a, "bits"_a, "fast"_a,
-        "cache"_a = std::vector<mlx::core::array>{},
-        "rms_norm, q/k/v projections and RoPE in one node: returns q [B, Hq, L, hd], k, v [B, Hkv, L, hd]; "
-        "with cache=[keys, values] buffers [B, Hkv, capacity, hd], k and v are written into them at offset "
-        "and the buffers are returned.");
+        "cache"_a = std::vector<mlx::core::array>{}, "qkv_bias"_a = std::vector<mlx::core::array>{},
+        "rms_norm, q/k/v projections (+ optional float32 biases) and RoPE in one node: returns q [B, Hq, L, hd], "
+        "k, v [B, Hkv, L, hd]; with cache=[keys, values] buffers [B, Hkv, capacity, hd], k and v are written "
+        "into them at offset and the buffers are returned. group_size = bits = 0: each layer's own format.");
   m.def("attn_out", &edgeai::attn_out, "q"_a, "k"_a, "v"_a, "x"_a, "o_proj"_a, "scale"_a, "causal"_a, "group_size"_a,
         "bits"_a, "fast"_a, "length"_a = -1,
         "x + o_proj(attention(q, k[:, :, :length], v[:, :, :length])) in one node; float32.");
   m.def("norm_mlp", &edgeai::norm_mlp, "h"_a, "norm_weight"_a, "eps"_a, "gate_up_down"_a, "group_size"_a, "bits"_a,
         "fast"_a, "h + down(silu(gate(n)) * up(n)), n = rms_norm(h), in one node; float32.");
   nb::class_<edgeai::FusedLlamaLayer>(m, "FusedLlamaLayer",
-                                      "A llama decoder layer's weights for the fused calls (checked once).")
+                                      "A llama or qwen2 decoder layer's weights for the fused calls (checked once).")
       .def(nb::init<mlx::core::array, std::vector<mlx::core::array>, std::vector<mlx::core::array>, mlx::core::array,
-                    std::vector<mlx::core::array>, float, float, int, int, int, bool, float, float, int, int, bool>(),
+                    std::vector<mlx::core::array>, float, float, int, int, int, bool, float, float, int, int, bool,
+                    std::vector<mlx::core::array>>(),
            "norm1"_a, "qkv"_a, "o_proj"_a, "norm2"_a, "mlp"_a, "eps1"_a, "eps2"_a, "n_heads"_a, "n_kv_heads"_a,
-           "rope_dims"_a, "traditional"_a, "base"_a, "scale"_a, "group_size"_a, "bits"_a, "fast"_a)
+           "rope_dims"_a, "traditional"_a, "base"_a, "scale"_a, "group_size"_a, "bits"_a, "fast"_a,
+           "qkv_bias"_a = std::vector<mlx::core::array>{})
       .def("qkv", &edgeai::FusedLlamaLayer::qkv, "x"_a, "offset"_a, "cache"_a = std::vector<mlx::core::array>{})
       .def("attend", &edgeai::FusedLlamaLayer::attend, "q"_a, "k"_a, "v"_a, "x"_a, "scale"_a, "causal"_a,
            "length"_a = -1)

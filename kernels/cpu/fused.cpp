@@ -32,9 +32,11 @@ namespace {
 
 mx::Stream cpu_stream() { return mx::default_stream(mx::Device(mx::Device::cpu)); }
 
-// Three quantized layers given as 3 arrays each (weight, scales, biases).
-QLinear layer(const std::vector<mx::array>& in, int at, int gs, int bits) {
-  return qlinear(in[at], in[at + 1], in[at + 2], gs, bits);
+// A quantized layer given as 3 arrays (weight, scales, biases) from `at`, of input size K.
+// Its format comes from the shapes (checked by add_layers): the projections of one decoder
+// layer may differ in bits and group size (mlx-lm's per-layer quantization, GGUF K-quant mixes).
+QLinear layer(const std::vector<mx::array>& in, int at, int K) {
+  return qlinear(in[at], in[at + 1], in[at + 2], K / in[at + 1].shape(1), in[at].shape(1) * 32 / K);
 }
 
 struct Rope {
@@ -97,12 +99,13 @@ void to_heads(const float* y, int B, int L, int H, int D, const Rope* rope, int 
 
 class NormQKV : public mx::Primitive {
  public:
-  NormQKV(mx::Stream s, float eps, int hq, int hkv, Rope rope, int offset, int gs, int bits, bool fast, bool into)
-      : mx::Primitive(s), eps_(eps), hq_(hq), hkv_(hkv), rope_(rope), offset_(offset), gs_(gs), bits_(bits),
-        fast_(fast), into_(into) {}
+  NormQKV(mx::Stream s, float eps, int hq, int hkv, Rope rope, int offset, bool fast, bool into, bool bias)
+      : mx::Primitive(s), eps_(eps), hq_(hq), hkv_(hkv), rope_(rope), offset_(offset), fast_(fast), into_(into),
+        bias_(bias) {}
 
   // inputs: x [B, L, D], norm weight [D], (w, scales, biases) for q, k, v, and in `into`
-  // mode the KV cache's key and value buffers [B, Hkv, cap, hd]. Outputs q, k, v; in `into`
+  // mode the KV cache's key and value buffers [B, Hkv, cap, hd], then with `bias` the q, k, v
+  // projections' float32 biases (qwen2). Outputs q, k, v; in `into`
   // mode k and v are the cache buffers themselves with this step's rows written at
   // [offset, offset + L): positions below offset are untouched, so no earlier reader of the
   // buffer sees a change, and nothing else reads positions at or above offset.
@@ -124,8 +127,8 @@ class NormQKV : public mx::Primitive {
     auto& enc = mx::cpu::get_command_encoder(stream());
     for (auto& a : in) enc.set_input_array(a);
     for (auto& o : outs) enc.set_output_array(o);
-    enc.dispatch([in, outs, eps = eps_, hq = hq_, hkv = hkv_, rope = rope_, offset = offset_, gs = gs_, bits = bits_,
-                  fast = fast_, into = into_]() mutable { run(in, outs, eps, hq, hkv, rope, offset, gs, bits, fast, into); });
+    enc.dispatch([in, outs, eps = eps_, hq = hq_, hkv = hkv_, rope = rope_, offset = offset_, fast = fast_,
+                  into = into_, bias = bias_]() mutable { run(in, outs, eps, hq, hkv, rope, offset, fast, into, bias); });
   }
 
   static void copy_dense(const mx::array& a, float* dst) {
@@ -135,16 +138,21 @@ class NormQKV : public mx::Primitive {
   }
 
   static void run(const std::vector<mx::array>& in, std::vector<mx::array>& outs, float eps_, int hq_, int hkv_,
-                  Rope rope_, int offset_, int gs_, int bits_, bool fast_, bool into_) {
+                  Rope rope_, int offset_, bool fast_, bool into_, bool bias_) {
     thread_local std::vector<float> xt, wt, n, y;
     const int B = in[0].shape(0), L = in[0].shape(1), D = in[0].shape(2);
     const long M = long(B) * L;
-    const QLinear ls[3] = {layer(in, 2, gs_, bits_), layer(in, 5, gs_, bits_), layer(in, 8, gs_, bits_)};
+    const QLinear ls[3] = {layer(in, 2, D), layer(in, 5, D), layer(in, 8, D)};
     n.resize(M * D);
     rms_norm_rows(float_rows(in[0], xt), M, D, float_rows(in[1], wt), eps_, n.data());
     y.resize(M * (ls[0].N + ls[1].N + ls[2].N));
     float* ys[3] = {y.data(), y.data() + M * ls[0].N, y.data() + M * (ls[0].N + ls[1].N)};
     qmm_rows(n.data(), M, D, ls, 3, ys, fast_);
+    for (int i = 0; bias_ && i < 3; i++) {
+      const float* b = in[in.size() - 3 + i].data<float>();
+      for (long m = 0; m < M; m++)
+        for (int j = 0; j < ls[i].N; j++) ys[i][m * ls[i].N + j] += b[j];
+    }
     const int hd = ls[0].N / hq_;
     to_heads(ys[0], B, L, hq_, hd, &rope_, offset_, outs[0].data<float>(), L, 0);
     const int cap = into_ ? outs[1].shape(2) : L, pos0 = into_ ? offset_ : 0;
@@ -160,21 +168,21 @@ class NormQKV : public mx::Primitive {
     auto& o = static_cast<const NormQKV&>(other);
     return eps_ == o.eps_ && hq_ == o.hq_ && hkv_ == o.hkv_ && rope_.dims == o.rope_.dims &&
            rope_.traditional == o.rope_.traditional && rope_.base == o.rope_.base && rope_.scale == o.rope_.scale &&
-           offset_ == o.offset_ && gs_ == o.gs_ && bits_ == o.bits_ && fast_ == o.fast_ && into_ == o.into_;
+           offset_ == o.offset_ && fast_ == o.fast_ && into_ == o.into_ && bias_ == o.bias_;
   }
 
  private:
   float eps_;
   int hq_, hkv_;
   Rope rope_;
-  int offset_, gs_, bits_;
-  bool fast_, into_;
+  int offset_;
+  bool fast_, into_, bias_;
 };
 
 class AttnOut : public mx::UnaryPrimitive {
  public:
-  AttnOut(mx::Stream s, float scale, bool causal, int gs, int bits, bool fast, int length)
-      : mx::UnaryPrimitive(s), scale_(scale), causal_(causal), gs_(gs), bits_(bits), fast_(fast), length_(length) {}
+  AttnOut(mx::Stream s, float scale, bool causal, bool fast, int length)
+      : mx::UnaryPrimitive(s), scale_(scale), causal_(causal), fast_(fast), length_(length) {}
 
   // inputs: q [B, Hq, L, hd], k, v [B, Hkv, S, hd] (strided cache views), x [B, L, D], o_proj (w, s, b).
   void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
@@ -182,13 +190,14 @@ class AttnOut : public mx::UnaryPrimitive {
     auto& enc = mx::cpu::get_command_encoder(stream());
     for (auto& a : in) enc.set_input_array(a);
     enc.set_output_array(out);
-    enc.dispatch([in, out, scale = scale_, causal = causal_, gs = gs_, bits = bits_, fast = fast_,
-                  length = length_]() mutable { run(in, out, scale, causal, gs, bits, fast, length); });
+    enc.dispatch([in, out, scale = scale_, causal = causal_, fast = fast_, length = length_]() mutable {
+      run(in, out, scale, causal, fast, length);
+    });
   }
 
   // length: how many key/value positions to attend to (the cache's fill), or -1 for all.
-  static void run(const std::vector<mx::array>& in, mx::array& out, float scale_, bool causal_, int gs_, int bits_,
-                  bool fast_, int length) {
+  static void run(const std::vector<mx::array>& in, mx::array& out, float scale_, bool causal_, bool fast_,
+                  int length) {
     thread_local std::vector<float> att, xt;
     const mx::array &q = in[0], &k = in[1], &v = in[2];
     const int B = q.shape(0), Hq = q.shape(1), L = q.shape(2), hd = q.shape(3);
@@ -207,7 +216,7 @@ class AttnOut : public mx::UnaryPrimitive {
     } else {
       Pool::get().run(tasks, [&](int t) { isa.attention(a, t); });
     }
-    const QLinear o = layer(in, 4, gs_, bits_);
+    const QLinear o = layer(in, 4, Hq * hd);
     float* y = out.data<float>();
     qmm_rows(att.data(), M, Hq * hd, &o, 1, &y, fast_);
     const float* x = float_rows(in[3], xt);
@@ -220,23 +229,20 @@ class AttnOut : public mx::UnaryPrimitive {
   const char* name() const override { return "EdgeaiAttnOut"; }
   bool is_equivalent(const mx::Primitive& other) const override {
     auto& o = static_cast<const AttnOut&>(other);
-    return scale_ == o.scale_ && causal_ == o.causal_ && gs_ == o.gs_ && bits_ == o.bits_ && fast_ == o.fast_ &&
-           length_ == o.length_;
+    return scale_ == o.scale_ && causal_ == o.causal_ && fast_ == o.fast_ && length_ == o.length_;
   }
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& in) override { return {in[3].shape()}; }
 
  private:
   float scale_;
   bool causal_;
-  int gs_, bits_;
   bool fast_;
   int length_;
 };
 
 class NormMLP : public mx::UnaryPrimitive {
  public:
-  NormMLP(mx::Stream s, float eps, int gs, int bits, bool fast)
-      : mx::UnaryPrimitive(s), eps_(eps), gs_(gs), bits_(bits), fast_(fast) {}
+  NormMLP(mx::Stream s, float eps, bool fast) : mx::UnaryPrimitive(s), eps_(eps), fast_(fast) {}
 
   // inputs: h [..., D], norm weight [D], then (w, scales, biases) for gate, up, down.
   void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
@@ -244,19 +250,17 @@ class NormMLP : public mx::UnaryPrimitive {
     auto& enc = mx::cpu::get_command_encoder(stream());
     for (auto& a : in) enc.set_input_array(a);
     enc.set_output_array(out);
-    enc.dispatch([in, out, eps = eps_, gs = gs_, bits = bits_, fast = fast_]() mutable {
-      run(in, out, eps, gs, bits, fast);
-    });
+    enc.dispatch([in, out, eps = eps_, fast = fast_]() mutable { run(in, out, eps, fast); });
   }
 
-  static void run(const std::vector<mx::array>& in, mx::array& out, float eps_, int gs_, int bits_, bool fast_) {
+  static void run(const std::vector<mx::array>& in, mx::array& out, float eps_, bool fast_) {
     thread_local std::vector<float> ht, wt, n, gu;
     const int D = in[0].shape(-1);
     const long M = in[0].size() / D;
     const float* h = float_rows(in[0], ht);
-    const QLinear gate_up[2] = {layer(in, 2, gs_, bits_), layer(in, 5, gs_, bits_)};
-    const QLinear down = layer(in, 8, gs_, bits_);
+    const QLinear gate_up[2] = {layer(in, 2, D), layer(in, 5, D)};
     const int F = gate_up[0].N;
+    const QLinear down = layer(in, 8, F);
     n.resize(M * D);
     rms_norm_rows(h, M, D, float_rows(in[1], wt), eps_, n.data());
     gu.resize(2 * M * F);
@@ -277,13 +281,12 @@ class NormMLP : public mx::UnaryPrimitive {
   const char* name() const override { return "EdgeaiNormMLP"; }
   bool is_equivalent(const mx::Primitive& other) const override {
     auto& o = static_cast<const NormMLP&>(other);
-    return eps_ == o.eps_ && gs_ == o.gs_ && bits_ == o.bits_ && fast_ == o.fast_;
+    return eps_ == o.eps_ && fast_ == o.fast_;
   }
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& in) override { return {in[0].shape()}; }
 
  private:
   float eps_;
-  int gs_, bits_;
   bool fast_;
 };
 
@@ -291,20 +294,28 @@ class NormMLP : public mx::UnaryPrimitive {
   throw std::invalid_argument(std::string("edgeai ") + op + ": " + m);
 }
 
-// Checks (w, scales, biases) triples and makes them row-contiguous inputs.
-void add_layers(const char* op, std::vector<mx::array>& in, const std::vector<mx::array>& ws, int K0, int gs,
+// Checks (w, scales, biases) triples of input size K and makes them row-contiguous inputs.
+// Each layer's bits and group size follow from its shapes; group_size / bits, when not 0,
+// are what every layer must have.
+void add_layers(const char* op, std::vector<mx::array>& in, const std::vector<mx::array>& ws, int K, int gs,
                 int bits) {
   if (ws.size() % 3) fail(op, "layers are given as (weight, scales, biases) triples");
-  if (bits != 4 && bits != 8) fail(op, "bits must be 4 or 8");
-  if (gs != 32 && gs != 64 && gs != 128) fail(op, "group_size must be 32, 64 or 128");
+  if (bits != 0 && bits != 4 && bits != 5 && bits != 6 && bits != 8)
+    fail(op, "bits must be 4, 5, 6 or 8 (or 0: per layer)");
+  if (gs != 0 && gs != 32 && gs != 64 && gs != 128) fail(op, "group_size must be 32, 64 or 128 (or 0: per layer)");
   for (size_t i = 0; i < ws.size(); i += 3) {
     const mx::array &w = ws[i], &s = ws[i + 1], &b = ws[i + 2];
     if (w.dtype() != mx::uint32 || w.ndim() != 2) fail(op, "weights must be 2-D uint32 (MLX packing)");
     if ((s.dtype() != mx::float32 && s.dtype() != mx::float16) || b.dtype() != s.dtype())
       fail(op, "scales and biases must both be float32 or both float16");
-    const int K = w.shape(1) * 32 / bits;
-    if (K0 > 0 && K != K0) fail(op, "a layer's input size does not match");
-    if (s.ndim() != 2 || s.shape(0) != w.shape(0) || s.shape(1) != K / gs || b.shape() != s.shape())
+    const long packed = long(w.shape(1)) * 32;  // = K * the layer's bits
+    const int lb = K > 0 && packed % K == 0 ? int(packed / K) : 0;
+    if (!(lb == 4 || lb == 5 || lb == 6 || lb == 8) || (bits && lb != bits))
+      fail(op, "a layer's input size does not match (or its bits are not " +
+                   (bits ? std::to_string(bits) : std::string("4, 5, 6 or 8")) + ")");
+    const int G = s.ndim() == 2 ? s.shape(1) : 0, lgs = G > 0 && K % G == 0 ? K / G : 0;
+    if (s.ndim() != 2 || s.shape(0) != w.shape(0) || b.shape() != s.shape() ||
+        !(lgs == 32 || lgs == 64 || lgs == 128) || (gs && lgs != gs))
       fail(op, "scales/biases must be [N, K/group_size]");
     for (const mx::array* a : {&w, &s, &b})
       in.push_back(a->is_available() && a->flags().row_contiguous ? *a : mx::contiguous(*a, false, cpu_stream()));
@@ -315,7 +326,8 @@ void add_layers(const char* op, std::vector<mx::array>& in, const std::vector<mx
 
 std::vector<mx::array> norm_qkv(const mx::array& x, const mx::array& norm_w, float eps, const std::vector<mx::array>& qkv,
                                 int n_heads, int n_kv_heads, int rope_dims, bool traditional, float base, float scale,
-                                int offset, int group_size, int bits, bool fast, const std::vector<mx::array>& cache) {
+                                int offset, int group_size, int bits, bool fast, const std::vector<mx::array>& cache,
+                                const std::vector<mx::array>& qkv_bias) {
   const char* op = "norm_qkv";
   if (x.ndim() != 3 || x.dtype() != mx::float32) fail(op, "x must be float32 [B, L, D]");
   const int D = x.shape(2);
@@ -341,11 +353,21 @@ std::vector<mx::array> norm_qkv(const mx::array& x, const mx::array& norm_w, flo
     in.push_back(cache[0]);
     in.push_back(cache[1]);
   }
+  const bool bias = !qkv_bias.empty();
+  if (bias) {
+    if (qkv_bias.size() != 3) fail(op, "give the q, k, v biases as three arrays (or none)");
+    for (int i = 0; i < 3; i++) {
+      const mx::array& b = qkv_bias[i];
+      if (b.dtype() != mx::float32 || b.ndim() != 1 || b.shape(0) != qkv[3 * i].shape(0))
+        fail(op, "the q, k, v biases must be float32 [N] of their projections");
+      in.push_back(b.is_available() && b.flags().row_contiguous ? b : mx::contiguous(b, false, cpu_stream()));
+    }
+  }
   const mx::Shape kv = into ? cache[0].shape() : mx::Shape{B, n_kv_heads, L, hd};
   return mx::array::make_arrays(
       {{B, n_heads, L, hd}, kv, kv}, {mx::float32, mx::float32, mx::float32},
       std::make_shared<NormQKV>(cpu_stream(), eps, n_heads, n_kv_heads, Rope{rope_dims, traditional, base, scale}, offset,
-                                group_size, bits, fast, into),
+                                fast, into, bias),
       in);
 }
 
@@ -369,7 +391,7 @@ mx::array attn_out(const mx::array& q, const mx::array& k, const mx::array& v, c
   add_layers(op, in, o_proj, q.shape(1) * q.shape(3), group_size, bits);
   if (o_proj.size() != 3 || o_proj[0].shape(0) != x.shape(2)) fail(op, "o_proj must map to x's size");
   return mx::array(x.shape(), mx::float32,
-                   std::make_shared<AttnOut>(cpu_stream(), scale, causal, group_size, bits, fast, length), in);
+                   std::make_shared<AttnOut>(cpu_stream(), scale, causal, fast, length), in);
 }
 
 mx::array norm_mlp(const mx::array& h, const mx::array& norm_w, float eps, const std::vector<mx::array>& gate_up_down,
@@ -385,27 +407,29 @@ mx::array norm_mlp(const mx::array& h, const mx::array& norm_w, float eps, const
   if (gate_up_down[3].shape(0) != F) fail(op, "gate and up sizes differ");
   add_layers(op, in, {gate_up_down.begin() + 6, gate_up_down.end()}, F, group_size, bits);
   if (gate_up_down[6].shape(0) != D) fail(op, "down must map back to h's size");
-  return mx::array(h.shape(), mx::float32, std::make_shared<NormMLP>(cpu_stream(), eps, group_size, bits, fast), in);
+  return mx::array(h.shape(), mx::float32, std::make_shared<NormMLP>(cpu_stream(), eps, fast), in);
 }
 
 FusedLlamaLayer::FusedLlamaLayer(mx::array norm1, std::vector<mx::array> qkv, std::vector<mx::array> o_proj,
                                  mx::array norm2, std::vector<mx::array> mlp, float eps1, float eps2, int n_heads,
                                  int n_kv_heads, int rope_dims, bool traditional, float base, float scale,
-                                 int group_size, int bits, bool fast)
+                                 int group_size, int bits, bool fast, std::vector<mx::array> qkv_bias)
     : norm1_(std::move(norm1)), norm2_(std::move(norm2)), qkv_(std::move(qkv)), o_(std::move(o_proj)),
       mlp_(std::move(mlp)), eps1_(eps1), eps2_(eps2), hq_(n_heads), hkv_(n_kv_heads), rope_dims_(rope_dims),
-      traditional_(traditional), base_(base), scale_(scale), gs_(group_size), bits_(bits), fast_(fast) {
+      traditional_(traditional), base_(base), scale_(scale), gs_(group_size), bits_(bits), fast_(fast),
+      qkv_bias_(std::move(qkv_bias)) {
   // Check everything once, on a one-token input, so later calls fail only on bad activations.
   const int D = norm1_.shape(0);
   auto x = mx::zeros({1, 1, D}, mx::float32, cpu_stream());
-  auto q = norm_qkv(x, norm1_, eps1_, qkv_, hq_, hkv_, rope_dims_, traditional_, base_, scale_, 0, gs_, bits_, fast_, {});
+  auto q = norm_qkv(x, norm1_, eps1_, qkv_, hq_, hkv_, rope_dims_, traditional_, base_, scale_, 0, gs_, bits_, fast_, {},
+                    qkv_bias_);
   attn_out(q[0], q[1], q[2], x, o_, 1.f, false, gs_, bits_, fast_, -1);
   norm_mlp(x, norm2_, eps2_, mlp_, gs_, bits_, fast_);
 }
 
 std::vector<mx::array> FusedLlamaLayer::qkv(const mx::array& x, int offset, const std::vector<mx::array>& cache) const {
   return norm_qkv(x, norm1_, eps1_, qkv_, hq_, hkv_, rope_dims_, traditional_, base_, scale_, offset, gs_, bits_, fast_,
-                  cache);
+                  cache, qkv_bias_);
 }
 
 mx::array FusedLlamaLayer::attend(const mx::array& q, const mx::array& k, const mx::array& v, const mx::array& x,

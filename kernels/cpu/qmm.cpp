@@ -1,7 +1,8 @@
 // edgeai's CPU quantized matmul as an MLX primitive: y = x @ dequant(w).T
 //
-// MLX's affine packing (bits 4 or 8, group size 32/64/128): uint32 words of 32/bits
-// elements, element j at bits [j*bits, (j+1)*bits), w = scale * q + bias.
+// MLX's affine packing (bits 4, 5, 6 or 8, group size 32/64/128): one little-endian bit
+// stream per row, element j at bits [j*bits, (j+1)*bits) (so 5- and 6-bit elements straddle
+// bytes and words: see qmm_unpack.h), w = scale * q + bias.
 // Two modes. Accurate: float32 activations and accumulation. Fast (at most kMaxQ8Rows
 // rows: decode, small batches): activations quantized to int8 per block of 32, integer dot
 // products per block, float32 across blocks (normalized MSE ~5e-5 vs float32). Scales and
@@ -32,6 +33,9 @@ bool cpu_has(const char* feature) {
 #if defined(__x86_64__) && defined(__GNUC__)
   __builtin_cpu_init();
   if (!std::strcmp(feature, "avx512f")) return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("f16c");
+  if (!std::strcmp(feature, "avx512vnni"))
+    return cpu_has("avx512f") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vbmi");
   if (!std::strcmp(feature, "avx2")) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 #endif
   (void)feature;
@@ -40,6 +44,9 @@ bool cpu_has(const char* feature) {
 
 QmmIsa best_isa() {
 #if defined(EDGEAI_HAVE_X86_KERNELS)
+#if defined(EDGEAI_HAVE_VNNI)
+  if (cpu_has("avx512vnni")) return isa_avx512_vnni();
+#endif
   if (cpu_has("avx512f")) return isa_avx512();
   if (cpu_has("avx2")) return isa_avx2();
 #endif
@@ -162,7 +169,7 @@ void prepare_row_q8(const float* x, int K, int gs, int bits, int8_t* xq, float* 
     // vectorizes it, where nearbyint is a libm call per element on baseline x86-64.
     auto q = [id](float v) { const float r = v * id; return int8_t(r + (r >= 0.f ? 0.5f : -0.5f)); };
     int sum = 0;
-    if (bits == 8) {
+    if (bits != 4) {  // natural order
       for (int i = 0; i < 32; i++) sum += xq[32 * k + i] = q(xk[i]);
     } else {
       int8_t* even = xq + q4_even_at(k, nb);
@@ -192,7 +199,7 @@ void store_out(mx::array& out, const float* y, long n) {
 // that loses its core for a while.
 constexpr int kDecodeTasksPerThread = 4;
 
-// Activations prepared once for every layer of one format (bits, group size) in a call.
+// Activations prepared once for every layer of one layout (4-bit or not, group size) in a call.
 struct Prepared {
   int bits = 0, gs = 0;
   std::vector<float> xp, xs, xd;
@@ -247,7 +254,8 @@ void qmm_rows(const float* x, long M, int K, const QLinear* ls, int n, float* co
   int np = 0;
   for (int i = 0; i < n; i++) {
     int j = 0;
-    while (j < np && !(preps[j].bits == ls[i].bits && preps[j].gs == ls[i].gs)) j++;
+    // 5, 6 and 8-bit layers read the same natural-order activations; 4-bit its own order.
+    while (j < np && !((preps[j].bits == 4) == (ls[i].bits == 4) && preps[j].gs == ls[i].gs)) j++;
     if (j == np) {
       if (np == int(preps.size())) preps.resize(np + 1);
       Prepared& p = preps[np++];
@@ -277,8 +285,12 @@ void qmm_rows(const float* x, long M, int K, const QLinear* ls, int n, float* co
   const bool by_row = q8 || M < 4;
   int total_n = 0;
   for (int i = 0; i < n; i++) total_n += ls[i].N;
-  const int nb = by_row ? std::max(32, (total_n / (Pool::get().threads() * kDecodeTasksPerThread)) / 4 * 4) : 16;
-  const int mb = by_row ? int(M) : 64;
+  // Prompts (Kernel::gemm): wider tasks, weight panels of 2W rows, up to 256 x rows.
+  const int threads = Pool::get().threads(), nr = 2 * isa.width;
+  const bool gemm = !by_row && isa.width > 1 && M >= kGemmRows;
+  const int nb = by_row ? std::max(32, (total_n / (threads * kDecodeTasksPerThread)) / 4 * 4)
+                 : gemm ? std::max(nr, (total_n / (threads * 4)) / nr * nr) : 16;
+  const int mb = by_row ? int(M) : gemm ? 256 : 64;
   const int tm = int((M + mb - 1) / mb);
   double work = 0;
   for (int i = 0; i < n; i++) {
@@ -348,7 +360,8 @@ class QuantMatmul : public mx::UnaryPrimitive {
 mx::array quantized_matmul(const mx::array& x, const mx::array& w, const mx::array& scales,
                            const mx::array& biases, int group_size, int bits, bool fast) {
   auto fail = [](const std::string& m) { throw std::invalid_argument("edgeai quantized_matmul: " + m); };
-  if (bits != 4 && bits != 8) fail("bits must be 4 or 8, got " + std::to_string(bits));
+  if (bits != 4 && bits != 5 && bits != 6 && bits != 8)
+    fail("bits must be 4, 5, 6 or 8, got " + std::to_string(bits));
   if (group_size != 32 && group_size != 64 && group_size != 128)
     fail("group_size must be 32, 64 or 128, got " + std::to_string(group_size));
   if (x.ndim() < 1 || w.ndim() != 2 || scales.ndim() != 2 || biases.ndim() != 2) fail("expected x[..., K], 2-D w, scales, biases");
@@ -359,7 +372,9 @@ mx::array quantized_matmul(const mx::array& x, const mx::array& w, const mx::arr
     fail("scales and biases must both be float32 or both float16");
   const int K = x.shape(-1), N = w.shape(0);
   if (K % group_size) fail("K=" + std::to_string(K) + " is not a multiple of the group size");
-  if (w.shape(1) * 32 / bits != K) fail("w has " + std::to_string(w.shape(1)) + " words per row; K=" + std::to_string(K) + " needs " + std::to_string(K * bits / 32));
+  if (long(w.shape(1)) * 32 != long(K) * bits)
+    fail("w has " + std::to_string(w.shape(1)) + " words per row; K=" + std::to_string(K) + " needs " +
+         std::to_string(K * bits / 32));
   if (scales.shape(0) != N || scales.shape(1) != K / group_size || biases.shape() != scales.shape())
     fail("scales/biases must be [N, K/group_size]");
   auto shape = x.shape();
@@ -381,6 +396,9 @@ QmmIsa active_isa() { return current_isa(); }
 std::vector<std::string> available_isas() {
   std::vector<std::string> out;
 #if defined(EDGEAI_HAVE_X86_KERNELS)
+#if defined(EDGEAI_HAVE_VNNI)
+  if (cpu_has("avx512vnni")) out.push_back("avx512vnni");
+#endif
   if (cpu_has("avx512f")) out.push_back("avx512");
   if (cpu_has("avx2")) out.push_back("avx2");
 #endif
@@ -390,6 +408,9 @@ std::vector<std::string> available_isas() {
 
 void set_isa(const std::string& name) {
 #if defined(EDGEAI_HAVE_X86_KERNELS)
+#if defined(EDGEAI_HAVE_VNNI)
+  if (name == "avx512vnni" && cpu_has("avx512vnni")) { current_isa() = isa_avx512_vnni(); return; }
+#endif
   if (name == "avx512" && cpu_has("avx512f")) { current_isa() = isa_avx512(); return; }
   if (name == "avx2" && cpu_has("avx2")) { current_isa() = isa_avx2(); return; }
 #endif

@@ -39,24 +39,26 @@ mlx::core::array rms_norm(const mlx::core::array& x, const mlx::core::array& wei
 mlx::core::array rope(const mlx::core::array& x, int dims, bool traditional, float base, float scale, int offset);
 std::vector<mlx::core::array> log_softmax(const mlx::core::array& x);
 // Fused llama-layer pieces (fused.cpp); layers are flat (weight, scales, biases) triples.
+// group_size / bits: what every layer must have, or 0 to take each layer's from its shapes.
 std::vector<mlx::core::array> norm_qkv(const mlx::core::array& x, const mlx::core::array& norm_w, float eps,
                                        const std::vector<mlx::core::array>& qkv, int n_heads, int n_kv_heads,
                                        int rope_dims, bool traditional, float base, float scale, int offset,
                                        int group_size, int bits, bool fast,
-                                       const std::vector<mlx::core::array>& cache = {});
+                                       const std::vector<mlx::core::array>& cache = {},
+                                       const std::vector<mlx::core::array>& qkv_bias = {});
 mlx::core::array attn_out(const mlx::core::array& q, const mlx::core::array& k, const mlx::core::array& v,
                           const mlx::core::array& x, const std::vector<mlx::core::array>& o_proj, float scale,
                           bool causal, int group_size, int bits, bool fast, int length = -1);
 mlx::core::array norm_mlp(const mlx::core::array& h, const mlx::core::array& norm_w, float eps,
                           const std::vector<mlx::core::array>& gate_up_down, int group_size, int bits, bool fast);
-// One llama decoder layer's weights, checked once, for the three fused calls of each step
+// One llama (or qwen2: q/k/v biases) decoder layer's weights, checked once, for the three fused calls of each step
 // (saves converting nine arrays per call from Python at every layer of every token).
 class FusedLlamaLayer {
  public:
   FusedLlamaLayer(mlx::core::array norm1, std::vector<mlx::core::array> qkv, std::vector<mlx::core::array> o_proj,
                   mlx::core::array norm2, std::vector<mlx::core::array> mlp, float eps1, float eps2, int n_heads,
                   int n_kv_heads, int rope_dims, bool traditional, float base, float scale, int group_size, int bits,
-                  bool fast);
+                  bool fast, std::vector<mlx::core::array> qkv_bias = {});
   // cache: optional [keys, values] buffers to write this step's k, v into at `offset`.
   std::vector<mlx::core::array> qkv(const mlx::core::array& x, int offset,
                                     const std::vector<mlx::core::array>& cache = {}) const;
@@ -73,6 +75,7 @@ class FusedLlamaLayer {
   float base_, scale_;
   int gs_, bits_;
   bool fast_;
+  std::vector<mlx::core::array> qkv_bias_;  // empty, or float32 q, k, v biases (qwen2)
 };
 
 std::string isa_name();

@@ -11,6 +11,8 @@
 namespace edgeai {
 namespace {
 
+#include "qmm_unpack.h"
+
 struct V256 {
   using reg = __m256;
   static constexpr int W = 8;
@@ -19,6 +21,7 @@ struct V256 {
   static void store(float* p, reg v) { _mm256_storeu_ps(p, v); }
   static reg set1(float v) { return _mm256_set1_ps(v); }
   static reg mul(reg a, reg b) { return _mm256_mul_ps(a, b); }
+  static reg add(reg a, reg b) { return _mm256_add_ps(a, b); }
   static reg fma(reg a, reg b, reg c) { return _mm256_fmadd_ps(a, b, c); }
   static float h2f(uint16_t h) { return _cvtsh_ss(h); }
   static void h2f_n(const uint16_t* p, float* out, int n) {
@@ -32,6 +35,24 @@ struct V256 {
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
   }
+  // r[i][j] <- r[j][i] for 8 registers (the gemm's weight panels).
+  static void transpose(reg* r) {
+    reg t[8], s[8];
+    for (int i = 0; i < 4; i++) {
+      t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+      t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 2; i++) {
+      s[4 * i] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+      s[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+      s[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+      s[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+    }
+    for (int i = 0; i < 4; i++) {
+      r[i] = _mm256_permute2f128_ps(s[i], s[4 + i], 0x20);
+      r[4 + i] = _mm256_permute2f128_ps(s[i], s[4 + i], 0x31);
+    }
+  }
   // 8 bytes = 16 nibbles: low nibbles are the even elements, high the odd ones.
   static void q4(const uint8_t* p, reg& lo, reg& hi) {
     __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p));
@@ -42,6 +63,14 @@ struct V256 {
     a = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p)));
     b = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(p + 8))));
   }
+  // 5- or 6-bit elements e .. e + 15 (e a multiple of 16) in order: 8, then the next 8.
+  template <int BITS>
+  static void qb(const uint8_t* row, int e, reg& a, reg& b) {
+    const uint8_t* blk = row + (e / 32) * 4 * BITS;
+    const __m256i v = (e & 16) ? unpack16<BITS, 1>(blk) : unpack16<BITS, 0>(blk);
+    a = _mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(v)));
+    b = _mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(v, 1)));
+  }
 };
 
 #include "qmm_impl.h"
@@ -50,160 +79,11 @@ struct V256 {
 void tile(const QmmArgs& a, int m0, int m1, int n0, int n1) { Kernel<V256>::tile(a, m0, m1, n0, n1); }
 void attn(const AttnArgs& a, int t) { Attention<V256>::task(a, t); }
 
-// Fast mode: one weight row against one int8 activation row, integer dot products per block
-// of 32 as llama.cpp's Q4_1 x Q8_1 and Q8_0 x Q8_0 do. Eight blocks' int32 dot products are
-// reduced into one vector, then scaled by scale[group] * xd[block] in one FMA, and the
-// bias term sum_g bias[g] * xs[g] joins the same accumulator: no per-row tables, one
-// horizontal sum per row. (Per-row set-up was 75% of the time at K = 576 when each block
-// was scaled on its own from a per-row table: 25 ns of overhead against 9 ns of dot products.)
-
-// The helpers below are called with vector registers in a hot loop: a call would pass them
-// through memory (GCC did not inline q8_dots8 on its own).
-#define EDGEAI_INLINE inline __attribute__((always_inline))
-
-// The first t of 8 (or 4) lanes set: sliding windows over these tables.
-alignas(32) constexpr int32_t kLanes32[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
-alignas(32) constexpr int16_t kLanes16[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
-
-// 8 scales or biases (float32 or float16 storage) as float32; past the first t, zeros.
-EDGEAI_INLINE __m256 load8(const void* p, bool half, long i, int t) {
-  const bool full = t == 8;
-  if (half) {
-    const auto* h = static_cast<const uint16_t*>(p) + i;
-    if (full) return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h)));
-    const __m128i v = _mm_maskload_epi32(reinterpret_cast<const int*>(h),
-                                         _mm_loadu_si128(reinterpret_cast<const __m128i*>(kLanes32 + 8 - (t + 1) / 2)));
-    return _mm256_cvtph_ps(_mm_and_si128(v, _mm_loadu_si128(reinterpret_cast<const __m128i*>(kLanes16 + 8 - t))));
-  }
-  const float* f = static_cast<const float*>(p) + i;
-  if (full) return _mm256_loadu_ps(f);
-  return _mm256_maskload_ps(f, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kLanes32 + 8 - t)));
-}
-
-// 4-bit blocks k, k+1 against their activations ([A even | B even | A odd | B odd], see
-// q4_even_at): one 32-byte load of packed weights, low nibbles x the first 32 values, high
-// nibbles x the next 32, pairs summed in int16: [A's 8 partial sums | B's 8], each within
-// +-2*2*15*128 = 7680.
-EDGEAI_INLINE __m256i q4_pair16(const uint8_t* w, const int8_t* x) {
-  const __m256i low4 = _mm256_set1_epi8(0x0f);
-  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
-  const __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
-  return _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))),
-                          _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32))));
-}
-
-// Dot products of 4-bit blocks j..j+7, in block order.
-EDGEAI_INLINE __m256i q4_dots8(const uint8_t* w, const int8_t* xq, int j) {
-  __m256i p[4];
-  for (int i = 0; i < 4; i++) p[i] = q4_pair16(w + 16 * (j + 2 * i), xq + 32 * (j + 2 * i));
-  // Two int16 pairwise sums (4 x 7680 still fits), then int32: [b0 b2 b4 b6 | b1 b3 b5 b7].
-  const __m256i h = _mm256_hadd_epi16(_mm256_hadd_epi16(p[0], p[1]), _mm256_hadd_epi16(p[2], p[3]));
-  const __m256i d = _mm256_madd_epi16(h, _mm256_set1_epi16(1));
-  return _mm256_permutevar8x32_epi32(d, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-}
-
-// 8-bit: weights as signed q - 128 (the 128 * scale goes into the bias term), so u8 x s8
-// maddubs cannot saturate: |q - 128| x (x * sign(q - 128)), pairs at most 2*128*127.
-EDGEAI_INLINE __m256i q8_block(const uint8_t* w, const int8_t* x) {
-  const __m256i q = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)), _mm256_set1_epi8(char(0x80)));
-  const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
-  return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(q), _mm256_sign_epi8(xv, q)), _mm256_set1_epi16(1));
-}
-
-// Dot products of 8-bit blocks j..j+7, in block order.
-EDGEAI_INLINE __m256i q8_dots8(const uint8_t* w, const int8_t* xq, int j) {
-  __m256i d[8];
-  for (int b = 0; b < 8; b++) d[b] = q8_block(w + 32 * (j + b), xq + 32 * (j + b));
-  // Per 128-bit lane, [b0 b1 b2 b3] and [b4 b5 b6 b7] partial sums; then the lanes added.
-  const __m256i lo = _mm256_hadd_epi32(_mm256_hadd_epi32(d[0], d[1]), _mm256_hadd_epi32(d[2], d[3]));
-  const __m256i hi = _mm256_hadd_epi32(_mm256_hadd_epi32(d[4], d[5]), _mm256_hadd_epi32(d[6], d[7]));
-  return _mm256_add_epi32(_mm256_permute2x128_si256(lo, hi, 0x20), _mm256_permute2x128_si256(lo, hi, 0x31));
-}
-
-// Scales or biases as float32, from float16 (HALF) or float32 storage.
-template <bool HALF>
-inline float scalar_at(const void* p, long i) {
-  return HALF ? _cvtsh_ss(static_cast<const uint16_t*>(p)[i]) : static_cast<const float*>(p)[i];
-}
-
-// y[m0:m1, n0:n1] in fast mode. G32: one block per group (gs = 32, as GGUF's Q4_1/Q8_0), where
-// a row's scales, biases and blocks line up 8 to 8. Everything but the dot products is
-// hoisted out of the row loop: at K = 576 a row has only 18 blocks.
-template <int BITS, bool HALF, bool G32>
-void q8_tile(const QmmArgs& a, int m0, int m1, int n0, int n1) {
-  const int K = a.K, nb = K / 32, G = K / a.gs, bpg = a.gs / 32;
-  const long rb = (long)K * BITS / 8;
-  const __m256i gidx = _mm256_setr_epi32(0, 1 / bpg, 2 / bpg, 3 / bpg, 4 / bpg, 5 / bpg, 6 / bpg, 7 / bpg);
-  for (int n = n0; n < n1; n++) {  // weight rows outer: a row is read once for every m
-    const uint8_t* w = a.w + n * rb;
-    const long soff = (long)n * G;
-    for (int m = m0; m < m1; m++) {
-      const int8_t* xq = a.xq + (long)m * K;
-      const float* xd = a.xd + (long)m * nb;
-      const float* xs = a.xs + (long)m * G;
-      // scale[group of block k] * xd[k]
-      auto sd = [&](int k) { return scalar_at<HALF>(a.s, soff + (G32 ? k : k / bpg)) * xd[k]; };
-      // Bias term of group g; 8-bit weights are taken as q - 128, so + 128 * scale.
-      auto bias = [&](int g) { return scalar_at<HALF>(a.b, soff + g) + (BITS == 8 ? 128.f * scalar_at<HALF>(a.s, soff + g) : 0.f); };
-      __m256 acc = _mm256_setzero_ps();
-      int j = 0;
-      for (; j + 8 <= nb; j += 8) {
-        // Software prefetch 8 rows ahead: the hardware prefetcher alone left this loop
-        // waiting on memory (measured 20 -> 16 ms per SmolLM2 token).
-        if (m == m0)
-          for (int c = 0; c < 32 * BITS; c += 64) _mm_prefetch(reinterpret_cast<const char*>(w + 8 * rb + j * 4 * BITS + c), _MM_HINT_T0);
-        const __m256i d = BITS == 4 ? q4_dots8(w, xq, j) : q8_dots8(w, xq, j);
-        const __m256 s = G32 ? load8(a.s, HALF, soff + j, 8)
-                             : _mm256_permutevar8x32_ps(load8(a.s, HALF, soff + j / bpg, 8 / bpg), gidx);
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_mul_ps(s, _mm256_loadu_ps(xd + j)), acc);
-        if (G32) {  // this block's group's bias term too
-          __m256 b = load8(a.b, HALF, soff + j, 8);
-          if (BITS == 8) b = _mm256_fmadd_ps(s, _mm256_set1_ps(128.f), b);
-          acc = _mm256_fmadd_ps(b, _mm256_loadu_ps(xs + j), acc);
-        }
-      }
-      // Fewer than 8 blocks left: pairs ([A's 4 sums | B's 4] x [sd_A x4 | sd_B x4]), then a
-      // lone 4-bit block ([even | odd], 16 bytes), or single 8-bit blocks.
-      const int tail = j;
-      if (BITS == 4) {
-        const __m128i low4 = _mm_set1_epi8(0x0f);
-        for (; j + 2 <= nb; j += 2) {
-          const __m256i d = _mm256_madd_epi16(q4_pair16(w + 16 * j, xq + 32 * j), _mm256_set1_epi16(1));
-          acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set_m128(_mm_set1_ps(sd(j + 1)), _mm_set1_ps(sd(j))), acc);
-        }
-        if (j < nb) {
-          const int8_t* x = xq + q4_even_at(j, nb);
-          const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 16 * j));
-          const __m128i p = _mm_add_epi16(
-              _mm_maddubs_epi16(_mm_and_si128(v, low4), _mm_loadu_si128(reinterpret_cast<const __m128i*>(x))),
-              _mm_maddubs_epi16(_mm_and_si128(_mm_srli_epi16(v, 4), low4), _mm_loadu_si128(reinterpret_cast<const __m128i*>(x + 16))));
-          const __m128 d = _mm_cvtepi32_ps(_mm_madd_epi16(p, _mm_set1_epi16(1)));
-          acc = _mm256_add_ps(acc, _mm256_zextps128_ps256(_mm_mul_ps(d, _mm_set1_ps(sd(j)))));
-        }
-      } else {
-        for (; j < nb; j++)
-          acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q8_block(w + 32 * j, xq + 32 * j)), _mm256_set1_ps(sd(j)), acc);
-      }
-      float out = V256::sum(acc);
-      for (int g = G32 ? tail : 0; g < G; g++) out += bias(g) * xs[g];
-      a.y[(long)m * a.N + n] = out;
-    }
-  }
-}
-
-template <int BITS>
-void q8_tile_for(const QmmArgs& a, int m0, int m1, int n0, int n1) {
-  const bool g32 = a.gs == 32;
-  if (a.half_scales) (g32 ? q8_tile<BITS, true, true> : q8_tile<BITS, true, false>)(a, m0, m1, n0, n1);
-  else (g32 ? q8_tile<BITS, false, true> : q8_tile<BITS, false, false>)(a, m0, m1, n0, n1);
-}
+#include "qmm_q8.h"
 
 }  // namespace
 
-void tile_q8_avx2(const QmmArgs& a, int m0, int m1, int n0, int n1) {
-  if (a.bits == 4) q8_tile_for<4>(a, m0, m1, n0, n1);
-  else q8_tile_for<8>(a, m0, m1, n0, n1);
-}
+void tile_q8_avx2(const QmmArgs& a, int m0, int m1, int n0, int n1) { q8_tile_bits(a, m0, m1, n0, n1); }
 
 QmmIsa isa_avx2() { return {"avx2", 8, tile, attn, tile_q8_avx2}; }
 

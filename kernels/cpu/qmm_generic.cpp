@@ -17,8 +17,10 @@ struct V1 {
   static void store(float* p, reg v) { *p = v; }
   static reg set1(float v) { return v; }
   static reg mul(reg a, reg b) { return a * b; }
+  static reg add(reg a, reg b) { return a + b; }
   static reg fma(reg a, reg b, reg c) { return a * b + c; }
   static float sum(reg v) { return v; }
+  static void transpose(reg*) {}  // 1 x 1
   static void h2f_n(const uint16_t* p, float* out, int n) {
     for (int i = 0; i < n; i++) out[i] = h2f(p[i]);
   }
@@ -45,6 +47,19 @@ struct V1 {
   static void q8(const uint8_t* p, reg& a, reg& b) {
     a = float(p[0]);
     b = float(p[1]);
+  }
+  // Element e of a row in MLX's bit stream (bits [e*BITS, (e+1)*BITS)); reads no byte past it.
+  template <int BITS>
+  static int elem(const uint8_t* row, int e) {
+    const int bit = e * BITS, i = bit / 8, s = bit % 8;
+    unsigned v = unsigned(row[i]) >> s;
+    if (s + BITS > 8) v |= unsigned(row[i + 1]) << (8 - s);
+    return int(v & ((1u << BITS) - 1));
+  }
+  template <int BITS>
+  static void qb(const uint8_t* row, int e, reg& a, reg& b) {
+    a = float(elem<BITS>(row, e));
+    b = float(elem<BITS>(row, e + 1));
   }
 };
 
@@ -77,10 +92,14 @@ void tile_q8(const QmmArgs& a, int m0, int m1, int n0, int n1) {
             const int8_t* even = xq + q4_even_at(k, nb);
             const int8_t* odd = even + q4_odd_gap(k, nb);
             for (int i = 0; i < 16; i++) dot += int32_t(p[i] & 15) * even[i] + int32_t(p[i] >> 4) * odd[i];
-          } else {
+          } else if (a.bits == 8) {
             const uint8_t* p = w + k * 32;
             const int8_t* q = xq + k * 32;
             for (int i = 0; i < 32; i++) dot += int32_t(p[i]) * q[i];
+          } else {  // 5 or 6 bits, activations in natural order
+            const int8_t* q = xq + k * 32;
+            for (int i = 0; i < 32; i++)
+              dot += (a.bits == 5 ? V1::elem<5>(w, 32 * k + i) : V1::elem<6>(w, 32 * k + i)) * q[i];
           }
           acc += sg * xd[k] * float(dot);
         }

@@ -4,7 +4,10 @@
 // driver (qmm.cpp) picks one at run time from what the CPU reports.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
+#include <type_traits>
+#include <vector>
 
 namespace edgeai {
 
@@ -15,6 +18,12 @@ namespace edgeai {
 // kernels_cpu.full_precision.) Every row is quantized on its own: up to this count a row's
 // result does not depend on what else is in the batch.
 constexpr int kMaxQ8Rows = 3;
+
+// Rows from which float32 (accurate, prompt) matmuls run as Kernel::gemm rather than the 4x4
+// tile: its weight panels cost a dequantization + transpose per weight row and m-block,
+// repaid from about 32 rows. Measured on the 1.5B's shapes (one AVX-512 core, CPU time): vs
+// the tile 0.85x at M = 16, 1.1x at 32, 1.3x at 64, 1.5x at 128, 1.65x at 512.
+constexpr int kGemmRows = 32;
 
 // One call's operands, already prepared by the driver.
 //
@@ -31,8 +40,8 @@ struct QmmArgs {
   float* y;            // M x N output
   int M, N, K, gs, bits;
   bool half_scales;  // float16 scales/biases: half the bytes to stream per token
-  // Fast mode only: activations as int8 per block of 32, x ~= xd[blk] * xq. For 8-bit
-  // weights in natural order; for 4-bit see q4_even_at. xs then holds the group sums of the
+  // Fast mode only: activations as int8 per block of 32, x ~= xd[blk] * xq. For 5, 6 and
+  // 8-bit weights in natural order; for 4-bit see q4_even_at. xs then holds the group sums of the
   // quantized row (see prepare_row_q8).
   const int8_t* xq = nullptr;  // M x K
   const float* xd = nullptr;   // M x K/32
@@ -72,10 +81,13 @@ struct QmmIsa {
   QmmTileFn tile_q8;  // int8-activation tile (fast mode), or nullptr
 };
 
-// The AVX2 int8 tile, shared by the AVX-512 unit (every AVX-512 CPU has AVX2).
+// The AVX2 int8 tile, shared by the AVX-512 unit (every AVX-512 CPU has AVX2), and the same
+// tile with AVX-512 VNNI dot products (qmm_vnni.cpp, where the build has it).
 void tile_q8_avx2(const QmmArgs& a, int m0, int m1, int n0, int n1);
+void tile_q8_vnni(const QmmArgs& a, int m0, int m1, int n0, int n1);
 
 QmmIsa isa_avx512();
+QmmIsa isa_avx512_vnni();  // AVX-512 float32 tile + the VNNI int8 tile
 QmmIsa isa_avx2();
 QmmIsa isa_generic();
 
