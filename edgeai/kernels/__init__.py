@@ -542,9 +542,3 @@ def verify(cand: Candidate, shapes: list[tuple], fast: bool = False) -> dict:
             return {"ok": False, "detail": f"{bits}-bit g{gs} {n}x{k}: {detail}"}
         worst = max(worst, v["nmse"])
     return {"ok": True, "nmse": worst, "cached": cached}
-
-
-def reset_verdicts() -> None:
-    """Forget cached verdicts (tests, or after changing hardware)."""
-    _cache_path().unlink(missing_ok=True)
-

@@ -44,14 +44,6 @@ def extension() -> ModuleType:
     return ext
 
 
-def available() -> bool:
-    try:
-        extension()
-        return True
-    except KernelUnavailable:
-        return False
-
-
 BITS = (4, 5, 6, 8)  # MLX affine bit widths the kernel unpacks (2 and 3 keep MLX's kernel)
 
 
@@ -59,15 +51,6 @@ def supports(bits: int, group_size: int, in_dims: int, mode: str = "affine") -> 
     """Whether the kernel handles this layer (others keep MLX's kernel)."""
     return (mode == "affine" and bits in BITS and group_size in (32, 64, 128)
             and in_dims % group_size == 0)
-
-
-def quantized_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int,
-                     fast: bool = False) -> mx.array:
-    """y = x @ dequantize(w).T with float32/float16 scales and biases; output dtype = x's dtype.
-
-    fast: int8 activations (per block of 32) when x has at most 3 rows (decode).
-    """
-    return extension().quantized_matmul(x, w, scales, biases, group_size, bits, fast)
 
 
 # Set while a graph is built that must not use the int8 (fast) path: see full_precision.
