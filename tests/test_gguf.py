@@ -172,12 +172,15 @@ def test_gemma3_imports_and_matches_its_float_reference(tmp_path):
     assert abs(float(np.mean(ref["model.norm.weight"]))) < 0.2
     vocab = len(ref["model.embed_tokens.weight"])
     want_cfg = _gemma_reference_config(256, 6, 4, 64, vocab)
-    # A prompt longer than the sliding window (4), so local and global layers differ.
-    rel = _logits_close(out, ref, want_cfg, LOGIT_BOUND[T.Q6_K], text="hello world hello world hello")
-    assert rel < LOGIT_BOUND[T.Q6_K]
+    # The weights are checked above; this checks the architecture: the imported model against
+    # Gemma 3's own config with the same (dequantized) weights, in float32. The prompt is
+    # longer than the sliding window (4), so local and global layers differ.
+    imported, _ = _imported_weights(out)
+    _logits_close(out, imported, want_cfg, 1e-5, text="hello world hello world hello world the")
     from mlx_lm.utils import load
 
     model, tok = load(str(out))
+    assert model.model.embed_tokens.scales.dtype == mx.float32  # float32 activations for Gemma
     text = generate(model, tok, "hello world", max_tokens=5, verbose=False)
     assert isinstance(text, str) and len(tok.encode(text, add_special_tokens=False)) >= 1
 
@@ -300,7 +303,7 @@ REAL_DIR = Path(os.environ.get("EDGEAI_REAL_GGUF_DIR", "/work/models"))
 REAL = {  # file → (a prompt, a word the right answer holds)
     "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf": ("What is the capital of France?", "Paris"),
     "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf": ("What is the capital of France?", "Paris"),
-    "gemma-3-270m-q4_k_m.gguf": ("The capital of France is", "Paris"),
+    "gemma-3-270m-q4_k_m.gguf": ("Question: What is the capital of France?\nAnswer:", "Paris"),
 }
 
 
