@@ -74,7 +74,8 @@ def _open(src: Path) -> GGUFFile:
     try:
         return GGUFFile(src)
     except MalformedGGUF as e:
-        raise InvalidInput(f"{src.name} is a damaged GGUF file: {e}", "download the file again") from e
+        raise InvalidInput(f"{src.name} is a damaged GGUF file: {e}",
+                           "download the file again") from e
 
 
 def inspect(src: str | Path) -> dict[str, Any]:
@@ -122,11 +123,13 @@ def _converted_bytes(t: TensorInfo, arch: str) -> int:
     if t.qtype in gguf_quants.BLOCKS and len(t.shape) == 2:
         bits = gguf_quants.BLOCKS[t.qtype][2]
         wide = arch == "gemma3" and t.name == "token_embd.weight"  # float32 scales: _fix_layout
-        return n * bits // 8 + n // gguf_quants.GROUP * (8 if wide else 4)  # a scale and a bias per group
+        per_group = 8 if wide else 4  # a scale and a bias
+        return n * bits // 8 + n // gguf_quants.GROUP * per_group
     return n * (2 if t.type_name in ("F16", "BF16") else 4)
 
 
-def convert(src: str | Path, dst: str | Path, *, scale_dtype=np.float16, q6_bits: int = 8) -> dict[str, Any]:
+def convert(src: str | Path, dst: str | Path, *, scale_dtype=np.float16,
+            q6_bits: int = 8) -> dict[str, Any]:
     """Write an MLX model directory for the GGUF file `src` into `dst` (created).
 
     Args:
@@ -148,7 +151,8 @@ def convert(src: str | Path, dst: str | Path, *, scale_dtype=np.float16, q6_bits
         if name is None:
             continue
         if name not in expected:
-            raise UnsupportedModel(f"{src.name} has a tensor '{t.name}' that a {arch} model does not use")
+            raise UnsupportedModel(
+                f"{src.name} has a tensor '{t.name}' that a {arch} model does not use")
         if tuple(t.shape) != expected[name]:
             raise InvalidInput(
                 f"{src.name}: tensor '{t.name}' has shape {tuple(t.shape)} but the file's metadata "
@@ -186,8 +190,9 @@ def _hf_name(gguf_name: str, arch: str) -> str | None:
         return f"model.layers.{m.group(1)}.{names[m.group(2)]}.{suffix}"
     if stem in _TOP_NAMES:
         return f"{_TOP_NAMES[stem]}.{suffix}"
-    raise UnsupportedModel(f"unexpected tensor '{gguf_name}' in the GGUF file",
-                           f"edgeai imports {', '.join(SUPPORTED_ARCHS)} models as llama.cpp writes them")
+    raise UnsupportedModel(
+        f"unexpected tensor '{gguf_name}' in the GGUF file",
+        f"edgeai imports {', '.join(SUPPORTED_ARCHS)} models as llama.cpp writes them")
 
 
 def _expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
@@ -219,7 +224,8 @@ def _fix_layout(value, gguf_name: str, arch: str, config: dict):
     # vs float32's 7e-5), so its embedding keeps float32 scales: activations run in float32.
     if arch == "gemma3" and gguf_name == "token_embd.weight":
         if isinstance(value, gguf_quants.Quantized):
-            value.scales, value.biases = value.scales.astype(np.float32), value.biases.astype(np.float32)
+            value.scales = value.scales.astype(np.float32)
+            value.biases = value.biases.astype(np.float32)
         else:
             value = value.astype(np.float32)
     return value
@@ -283,7 +289,8 @@ def _config(gf: GGUFFile, arch: str, file_name: str) -> dict[str, Any]:
         n_layers = config["num_hidden_layers"]
         config["query_pre_attn_scalar"] = hidden // n_heads if n_layers == 62 else head_dim
         if g("rope.scaling.type") == "linear" and g("rope.scaling.factor"):
-            config["rope_scaling"] = {"rope_type": "linear", "factor": float(g("rope.scaling.factor"))}
+            factor = float(g("rope.scaling.factor"))
+            config["rope_scaling"] = {"rope_type": "linear", "factor": factor}
         return config
     if head_dim and int(head_dim) != hidden // n_heads:
         config["head_dim"] = int(head_dim)

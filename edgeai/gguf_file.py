@@ -10,6 +10,7 @@ from __future__ import annotations
 import mmap
 import struct
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +55,8 @@ class GGUFFile:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         with open(self.path, "rb") as f:
-            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if self.path.stat().st_size else b""
+            empty = self.path.stat().st_size == 0  # mmap refuses empty files
+            self._map = b"" if empty else mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         self._pos = 0
         self.fields: dict[str, Any] = {}
         self.tensors: list[TensorInfo] = []
@@ -149,6 +151,6 @@ class GGUFFile:
                 raise MalformedGGUF(f"tensor '{t.name}' ends at byte {t.offset + t.nbytes}, "
                                     f"past the end of the file ({end} bytes)")
         spans = sorted((t.offset, t.offset + t.nbytes, t.name) for t in self.tensors if t.nbytes)
-        for (_, a_end, a), (b_start, _, b) in zip(spans, spans[1:]):
+        for (_, a_end, a), (b_start, _, b) in pairwise(spans):
             if b_start < a_end:
                 raise MalformedGGUF(f"tensors '{a}' and '{b}' overlap in the file")

@@ -8,8 +8,8 @@ packed little-endian into uint32 words. Most GGUF block types are that form alre
     Q5_0  w = d·(q−16)          → 5-bit, scale d, bias −16d         (exact)
     Q5_1  w = d·q + m           → 5-bit, scale d, bias m            (exact)
     Q8_0  w = d·q, q signed     → 8-bit, scale d, bias −128d        (exact)
-    Q4_K  w = d·sc·q − dmin·m   → 4-bit, scale d·sc, bias −dmin·m   (scale rounded to fp16)
-    Q5_K  the same, 5-bit q     → 5-bit                             (scale rounded to fp16)
+    Q4_K  w = d·sc·q − dmin·m   → 4-bit, scale d·sc, bias −dmin·m   (rounded to fp16)
+    Q5_K  the same, 5-bit q     → 5-bit                             (rounded to fp16)
 
 d, m, dmin are float16 in the file, so the first five are exact in float16 scales. For the
 K-quants, d·sc (sc 6-bit) is rounded to float16: ≤ 2^-11 relative on a scale, measured
@@ -141,7 +141,8 @@ def q6_k_parts(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     n = blocks.shape[0]
     ql = blocks[:, 0:128].reshape(n, 2, 1, 64)
     ql = np.concatenate([ql & 0x0F, ql >> 4], axis=2).reshape(n, 2, 4, 32)
-    qh = blocks[:, 128:192].reshape(n, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)
+    shifts = np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)
+    qh = blocks[:, 128:192].reshape(n, 2, 1, 32) >> shifts
     q = (ql | ((qh & 3) << 4)).astype(np.int8) - 32
     sc = blocks[:, 192:208].view(np.int8).astype(np.float32)
     return q.reshape(n, 256), _f16(blocks[:, 208:210]) * sc

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGUFWriter, quants
 from gguf import GGMLQuantizationType as T
-
 from tinymodel import CHAT_TEMPLATE, SPECIALS
 
 
@@ -72,7 +71,7 @@ def random_k_blocks(qtype: T, rows: int, cols: int, rng: np.random.Generator, si
     return raw.reshape(rows, -1)
 
 
-TensorTypes = Union[T, Mapping[str, T]]
+TensorTypes = T | Mapping[str, T]
 
 
 def make_gguf(path: Path, *, arch: str = "llama", qtype: TensorTypes = T.Q4_0, hidden: int = 64,

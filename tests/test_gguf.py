@@ -11,10 +11,16 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
+from ggufmaker import (
+    make_gguf,
+    make_refused_gguf,
+    set_tensor_offset,
+    tensor_offset,
+    unpermute,
+)
 
 from edgeai.errors import InvalidInput, UnsupportedModel
 from edgeai.gguf import convert, inspect
-from ggufmaker import make_gguf, make_refused_gguf, set_tensor_offset, tensor_offset, unpermute
 
 EXACT = (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.F16, T.BF16, T.F32)
 K_QUANTS = (T.Q4_K, T.Q5_K, T.Q6_K)
@@ -88,7 +94,7 @@ def _check_weights(out: Path, ref: dict, raws: dict) -> dict:
             # 8-bit groups of 32 span two Q6_K sub-blocks: the larger step's values land on
             # the grid; the other's are rounded to a quarter of the larger step (32/255 of
             # it where the two steps are equal and opposite).
-            qt, data, heads = raws[name]
+            _, data, heads = raws[name]
             step = _q6k_steps(data, want.shape)
             step = np.repeat(unpermute(step, heads) if heads else step, 16, axis=1)
             pair = np.repeat(step.reshape(want.shape[0], -1, 32).max(-1), 32, axis=1)
@@ -205,9 +211,8 @@ def test_converted_size_is_predicted(tmp_path):
 
 
 def test_sentencepiece_tokenizer_merges_and_byte_fallback(tmp_path):
-    from mlx_lm.utils import load
-
     from ggufmaker import _spm_vocab
+    from mlx_lm.utils import load
 
     src = tmp_path / "spm.gguf"
     make_gguf(src, spm=True)
