@@ -113,7 +113,11 @@ def _check(gf: GGUFFile, src: Path) -> dict[str, Any]:
             f"{src.name} has a '{tok_model}' tokenizer; edgeai imports byte-level BPE ('gpt2': SmolLM2, "
             "Qwen2.5, Llama 3) and SentencePiece ('llama': Llama 2, Mistral, Gemma) tokenizers"
         )
-    _config(gf, arch, src.name)  # required metadata present
+    try:
+        _config(gf, arch, src.name)  # required metadata present and readable
+    except (TypeError, ValueError) as e:  # e.g. a list where a number belongs
+        raise InvalidInput(f"{src.name} has metadata edgeai cannot read: {e}",
+                           "the file was not written by llama.cpp's converter") from e
     return {"architecture": arch, "tensor_types": types, "tensors": len(gf.tensors),
             "converted_bytes": sum(_converted_bytes(t, arch) for t in gf.tensors)}
 

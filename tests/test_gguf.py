@@ -268,6 +268,13 @@ def test_missing_metadata_is_a_one_line_error(tmp_path):
         inspect(src)
 
 
+def test_unreadable_metadata_is_a_one_line_error(tmp_path):
+    src = tmp_path / "m.gguf"
+    make_gguf(src, meta={"llama.embedding_length": "sixty-four"})
+    with pytest.raises(InvalidInput, match="metadata edgeai cannot read"):
+        inspect(src)
+
+
 def test_unknown_tensor_name_is_refused(tmp_path):
     src = tmp_path / "m.gguf"
     make_gguf(src, extra_tensor="blk.0.ssm_conv1d.weight")
