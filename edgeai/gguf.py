@@ -89,11 +89,11 @@ def inspect(src: str | Path) -> dict[str, Any]:
         UnsupportedModel: unsupported architecture, tokenizer or tensor type.
     """
     src = Path(src)
-    gf = _open(src)
-    return _check(gf, src)
+    return _check(_open(src), src)[0]
 
 
-def _check(gf: GGUFFile, src: Path) -> dict[str, Any]:
+def _check(gf: GGUFFile, src: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Refuse what cannot be converted; return the summary and the model's config."""
     meta = gf.fields
     arch = meta.get("general.architecture")
     types = sorted({t.type_name for t in gf.tensors})
@@ -114,12 +114,37 @@ def _check(gf: GGUFFile, src: Path) -> dict[str, Any]:
             "Qwen2.5, Llama 3) and SentencePiece ('llama': Llama 2, Mistral, Gemma) tokenizers"
         )
     try:
-        _config(gf, arch, src.name)  # required metadata present and readable
+        config = _config(gf, arch, src.name)  # required metadata present and readable
     except (TypeError, ValueError) as e:  # e.g. a list where a number belongs
         raise InvalidInput(f"{src.name} has metadata edgeai cannot read: {e}",
                            "the file was not written by llama.cpp's converter") from e
-    return {"architecture": arch, "tensor_types": types, "tensors": len(gf.tensors),
+    _check_tensors(gf, src, arch, config)
+    info = {"architecture": arch, "tensor_types": types, "tensors": len(gf.tensors),
             "converted_bytes": sum(_converted_bytes(t, arch) for t in gf.tensors)}
+    return info, config
+
+
+def _check_tensors(gf: GGUFFile, src: Path, arch: str, config: dict) -> None:
+    """Every tensor is one the model uses, shaped as the metadata says; none is missing."""
+    expected = _expected_shapes(config)
+    seen = set()
+    for t in gf.tensors:
+        name = _hf_name(t.name, arch)
+        if name is None:
+            continue
+        if name not in expected:
+            raise UnsupportedModel(
+                f"{src.name} has a tensor '{t.name}' that a {arch} model does not use")
+        if tuple(t.shape) != expected[name]:
+            raise InvalidInput(
+                f"{src.name}: tensor '{t.name}' has shape {tuple(t.shape)} but the file's metadata "
+                f"implies {expected[name]}", "download the file again, or report a converter bug")
+        seen.add(name)
+    missing = sorted(k for k in expected if k not in seen and not k.startswith("lm_head."))
+    if missing:
+        raise InvalidInput(f"{src.name} lacks tensor(s) {', '.join(missing[:3])}"
+                           + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""),
+                           "download the file again")
 
 
 def _converted_bytes(t: TensorInfo, arch: str) -> int:
@@ -145,39 +170,25 @@ def convert(src: str | Path, dst: str | Path, *, scale_dtype=np.float16,
     """
     src = Path(src)
     gf = _open(src)
-    info = _check(gf, src)
-    meta, arch = gf.fields, info["architecture"]
-    config = _config(gf, arch, src.name)
-    expected = _expected_shapes(config)
+    info, config = _check(gf, src)
+    arch = info["architecture"]
     weights: dict[str, mx.array] = {}
     for t in gf.tensors:
         name = _hf_name(t.name, arch)
         if name is None:
             continue
-        if name not in expected:
-            raise UnsupportedModel(
-                f"{src.name} has a tensor '{t.name}' that a {arch} model does not use")
-        if tuple(t.shape) != expected[name]:
-            raise InvalidInput(
-                f"{src.name}: tensor '{t.name}' has shape {tuple(t.shape)} but the file's metadata "
-                f"implies {expected[name]}", "download the file again, or report a converter bug")
         value = gguf_quants.decode(gf.raw(t), t.qtype, tuple(t.shape), scale_dtype=scale_dtype,
                                    q6_bits=q6_bits)
         value = _fix_layout(value, t.name, arch, config)
         _put(weights, name, value, bf16=t.type_name == "BF16")
-    missing = sorted(k for k in expected if k not in weights and not k.startswith("lm_head."))
-    if missing:
-        raise InvalidInput(f"{src.name} lacks tensor(s) {', '.join(missing[:3])}"
-                           + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""),
-                           "download the file again")
     config["quantization"] = _quantization(weights)
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     mx.save_safetensors(str(dst / "model.safetensors"), weights, metadata={"format": "mlx"})
     (dst / "config.json").write_text(json.dumps(config, indent=2))
-    _write_tokenizer(meta, dst)
+    _write_tokenizer(gf.fields, dst)
     info.update(
-        name=meta.get("general.name"),
+        name=gf.fields.get("general.name"),
         parameters=_param_count(weights, config["quantization"]),
         context_length=config["max_position_embeddings"],
     )
