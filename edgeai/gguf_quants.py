@@ -12,13 +12,22 @@ packed little-endian into uint32 words. Most GGUF block types are that form alre
     Q5_K  the same, 5-bit q     → 5-bit                             (rounded to fp16)
 
 d, m, dmin are float16 in the file, so the first five are exact in float16 scales. For the
-K-quants, d·sc (sc 6-bit) is rounded to float16: ≤ 2^-11 relative on a scale, measured
-~1e-4 of a weight's magnitude on real files, a few percent of Q4_K's own rounding step.
+K-quants, d·sc (sc 6-bit) is rounded to float16: ≤ 2^-11 relative on a scale.
 
 Q6_K has 16-wide sub-blocks (w = d·sc·(q−32), sc signed int8) that no MLX group holds. Each
 32-group takes two of them; the group is re-quantized to 8 bits with its scale anchored on
 the larger sub-block's step (t = s/4, bias −128t): that sub-block is exact, the other is
 rounded to t (≤ s/8, an eighth of the larger step). See `requantize_q6_k`.
+
+Measured (benchmarks/gguf_fidelity.py) on Qwen2.5-Coder-0.5B/1.5B and Gemma 3 270M Q4_K_M,
+weight error vs gguf.quants.dequantize, mean |err| / mean |w| (and mean err / own step):
+    Q4_K float16 scales   6.6e-4 (0.0018 step)     float32: 0 (exact), +17% model bytes
+    Q6_K 8-bit g32        3.0e-3 (0.042 step; max 0.126 of the larger step)
+    Q6_K 6-bit g32        1.2e-2 (0.17 step; max 0.51)                 −8% model bytes
+    Q4_0 Q4_1 Q5_0 Q5_1 Q8_0: 0.
+Model level, Qwen2.5-Coder-1.5B, 124 tokens teacher-forced vs the file's weights in float32
+(activations float32): mean KL 2.66e-5 (float16 scales, Q6_K 8-bit), 2.60e-5 (float32
+scales), 3.87e-4 (Q6_K 6-bit); top-1 agreement 0.992 in all three.
 """
 
 from __future__ import annotations
