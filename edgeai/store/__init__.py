@@ -398,6 +398,8 @@ def _convert_and_commit(tmp: Path, src_path: Path, name: str, source: dict, on_p
     else:
         from edgeai.store import gguf
 
+        # The converted model's size (Q6_K grows to 8 bits), checked before writing any of it.
+        hardware.check_disk(gguf.inspect(src_path)["converted_bytes"], tmp, f"converting {src_path.name}")
         with progress.task(on_progress, f"converting {src_path.name} to MLX"):
             info = gguf.convert(src_path, model)
         extra["conversion"] = info
@@ -429,11 +431,11 @@ def import_gguf(path: str | Path, name: str | None = None, *, force: bool = Fals
     src = Path(path).expanduser()
     if not src.is_file():
         raise InvalidInput(f"{src} does not exist or is not a file", "give the path of a .gguf model file")
-    gguf.inspect(src)  # bad magic / unsupported quant: fail before writing anything
+    info = gguf.inspect(src)  # bad magic / unsupported quant: fail before writing anything
     name = _check_name(name or _name_from_file(src))
     if installed(name) is not None and not force:
         raise InvalidInput(f"a model named '{name}' is already installed", "pick another --name, or pass --force to replace it")
-    hardware.check_disk(int(src.stat().st_size * 1.3), config.models_dir(), f"importing {src.name}")
+    hardware.check_disk(info["converted_bytes"], config.models_dir(), f"importing {src.name}")
     source = {"kind": "gguf", "file": str(src.resolve()), "sha256": wheel.sha256_file(src)}
     with _staging(name) as tmp:
         (tmp / "src").mkdir()

@@ -1,9 +1,10 @@
-"""Convert a GGUF file (Q4_0, Q4_1, Q8_0, F16, F32; llama and qwen2) into an MLX model directory.
+"""Convert a GGUF file (llama, qwen2, gemma3; K-quants and the classic types) into an MLX model.
 
-MLX reads GGUF tensors of these types straight into its own affine format (uint32-packed
-weights, float16 scales and biases, group size 32), so no weight is re-quantized: the
-converted model computes with exactly the numbers the GGUF file holds. The tokenizer is
-rebuilt from the GGUF vocabulary and merges as a Hugging Face `tokenizer.json`.
+Every tensor becomes MLX's affine quantized layout with group size 32 (see `gguf_quants`):
+Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 exactly, Q4_K/Q5_K with their scales d·sc rounded to float16, and
+Q6_K re-quantized to 8 bits; F16/BF16/F32 tensors stay float. One file mixes types freely,
+so the config names each layer's bits (mlx-lm's per-layer quantization). The tokenizer is
+rebuilt from the GGUF vocabulary as a Hugging Face `tokenizer.json`.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+from edgeai.store import gguf_quants
 from edgeai.errors import InvalidInput, UnsupportedModel
+from edgeai.store.gguf_file import GGUFFile, MalformedGGUF, TensorInfo
 
-SUPPORTED_TYPES = ("Q4_0", "Q4_1", "Q8_0", "F16", "F32")
-SUPPORTED_ARCHS = ("llama", "qwen2")
+SUPPORTED_TYPES = gguf_quants.SUPPORTED
+SUPPORTED_ARCHS = ("llama", "qwen2", "gemma3")
 
 # GGUF tensor names → Hugging Face names used by mlx-lm's model code.
 _LAYER_NAMES = {
@@ -33,7 +36,16 @@ _LAYER_NAMES = {
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
 }
+_GEMMA3_NAMES = {
+    **_LAYER_NAMES,
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "gemma3": "gemma3_text"}
 
 # Pre-tokenizer split patterns by `tokenizer.ggml.pre` (the HF tokenizers' own regexes).
 _GPT2_PAT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
@@ -53,113 +65,259 @@ _PRE_PATTERNS = {
 }
 
 
-def inspect(src: str | Path) -> dict[str, Any]:
-    """Check that `src` is a GGUF file edgeai can convert; return its architecture and types.
-
-    Raises:
-        InvalidInput: not a readable GGUF file.
-        UnsupportedModel: unsupported architecture, tokenizer or tensor type.
-    """
-    from gguf import GGUFReader
-
-    src = Path(src)
+def _open(src: Path) -> GGUFFile:
     if not src.is_file():
         raise InvalidInput(f"{src} does not exist or is not a file")
     with open(src, "rb") as f:
         if f.read(4) != b"GGUF":
             raise InvalidInput(f"{src} is not a GGUF file (bad magic bytes)", "give a .gguf model file")
     try:
-        reader = GGUFReader(str(src))
-    except Exception as e:  # truncated or corrupt headers surface as assorted errors
-        raise InvalidInput(f"{src} is a damaged GGUF file: {e}", "download the file again") from e
-    arch = _field(reader, "general.architecture")
-    types = sorted({t.tensor_type.name for t in reader.tensors})
+        return GGUFFile(src)
+    except MalformedGGUF as e:
+        raise InvalidInput(f"{src.name} is a damaged GGUF file: {e}",
+                           "download the file again") from e
+
+
+def inspect(src: str | Path) -> dict[str, Any]:
+    """Check that `src` is a GGUF file edgeai can convert; return what converting it makes.
+
+    Returns:
+        architecture, tensor_types, tensors, and converted_bytes (the MLX model's size).
+
+    Raises:
+        InvalidInput: not a readable GGUF file, or one missing required metadata.
+        UnsupportedModel: unsupported architecture, tokenizer or tensor type.
+    """
+    src = Path(src)
+    return _check(_open(src), src)[0]
+
+
+def _check(gf: GGUFFile, src: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Refuse what cannot be converted; return the summary and the model's config."""
+    meta = gf.fields
+    arch = meta.get("general.architecture")
+    types = sorted({t.type_name for t in gf.tensors})
     bad = [t for t in types if t not in SUPPORTED_TYPES]
     if bad:
         raise UnsupportedModel(
             f"{src.name} uses tensor type(s) {', '.join(bad)}; edgeai imports {', '.join(SUPPORTED_TYPES)}",
-            "use a Q4_0, Q4_1 or Q8_0 GGUF of this model, or pull the MLX 4-bit model instead",
+            "use a Q4_K_M, Q4_0 or Q8_0 GGUF of this model, or pull the MLX 4-bit model instead",
         )
     if arch not in SUPPORTED_ARCHS:
         raise UnsupportedModel(
             f"{src.name} is a '{arch}' model; edgeai imports {', '.join(SUPPORTED_ARCHS)} architectures"
         )
-    tok_model = _field(reader, "tokenizer.ggml.model")
+    tok_model = meta.get("tokenizer.ggml.model")
     if tok_model not in ("gpt2", "llama"):
         raise UnsupportedModel(
             f"{src.name} has a '{tok_model}' tokenizer; edgeai imports byte-level BPE ('gpt2': SmolLM2, "
-            "Qwen2.5, Llama 3) and SentencePiece ('llama': Llama 2, Mistral, TinyLlama) tokenizers"
+            "Qwen2.5, Llama 3) and SentencePiece ('llama': Llama 2, Mistral, Gemma) tokenizers"
         )
-    return {"architecture": arch, "tensor_types": types, "tensors": len(reader.tensors)}
+    try:
+        config = _config(gf, arch, src.name)  # required metadata present and readable
+    except (TypeError, ValueError) as e:  # e.g. a list where a number belongs
+        raise InvalidInput(f"{src.name} has metadata edgeai cannot read: {e}",
+                           "the file was not written by llama.cpp's converter") from e
+    _check_tensors(gf, src, arch, config)
+    info = {"architecture": arch, "tensor_types": types, "tensors": len(gf.tensors),
+            "converted_bytes": sum(_converted_bytes(t, arch) for t in gf.tensors)}
+    return info, config
 
 
-def _field(reader, key: str) -> Any:
-    f = reader.fields.get(key)
-    if f is None:
-        return None
-    return f.contents()
+def _check_tensors(gf: GGUFFile, src: Path, arch: str, config: dict) -> None:
+    """Every tensor is one the model uses, shaped as the metadata says; none is missing."""
+    expected = _expected_shapes(config)
+    seen = set()
+    for t in gf.tensors:
+        name = _hf_name(t.name, arch)
+        if name is None:
+            continue
+        if name not in expected:
+            raise UnsupportedModel(
+                f"{src.name} has a tensor '{t.name}' that a {arch} model does not use")
+        if tuple(t.shape) != expected[name]:
+            raise InvalidInput(
+                f"{src.name}: tensor '{t.name}' has shape {tuple(t.shape)} but the file's metadata "
+                f"implies {expected[name]}", "download the file again, or report a converter bug")
+        seen.add(name)
+    missing = sorted(k for k in expected if k not in seen and not k.startswith("lm_head."))
+    if missing:
+        raise InvalidInput(f"{src.name} lacks tensor(s) {', '.join(missing[:3])}"
+                           + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""),
+                           "download the file again")
 
 
-def convert(src: str | Path, dst: str | Path) -> dict[str, Any]:
+def _converted_bytes(t: TensorInfo, arch: str) -> int:
+    n = int(np.prod(t.shape, dtype=np.int64))
+    if t.qtype in gguf_quants.BLOCKS and len(t.shape) == 2:
+        bits = gguf_quants.BLOCKS[t.qtype][2]
+        wide = arch == "gemma3" and t.name == "token_embd.weight"  # float32 scales: _fix_layout
+        per_group = 8 if wide else 4  # a scale and a bias
+        return n * bits // 8 + n // gguf_quants.GROUP * per_group
+    return n * (2 if t.type_name in ("F16", "BF16") else 4)
+
+
+def convert(src: str | Path, dst: str | Path, *, scale_dtype=np.float16,
+            q6_bits: int = 8) -> dict[str, Any]:
     """Write an MLX model directory for the GGUF file `src` into `dst` (created).
+
+    Args:
+        scale_dtype: dtype of the quantization scales and biases (float16; float32 to measure).
+        q6_bits: bits Q6_K tensors are re-quantized to (8; 6 to measure).
 
     Returns:
         A summary: architecture, tensor types, parameter count, name from the metadata.
     """
-    info = inspect(src)
-    try:
-        weights, meta = mx.load(str(src), return_metadata=True)
-    except Exception as e:
-        raise InvalidInput(f"{Path(src).name} could not be read: {e}", "download the file again") from e
-    meta = {k: (v.item() if isinstance(v, mx.array) and v.ndim == 0 else v) for k, v in meta.items()}
+    src = Path(src)
+    gf = _open(src)
+    info, config = _check(gf, src)
     arch = info["architecture"]
-    config = _config(meta, arch, weights)
-    weights = _rename(weights, arch, config)
+    weights: dict[str, mx.array] = {}
+    for t in gf.tensors:
+        name = _hf_name(t.name, arch)
+        if name is None:
+            continue
+        value = gguf_quants.decode(gf.raw(t), t.qtype, tuple(t.shape), scale_dtype=scale_dtype,
+                                   q6_bits=q6_bits)
+        value = _fix_layout(value, t.name, arch, config)
+        _put(weights, name, value, bf16=t.type_name == "BF16")
     config["quantization"] = _quantization(weights)
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     mx.save_safetensors(str(dst / "model.safetensors"), weights, metadata={"format": "mlx"})
     (dst / "config.json").write_text(json.dumps(config, indent=2))
-    _write_tokenizer(meta, dst)
+    _write_tokenizer(gf.fields, dst)
     info.update(
-        name=meta.get("general.name"),
+        name=gf.fields.get("general.name"),
         parameters=_param_count(weights, config["quantization"]),
         context_length=config["max_position_embeddings"],
     )
     return info
 
 
-def _config(meta: dict, arch: str, weights: dict) -> dict[str, Any]:
-    def g(key, default=None):
-        return meta.get(f"{arch}.{key}", default)
+def _hf_name(gguf_name: str, arch: str) -> str | None:
+    stem, _, suffix = gguf_name.rpartition(".")
+    if stem == "rope_freqs":
+        return None  # folded into the config's rope_scaling
+    names = _GEMMA3_NAMES if arch == "gemma3" else _LAYER_NAMES
+    m = re.fullmatch(r"blk\.(\d+)\.(\w+)", stem)
+    if m and m.group(2) in names:
+        return f"model.layers.{m.group(1)}.{names[m.group(2)]}.{suffix}"
+    if stem in _TOP_NAMES:
+        return f"{_TOP_NAMES[stem]}.{suffix}"
+    raise UnsupportedModel(
+        f"unexpected tensor '{gguf_name}' in the GGUF file",
+        f"edgeai imports {', '.join(SUPPORTED_ARCHS)} models as llama.cpp writes them")
 
-    n_heads = int(g("attention.head_count"))
-    hidden = int(g("embedding_length"))
+
+def _expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    """Float parameter shapes of the mlx-lm model the config describes (built lazily: no memory)."""
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import _get_classes
+
+    model_cls, args_cls = _get_classes(config)
+    model = model_cls(args_cls.from_dict(config))
+    return {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
+
+
+def _fix_layout(value, gguf_name: str, arch: str, config: dict):
+    kind = gguf_name.split(".")[-2]
+    # llama.cpp stores Q/K rows permuted for interleaved RoPE; undo it so the model uses
+    # the Hugging Face layout (and adapters trained on HF weights line up).
+    if arch == "llama" and kind in ("attn_q", "attn_k"):
+        heads = config["num_attention_heads"] if kind == "attn_q" else config["num_key_value_heads"]
+        if isinstance(value, gguf_quants.Quantized):
+            for f in ("weight", "scales", "biases"):
+                setattr(value, f, _unpermute(getattr(value, f), heads))
+        else:
+            value = _unpermute(value, heads)
+    # llama.cpp's converter stores Gemma's RMSNorm weights as 1 + w; mlx-lm adds the 1 itself.
+    if arch == "gemma3" and kind.endswith("norm") and not isinstance(value, gguf_quants.Quantized):
+        value = value.astype(np.float32) - 1.0
+    # The embedding's dtype sets the activations' dtype. Gemma's activations outgrow float16
+    # (on Gemma 3 270M, float16 moves the next-token distribution by a mean KL of 0.38 nats
+    # vs float32's 7e-5), so its embedding keeps float32 scales: activations run in float32.
+    if arch == "gemma3" and gguf_name == "token_embd.weight":
+        if isinstance(value, gguf_quants.Quantized):
+            value.scales = value.scales.astype(np.float32)
+            value.biases = value.biases.astype(np.float32)
+        else:
+            value = value.astype(np.float32)
+    return value
+
+
+def _put(weights: dict[str, mx.array], name: str, value, bf16: bool) -> None:
+    stem = name[: -len(".weight")] if name.endswith(".weight") else None
+    if isinstance(value, gguf_quants.Quantized):
+        weights[name] = mx.array(value.weight)
+        weights[f"{stem}.scales"] = mx.array(value.scales)
+        weights[f"{stem}.biases"] = mx.array(value.biases)
+    else:
+        arr = mx.array(np.ascontiguousarray(value))
+        weights[name] = arr.astype(mx.bfloat16) if bf16 else arr
+
+
+def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    rows = w.shape[0]
+    return np.ascontiguousarray(
+        w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape))
+
+
+def _config(gf: GGUFFile, arch: str, file_name: str) -> dict[str, Any]:
+    meta = gf.fields
+    tensors = {t.name: t for t in gf.tensors}
+
+    def g(key, default=None, required=False):
+        v = meta.get(f"{arch}.{key}", default)
+        if v is None and required:
+            raise InvalidInput(f"{file_name} lacks the metadata key '{arch}.{key}'",
+                               "the file is incomplete or was not written by llama.cpp's converter")
+        return v
+
+    n_heads = int(g("attention.head_count", required=True))
+    hidden = int(g("embedding_length", required=True))
+    if "tokenizer.ggml.tokens" not in meta:
+        raise InvalidInput(f"{file_name} has no tokenizer vocabulary (tokenizer.ggml.tokens)")
     config: dict[str, Any] = {
-        "model_type": arch,
+        "model_type": _MODEL_TYPES[arch],
         "hidden_size": hidden,
-        "num_hidden_layers": int(g("block_count")),
-        "intermediate_size": int(g("feed_forward_length")),
+        "num_hidden_layers": int(g("block_count", required=True)),
+        "intermediate_size": int(g("feed_forward_length", required=True)),
         "num_attention_heads": n_heads,
         "num_key_value_heads": int(g("attention.head_count_kv", n_heads)),
         "rms_norm_eps": float(g("attention.layer_norm_rms_epsilon", 1e-6)),
         "rope_theta": float(g("rope.freq_base", 10000.0)),
         "max_position_embeddings": int(g("context_length", 4096)),
         "vocab_size": len(meta["tokenizer.ggml.tokens"]),
-        "tie_word_embeddings": "output.weight" not in weights,
+        "tie_word_embeddings": "output.weight" not in tensors,
     }
     head_dim = g("attention.key_length")
+    if arch == "gemma3":
+        head_dim = int(head_dim or 256)
+        config["head_dim"] = head_dim
+        # llama.cpp's gemma3: local layers use RoPE base 10000 and 5 of every 6 layers slide;
+        # the 27B (62 layers) scales queries by hidden/heads, the others by head_dim.
+        config["rope_local_base_freq"] = 10000.0
+        config["sliding_window"] = int(g("attention.sliding_window", 512))
+        pattern = g("attention.sliding_window_pattern", 6)
+        config["sliding_window_pattern"] = int(pattern) if np.ndim(pattern) == 0 else 6
+        n_layers = config["num_hidden_layers"]
+        config["query_pre_attn_scalar"] = hidden // n_heads if n_layers == 62 else head_dim
+        if g("rope.scaling.type") == "linear" and g("rope.scaling.factor"):
+            factor = float(g("rope.scaling.factor"))
+            config["rope_scaling"] = {"rope_type": "linear", "factor": factor}
+        return config
     if head_dim and int(head_dim) != hidden // n_heads:
         if arch == "qwen2":  # mlx-lm's qwen2 has no head_dim setting: the model would not load
             raise UnsupportedModel(f"this qwen2 file has attention heads of {int(head_dim)} (not hidden size / "
                                    f"heads = {hidden // n_heads}); edgeai's qwen2 model cannot run it")
         config["head_dim"] = int(head_dim)
-    if "rope_freqs.weight" in weights:
+    freqs = tensors.get("rope_freqs.weight")
+    if freqs is not None and freqs.type_name == "F32":
         # Llama 3.x bakes its RoPE scaling into per-dimension divisors; the largest is the factor.
-        factor = float(mx.max(weights["rope_freqs.weight"]).item())
         config["rope_scaling"] = {
             "rope_type": "llama3",
-            "factor": factor,
+            "factor": float(gf.raw(freqs).view(np.float32).max()),
             "low_freq_factor": 1.0,
             "high_freq_factor": 4.0,
             "original_max_position_embeddings": 8192,
@@ -167,36 +325,8 @@ def _config(meta: dict, arch: str, weights: dict) -> dict[str, Any]:
     return config
 
 
-def _rename(weights: dict[str, mx.array], arch: str, config: dict) -> dict[str, mx.array]:
-    out: dict[str, mx.array] = {}
-    for key, w in weights.items():
-        stem, _, suffix = key.rpartition(".")
-        if stem == "rope_freqs":
-            continue
-        m = re.fullmatch(r"blk\.(\d+)\.(\w+)", stem)
-        if m:
-            name = f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
-            kind = m.group(2)
-        elif stem in _TOP_NAMES:
-            name, kind = _TOP_NAMES[stem], stem
-        else:
-            raise UnsupportedModel(f"unexpected tensor '{key}' in the GGUF file")
-        # llama.cpp stores Q/K rows permuted for interleaved RoPE; undo it so the model uses
-        # the Hugging Face layout (and adapters trained on HF weights line up).
-        if arch == "llama" and kind in ("attn_q", "attn_k") and suffix in ("weight", "scales", "biases"):
-            heads = config["num_attention_heads"] if kind == "attn_q" else config["num_key_value_heads"]
-            w = _unpermute(w, heads)
-        out[f"{name}.{suffix}"] = w
-    return out
-
-
-def _unpermute(w: mx.array, n_head: int) -> mx.array:
-    rows = w.shape[0]
-    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
 def _quantization(weights: dict[str, mx.array]) -> dict[str, Any]:
-    """Per-layer quantization settings: GGUF files mix Q4 layers with Q8 or float ones."""
+    """Per-layer quantization settings: GGUF files mix 4, 5 and 8-bit layers and float ones."""
     quant: dict[str, Any] = {"group_size": 32, "bits": 4, "mode": "affine"}
     for key, w in weights.items():
         if not key.endswith(".weight"):
