@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import sys
+import time
 from typing import Any, Callable, Iterator
 
 from rich.console import Console
@@ -48,20 +49,25 @@ def show_library_warnings() -> None:
 @contextlib.contextmanager
 def progress() -> Iterator[Callable[[Any], None]]:
     """An `on_progress` for the store's reports (edgeai.store.progress.Progress): a bar per
-    task on stderr where bytes are counted, a spinner where they are not."""
-    from rich.progress import (BarColumn, DownloadColumn, Progress, SpinnerColumn, TextColumn,
-                               TimeRemainingColumn, TransferSpeedColumn)
+    task on stderr with bytes and speed where bytes are counted, a spinner where they are not."""
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     columns = (SpinnerColumn(finished_text="[green]✓[/]"), TextColumn("{task.description}"), BarColumn(),
-               DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+               TextColumn("{task.fields[amount]}"), TimeElapsedColumn())
     with Progress(*columns, console=err, transient=False) as bars:
         tasks: dict[str, Any] = {}
+        started: dict[str, float] = {}
 
         def show(p: Any) -> None:
             if p.task not in tasks:
-                tasks[p.task] = bars.add_task(p.task, total=p.total, completed=p.done)
+                tasks[p.task] = bars.add_task(p.task, total=p.total, completed=p.done, amount="")
+                started[p.task] = time.monotonic()
+            amount = ""
+            if p.total:
+                rate = p.done / max(time.monotonic() - started[p.task], 1e-3)
+                amount = f"{human_bytes(p.done)} / {human_bytes(p.total)}, {human_bytes(rate)}/s"
             tid = tasks[p.task]
-            bars.update(tid, completed=p.done, total=p.total)
+            bars.update(tid, completed=p.done, total=p.total, amount=amount)
             if p.finished:
                 bars.update(tid, total=p.total or 1, completed=p.total or 1)
                 bars.stop_task(tid)
