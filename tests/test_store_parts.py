@@ -22,7 +22,7 @@ from edgeai.store import catalog, parts as store_parts  # noqa: E402
 from edgeai.store.progress import Progress  # noqa: E402
 from edgeai.store.catalog import PipPartsSource  # noqa: E402
 from edgeai.errors import DownloadError, EdgeAIError, ResourceError  # noqa: E402
-from edgeai.store.pip import sha256_file  # noqa: E402
+from edgeai.store.hashing import sha256_file  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 N_PARTS = 3

