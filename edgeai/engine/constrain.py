@@ -14,16 +14,18 @@ macOS wheel.
 
 from __future__ import annotations
 
+import json
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import llguidance
 import mlx.core as mx
 import numpy as np
 
 from edgeai.errors import InvalidInput
+from edgeai.types import Event
 
 # Compact, bounded separators: flexible whitespace lets a small model pad an answer with
 # newlines until max_tokens, which leaves the JSON unfinished.
@@ -164,3 +166,38 @@ class GrammarProcessor:
     def error(self) -> str | None:
         return self.matcher.get_error() if self.matcher.is_error() else None
 
+
+
+def schema_file(path: str) -> Constraint:
+    """The constraint of a JSON schema file (`edgeai run --json-schema FILE`).
+
+    Raises:
+        InvalidInput: the file is missing, not JSON, or not a schema llguidance can enforce.
+    """
+    from pathlib import Path
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise InvalidInput(f"cannot read the schema file {path}: {getattr(e, 'strerror', None) or e}",
+                           "give the path of a JSON Schema file") from None
+    try:
+        schema = json.loads(text)
+    except ValueError as e:
+        raise InvalidInput(f"{path} is not JSON: {e}", "give the path of a JSON Schema file") from None
+    return json_schema(schema, f"the schema in {path}")
+
+
+def generate(engine: Any, prompt: Any, options: Any, constraint: Constraint,
+             adapter: str | None = None) -> Iterator[Event]:
+    """`Engine.generate` under a constraint: the same decode loop, the grammar's processor added."""
+    ids = engine.prompt_ids(prompt)
+    with engine.lock, engine.adapters.use(adapter):
+        gen = engine.generation(ids, options, processors=[constraint.processor(engine.tokenizer,
+                                                                                 engine.vocab_size)])
+        try:
+            while gen.finish is None:
+                yield from gen.advance()
+        finally:
+            if gen.finish is None:  # the consumer stopped early
+                gen.end("cancelled")
