@@ -72,7 +72,8 @@ class ToolCall(_Request):
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"] = Field(description="who wrote the message")
     content: str | list[ContentPart] | None = Field(
-        description="the text, or a list of text parts (null only for an assistant message with tool_calls)")
+        None, description="the text, or a list of text parts (absent or null only for an assistant message "
+                          "with tool_calls)")
     tool_calls: Annotated[list[ToolCall], Field(min_length=1, max_length=64)] | None = Field(
         None, description="calls an assistant message made (role assistant)")
     tool_call_id: str | None = Field(None, max_length=256, description="the call a tool message answers (role tool)")
