@@ -192,6 +192,8 @@ def test_forced_tool_calls_alone_and_batched(tools_app):
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"not": {}}}}}, 400,
      "Unimplemented keys"),
     ({"response_format": {"type": "json_schema"}}, 400, "json_schema is required"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#"}}}}, 400,
+     "admits no answer"),
     ({"response_format": {"type": "yaml"}}, 400, "response_format.type"),
     ({"messages": [{"role": "assistant", "content": None}]}, 400, "content is missing"),
     ({"messages": [{"role": "assistant", "content": None, "tool_calls": [

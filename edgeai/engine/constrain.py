@@ -15,6 +15,7 @@ macOS wheel.
 from __future__ import annotations
 
 import json
+import logging
 import time
 import weakref
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ import numpy as np
 from edgeai.errors import InvalidInput
 from edgeai.types import Event
 
+log = logging.getLogger("edgeai.constrain")
 # Compact, bounded separators: flexible whitespace lets a small model pad an answer with
 # newlines until max_tokens, which leaves the JSON unfinished.
 JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
@@ -52,12 +54,32 @@ class Constraint:
             vocab_size: the width of the model's logits (can exceed the tokenizer's).
         """
         eos = [int(t) for t in getattr(tokenizer, "eos_token_ids", None) or [tokenizer.eos_token_id]]
-        return GrammarProcessor(llguidance.LLMatcher(ll_tokenizer(tokenizer, vocab_size), self.grammar,
-                                                     log_level=0), eos)
+        matcher = llguidance.LLMatcher(ll_tokenizer(tokenizer, vocab_size), self.grammar, log_level=0)
+        matcher.compute_bitmask()  # a grammar with no first token fails here, not mid-answer
+        if matcher.is_error():  # what only the model's tokens can reveal (e.g. a token limit)
+            why = matcher.get_error().strip().splitlines()[0]
+            raise InvalidInput(f"the {self.kind.replace('_', ' ')} grammar admits no answer ({why})",
+                               "check the schema: can any JSON value satisfy it?")
+        return GrammarProcessor(matcher, eos)
+
+
+def _rust_errors(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Call into llguidance; a Rust panic (pyo3 raises it as a BaseException) becomes a ValueError."""
+    try:
+        return fn(*args, **kwargs)
+    except (KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except BaseException as e:  # noqa: BLE001 - includes pyo3's PanicException
+        if isinstance(e, ValueError):
+            raise
+        raise ValueError(str(e) or type(e).__name__) from None
 
 
 def _check(grammar: str, kind: str, what: str) -> Constraint:
-    err, msgs = llguidance.LLMatcher.validate_grammar_with_warnings(grammar)
+    try:
+        err, msgs = _rust_errors(llguidance.LLMatcher.validate_grammar_with_warnings, grammar)
+    except ValueError as e:
+        err, msgs = True, [str(e)]
     if err:
         raise InvalidInput(f"{what} is not supported: {' '.join(msgs).strip()}",
                            "use JSON Schema's types, properties, items, enum, const, anyOf, $ref and "
@@ -78,8 +100,8 @@ def json_schema(schema: Any, what: str = "the JSON schema") -> Constraint:
         raise InvalidInput(f"{what} must be a JSON object, not {type(schema).__name__}",
                            'give a schema such as {"type": "object", "properties": {...}}')
     try:
-        grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=JSON_STYLE)
-    except (ValueError, TypeError) as e:
+        grammar = _rust_errors(llguidance.LLMatcher.grammar_from_json_schema, schema, overrides=JSON_STYLE)
+    except ValueError as e:
         raise InvalidInput(f"{what} is not valid: {e}", "check it with a JSON Schema validator") from None
     return _check(grammar, "json_schema", what)
 
@@ -91,7 +113,11 @@ def json_object() -> Constraint:
 
 def lark(grammar: str, kind: str, what: str) -> Constraint:
     """A constraint from a Lark grammar (which may embed JSON schemas with `%json {...}`)."""
-    return _check(llguidance.LLMatcher.grammar_from_lark(grammar), kind, what)
+    try:
+        text = _rust_errors(llguidance.LLMatcher.grammar_from_lark, grammar)
+    except ValueError as e:
+        raise InvalidInput(f"{what} is not valid: {e}", "check it with a JSON Schema validator") from None
+    return _check(text, kind, what)
 
 
 def ll_tokenizer(tokenizer: Any, vocab_size: int) -> Any:
@@ -137,6 +163,7 @@ class GrammarProcessor:
         self.fed = 0  # generated tokens fed to the matcher
         self.mask_seconds = 0.0  # time spent feeding the matcher and masking (not waiting)
         self.steps = 0
+        self.reported = False
 
     def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
         n = int(tokens.shape[-1])
@@ -151,6 +178,9 @@ class GrammarProcessor:
             self.matcher.consume_tokens(ids)  # False (error state) is handled below
         if self.matcher.is_stopped() or self.matcher.is_error():
             # Complete (or, never expected, broken): end the answer rather than run free.
+            if self.matcher.is_error() and not self.reported:
+                self.reported = True
+                log.warning("grammar failed mid-answer: %s", self.matcher.get_error().splitlines()[0])
             end = mx.full(logits.shape, MASKED, dtype=logits.dtype)
             return mx.put_along_axis(end, mx.broadcast_to(self.eos, (logits.shape[0], self.eos.size)),
                                      mx.zeros((logits.shape[0], self.eos.size), dtype=logits.dtype), axis=-1)
