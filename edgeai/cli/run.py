@@ -64,7 +64,8 @@ def register(app: typer.Typer) -> None:
 
         opts = _options(max_tokens, temperature, top_p, top_k, min_p, seed, stop)
         constraint = _constraint(json_schema, json_object)
-        if constraint is not None and (interactive or prompt is None and sys.stdin is not None and sys.stdin.isatty()):
+        chatting = interactive or (prompt is None and sys.stdin is not None and sys.stdin.isatty())
+        if constraint is not None and chatting:
             from edgeai.errors import InvalidInput
 
             raise InvalidInput("--json-schema/--json-object answer one prompt, not a chat",
@@ -91,7 +92,8 @@ def register(app: typer.Typer) -> None:
             answer = chat.stream_to_console(events, engine.name, stream=not json_out)
         else:
             # The local model loads only if the router or a fallback needs it.
-            resp = respond(messages, opts, policy=policy, engine=lambda: load_engine(model, kernel), adapter=adapter)
+            resp = respond(messages, opts, policy=policy, engine=lambda: load_engine(model, kernel),
+                           adapter=adapter)
             streamed = chat.stream_to_console(iter(resp), "", stream=not json_out)
             answer = resp.answer or streamed  # no final answer when cancelled midway
         if json_out:
@@ -124,7 +126,9 @@ def _constraint(schema_path: str | None, json_object: bool):
 
     if schema_path is not None and json_object:
         raise InvalidInput("--json-schema and --json-object exclude each other", "give one of them")
-    return constrain.schema_file(schema_path) if schema_path is not None else constrain.json_object()
+    if schema_path is not None:
+        return constrain.schema_file(schema_path)
+    return constrain.json_object()
 
 
 def _options(max_tokens, temperature, top_p, top_k, min_p, seed, stop):

@@ -19,7 +19,6 @@ from edgeai.engine import constrain
 from edgeai.errors import InvalidInput
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
-_BLOCK = re.compile(re.escape(OPEN) + r"\s*(.*?)\s*" + re.escape(CLOSE), re.DOTALL)
 NO_TOOLS = "this model's chat template has no tool support"
 
 
@@ -38,14 +37,20 @@ class ToolChat:
             InvalidInput: the model's template cannot render tools or tool messages.
         """
         if not supports_tools(tokenizer):
-            raise InvalidInput(NO_TOOLS, "use a model whose template renders tools (e.g. Qwen2.5), "
-                                         "or send the request without tools")
+            raise InvalidInput(
+                NO_TOOLS,
+                "use a model whose template renders tools (e.g. Qwen2.5), "
+                "or send the request without tools",
+            )
         try:
-            ids = tokenizer.apply_chat_template(self.messages, tools=self.tools or None,
-                                                add_generation_prompt=True)
+            ids = tokenizer.apply_chat_template(
+                self.messages, tools=self.tools or None, add_generation_prompt=True
+            )
         except Exception as e:  # a template's own raise_exception (e.g. bad role order)
-            raise InvalidInput(f"the chat template refused the conversation: {e}",
-                               "check the roles and the order of the messages") from None
+            raise InvalidInput(
+                f"the chat template refused the conversation: {e}",
+                "check the roles and the order of the messages",
+            ) from None
         return list(ids)
 
 
@@ -61,8 +66,12 @@ def call_schema(tool: dict) -> dict:
     """JSON schema of one call of `tool` ({"name": ..., "arguments": {...}})."""
     fn = tool["function"]
     params = fn.get("parameters") or {"type": "object"}
-    return {"type": "object", "properties": {"name": {"const": fn["name"]}, "arguments": params},
-            "required": ["name", "arguments"], "additionalProperties": False}
+    return {
+        "type": "object",
+        "properties": {"name": {"const": fn["name"]}, "arguments": params},
+        "required": ["name", "arguments"],
+        "additionalProperties": False,
+    }
 
 
 def call_constraint(tools: list[dict], name: str | None = None) -> constrain.Constraint:
@@ -75,8 +84,10 @@ def call_constraint(tools: list[dict], name: str | None = None) -> constrain.Con
     schemas = [call_schema(t) for t in chosen]
     schema = schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
     schema = {**schema, "x-guidance": constrain.JSON_STYLE}
-    grammar = f'start: {json.dumps(OPEN + chr(10))} call {json.dumps(chr(10) + CLOSE)}\n' \
-              f"call: %json {json.dumps(schema)}"
+    grammar = (
+        f"start: {json.dumps(OPEN + chr(10))} call {json.dumps(chr(10) + CLOSE)}\n"
+        f"call: %json {json.dumps(schema)}"
+    )
     return constrain.lark(grammar, "tool_call", "a tool's parameters schema")
 
 
@@ -86,14 +97,18 @@ def check_tools(tools: list[dict]) -> None:
     for i, t in enumerate(tools):
         name = t["function"]["name"]
         if name in seen:
-            raise InvalidInput(f"tools[{i}]: the name {name!r} is used twice", "give each tool its own name")
+            raise InvalidInput(
+                f"tools[{i}]: the name {name!r} is used twice", "give each tool its own name"
+            )
         seen.add(name)
         params = t["function"].get("parameters")
         if params is not None:  # the schema alone first: its message names the feature
             constrain.json_schema(params, f"tools[{i}].function.parameters ({name})")
             if params.get("type", "object") != "object":
-                raise InvalidInput(f"tools[{i}].function.parameters ({name}) must describe an object",
-                                   'use {"type": "object", "properties": {...}}')
+                raise InvalidInput(
+                    f"tools[{i}].function.parameters ({name}) must describe an object",
+                    'use {"type": "object", "properties": {...}}',
+                )
         call_constraint([t])
 
 
@@ -108,34 +123,56 @@ def _call(payload: str) -> dict | None:
     args = obj.get("arguments", obj.get("parameters", {}))
     if not isinstance(args, str):
         args = json.dumps(args, ensure_ascii=False)
-    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-            "function": {"name": obj["name"], "arguments": args}}
+    return {
+        "id": f"call_{uuid.uuid4().hex[:24]}",
+        "type": "function",
+        "function": {"name": obj["name"], "arguments": args},
+    }
 
 
 def parse(text: str) -> tuple[str | None, list[dict]]:
     """(content outside the calls or None, tool calls) of a whole answer; a malformed block
     stays in the content."""
-    calls, content, pos = [], [], 0
-    for m in _BLOCK.finditer(text):
-        call = _call(m.group(1))
-        if call is None:
-            continue
-        content.append(text[pos:m.start()])
-        calls.append(call)
-        pos = m.end()
-    content.append(text[pos:])
-    rest = "".join(content)
-    if calls:
-        rest = rest.strip()
-    return (rest or None) if calls else text, calls
+    stream = CallStream()
+    items = stream.feed(text) + stream.flush()
+    calls = [v for kind, v in items if kind == "call"]
+    if not calls:
+        return text, []
+    rest = "".join(v for kind, v in items if kind == "content").strip()
+    return rest or None, calls
+
+
+def _object_end(s: str) -> int | None:
+    """Index just past the JSON object or array `s` starts with; None while it is unclosed.
+
+    Strings are skipped, so a value holding "</tool_call>" does not end the call."""
+    depth, in_str, esc = 0, False, False
+    for i, ch in enumerate(s):
+        if in_str:
+            if esc:
+                esc = False
+            elif ch == "\\":
+                esc = True
+            elif ch == '"':
+                in_str = False
+        elif ch == '"':
+            in_str = True
+        elif ch in "{[":
+            depth += 1
+        elif ch in "}]":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+    return None
 
 
 class CallStream:
     """Splits streamed text into content and tool calls as it arrives.
 
     `feed` returns ("content", text) and ("call", call) items; text that could start a
-    call is held back until it does or cannot. `flush` returns what is left at the end
-    (an unfinished call comes back as content).
+    call is held back until it does or cannot. A call's JSON is read to its closing brace
+    (strings skipped) before the closing tag is looked for. `flush` returns what is left at
+    the end (an unfinished call comes back as content).
     """
 
     def __init__(self) -> None:
@@ -143,32 +180,52 @@ class CallStream:
         self.inside = False
         self.calls = 0
 
+    def _block(self) -> tuple[int, dict | None] | None:
+        """(length, call or None if malformed) of the block `buf` starts with; None: wait."""
+        body = self.buf[len(OPEN) :]
+        payload = body.lstrip()
+        if not payload:
+            return None
+        skip = len(OPEN) + len(body) - len(payload)
+        if payload[0] == "{":
+            end = _object_end(payload)
+            if end is None:
+                return None
+            after = payload[end:]
+            tail = after.lstrip()
+            if len(tail) < len(CLOSE) and CLOSE.startswith(tail):
+                return None
+            if tail.startswith(CLOSE):
+                size = skip + end + (len(after) - len(tail)) + len(CLOSE)
+                return size, _call(payload[:end])
+        close = self.buf.find(CLOSE)  # malformed: the block ends at the next closing tag
+        return None if close < 0 else (close + len(CLOSE), None)
+
     def feed(self, text: str) -> list[tuple[str, Any]]:
         self.buf += text
         out: list[tuple[str, Any]] = []
         while self.buf:
             if self.inside:
-                end = self.buf.find(CLOSE)
-                if end < 0:
+                block = self._block()
+                if block is None:
                     break
-                block, self.buf = self.buf[:end + len(CLOSE)], self.buf[end + len(CLOSE):]
-                self.inside = False
-                _, calls = parse(block)
-                if calls:
+                size, call = block
+                if call is not None:
                     self.calls += 1
-                    out.append(("call", calls[0]))
+                    out.append(("call", call))
                 else:
-                    out.append(("content", block))
+                    out.append(("content", self.buf[:size]))
+                self.buf, self.inside = self.buf[size:], False
                 continue
             start = self.buf.find(OPEN)
             if start >= 0:
-                if start and self.buf[:start].strip():
+                if start:
                     out.append(("content", self.buf[:start]))
                 self.buf, self.inside = self.buf[start:], True
                 continue
             keep = next((k for k in range(min(len(OPEN) - 1, len(self.buf)), 0, -1)
                          if self.buf.endswith(OPEN[:k])), 0)
-            emit, self.buf = self.buf[:len(self.buf) - keep], self.buf[len(self.buf) - keep:]
+            emit, self.buf = self.buf[: len(self.buf) - keep], self.buf[len(self.buf) - keep :]
             if emit:
                 out.append(("content", emit))
             break

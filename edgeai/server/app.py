@@ -211,10 +211,13 @@ class Server:
                     if ev.finish_reason is not None:
                         for item in calls.flush():
                             yield self._tool_item(nreq, item, calls)
-                elif ev.finish_reason is None and (ev.text or (nreq.logprobs is not None and ev.token is not None)):
+                elif ev.finish_reason is None and (
+                        ev.text or (nreq.logprobs is not None and ev.token is not None)):
                     yield oa.chunk(nreq, ev, tok)
             ans = self._answer(nreq, run, events)
-            finish = "tool_calls" if calls and calls.calls and ans.finish_reason == "stop" else ans.finish_reason
+            finish = ans.finish_reason
+            if calls is not None and calls.calls and finish == "stop":
+                finish = "tool_calls"
             yield oa.chunk(nreq, None, tok, finish=finish, ans=ans)
             if nreq.include_usage:
                 yield oa.usage_chunk(nreq, ans)
@@ -229,7 +232,9 @@ class Server:
     @staticmethod
     def _tool_item(nreq: oa.NativeRequest, item: tuple[str, Any], calls: CallStream) -> bytes:
         kind, value = item
-        return oa.tool_call_chunk(nreq, value, calls.calls - 1) if kind == "call" else oa.text_chunk(nreq, value)
+        if kind == "call":
+            return oa.tool_call_chunk(nreq, value, calls.calls - 1)
+        return oa.text_chunk(nreq, value)
 
     # -- the rest ----------------------------------------------------------------------
 

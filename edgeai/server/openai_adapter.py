@@ -35,7 +35,7 @@ class NativeRequest:
     logprobs: int | None  # None: off; n >= 0: report logprobs with n alternatives
     logits: dict = field(default_factory=dict)  # logit_bias / penalties, for the logits processors
     adapter: str | None = None  # a stored LoRA adapter for this request only (edgeai.engine.lora)
-    constraint: constrain.Constraint | None = None  # a grammar the answer follows (JSON, a tool call)
+    constraint: constrain.Constraint | None = None  # a grammar for the answer (JSON, a tool call)
     tool_calls: bool = False  # parse the answer's tool calls into message.tool_calls
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
@@ -70,8 +70,8 @@ def _text(content: str | list[s.ContentPart]) -> str:
 def _message(m: s.ChatMessage, i: int) -> dict:
     """One message in Hugging Face's chat-template shape (tool calls' arguments as objects)."""
     if m.content is None and not m.tool_calls:
-        raise InvalidInput(f"messages[{i}]: content is missing", "only an assistant message with "
-                                                                  "tool_calls may have null content")
+        raise InvalidInput(f"messages[{i}]: content is missing",
+                           "only an assistant message with tool_calls may have null content")
     if m.tool_calls and m.role != "assistant":
         raise InvalidInput(f"messages[{i}]: only assistant messages carry tool_calls", "")
     out: dict = {"role": "system" if m.role == "developer" else m.role,
@@ -82,8 +82,9 @@ def _message(m: s.ChatMessage, i: int) -> dict:
             try:
                 args = json.loads(c.function.arguments)
             except ValueError:
-                raise InvalidInput(f"messages[{i}]: the arguments of tool call {c.id!r} are not JSON",
-                                   "send arguments as a JSON object in a string") from None
+                raise InvalidInput(
+                    f"messages[{i}]: the arguments of tool call {c.id!r} are not JSON",
+                    "send arguments as a JSON object in a string") from None
             calls.append({"id": c.id, "type": "function",
                           "function": {"name": c.function.name, "arguments": args}})
         out["tool_calls"] = calls
@@ -97,7 +98,8 @@ def _tools(req: s.ChatCompletionRequest) -> tuple[list[dict], constrain.Constrai
     choice = req.tool_choice
     if not req.tools:
         if choice not in (None, "none"):
-            raise InvalidInput("tool_choice is set but no tools are given", "send tools, or drop tool_choice")
+            raise InvalidInput("tool_choice is set but no tools are given",
+                               "send tools, or drop tool_choice")
         return [], None
     defs = [t.model_dump(exclude_none=True) for t in req.tools]
     tools.check_tools(defs)
@@ -119,7 +121,8 @@ def _format(fmt: s.ResponseFormat | None) -> constrain.Constraint | None:
         return constrain.json_object()
     if fmt.json_schema is None:
         raise InvalidInput('response_format.json_schema is required with type "json_schema"',
-                           'send {"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}')
+                           'send {"type": "json_schema", '
+                           '"json_schema": {"name": ..., "schema": {...}}}')
     schema = fmt.json_schema.schema_ if fmt.json_schema.schema_ is not None else {}
     return constrain.json_schema(schema, "response_format.json_schema.schema")
 
@@ -210,7 +213,8 @@ def body(nreq: NativeRequest, ans: Answer, events: list[Event], tokenizer: Any) 
         content, calls = tools.parse(ans.text) if nreq.tool_calls else (ans.text, [])
         if calls and finish == "stop":
             finish = "tool_calls"
-        msg = s.AssistantMessage(content=content, tool_calls=[s.OutToolCall(**c) for c in calls] or None)
+        out_calls = [s.OutToolCall(**c) for c in calls] or None
+        msg = s.AssistantMessage(content=content, tool_calls=out_calls)
         obj: Any = s.ChatCompletion(
             id=f"chatcmpl-{nreq.id}", created=nreq.created, model=nreq.model,
             choices=[s.ChatChoice(message=msg, logprobs=lp, finish_reason=finish)],
@@ -257,8 +261,8 @@ def tool_call_chunk(nreq: NativeRequest, call: dict, index: int) -> bytes:
     """A streamed chunk carrying one whole tool call (`delta.tool_calls`)."""
     delta = s.Delta(tool_calls=[s.DeltaToolCall(index=index, id=call["id"], type="function",
                                                 function=s.OutFunctionCall(**call["function"]))])
-    return sse(s.ChatCompletionChunk(id=f"chatcmpl-{nreq.id}", created=nreq.created, model=nreq.model,
-                                     choices=[s.ChunkChoice(delta=delta)]))
+    return sse(s.ChatCompletionChunk(id=f"chatcmpl-{nreq.id}", created=nreq.created,
+                                     model=nreq.model, choices=[s.ChunkChoice(delta=delta)]))
 
 
 def text_chunk(nreq: NativeRequest, text: str) -> bytes:

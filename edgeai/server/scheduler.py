@@ -196,7 +196,8 @@ class Scheduler:
 
     def submit(self, prompt: Any, options: GenerationOptions, model: str, path: Path,
                put: Callable[[Any], None], cancel: threading.Event | None = None,
-               logits: dict | None = None, adapter: str | None = None, constraint: Any = None) -> Job:
+               logits: dict | None = None, adapter: str | None = None,
+               constraint: Any = None) -> Job:
         """Queue a generation; its items are handed to `put` from the worker thread.
 
         Args:
