@@ -79,6 +79,38 @@ def test_bad_input_is_one_line_not_a_traceback(tiny_model, edgeai_env, args, mes
     assert "Traceback" not in r.stderr
 
 
+SCHEMA = {"type": "object", "properties": {"color": {"enum": ["red", "green", "blue"]},
+                                           "count": {"type": "integer", "minimum": 1, "maximum": 9}},
+          "required": ["color", "count"], "additionalProperties": False}
+
+
+def test_json_schema_file_constrains_the_answer(tiny_model, edgeai_env, tmp_path):
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps(SCHEMA))
+    for seed in ("1", "2"):
+        out = _json_run(tiny_model, edgeai_env, "-n", "60", "-t", "1", "--seed", seed, "--json-schema",
+                        str(schema), "pick a color")
+        assert out["finish_reason"] == "stop"
+        answer = json.loads(out["text"])
+        assert answer["color"] in ("red", "green", "blue") and 1 <= answer["count"] <= 9
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "cannot read the schema file"),
+    ("{oops", "is not JSON"),
+    ('{"not": {"type": "string"}}', 'Unimplemented keys: ["not"]'),
+    ('[1]', "must be a JSON object"),
+])
+def test_bad_schema_file_is_one_line(tiny_model, edgeai_env, tmp_path, content, message):
+    path = tmp_path / "s.json"
+    if content is not None:
+        path.write_text(content)
+    r = run_cli(["run", "-m", str(tiny_model), "--json-schema", str(path), "hi"], edgeai_env)
+    assert r.returncode == 2
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert len([line for line in r.stderr.splitlines() if line.startswith("error:")]) == 1
+
+
 def test_prompt_longer_than_context_is_refused(tiny_model, edgeai_env):
     r = run_cli(["run", "-m", str(tiny_model), "-n", "4"], edgeai_env, input="word " * 3000)
     assert r.returncode == 2

@@ -103,3 +103,31 @@ def test_adapter_switch_never_reuses_another_adapters_cache(tmp_path, monkeypatc
     again = _answer(engine, prompt, adapter="ad-a")
     assert again.stats.cached_tokens > 0 and again.tokens == with_a.tokens
     assert _answer(engine, prompt).tokens == base_ans.tokens
+
+
+def test_penalties_see_the_whole_prompt_when_part_of_it_is_reused(tiny_model):
+    from edgeai.engine.decode import make_processors
+
+    engine = Engine.load(tiny_model, kernel="builtin")
+    head = [(3 * i + 9) % 200 for i in range(28)]
+    likely = Answer.from_events(engine.generate(head, GREEDY), engine.name).tokens
+    # The prompt ends with what the model would say next: penalties on the prompt's last
+    # 20 tokens (mlx-lm's context) must steer away from it, with reuse as without.
+    ids = head + (likely * 20)[:20]
+    engine.prompt_cache.clear()
+    procs = lambda: make_processors({"frequency_penalty": 2.0, "presence_penalty": 2.0},  # noqa: E731
+                                    engine.vocab_size, engine.name)
+
+    def tokens() -> tuple[list[int], int]:
+        gen = engine.generation(ids, GREEDY, processors=procs())
+        out = []
+        while gen.finish is None:
+            out += [e.token for e in gen.advance() if e.token is not None]
+        return out, gen.reused
+
+    fresh, reused_first = tokens()
+    again, reused_second = tokens()
+    assert reused_first == 0 and reused_second == len(ids) - 1
+    assert again == fresh
+    plain = Answer.from_events(engine.generate(ids, GREEDY), engine.name).tokens
+    assert plain != fresh  # the penalties did change the answer

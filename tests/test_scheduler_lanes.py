@@ -131,3 +131,18 @@ def test_batched_turns_reuse_the_prompt_cache_and_answer_as_without(sched, engin
     # The batch's kept prompt serves the same conversation decoding alone, too.
     alone = _answer(_submit(sched, tiny_model, turn2, opts))
     assert alone.stats.cached_tokens == len(engine.encode(turn2)) - 1 and alone.tokens == fresh.tokens
+
+
+def test_batched_reuse_keeps_the_whole_prompt_in_the_penalties(sched, engine, tiny_model):
+    head = [(3 * i + 9) % 200 for i in range(28)]
+    likely = Answer.from_events(engine.generate(head, GenerationOptions(max_tokens=10)), "tiny").tokens
+    ids = head + (likely * 20)[:20]  # penalties on the prompt's tail steer the answer
+    opts = GenerationOptions(max_tokens=10)
+    logits = {"frequency_penalty": 2.0, "presence_penalty": 2.0}
+    alone = _answer(_submit(sched, tiny_model, ids, opts, logits))
+    blocker, stop = _start_blocker(sched, engine, tiny_model, _lanes(sched))
+    batched = _answer(_submit(sched, tiny_model, ids, opts, logits))
+    stop.set()
+    _answer(blocker)
+    assert batched.stats.cached_tokens == len(ids) - 1  # the lone run's prompt, reused
+    assert batched.tokens == alone.tokens

@@ -14,9 +14,37 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# Qwen2.5's template, tools section included (its default system line shortened).
+TOOLS_TEMPLATE = """{%- if tools %}{{- '<|im_start|>system\\n' }}
+{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] }}{%- else %}{{- 'You are helpful.' }}{%- endif %}
+{{- "\\n\\n# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are provided \
+with function signatures within <tools></tools> XML tags:\\n<tools>" }}
+{%- for tool in tools %}{{- "\\n" }}{{- tool | tojson }}{%- endfor %}
+{{- "\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within \
+<tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\"name\\": <function-name>, \\"arguments\\": <args-json-object>}\
+\\n</tool_call><|im_end|>\\n" }}
+{%- else %}{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] + \
+'<|im_end|>\\n' }}{%- else %}{{- '<|im_start|>system\\nYou are helpful.<|im_end|>\\n' }}{%- endif %}{%- endif %}
+{%- for message in messages %}
+{%- if (message.role == "user") or (message.role == "system" and not loop.first) or \
+(message.role == "assistant" and not message.tool_calls) %}
+{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}
+{%- elif message.role == "assistant" %}{{- '<|im_start|>' + message.role }}
+{%- if message.content %}{{- '\\n' + message.content }}{%- endif %}
+{%- for tool_call in message.tool_calls %}
+{%- if tool_call.function is defined %}{%- set tool_call = tool_call.function %}{%- endif %}
+{{- '\\n<tool_call>\\n{"name": "' }}{{- tool_call.name }}{{- '", "arguments": ' }}
+{{- tool_call.arguments | tojson }}{{- '}\\n</tool_call>' }}
+{%- endfor %}{{- '<|im_end|>\\n' }}
+{%- elif message.role == "tool" %}
+{%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != "tool") %}{{- '<|im_start|>user' }}{%- endif %}
+{{- '\\n<tool_response>\\n' }}{{- message.content }}{{- '\\n</tool_response>' }}
+{%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}{{- '<|im_end|>\\n' }}{%- endif %}
+{%- endif %}{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"""
 
 
-def make_tokenizer(out: Path) -> int:
+def make_tokenizer(out: Path, template: str = CHAT_TEMPLATE) -> int:
     """Write tokenizer.json/tokenizer_config.json; return the vocabulary size."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -41,19 +69,20 @@ def make_tokenizer(out: Path) -> int:
         unk_token="<|endoftext|>",
         pad_token="<|endoftext|>",
     )
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = template
     fast.save_pretrained(str(out))
     return len(vocab)
 
 
 def make_tiny_model(out: Path, *, seed: int = 0, hidden: int = 64, layers: int = 2,
                     quantize: bool = True, tie: bool = True, layer_quant: dict | None = None,
-                    arch: str = "llama") -> Path:
+                    arch: str = "llama", template: str = CHAT_TEMPLATE) -> Path:
     """Write a random llama model directory loadable by mlx_lm.load and edgeai.
 
     layer_quant: per-layer formats over the 4-bit group-32 default, e.g.
     {"model.layers.0.mlp.down_proj": {"bits": 6}} (mlx-lm's per-layer `quantization` config).
     arch: "llama", or "qwen2" (the same layers with biases on the q, k, v projections).
+    template: its chat template, e.g. TOOLS_TEMPLATE for a model that renders tools.
     """
     import mlx.core as mx
     import mlx.nn as nn
@@ -62,7 +91,7 @@ def make_tiny_model(out: Path, *, seed: int = 0, hidden: int = 64, layers: int =
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    vocab_size = make_tokenizer(out)
+    vocab_size = make_tokenizer(out, template)
     config = {
         "model_type": arch,
         "hidden_size": hidden,

@@ -56,11 +56,20 @@ def register(app: typer.Typer) -> None:
         adapter: Optional[str] = typer.Option(None, "--adapter", help="A stored LoRA adapter (see `edgeai adapter list`)"),
         policy: Optional[str] = typer.Option(None, "--policy", help="local-only, auto or remote [default: config, else auto]"),
         explain: bool = typer.Option(False, "--explain", help="Show the route, signals, score, threshold and decision"),
+        json_schema: Optional[str] = typer.Option(None, "--json-schema", help="Answer with JSON valid against this JSON Schema file (local model)"),
+        json_object: bool = typer.Option(False, "--json-object", help="Answer with one JSON object (local model)"),
     ) -> None:
         """Answer a prompt with a local model, streaming tokens as they come."""
         from edgeai.cli import chat
 
         opts = _options(max_tokens, temperature, top_p, top_k, min_p, seed, stop)
+        constraint = _constraint(json_schema, json_object)
+        chatting = interactive or (prompt is None and sys.stdin is not None and sys.stdin.isatty())
+        if constraint is not None and chatting:
+            from edgeai.errors import InvalidInput
+
+            raise InvalidInput("--json-schema/--json-object answer one prompt, not a chat",
+                               'give the prompt, e.g. edgeai run --json-object "List three colors"')
         if interactive or (prompt is None and sys.stdin is not None and sys.stdin.isatty()):
             engine = load_engine(model, kernel)
             if adapter:
@@ -75,10 +84,18 @@ def register(app: typer.Typer) -> None:
         from edgeai.routing.respond import respond
 
         messages = chat.messages_for(text, system)
-        # The local model loads only if the router or a fallback needs it.
-        resp = respond(messages, opts, policy=policy, engine=lambda: load_engine(model, kernel), adapter=adapter)
-        streamed = chat.stream_to_console(iter(resp), "", stream=not json_out)
-        answer = resp.answer or streamed  # no final answer when cancelled midway
+        if constraint is not None:  # the grammar needs the local model's tokens: no routing
+            from edgeai.engine import constrain
+
+            engine = load_engine(model, kernel)
+            events = constrain.generate(engine, messages, opts, constraint, adapter)
+            answer = chat.stream_to_console(events, engine.name, stream=not json_out)
+        else:
+            # The local model loads only if the router or a fallback needs it.
+            resp = respond(messages, opts, policy=policy, engine=lambda: load_engine(model, kernel),
+                           adapter=adapter)
+            streamed = chat.stream_to_console(iter(resp), "", stream=not json_out)
+            answer = resp.answer or streamed  # no final answer when cancelled midway
         if json_out:
             render.print_json(answer.to_dict())
         else:
@@ -98,6 +115,20 @@ def register(app: typer.Typer) -> None:
             render.print_json(report)
         else:
             doc.render_report(report)
+
+
+def _constraint(schema_path: str | None, json_object: bool):
+    """The grammar --json-schema / --json-object ask for (None without either)."""
+    if schema_path is None and not json_object:
+        return None
+    from edgeai.engine import constrain
+    from edgeai.errors import InvalidInput
+
+    if schema_path is not None and json_object:
+        raise InvalidInput("--json-schema and --json-object exclude each other", "give one of them")
+    if schema_path is not None:
+        return constrain.schema_file(schema_path)
+    return constrain.json_object()
 
 
 def _options(max_tokens, temperature, top_p, top_k, min_p, seed, stop):

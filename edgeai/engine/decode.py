@@ -98,7 +98,8 @@ def make_processors(logits: dict, vocab_size: int, model: str) -> list:
 def decode_steps(model: nn.Module, prompt: mx.array, sampler: Sampler, max_tokens: int,
                  top_n: int = 0, hooks: Hooks | None = None, prefill_step: int = 512,
                  processors: Sequence[Callable[[mx.array, mx.array], mx.array]] = (),
-                 cache: list | None = None) -> Iterator[tuple[int, float, float, tuple]]:
+                 cache: list | None = None, history: Sequence[int] = ()
+                 ) -> Iterator[tuple[int, float, float, tuple]]:
     """Prefill `prompt`, then yield (token, logprob, entropy, top alternatives) per step.
 
     The signals are part of each step's graph, evaluated asynchronously with the token, so
@@ -116,16 +117,17 @@ def decode_steps(model: nn.Module, prompt: mx.array, sampler: Sampler, max_token
             logit_bias); the logprobs reported are the processed ones, as in a batch.
         cache: a KV cache to continue (it already holds the positions before `prompt`);
             default: a new one.
+        history: the tokens already in `cache`, which processors see before `prompt`.
     """
     hooks = hooks or Hooks()
     if cache is None:
         cache = hooks.make_cache(model)
-    context = [prompt]  # the tokens so far, for the processors
+    context = [mx.concatenate([mx.array(list(history), dtype=prompt.dtype), prompt]) if history else prompt]
 
-    def step(tokens: mx.array) -> list[mx.array]:
+    def step(tokens: mx.array, generated: bool = True) -> list[mx.array]:
         logits = model(tokens, cache=cache)[:, -1, :].astype(mx.float32)
         if processors:
-            if context[-1] is not tokens:
+            if generated:  # a sampled token joins the context (the prompt is in it already)
                 context.append(tokens.reshape(-1))
             seen = mx.concatenate(context) if len(context) > 1 else context[0]
             for proc in processors:
@@ -149,7 +151,7 @@ def decode_steps(model: nn.Module, prompt: mx.array, sampler: Sampler, max_token
             model(prompt[None, :n], cache=cache)
             mx.eval([c.state for c in cache])
             prompt = prompt[n:]
-        outs = step(prompt[None])
+        outs = step(prompt[None], generated=False)
     mx.async_eval(outs)
     for n in range(max_tokens):
         nxt = None
@@ -203,7 +205,7 @@ class Generation:
         self.decoder.stats.cached_tokens = self.reused
         self._steps = decode_steps(model, mx.array(self._ids[self.reused:]), make_sampler(options, vocab_size),
                                    max_tokens, options.top_logprobs, hooks, processors=processors,
-                                   cache=self._cache)
+                                   cache=self._cache, history=self._ids[:self.reused])
 
     def advance(self) -> list[Event]:
         """The events of the next token (the first call also processes the prompt)."""

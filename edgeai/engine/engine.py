@@ -19,11 +19,12 @@ from edgeai import kernels
 from edgeai.engine.decode import Generation, check_prompt
 from edgeai.engine.prompt_cache import DEFAULT_BYTES, PromptCache
 from edgeai.engine.lora import store_set
+from edgeai.engine.tools import ToolChat
 from edgeai.errors import InvalidInput, UnsupportedModel
 from edgeai.options import GenerationOptions, Message
 from edgeai.types import Event
 
-Prompt = str | Sequence[int] | Sequence[Message] | Sequence[dict]
+Prompt = str | Sequence[int] | Sequence[Message] | Sequence[dict] | ToolChat
 
 
 class Engine:
@@ -103,6 +104,8 @@ class Engine:
     def _encode(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
             return list(self.tokenizer.encode(prompt))
+        if isinstance(prompt, ToolChat):  # tools and tool messages: the template's own rendering
+            return prompt.encode(self.tokenizer)
         prompt = list(prompt)
         if not prompt:
             raise InvalidInput("the prompt is empty", "give a prompt, or pipe text on stdin")

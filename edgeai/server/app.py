@@ -22,6 +22,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 import edgeai
+from edgeai.engine.tools import CallStream
 from edgeai.errors import EdgeAIError, ModelNotFound, ResourceError
 from edgeai.server import openai_adapter as oa
 from edgeai.server import schemas as s
@@ -172,7 +173,7 @@ class Server:
         watcher = asyncio.create_task(_cancel_on_disconnect(request, cancel))
         try:
             run = await self.escalation.start(nreq.kind, nreq.prompt, nreq.options, name, path, nreq.policy,
-                                              cancel, nreq.logits, nreq.adapter)
+                                              cancel, nreq.logits, nreq.adapter, nreq.constraint)
         except BaseException as e:
             watcher.cancel()
             if isinstance(e, QueueFull):
@@ -199,14 +200,25 @@ class Server:
     async def _sse(self, nreq: oa.NativeRequest, run: Run, watcher: asyncio.Task) -> AsyncIterator[bytes]:
         events: list[Event] = []
         tok = run.engine.tokenizer
+        calls = CallStream() if nreq.tool_calls else None
         try:
             yield oa.chunk(nreq, None, tok, first=True)
             async for ev in run:
                 events.append(ev)
-                if ev.finish_reason is None and (ev.text or (nreq.logprobs is not None and ev.token is not None)):
+                if calls is not None:  # text around tool calls streams; each call comes whole
+                    for item in calls.feed(ev.text) if ev.text else []:
+                        yield self._tool_item(nreq, item, calls)
+                    if ev.finish_reason is not None:
+                        for item in calls.flush():
+                            yield self._tool_item(nreq, item, calls)
+                elif ev.finish_reason is None and (
+                        ev.text or (nreq.logprobs is not None and ev.token is not None)):
                     yield oa.chunk(nreq, ev, tok)
             ans = self._answer(nreq, run, events)
-            yield oa.chunk(nreq, None, tok, finish=ans.finish_reason, ans=ans)
+            finish = ans.finish_reason
+            if calls is not None and calls.calls and finish == "stop":
+                finish = "tool_calls"
+            yield oa.chunk(nreq, None, tok, finish=finish, ans=ans)
             if nreq.include_usage:
                 yield oa.usage_chunk(nreq, ans)
             yield oa.DONE
@@ -216,6 +228,13 @@ class Server:
         finally:
             run.cancel.set()
             watcher.cancel()
+
+    @staticmethod
+    def _tool_item(nreq: oa.NativeRequest, item: tuple[str, Any], calls: CallStream) -> bytes:
+        kind, value = item
+        if kind == "call":
+            return oa.tool_call_chunk(nreq, value, calls.calls - 1)
+        return oa.text_chunk(nreq, value)
 
     # -- the rest ----------------------------------------------------------------------
 

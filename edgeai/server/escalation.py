@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Iterator
 
 from edgeai.config import load_config
+from edgeai.engine.tools import ToolChat
 from edgeai.errors import ModelNotFound
 from edgeai.options import GenerationOptions
 from edgeai.routing import confidence
@@ -32,17 +33,19 @@ class SchedulerEngine:
     """What `respond` needs of an Engine (`name`, `generate`), backed by the scheduler."""
 
     def __init__(self, scheduler: Scheduler, name: str, path: Path, logits: dict | None = None,
-                 adapter: str | None = None):
+                 adapter: str | None = None, constraint: Any = None):
         self.scheduler, self.name, self.path = scheduler, name, path
         self.logits = logits or {}  # this request's logit_bias / penalties
         self.adapter = adapter  # this request's LoRA adapter
+        self.constraint = constraint  # this request's grammar (engine.constrain)
         self.tokenizer: Any = None
 
     def generate(self, prompt: Any, options: GenerationOptions | None = None,
                  cancel: threading.Event | None = None, adapter: str | None = None) -> Iterator[Event]:
         items: queue.SimpleQueue = queue.SimpleQueue()
         job = self.scheduler.submit(prompt, options or GenerationOptions(), self.name, self.path,
-                                    items.put, cancel, self.logits, adapter=adapter or self.adapter)
+                                    items.put, cancel, self.logits, adapter=adapter or self.adapter,
+                                    constraint=self.constraint)
         try:
             while True:
                 item = items.get()
@@ -151,7 +154,7 @@ class Escalation:
 
     async def start(self, kind: str, prompt: Any, options: GenerationOptions, name: str, path: Path,
                     policy: str | None, cancel: threading.Event | None = None, logits: dict | None = None,
-                    adapter: str | None = None) -> Run:
+                    adapter: str | None = None, constraint: Any = None) -> Run:
         """Start answering; returns once the first Event (or the request's error) is there.
 
         Args:
@@ -163,10 +166,13 @@ class Escalation:
             cancel: set it to stop the answer (the client went away).
             logits: logit_bias / presence_penalty / frequency_penalty for the local model.
             adapter: a stored LoRA adapter for the local model, this request only.
+            constraint: a grammar for the local answer (`engine.constrain`); such requests,
+                and those with tools (`engine.tools.ToolChat`), are answered locally, where
+                the grammar and the template apply.
         """
-        engine = SchedulerEngine(self.scheduler, name, path, logits, adapter)
+        engine = SchedulerEngine(self.scheduler, name, path, logits, adapter, constraint)
         run = Run(engine, cancel or threading.Event())
-        if kind == "chat":
+        if kind == "chat" and constraint is None and not isinstance(prompt, ToolChat):
             run.start(lambda: self._respond(prompt, options, engine, policy, run.cancel))
         else:  # raw-text completions never go through a chat template, so never to a remote chat tier
             run.start(lambda: self._local(prompt, options, engine, run.cancel))
@@ -194,7 +200,10 @@ class Escalation:
         def answer() -> Answer:
             ans = Answer.from_events(events, engine.name)
             why = confidence.score_answer(ans, confidence.load_scorer(engine.name))
-            ans.reasons = ["completions are answered locally"] + why
+            why_local = "completions" if isinstance(prompt, (str, list)) else "tool conversations"
+            if engine.constraint is not None:
+                why_local = "constrained answers"
+            ans.reasons = [f"{why_local} are answered locally"] + why
             return ans
 
         return stream(), answer

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
+from edgeai.engine import constrain, tools
+from edgeai.errors import InvalidInput
 from edgeai.options import GenerationOptions, Message
 from edgeai.types import Answer, Event
 
@@ -33,6 +35,8 @@ class NativeRequest:
     logprobs: int | None  # None: off; n >= 0: report logprobs with n alternatives
     logits: dict = field(default_factory=dict)  # logit_bias / penalties, for the logits processors
     adapter: str | None = None  # a stored LoRA adapter for this request only (edgeai.engine.lora)
+    constraint: constrain.Constraint | None = None  # a grammar for the answer (JSON, a tool call)
+    tool_calls: bool = False  # parse the answer's tool calls into message.tool_calls
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -63,15 +67,86 @@ def _text(content: str | list[s.ContentPart]) -> str:
     return content if isinstance(content, str) else "".join(p.text for p in content)
 
 
+def _message(m: s.ChatMessage, i: int) -> dict:
+    """One message in Hugging Face's chat-template shape (tool calls' arguments as objects)."""
+    if m.content is None and not m.tool_calls:
+        raise InvalidInput(f"messages[{i}]: content is missing",
+                           "only an assistant message with tool_calls may have null content")
+    if m.tool_calls and m.role != "assistant":
+        raise InvalidInput(f"messages[{i}]: only assistant messages carry tool_calls", "")
+    out: dict = {"role": "system" if m.role == "developer" else m.role,
+                 "content": _text(m.content) if m.content is not None else ""}
+    if m.tool_calls:
+        calls = []
+        for c in m.tool_calls:
+            try:
+                args = json.loads(c.function.arguments)
+            except ValueError:
+                raise InvalidInput(
+                    f"messages[{i}]: the arguments of tool call {c.id!r} are not JSON",
+                    "send arguments as a JSON object in a string") from None
+            calls.append({"id": c.id, "type": "function",
+                          "function": {"name": c.function.name, "arguments": args}})
+        out["tool_calls"] = calls
+    if m.role == "tool" and m.tool_call_id is not None:
+        out["tool_call_id"] = m.tool_call_id
+    return out
+
+
+def _tools(req: s.ChatCompletionRequest) -> tuple[list[dict], constrain.Constraint | None]:
+    """The tools to render and the forced call's grammar (None unless required or named)."""
+    choice = req.tool_choice
+    if not req.tools:
+        if choice not in (None, "none"):
+            raise InvalidInput("tool_choice is set but no tools are given",
+                               "send tools, or drop tool_choice")
+        return [], None
+    defs = [t.model_dump(exclude_none=True) for t in req.tools]
+    tools.check_tools(defs)
+    if choice == "none":
+        return [], None
+    if isinstance(choice, s.NamedToolChoice):
+        name = choice.function.name
+        if name not in {d["function"]["name"] for d in defs}:
+            raise InvalidInput(f"tool_choice names {name!r}, which is not among the tools",
+                               "name one of the functions in tools")
+        return defs, tools.call_constraint(defs, name)
+    return defs, tools.call_constraint(defs) if choice == "required" else None
+
+
+def _format(fmt: s.ResponseFormat | None) -> constrain.Constraint | None:
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return constrain.json_object()
+    if fmt.json_schema is None:
+        raise InvalidInput('response_format.json_schema is required with type "json_schema"',
+                           'send {"type": "json_schema", '
+                           '"json_schema": {"name": ..., "schema": {...}}}')
+    schema = fmt.json_schema.schema_ if fmt.json_schema.schema_ is not None else {}
+    return constrain.json_schema(schema, "response_format.json_schema.schema")
+
+
 def from_chat(req: s.ChatCompletionRequest) -> NativeRequest:
-    """A chat request as the native request (developer messages count as system)."""
-    messages = [Message(role="system" if m.role == "developer" else m.role, content=_text(m.content))
-                for m in req.messages]
+    """A chat request as the native request (developer messages count as system).
+
+    Plain conversations are Message lists (routed, maybe escalated); ones with tools or tool
+    messages are a `tools.ToolChat` for the model's own template.
+    """
+    defs, forced = _tools(req)
+    fmt = _format(req.response_format)
+    rich = [_message(m, i) for i, m in enumerate(req.messages)]
+    prompt: Any
+    if defs or any(m.role == "tool" or m.tool_calls for m in req.messages):
+        prompt = tools.ToolChat(rich, defs)
+    else:
+        prompt = [Message(role=m["role"], content=m["content"]) for m in rich]
     top = (req.top_logprobs or 0) if req.logprobs else 0
     opts = _options(req, req.max_completion_tokens or req.max_tokens, top)
-    return NativeRequest("chat", req.model, messages, opts, req.stream,
+    return NativeRequest("chat", req.model, prompt, opts, req.stream,
                          bool(req.stream_options and req.stream_options.include_usage), req.policy,
-                         top if req.logprobs else None, _logits(req), adapter=req.adapter)
+                         top if req.logprobs else None, _logits(req), adapter=req.adapter,
+                         constraint=forced or fmt, tool_calls=bool(defs))
 
 
 def from_completion(req: s.CompletionRequest) -> NativeRequest:
@@ -136,9 +211,14 @@ def body(nreq: NativeRequest, ans: Answer, events: list[Event], tokenizer: Any) 
     finish = _finish(ans.finish_reason) or "stop"
     if nreq.kind == "chat":
         lp = chat_logprobs(events, tokenizer, nreq.logprobs) if nreq.logprobs is not None else None
+        content, calls = tools.parse(ans.text) if nreq.tool_calls else (ans.text, [])
+        if calls and finish == "stop":
+            finish = "tool_calls"
+        out_calls = [s.OutToolCall(**c) for c in calls] or None
+        msg = s.AssistantMessage(content=content, tool_calls=out_calls)
         obj: Any = s.ChatCompletion(
             id=f"chatcmpl-{nreq.id}", created=nreq.created, model=nreq.model,
-            choices=[s.ChatChoice(message=s.AssistantMessage(content=ans.text), logprobs=lp, finish_reason=finish)],
+            choices=[s.ChatChoice(message=msg, logprobs=lp, finish_reason=finish)],
             usage=usage(ans), edgeai=info(ans, nreq.policy))
     else:
         lp = completion_logprobs(events, tokenizer, nreq.logprobs) if nreq.logprobs is not None else None
@@ -176,6 +256,19 @@ def chunk(nreq: NativeRequest, ev: Event | None, tokenizer: Any, *, first: bool 
         obj = s.Completion(id=f"cmpl-{nreq.id}", created=nreq.created, model=nreq.model, edgeai=extra,
                            choices=[s.CompletionChoice(text=text, logprobs=lp, finish_reason=_finish(finish))])
     return sse(obj)
+
+
+def tool_call_chunk(nreq: NativeRequest, call: dict, index: int) -> bytes:
+    """A streamed chunk carrying one whole tool call (`delta.tool_calls`)."""
+    delta = s.Delta(tool_calls=[s.DeltaToolCall(index=index, id=call["id"], type="function",
+                                                function=s.OutFunctionCall(**call["function"]))])
+    return sse(s.ChatCompletionChunk(id=f"chatcmpl-{nreq.id}", created=nreq.created,
+                                     model=nreq.model, choices=[s.ChunkChoice(delta=delta)]))
+
+
+def text_chunk(nreq: NativeRequest, text: str) -> bytes:
+    """A streamed chunk of content text alone (the text around tool calls)."""
+    return chunk(nreq, Event(text=text), None)
 
 
 def usage_chunk(nreq: NativeRequest, ans: Answer) -> bytes:

@@ -79,6 +79,7 @@ class Job:
     adapter: str | None = None  # a stored LoRA adapter's name (edgeai.engine.lora)
     lora: Any = None  # that adapter, resolved when the job is admitted
     encoded: Any = None  # the checked prompt ids (or the error), when made before admission
+    constraint: Any = None  # an engine.constrain.Constraint on the answer (JSON, a tool call)
 
     def push(self, item: Any) -> None:
         try:
@@ -128,6 +129,15 @@ def _undo_layer_swaps(model: Any) -> int:
             m.__class__ = base
             n += 1
     return n
+
+
+def _processors(engine: Any, job: Job) -> list:
+    """A job's logits processors: its logit_bias and penalties, then its grammar's mask (each
+    job its own matcher, fed the tokens its row samples), in either lane."""
+    procs = make_processors(job.logits, engine.vocab_size, engine.name)
+    if job.constraint is not None:
+        procs = [*procs, job.constraint.processor(engine.tokenizer, engine.vocab_size)]
+    return procs
 
 
 # -- the scheduler -------------------------------------------------------------------------
@@ -187,7 +197,8 @@ class Scheduler:
 
     def submit(self, prompt: Any, options: GenerationOptions, model: str, path: Path,
                put: Callable[[Any], None], cancel: threading.Event | None = None,
-               logits: dict | None = None, adapter: str | None = None) -> Job:
+               logits: dict | None = None, adapter: str | None = None,
+               constraint: Any = None) -> Job:
         """Queue a generation; its items are handed to `put` from the worker thread.
 
         Args:
@@ -198,12 +209,14 @@ class Scheduler:
             cancel: set it to stop the job before its next decoding step.
             logits: logit_bias / presence_penalty / frequency_penalty (mlx-lm's processors).
             adapter: a stored LoRA adapter for this job only (its batch row gets its weights).
+            constraint: an `engine.constrain.Constraint` the answer must follow (a grammar).
 
         Raises:
             QueueFull: the queue is full (answer 503 with Retry-After).
         """
         job = Job(prompt, options, model, Path(path), put, cancel or threading.Event(), logits or {})
         job.adapter = adapter
+        job.constraint = constraint
         self._encode_here(job)
         with self._cv:
             if self._stopping:
@@ -374,7 +387,7 @@ class Scheduler:
                 (uid,) = loaded.generator.insert(
                     [ids[reused:]], max_tokens=[max_tokens], caches=[cache] if cache is not None else None,
                     all_tokens=[ids[:reused]], samplers=[make_sampler(job.options, engine.vocab_size)],
-                    logits_processors=[make_processors(job.logits, engine.vocab_size, engine.name)])
+                    logits_processors=[_processors(engine, job)])
             except EdgeAIError as e:
                 job.push(e)
                 continue
@@ -391,7 +404,7 @@ class Scheduler:
     def _start_solo(self, engine: Engine, job: Job, ids: list[int]) -> None:
         """Decode `job` alone through the engine's own loop, with its adapter on every row."""
         try:
-            processors = make_processors(job.logits, engine.vocab_size, engine.name)
+            processors = _processors(engine, job)
             gen = engine.generation(ids, job.options, model=engine.adapters.fixed(job.lora), processors=processors,
                                     scope=cache_scope(job.lora))
         except EdgeAIError as e:

@@ -55,9 +55,77 @@ class ContentPart(_Request):
     text: str
 
 
+FunctionName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$",
+                                    description="letters, digits, _ and -")]
+
+
+class FunctionCall(_Request):
+    name: FunctionName
+    arguments: str = Field(description="the arguments, a JSON object as a string")
+
+
+class ToolCall(_Request):
+    id: str = Field(max_length=256, description="the call's id (a tool message answers by it)")
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Request):
-    role: Literal["system", "developer", "user", "assistant"] = Field(description="who wrote the message")
-    content: str | list[ContentPart] = Field(description="the text, or a list of text parts")
+    role: Literal["system", "developer", "user", "assistant", "tool"] = Field(
+        description="who wrote the message")
+    content: str | list[ContentPart] | None = Field(
+        None, description="the text, or a list of text parts (absent or null only for an "
+                          "assistant message with tool_calls)")
+    tool_calls: Annotated[list[ToolCall], Field(min_length=1, max_length=64)] | None = Field(
+        None, description="calls an assistant message made (role assistant)")
+    tool_call_id: str | None = Field(None, max_length=256,
+                                     description="the call a tool message answers (role tool)")
+    name: str | None = Field(None, max_length=64, description="ignored")
+
+
+class FunctionDefinition(_Request):
+    name: FunctionName
+    description: str | None = Field(None, max_length=8192)
+    parameters: dict[str, Any] | None = Field(
+        None, description="JSON Schema of the arguments object (default: any object)")
+    strict: bool | None = Field(None, description="ignored: a forced call follows the schema")
+
+
+class Tool(_Request):
+    type: Literal["function"] = Field(description="only function tools are supported")
+    function: FunctionDefinition
+
+
+class NamedToolChoice(_Request):
+    class Function(_Request):
+        name: FunctionName
+
+    type: Literal["function"]
+    function: Function
+
+
+ToolChoice = Annotated[
+    Literal["none", "auto", "required"] | NamedToolChoice | None,
+    Field(None, description='"auto" (default with tools): the model may call a tool; "none": '
+                            'it may not; "required" or {"type": "function", "function": '
+                            '{"name": ...}}: decoding is constrained to one well-formed call'),
+]
+
+
+class JsonSchemaFormat(_Request):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$", description="the schema's name")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(
+        None, alias="schema", description="the JSON Schema the answer validates against")
+    strict: bool | None = Field(None, description="ignored: the answer always follows the schema")
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"] = Field(description=(
+        '"json_object": the answer is one JSON object; "json_schema": it validates against '
+        "json_schema.schema (decoding is constrained; unsupported schema features are a 400)"))
+    json_schema: JsonSchemaFormat | None = Field(None,
+                                                 description='required with type "json_schema"')
 
 
 class _Sampling(_Request):
@@ -87,6 +155,12 @@ class ChatCompletionRequest(_Sampling):
     """POST /v1/chat/completions."""
 
     messages: list[ChatMessage] = Field(min_length=1, description="the conversation so far")
+    tools: Annotated[list[Tool], Field(max_length=128)] | None = Field(
+        None, description="functions the model may call (rendered by the model's chat template)")
+    tool_choice: ToolChoice
+    parallel_tool_calls: bool | None = Field(None,
+                                             description="ignored: a forced call is a single call")
+    response_format: ResponseFormat | None = None
     max_completion_tokens: MaxTokens
     logprobs: bool = Field(False, description="return log-probabilities of the output tokens")
     top_logprobs: TopLogprobs
@@ -151,9 +225,21 @@ class ChoiceLogprobs(BaseModel):
     content: list[TokenLogprob] | None = None
 
 
+class OutFunctionCall(BaseModel):
+    name: str
+    arguments: str = Field(description="a JSON object, as a string")
+
+
+class OutToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: OutFunctionCall
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[OutToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -173,9 +259,17 @@ class ChatCompletion(BaseModel):
     edgeai: EdgeaiInfo
 
 
+class DeltaToolCall(BaseModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: OutFunctionCall | None = None
+
+
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChunkChoice(BaseModel):
