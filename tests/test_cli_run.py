@@ -70,6 +70,9 @@ def test_seed_makes_sampling_repeatable(tiny_model, edgeai_env):
         (["run", "hi", "--temperature", "-1"], "--temperature"),
         (["run", "hi", "--max-tokens", "0"], "--max-tokens"),
         (["run", "hi", "--top-p", "2"], "--top-p"),
+        (["run", "hi", "-t", "0.7", "--seed", str(2**64)], "--seed"),
+        (["run", "hi", "-t", "0.7", "--seed", "-1"], "--seed"),
+        (["run", "hi", "-t", "nan"], "--temperature"),
     ],
 )
 def test_bad_input_is_one_line_not_a_traceback(tiny_model, edgeai_env, args, message):

@@ -113,6 +113,8 @@ BAD = [
     (json.dumps({**CHAT, "messages": [{"role": "wizard", "content": "x"}]}).encode(), 400, "invalid_value"),
     (json.dumps({**CHAT, "temperature": float("nan")}).encode(), 400, "invalid_json"),
     (json.dumps({**CHAT, "policy": "yolo"}).encode(), 400, "invalid_value"),
+    (json.dumps({**CHAT, "temperature": 0.7, "seed": 2**64}).encode(), 400, "invalid_value"),
+    (json.dumps({**CHAT, "temperature": 0.7, "seed": 10**40}).encode(), 400, "invalid_value"),
     (json.dumps({**CHAT, "model": "no-such-model"}).encode(), 404, "model_not_found"),
     (json.dumps({**CHAT, "model": "/etc"}).encode(), 404, "model_not_found"),
     (json.dumps({**CHAT, "messages": [{"role": "user", "content": "word " * 3000}]}).encode(), 400,
