@@ -120,6 +120,12 @@ BAD = [
     (json.dumps({**CHAT, "messages": [{"role": "user", "content": "word " * 3000}]}).encode(), 400,
      "context_length_exceeded"),
     (b'{"model": "tiny", "prompt": "' + b"a" * (5 << 20) + b'"}', 413, "body_too_large"),
+    # Item 12 of issue 11: 100k tiny messages took seconds of the model's thread to tokenize.
+    (json.dumps({**CHAT, "messages": [{"role": "user", "content": "x"}] * 100_000}).encode(), 400, "invalid_value"),
+    (json.dumps({**CHAT, "messages": [{"role": "user", "content": "x"}] * 4097}).encode(), 400, "invalid_value"),
+    (json.dumps({**CHAT, "messages": [{"role": "user", "content": [{"type": "text", "text": "x"}] * 4097}]}).encode(),
+     400, "invalid_value"),
+    (json.dumps({"model": "tiny", "prompt": [1] * 131073}).encode(), 400, "invalid_value"),
 ]
 
 
