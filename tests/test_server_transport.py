@@ -153,3 +153,17 @@ def test_tcp_refuses_cross_site_requests(tiny_model, tmp_path):
             assert r.status_code == 200, r.text
     finally:
         assert srv.stop() == 0
+
+
+@pytest.mark.parametrize("token", ["s3cr\r\net-token", "s3cr\u00e9t-token"])
+def test_token_that_no_header_can_carry_is_refused_by_name(tiny_model, tmp_path, token):
+    import subprocess
+    import sys
+
+    env = {**os.environ, "EDGEAI_SERVER_TOKEN": token, "EDGEAI_HOME": str(tmp_path / "home"),
+           "EDGEAI_CONFIG_DIR": str(tmp_path / "config")}
+    r = subprocess.run([sys.executable, "-m", "edgeai", "serve", "--model", str(tiny_model), "--socket",
+                        str(_private(tmp_path) / "s.sock"), "--port", "0", "--policy", "local-only"],
+                       env=env, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert r.returncode != 0 and "EDGEAI_SERVER_TOKEN" in r.stderr and "Traceback" not in r.stderr
+    assert "et-token" not in r.stderr + r.stdout

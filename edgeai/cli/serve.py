@@ -52,6 +52,10 @@ def register(app: typer.Typer) -> None:
 
         if port is None and host is not None:
             raise typer.BadParameter("--host needs --port")
+        if token is not None:
+            from edgeai.keys import clean
+
+            token = clean(token, "the token (--token or $EDGEAI_SERVER_TOKEN)") or None
         pol = policy_from_config(load_config(), policy)  # a bad --policy fails here, not per request
         served_name, path = _served_model(model, name)
         metrics = Metrics()

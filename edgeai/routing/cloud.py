@@ -30,6 +30,7 @@ from typing import Any, Iterator, Sequence
 import httpx
 
 from edgeai.errors import EdgeAIError
+from edgeai.keys import clean, scrub
 from edgeai.options import GenerationOptions, Message
 from edgeai.types import Event, Stats
 
@@ -57,7 +58,16 @@ class Tier:
     backoff: float = 0.5
 
     def api_key(self) -> str | None:
-        return os.environ.get(self.api_key_env) if self.api_key_env else None
+        """The key from `api_key_env`, stripped (None when unset or blank).
+
+        Raises:
+            RemoteError: it holds a character an HTTP header cannot carry (the message names
+                the variable, never the value).
+        """
+        raw = os.environ.get(self.api_key_env) if self.api_key_env else None
+        if not raw:
+            return None
+        return clean(raw, f"environment variable {self.api_key_env}", RemoteError) or None
 
 
 def tiers_from_config(cfg: dict[str, Any]) -> dict[str, Tier]:
@@ -93,6 +103,7 @@ def stream(tier: Tier, messages: Sequence[Message | dict], options: GenerationOp
     Raises:
         RemoteError: the endpoint failed after the allowed retries, or the stream broke.
     """
+    raw = os.environ.get(tier.api_key_env) if tier.api_key_env else None
     key = tier.api_key()
     if tier.api_key_env and not key:
         raise RemoteError(f"remote tier {tier.name!r}: environment variable {tier.api_key_env} is not set",
@@ -105,7 +116,9 @@ def stream(tier: Tier, messages: Sequence[Message | dict], options: GenerationOp
         with httpx.Client(timeout=timeout, transport=transport) as client:
             yield from _with_retries(client, tier, url, headers, body, parse)
     except RemoteError as e:
-        raise RemoteError(_scrub(e.message, key), e.hint) from None
+        raise RemoteError(scrub(e.message, raw, key), e.hint and scrub(e.hint, raw, key)) from None
+    except Exception as e:  # anything else from the HTTP stack or a malformed reply: one line too
+        raise RemoteError(scrub(f"remote tier {tier.name!r}: {type(e).__name__}: {e}", raw, key)) from None
 
 
 def _with_retries(client: httpx.Client, tier: Tier, url: str, headers: dict, body: dict, parse) -> Iterator[Event]:
@@ -257,7 +270,3 @@ def _sleep(tier: Tier, attempt: int, retry_after: str | None) -> None:
         except ValueError:
             pass
     time.sleep(delay)
-
-
-def _scrub(text: str, key: str | None) -> str:
-    return text.replace(key, "***") if key and len(key) >= 4 else text
