@@ -146,6 +146,48 @@ def test_hf_reference_without_catalog_entry(env, hub):
         store.pull("hf:test-org/no-such-repo", progress=False)
 
 
+def _hostile(path: str, **fields) -> dict:
+    return {"siblings": {path: fields}}
+
+
+HOSTILE = {
+    "commit-path": {"sha": "../../../../victim"},
+    "commit-short": {"sha": "abc123"},
+    "commit-upper": {"sha": "ABCDEF0123" * 4},
+    "blob-id-path": _hostile("config.json", blobId="../../../../victim"),
+    "blob-id-not-hex": _hostile("config.json", blobId="z" * 40),
+    "lfs-sha256-path": _hostile(WEIGHTS, lfs={"size": 10, "sha256": "../../../../victim", "pointerSize": 134}),
+    "lfs-sha256-short": _hostile(WEIGHTS, lfs={"size": 10, "sha256": "ab" * 20, "pointerSize": 134}),
+    "size-negative": _hostile("config.json", size=-5),
+}
+
+
+@pytest.mark.parametrize("info", HOSTILE.values(), ids=HOSTILE.keys())
+def test_hostile_hub_metadata_is_refused_before_anything_is_written(env, hub, info):
+    """The hub's commit id and file hashes become path parts in the cache: a hostile or
+    broken endpoint (HF_ENDPOINT, a mirror) must not make them point anywhere else."""
+    user_catalog(env, TINY)
+    hub.faults.info = info
+    with pytest.raises(DownloadError, match="malformed") as ei:
+        store.pull("tiny", progress=False)
+    assert "victim" not in str(ei.value).replace("'../../../../victim'", "")
+    assert hub.requests("/resolve/") == []  # nothing was fetched...
+    assert not [p for p in env.rglob("*victim*")]  # ...or written outside the cache
+    assert not (env / "hf" / "hub" / "models--test-org--Tiny-Llama-4bit" / "snapshots").exists()
+    assert store.list_models() == []
+
+
+@pytest.mark.parametrize("rev", ["../../../../victim", "main/../../x", "/abs", "a//b", "."])
+def test_revision_shaped_as_a_path_is_refused(env, hub, rev):
+    with pytest.raises(InvalidInput, match="revision"):
+        store.pull(f"hf:{REPO}@{rev}", progress=False)
+    user_catalog(env, TINY.replace(f'repo = "{REPO}"', f'repo = "{REPO}", revision = "{rev}"'))
+    with pytest.raises(Exception, match="revision") as ei:
+        store.pull("tiny", progress=False)
+    assert "Traceback" not in str(ei.value)
+    assert not [p for p in env.rglob("*victim*")] and hub.log == []
+
+
 def test_dropped_connection_resumes_with_range(env, hub):
     user_catalog(env, TINY)
     size = len(hub.repos[REPO].files[WEIGHTS].data)

@@ -59,6 +59,16 @@ class HubSource(_Strict):
     repo: str = Field(pattern=r"^[\w.-]+/[\w.-]+$", description="org/name on the hub")
     revision: str = Field("main", description="branch, tag or commit")
 
+    @field_validator("revision")
+    @classmethod
+    def _safe_revision(cls, v: str) -> str:
+        from edgeai.store.hub import check_revision
+
+        try:
+            return check_revision(v)
+        except InvalidInput as e:
+            raise ValueError(e.message) from None
+
     def describe(self) -> str:
         return f"hub {self.repo}" + (f"@{self.revision}" if self.revision != "main" else "")
 
@@ -206,6 +216,10 @@ def parse_ref(ref: str) -> tuple[str, str]:
         repo = ref[len(HF_PREFIX):]
         if not re.fullmatch(r"[\w.-]+/[\w.-]+(@[\w./-]+)?", repo):
             raise InvalidInput(f"'{ref}' is not a hub reference", "write it as hf:org/name, e.g. hf:mlx-community/Qwen2.5-0.5B-Instruct-4bit")
+        if "@" in repo:
+            from edgeai.store.hub import check_revision
+
+            check_revision(repo.partition("@")[2])
         return "hub", repo
     return "name", ref
 
