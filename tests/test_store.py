@@ -513,3 +513,51 @@ def test_file_source_and_directory_paths(env, tmp_path):
     assert {f["path"] for f in lm.files} >= {"config.json", "model.safetensors"}
     store.remove("local")
     assert model.is_dir()  # the user's own directory is never deleted
+
+
+BROKEN_MANIFESTS = {
+    "empty-object": b"{}", "list": b"[]", "null": b"null", "not-json": b"{", "invalid-utf8": b"\xff\xfe",
+    "path-number": b'{"path": 5}', "files-not-objects": b'{"path": "model", "files": [1]}',
+    "file-size-text": b'{"path": "model", "files": [{"path": "a", "size": "big"}]}',
+    "size-text": b'{"path": "model", "size": "big"}', "source-list": b'{"path": "model", "source": []}',
+}
+
+
+def test_broken_manifests_are_listed_as_broken_and_the_rest_work(env, tmp_path):
+    """One `manifest.json` that is `{}` or `[]` made list, doctor and GET /v1/models crash."""
+    from starlette.testclient import TestClient
+
+    from edgeai.server.app import build_app
+    from edgeai.server.models import ModelRegistry
+    from edgeai.server.scheduler import Scheduler
+
+    model = make_tiny_model(tmp_path / "local-model")
+    user_catalog(env, f'[models.local]\nsources = [{{ kind = "file", path = "{model}" }}]\n')
+    store.pull("local", progress=False)
+    for key, text in BROKEN_MANIFESTS.items():
+        (env / "home" / "models" / key).mkdir(parents=True)
+        (env / "home" / "models" / key / "manifest.json").write_bytes(text)
+
+    found = {lm.name: lm for lm in store.list_models()}
+    assert found["local"].problem is None
+    for key in BROKEN_MANIFESTS:
+        assert "manifest.json" in found[key].problem, key
+        with pytest.raises(ModelNotFound, match="damaged"):
+            store.resolve(key)
+    assert store.resolve("local") == model.resolve()
+
+    rows = json.loads(_cli(["list", "--json", "--installed"], env).stdout)
+    assert {r["name"]: r["status"] for r in rows} == {"local": "installed", **{k: "damaged" for k in BROKEN_MANIFESTS}}
+    for args in (["list"], ["doctor"], ["doctor", "--json"], ["show", "list"], ["show", "null", "--json"]):
+        r = _cli(args, env)
+        assert r.returncode == 0 and "Traceback" not in r.stderr, (args, r.stderr)
+    assert "manifest.json" in _cli(["doctor"], env).stdout
+
+    app = build_app(Scheduler(), ModelRegistry({}, use_store=True), manage_scheduler=False)
+    served = TestClient(app).get("/v1/models")
+    assert served.status_code == 200
+    assert {m["id"] for m in served.json()["data"]} == {"local", "all-minilm-l6-v2"}
+
+    r = _cli(["rm", "empty-object", "-y"], env)  # a broken entry can be removed
+    assert r.returncode == 0, r.stderr
+    assert not (env / "home" / "models" / "empty-object").exists()

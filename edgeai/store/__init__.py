@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
 from edgeai import config, hardware
 from edgeai.store import catalog
 from edgeai.store.catalog import FileSource, HubSource, ModelSpec, PipSource
@@ -77,17 +79,45 @@ def _quick_problem(path: Path, files: list[dict]) -> str | None:
     return None
 
 
-def _read(entry: Path) -> LocalModel | None:
+class _ManifestFile(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    path: str = Field(min_length=1)
+    size: int = Field(ge=0)
+
+
+class _Manifest(BaseModel):
+    """What `_commit` writes; a manifest that does not match is a broken entry."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    path: str = Field(min_length=1)
+    source: dict[str, Any] = Field(default_factory=dict)
+    files: list[_ManifestFile] = Field(default_factory=list)
+    size: int = Field(0, ge=0)
+    created: str = ""
+
+
+def _read(entry: Path) -> LocalModel:
+    """The entry's model; one whose manifest is unreadable or malformed is returned with a
+    `problem`, so it is listed as damaged (and can be removed) while the rest work."""
     try:
-        m = json.loads((entry / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
-    path = Path(m["path"])
+        raw = json.loads((entry / MANIFEST).read_bytes().decode("utf-8"))
+        m = _Manifest.model_validate(raw)
+    except (OSError, ValueError) as e:  # ValidationError and UnicodeDecodeError are ValueErrors
+        if isinstance(e, ValidationError):
+            first = e.errors()[0]
+            why = f"{'.'.join(str(p) for p in first['loc']) or 'the top level'}: {first['msg']}"
+        else:
+            why = type(e).__name__ if isinstance(e, OSError) else "not valid JSON"
+        return LocalModel(name=entry.name, path=entry, source={}, files=[], size=0, created="", entry=entry,
+                          problem=f"its {MANIFEST} is broken ({why})")
+    path = Path(m.path)
     path = path if path.is_absolute() else entry / path
     known = {"name", "path", "source", "files", "size", "created"}
-    lm = LocalModel(name=m.get("name", entry.name), path=path, source=m.get("source", {}),
-                    files=m.get("files", []), size=int(m.get("size", 0)), created=m.get("created", ""),
-                    entry=entry, extra={k: v for k, v in m.items() if k not in known})
+    lm = LocalModel(name=entry.name, path=path, source=raw.get("source", {}), files=raw.get("files", []),
+                    size=m.size, created=m.created, entry=entry,
+                    extra={k: v for k, v in raw.items() if k not in known})
     lm.problem = _quick_problem(path, lm.files)
     return lm
 
@@ -105,8 +135,7 @@ def list_models() -> list[LocalModel]:
     root = config.models_dir()
     if not root.is_dir():
         return []
-    found = (_read(e) for e in sorted(root.iterdir()) if not e.name.startswith(".") and (e / MANIFEST).is_file())
-    return [lm for lm in found if lm is not None]
+    return [_read(e) for e in sorted(root.iterdir()) if not e.name.startswith(".") and (e / MANIFEST).is_file()]
 
 
 def _hash_dir(path: Path) -> list[dict[str, Any]]:
@@ -146,9 +175,7 @@ def _commit(tmp: Path, name: str, model_path: str, source: dict, files: list[dic
         os.replace(entry, old)
     os.replace(tmp, entry)
     shutil.rmtree(old, ignore_errors=True)
-    lm = _read(entry)
-    assert lm is not None
-    return lm
+    return _read(entry)
 
 
 # -- resolving names ---------------------------------------------------------------------------
