@@ -561,3 +561,23 @@ def test_broken_manifests_are_listed_as_broken_and_the_rest_work(env, tmp_path):
     r = _cli(["rm", "empty-object", "-y"], env)  # a broken entry can be removed
     assert r.returncode == 0, r.stderr
     assert not (env / "home" / "models" / "empty-object").exists()
+
+
+def test_pull_never_replaces_another_model_without_force(env, hub, tmp_path):
+    """`edgeai pull tiny --name dup` silently replaced a different installed model `dup`."""
+    model = make_tiny_model(tmp_path / "local-model")
+    user_catalog(env, TINY + f'[models.local]\nsources = [{{ kind = "file", path = "{model}" }}]\n')
+    mine = store.pull("local", name="dup", progress=False)
+    assert store.pull("local", name="dup", progress=False).path == mine.path  # the same model again: fine
+    r = _cli(["pull", "tiny", "--name", "dup", "-q"], env)
+    assert r.returncode == 2 and "already installed" in r.stderr and "--force" in r.stderr, r.stderr
+    with pytest.raises(InvalidInput, match="--force"):
+        store.pull(f"hf:{REPO}", name="dup", progress=False)
+    assert store.installed("dup").path == mine.path and hub.requests("/resolve/") == []
+    (env / "home" / "models" / "broken").mkdir()
+    (env / "home" / "models" / "broken" / "manifest.json").write_text("{}")
+    with pytest.raises(InvalidInput, match="--force"):  # a damaged entry may still hold the user's files
+        store.pull("tiny", name="broken", progress=False)
+    r = _cli(["pull", "tiny", "--name", "dup", "-q", "--force"], env)
+    assert r.returncode == 0, r.stderr
+    assert store.installed("dup").source["repo"] == REPO

