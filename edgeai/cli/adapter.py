@@ -50,6 +50,9 @@ def register(app: typer.Typer) -> None:
             return
         table = Table("name", "base", "rank", "scale", "layers", "size", box=None)
         for i in infos:
+            if i.problem:
+                table.add_row(i.name, f"damaged: {i.problem}", "-", "-", "-", "-")
+                continue
             table.add_row(i.name, i.base, str(i.rank), f"{i.scale:g}", str(i.layers), render.human_bytes(i.size_bytes))
         render.out.print(table)
 
