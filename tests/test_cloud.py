@@ -169,3 +169,13 @@ def test_key_never_reaches_run_json_or_reasons(tiny_model, edgeai_env, monkeypat
             assert KEY[8:] not in r.stdout + r.stderr, (raw, r.stdout, r.stderr)
         assert all(req["headers"]["authorization"] == f"Bearer {KEY}" for req in remote.requests)
         assert len(remote.requests) == 1  # only the stripped key was sent
+
+
+def test_negative_retries_refused_in_config_and_still_one_attempt(fake, monkeypatch):
+    """`retries = -1` skipped the remote call: an empty answer with exit 0."""
+    tier = {"kind": fake.kind, "base_url": fake.base_url, "model": "m", "retries": -1}
+    with pytest.raises(cloud.EdgeAIError, match="tiers.cloud.retries"):
+        cloud.tiers_from_config({"tiers": {"cloud": tier}})
+    monkeypatch.setenv("EDGEAI_TEST_KEY", KEY)
+    ans = Answer.from_events(cloud.stream(tier_for(fake, retries=-1), MSGS, GenerationOptions()), "m")
+    assert ans.text == fake.reply and len(fake.requests) == 1

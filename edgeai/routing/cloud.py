@@ -71,22 +71,21 @@ class Tier:
 
 
 def tiers_from_config(cfg: dict[str, Any]) -> dict[str, Tier]:
-    """The remote tiers declared under `[tiers.<name>]` in config.toml."""
+    """The remote tiers declared under `[tiers.<name>]` in config.toml (each checked against
+    `edgeai.config.TierConfig`, also when `cfg` did not come from `load_config`)."""
+    from pydantic import ValidationError
+
+    from edgeai.config import TierConfig, schema_error
+
     out: dict[str, Tier] = {}
     for name, t in (cfg.get("tiers") or {}).items():
-        if not isinstance(t, dict):
-            raise EdgeAIError(f"config: tiers.{name} must be a table", "see `edgeai.routing.cloud` docs for the format")
-        kind = t.get("kind", "openai")
-        if kind not in ("openai", "anthropic"):
-            raise EdgeAIError(f"config: tiers.{name}.kind is {kind!r}", 'use "openai" or "anthropic"')
-        if "base_url" not in t or "model" not in t:
-            raise EdgeAIError(f"config: tiers.{name} needs base_url and model")
-        out[name] = Tier(
-            name=name, kind=kind, base_url=str(t["base_url"]).rstrip("/"), model=str(t["model"]),
-            api_key_env=t.get("api_key_env"), timeout=float(t.get("timeout", 30)),
-            retries=int(t.get("retries", 2)), max_tokens=t.get("max_tokens"),
-            backoff=float(t.get("backoff", 0.5)),
-        )
+        try:
+            tc = TierConfig.model_validate(t)
+        except ValidationError as e:
+            raise schema_error(e, "config", ("tiers", name)) from None
+        out[name] = Tier(name=name, kind=tc.kind, base_url=tc.base_url.rstrip("/"), model=tc.model,
+                         api_key_env=tc.api_key_env, timeout=tc.timeout, retries=tc.retries,
+                         max_tokens=tc.max_tokens, backoff=tc.backoff)
     return out
 
 
@@ -122,8 +121,9 @@ def stream(tier: Tier, messages: Sequence[Message | dict], options: GenerationOp
 
 
 def _with_retries(client: httpx.Client, tier: Tier, url: str, headers: dict, body: dict, parse) -> Iterator[Event]:
-    for attempt in range(tier.retries + 1):
-        last = attempt == tier.retries
+    retries = max(0, tier.retries)  # at least one attempt, whatever a caller built
+    for attempt in range(retries + 1):
+        last = attempt == retries
         try:
             with client.stream("POST", url, headers=headers, json=body) as resp:
                 if resp.status_code != 200:
