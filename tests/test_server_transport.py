@@ -167,3 +167,16 @@ def test_token_that_no_header_can_carry_is_refused_by_name(tiny_model, tmp_path,
                        env=env, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert r.returncode != 0 and "EDGEAI_SERVER_TOKEN" in r.stderr and "Traceback" not in r.stderr
     assert "et-token" not in r.stderr + r.stdout
+
+
+@pytest.mark.parametrize("args", [["--port", "99999"], ["--port", "-5"], ["--keep-alive", "nan"],
+                                  ["--keep-alive", "inf"]])
+def test_serve_option_out_of_range_is_one_line(tiny_model, tmp_path, args):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "edgeai", "serve", "--model", str(tiny_model), "--socket",
+                        str(_private(tmp_path) / "s.sock"), *args], capture_output=True, text=True, timeout=60,
+                       stdin=subprocess.DEVNULL, env={**os.environ, "EDGEAI_HOME": str(tmp_path / "home"),
+                                                      "EDGEAI_CONFIG_DIR": str(tmp_path / "config")})
+    assert r.returncode == 2 and "Traceback" not in r.stderr and args[0] in r.stderr, r.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Optional
@@ -31,7 +32,8 @@ def register(app: typer.Typer) -> None:
         name: Optional[str] = typer.Option(None, "--name", help="Name clients use for --model (default: its name or directory name)"),
         socket_path: Optional[Path] = typer.Option(None, "--socket", help="Unix socket path [default: $EDGEAI_SOCKET or $XDG_RUNTIME_DIR/edgeai/edgeai.sock]"),
         host: Optional[str] = typer.Option(None, "--host", help="Also listen on TCP at this address (loopback unless told otherwise)"),
-        port: Optional[int] = typer.Option(None, "--port", help="Also listen on TCP at this port (0: any free port)"),
+        port: Optional[int] = typer.Option(None, "--port", min=0, max=65535,
+                                           help="Also listen on TCP at this port (0: any free port)"),
         token: Optional[str] = typer.Option(None, "--token", envvar="EDGEAI_SERVER_TOKEN", help="Bearer token TCP clients must send"),
         policy: Optional[str] = typer.Option(None, "--policy", help="Escalation policy for requests that set none: local-only, auto, remote [default: config, else auto]"),
         max_batch: int = typer.Option(16, "--max-batch", min=1, max=256, help="Most sequences decoded together"),
@@ -52,6 +54,8 @@ def register(app: typer.Typer) -> None:
 
         if port is None and host is not None:
             raise typer.BadParameter("--host needs --port")
+        if not math.isfinite(keep_alive):
+            raise typer.BadParameter("--keep-alive must be a number of seconds (-1: forever)")
         if token is not None:
             from edgeai.keys import clean
 
