@@ -127,3 +127,43 @@ def test_embeddings_without_encoder_is_501(api_app, monkeypatch, tmp_path):
 
     r = asyncio.run(go())
     assert r.status_code == 501 and r.json()["error"]["code"] == "embeddings_unavailable"
+
+
+def test_a_model_that_computes_nan_still_answers_valid_json(api_app, tmp_path):
+    """NaN logits (a broken model or adapter) made non-streamed answers 500 and streamed chunks
+    carry `NaN`, which is not JSON: scores and logprobs that are not finite are rendered as
+    null (confidence) or -9999.0 (a logprob, as OpenAI renders -inf)."""
+    import json
+
+    import mlx.core as mx
+
+    path = make_tiny_model(tmp_path / "nan-model", seed=2, quantize=False)
+    weights = mx.load(str(path / "model.safetensors"))
+    weights["model.norm.weight"] = mx.full(weights["model.norm.weight"].shape, float("nan"))
+    mx.save_safetensors(str(path / "model.safetensors"), weights)
+    api_app.state.server.registry.served["nan"] = path
+
+    def strict(text: str):
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in {text[:200]}"))
+
+    async def go():
+        transport = httpx.ASGITransport(app=api_app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost", timeout=60) as c:
+            chat = {"model": "nan", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3,
+                    "logprobs": True, "top_logprobs": 2}
+            done = await c.post("/v1/chat/completions", json=chat)
+            streamed = await c.post("/v1/chat/completions", json={**chat, "stream": True})
+            comp = await c.post("/v1/completions", json={"model": "nan", "prompt": "hi", "max_tokens": 3,
+                                                         "logprobs": 2, "stream": True})
+            return done, streamed, comp
+
+    try:
+        done, streamed, comp = asyncio.run(go())
+    finally:
+        del api_app.state.server.registry.served["nan"]
+    assert done.status_code == 200, done.text
+    strict(done.text)
+    for r in (streamed, comp):
+        assert r.status_code == 200
+        lines = [ln[6:] for ln in r.text.splitlines() if ln.startswith("data: ") and ln != "data: [DONE]"]
+        assert lines and all(strict(ln) for ln in lines)
