@@ -597,3 +597,10 @@ def test_wheel_entries_shaped_as_paths_are_refused(env, tmp_path, monkeypatch):
     with pytest.raises(DownloadError, match="outside"):
         store.pull("slip", progress=False)
     assert not [p for p in tmp_path.rglob("evil.txt")] and store.list_models() == []
+
+
+def test_hub_errors_never_carry_the_hf_token(monkeypatch):
+    token = "hf_SECRETsecret0123456789"
+    monkeypatch.setenv("HF_TOKEN", token)
+    for text in (f"Illegal header value b'Bearer {token}\\r'", f"bad token {token!r}", f"url ?t={token}"):
+        assert "0123456789" not in hubmod._reason(RuntimeError(text))

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from edgeai.errors import DownloadError, InvalidInput, ResourceError, UnsupportedModel
+from edgeai.keys import scrub
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 # Files an MLX model needs; remote code (*.py) is never fetched.
@@ -173,7 +174,7 @@ def _reason(e: Exception) -> str:
         status = getattr(e.response, "status_code", "?")
         return f"the hub answered HTTP {status}"
     text = str(e).splitlines()[0] if str(e) else type(e).__name__
-    return f"cannot reach {endpoint()} ({text})"
+    return f"cannot reach {endpoint()} ({scrub(text, os.environ.get('HF_TOKEN'))})"
 
 
 def plan(repo: str, revision: str = "main") -> RepoPlan:
@@ -309,7 +310,8 @@ def _download(p: RepoPlan, f: RemoteFile, on_bytes: OnBytes) -> None:
             raise ResourceError(f"the disk filled up while downloading {p.repo}/{f.path}",
                                 "free some space and run the same command again: it resumes where it stopped") from e
         # Truncated by the server ("Consistency check failed"), or the network died for good.
-        raise DownloadError(f"{p.repo}/{f.path}: {str(e).splitlines()[0]}", "run the same command again to resume") from e
+        why = scrub(str(e).splitlines()[0] if str(e) else type(e).__name__, os.environ.get("HF_TOKEN"))
+        raise DownloadError(f"{p.repo}/{f.path}: {why}", "run the same command again to resume") from e
     except Exception as e:  # httpx transport errors after huggingface_hub's own retries
         raise DownloadError(f"{p.repo}/{f.path}: {_reason(e)}", "run the same command again to resume") from e
 
