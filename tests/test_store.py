@@ -542,8 +542,9 @@ def test_broken_manifests_are_listed_as_broken_and_the_rest_work(env, tmp_path):
     assert found["local"].problem is None
     for key in BROKEN_MANIFESTS:
         assert "manifest.json" in found[key].problem, key
-        with pytest.raises(ModelNotFound, match="damaged"):
+        with pytest.raises(ModelNotFound, match="damaged") as ei:
             store.resolve(key)
+        assert "--force" in ei.value.hint
     assert store.resolve("local") == model.resolve()
 
     rows = json.loads(_cli(["list", "--json", "--installed"], env).stdout)

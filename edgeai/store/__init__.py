@@ -228,7 +228,9 @@ def resolve(name: str) -> Path:
                                 "use it through the cloud tiers in config.toml")
         raise ModelNotFound(f"model '{store_name}' is not installed", f"run `edgeai pull {name}`")
     if lm.problem:
-        raise ModelNotFound(f"model '{store_name}' is damaged: {lm.problem}", f"run `edgeai pull {name}` to fetch it again")
+        hint = (f"run `edgeai pull {name}` to fetch it again" if lm.source else
+                f"remove it (`edgeai rm {store_name}`) or replace it (`edgeai pull {name} --force`)")
+        raise ModelNotFound(f"model '{store_name}' is damaged: {lm.problem}", hint)
     return lm.path
 
 
