@@ -108,17 +108,21 @@ class ConfigFile(_Table):
     routes: dict[str, RouteConfig] = Field(default_factory=dict)
 
 
+def first_problem(e: ValidationError, prefix: tuple = ()) -> tuple[str, dict]:
+    """(dotted key, pydantic's error dict) of the first problem in `e`."""
+    first = e.errors()[0]
+    return ".".join(str(p) for p in (*prefix, *first["loc"])) or "the top level", first
+
+
 def schema_error(e: ValidationError, where: str, prefix: tuple = ()) -> EdgeAIError:
     """One line for the first problem pydantic found: file, key, what was expected."""
-    first = e.errors()[0]
-    loc = [*prefix, *first["loc"]]
-    key = ".".join(str(p) for p in loc) or "the top level"
+    key, first = first_problem(e, prefix)
     if first["type"] == "extra_forbidden":
         return EdgeAIError(f"{where}: unknown key {key}", "check its spelling against the README")
     got = first.get("input")
     shown = "" if isinstance(got, (dict, list)) or first["type"] == "missing" else f" (got {got!r:.60})"
     hint = "see the README for the file's format"
-    if first["type"] in ("model_type", "dict_type") and loc:
+    if first["type"] in ("model_type", "dict_type") and key != "the top level":
         hint = f"{key} is a table: write [{key}] and its keys on the lines below"
     return EdgeAIError(f"{where}: {key}: {first['msg']}{shown}", hint)
 

@@ -107,3 +107,18 @@ def test_cli_list_with_a_broken_models_toml(edgeai_env):
     (d / "models.toml").write_text("[models]\nfoo = 1\n")
     r = run_cli(["list"], edgeai_env)
     assert r.returncode == 1 and "Traceback" not in r.stderr and "models.toml" in r.stderr, r.stderr
+
+
+def test_doctor_shows_a_broken_config_and_goes_on(edgeai_env):
+    import json
+    from pathlib import Path
+
+    d = Path(edgeai_env["EDGEAI_CONFIG_DIR"])
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "config.toml").write_text('[tiers.cloud]\nkind = "openai"\nbase_url = "http://x"\nmodel = "m"\n'
+                                   'timeout = "fast"\n')
+    r = run_cli(["doctor", "--json"], edgeai_env)
+    assert r.returncode == 0, r.stderr
+    assert "tiers.cloud.timeout" in json.loads(r.stdout)["config_problem"]
+    r = run_cli(["doctor"], edgeai_env)
+    assert r.returncode == 0 and "tiers.cloud.timeout" in r.stdout and "kernel" in r.stdout, r.stderr

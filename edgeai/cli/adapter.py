@@ -53,7 +53,8 @@ def register(app: typer.Typer) -> None:
             if i.problem:
                 table.add_row(i.name, f"damaged: {render.esc(i.problem)}", "-", "-", "-", "-")
                 continue
-            table.add_row(i.name, render.esc(i.base), str(i.rank), f"{i.scale:g}", str(i.layers), render.human_bytes(i.size_bytes))
+            table.add_row(i.name, render.esc(i.base), str(i.rank), f"{i.scale:g}", str(i.layers),
+                          render.human_bytes(i.size_bytes))
         render.out.print(table)
 
     @sub.command("rm")

@@ -47,7 +47,8 @@ def answer(engine, messages: list[Message], options: GenerationOptions, *, strea
 def print_stats(ans: Answer) -> None:
     s = ans.stats
     render.err.print(
-        f"[dim]{render.esc(ans.model)} · {render.esc(ans.tier)} · {s.prompt_tokens} prompt tokens at {s.prompt_tps:.1f} tok/s · "
+        f"[dim]{render.esc(ans.model)} · {render.esc(ans.tier)} · "
+        f"{s.prompt_tokens} prompt tokens at {s.prompt_tps:.1f} tok/s · "
         f"{s.generation_tokens} generated at {s.generation_tps:.1f} tok/s · "
         f"peak memory {render.human_bytes(s.peak_memory_bytes)}"
         + (f" · stopped: {ans.finish_reason}" if ans.finish_reason != "stop" else "")

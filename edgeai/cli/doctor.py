@@ -10,7 +10,13 @@ from edgeai.cli import render
 def report() -> dict[str, Any]:
     """Platform, MLX backend, memory, store, installed models (and whether each fits), kernel."""
     from edgeai import config, hardware, kernels, store
+    from edgeai.errors import EdgeAIError
+    from edgeai.options import DEFAULT_MODEL
 
+    try:  # a broken config.toml is a finding to show, not a reason to stop checking
+        default, config_problem = config.default_model(), None
+    except EdgeAIError as e:
+        default, config_problem = DEFAULT_MODEL, e.message
     models = []
     for lm in store.list_models():
         need = store.memory_needed(lm)
@@ -23,7 +29,8 @@ def report() -> dict[str, Any]:
         "store": {"path": str(config.models_dir()), "size": store.disk_usage(),
                   "free_disk": hardware.free_disk(config.home())},
         "config": str(config.config_path()),
-        "default_model": config.default_model(),
+        "config_problem": config_problem,
+        "default_model": default,
         "models": models,
         "kernels": kernels.status(),
     }
@@ -42,6 +49,8 @@ def render_report(r: dict[str, Any]) -> None:
     s = r["store"]
     out.print(f"[bold]store[/]      {e(s['path'])} · {hb(s['size'])} used · {hb(s['free_disk'])} free")
     out.print(f"[bold]config[/]     {e(r['config'])}")
+    if r.get("config_problem"):
+        out.print(f"             {bad} {e(r['config_problem'])}")
     k = r["kernels"]
     if k.get("available"):
         prec = {"fast": "fast: int8 activations at decode", "accurate": "accurate: float32 accumulation"}

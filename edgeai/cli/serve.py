@@ -102,7 +102,8 @@ def register(app: typer.Typer) -> None:
         table = Table("model", "loaded for", "unloads in", "kernel", "context", box=None)
         for m in status["models"]:
             expires = "busy" if m["expires_in_seconds"] is None else f"{m['expires_in_seconds']:.0f} s"
-            table.add_row(render.esc(m["name"]), f"{m['loaded_seconds']:.0f} s", expires, str(m["kernel"]), str(m["context_length"]))
+            table.add_row(render.esc(m["name"]), f"{m['loaded_seconds']:.0f} s", expires,
+                          str(m["kernel"]), str(m["context_length"]))
         if not status["models"]:
             render.out.print("no model loaded")
         else:

@@ -26,10 +26,8 @@ def _done(lm: Any, verb: str, as_json: bool) -> None:
     if as_json:
         render.print_json(lm.to_dict())
         return
-    src = lm.source
-    where = src.get("repo") or src.get("package") or src.get("file") or src.get("path") or src.get("kind")
     render.err.print(f"[green]{verb}[/] {render.esc(lm.name)} ({render.human_bytes(lm.size)}) from "
-                     f"{render.esc(src.get('kind'))} {render.esc(where)}")
+                     f"{render.esc(lm.origin)}")
     render.out.print(str(lm.path), markup=False)
 
 
@@ -50,8 +48,8 @@ def _table(rows: list[dict]) -> None:
              "available": "available"}
     for r in rows:
         ctx = f"{r['context'] // 1024}k" if r["context"] else "-"
-        t.add_row(render.esc(r["name"]), render.esc(r["tier"] or "-"), _count(r["params"]), _bytes(r["size"]), _bytes(r["memory"]), ctx,
-                  style[r["status"]], _fits(r["fits"]))
+        t.add_row(render.esc(r["name"]), render.esc(r["tier"] or "-"), _count(r["params"]),
+                  _bytes(r["size"]), _bytes(r["memory"]), ctx, style[r["status"]], _fits(r["fits"]))
     render.out.print(t)
 
 

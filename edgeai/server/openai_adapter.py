@@ -111,8 +111,7 @@ def usage(ans: Answer) -> s.Usage:
 
 def info(ans: Answer, policy: str | None) -> s.EdgeaiInfo:
     return s.EdgeaiInfo(tier=ans.tier, confidence=_score(ans.confidence), threshold=_score(ans.threshold),
-                        route=ans.route,
-                        policy=policy, reasons=list(ans.reasons))
+                        route=ans.route, policy=policy, reasons=list(ans.reasons))
 
 
 def chat_logprobs(events: list[Event], tokenizer: Any, top_n: int) -> s.ChoiceLogprobs:

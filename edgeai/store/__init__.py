@@ -51,6 +51,13 @@ class LocalModel:
     extra: dict[str, Any] = field(default_factory=dict)
     problem: str | None = None  # set when files are missing or the wrong size
 
+    @property
+    def origin(self) -> str:
+        """Where it came from, in words: "hub org/name", "gguf /path/x.gguf", …"""
+        keys = ("repo", "package", "file", "path")
+        where = next((self.source[k] for k in keys if self.source.get(k)), "")
+        return f"{self.source.get('kind', '?')} {where}".strip()
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["path"], d["entry"] = str(self.path), str(self.entry)
@@ -106,8 +113,8 @@ def _read(entry: Path) -> LocalModel:
         m = _Manifest.model_validate(raw)
     except (OSError, ValueError) as e:  # ValidationError and UnicodeDecodeError are ValueErrors
         if isinstance(e, ValidationError):
-            first = e.errors()[0]
-            why = f"{'.'.join(str(p) for p in first['loc']) or 'the top level'}: {first['msg']}"
+            key, first = config.first_problem(e)
+            why = f"{key}: {first['msg']}"
         else:
             why = type(e).__name__ if isinstance(e, OSError) else "not valid JSON"
         return LocalModel(name=entry.name, path=entry, source={}, files=[], size=0, created="", entry=entry,
@@ -280,8 +287,7 @@ def pull(ref: str, *, name: str | None = None, progress: bool = True, force: boo
     name = _check_name(name or spec.name)
     old = installed(name)
     if old is not None and not force and not _same_model(old, spec):
-        what = old.problem or f"from {old.source.get('kind', '?')} " + str(
-            old.source.get("repo") or old.source.get("package") or old.source.get("file") or old.source.get("path"))
+        what = old.problem or f"from {old.origin}"
         raise InvalidInput(f"another model named '{name}' is already installed ({what})",
                            "pick another --name, or pass --force to replace it")
     hardware.check_memory(spec.memory, name, force)

@@ -207,9 +207,9 @@ def read_adapter(src: Path):
     try:
         cfg = AdapterConfig.model_validate(raw)
     except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "the top level"
-        raise InvalidInput(f"{src / CONFIG_FILE}: {where}: {first['msg']}", "re-save the adapter with mlx-lm") from None
+        key, first = config.first_problem(e)
+        raise InvalidInput(f"{src / CONFIG_FILE}: {key}: {first['msg']}",
+                           "re-save the adapter with mlx-lm") from None
     if cfg.fine_tune_type != "lora":
         raise InvalidInput(f"{src} is a {cfg.fine_tune_type!r} fine-tune; only LoRA adapters can be hot-swapped",
                            "train with --fine-tune-type lora")
@@ -286,6 +286,9 @@ def add(src: str | Path, base: str, name: str | None = None, force: bool = False
     return info
 
 
+_META = TypeAdapter(AdapterInfo)
+
+
 def _read_info(name: str) -> AdapterInfo:
     """The stored adapter `name`; one whose edgeai.json is broken comes with a `problem`."""
     d = adapters_dir() / _check_name(name)
@@ -300,9 +303,6 @@ def _read_info(name: str) -> AdapterInfo:
     except (TypeError, ValidationError):  # not an object, or fields of the wrong type
         return AdapterInfo(name=name, base="?", rank=0, scale=0.0, layers=0, size_bytes=0, added=0.0, path=str(d),
                            problem=f"its {META_FILE} is broken")
-
-
-_META = TypeAdapter(AdapterInfo)
 
 
 def get(name: str) -> AdapterInfo:

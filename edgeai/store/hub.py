@@ -131,18 +131,22 @@ def _wanted(path: str) -> bool:
     return "/" not in path and any(fnmatch.fnmatch(path, p) for p in ALLOW_PATTERNS)
 
 
+def _shaped(pattern: re.Pattern, value: object) -> bool:
+    return isinstance(value, str) and pattern.fullmatch(value) is not None
+
+
 def _malformed(commit: object, files: list[RemoteFile]) -> str | None:
     """What in the hub's answer does not have the shape the hub's ids have, or None."""
-    if not isinstance(commit, str) or not _COMMIT.fullmatch(commit):
+    if not _shaped(_COMMIT, commit):
         return "commit id"
     for f in files:
         if "\\" in f.path or not f.path.isprintable() or f.path in (".", ".."):
             return "file name"
         if f.size < 0:
             return f"size for {f.path}"
-        if f.sha256 is not None and not _SHA256.fullmatch(f.sha256):
+        if f.sha256 is not None and not _shaped(_SHA256, f.sha256):
             return f"sha256 for {f.path}"
-        if f.blob_id is not None and not _BLOB_ID.fullmatch(f.blob_id):
+        if f.blob_id is not None and not _shaped(_BLOB_ID, f.blob_id):
             return f"blob id for {f.path}"
     return None
 
