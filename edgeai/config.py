@@ -152,5 +152,20 @@ def load_config() -> dict[str, Any]:
     return data
 
 
+def env_number(name: str, default: float, *, low: float, high: float, kind: type = float) -> float:
+    """$name as a number within [low, high] (`default` when unset), or one line naming it."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        value = None
+    if value is None or not low <= value <= high:  # NaN fails the comparison too
+        raise EdgeAIError(f"${name} is {raw[:40]!r}; it must be a {kind.__name__} from {low:g} to {high:g}",
+                          f"fix or unset {name}")
+    return value
+
+
 def default_model() -> str:
     return os.environ.get("EDGEAI_MODEL") or load_config().get("default_model") or DEFAULT_MODEL

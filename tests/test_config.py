@@ -122,3 +122,17 @@ def test_doctor_shows_a_broken_config_and_goes_on(edgeai_env):
     assert "tiers.cloud.timeout" in json.loads(r.stdout)["config_problem"]
     r = run_cli(["doctor"], edgeai_env)
     assert r.returncode == 0 and "tiers.cloud.timeout" in r.stdout and "kernel" in r.stdout, r.stderr
+
+
+@pytest.mark.parametrize("var,value,args", [
+    ("EDGEAI_ADAPTER_CACHE", "x", ["run", "-n", "2", "hi"]),
+    ("EDGEAI_ADAPTER_CACHE", "0", ["run", "-n", "2", "hi"]),
+    ("EDGEAI_HUB_TIMEOUT", "abc", ["pull", "hf:org/name", "-q"]),
+    ("EDGEAI_HUB_TIMEOUT", "nan", ["pull", "hf:org/name", "-q"]),
+])
+def test_numbers_from_the_environment_are_checked_by_name(tiny_model, edgeai_env, var, value, args):
+    env = {**edgeai_env, var: value, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": ""}
+    if args[0] == "run":
+        args = [args[0], "-m", str(tiny_model), *args[1:]]
+    r = run_cli(args, env)
+    assert r.returncode != 0 and "Traceback" not in r.stderr and f"${var}" in r.stderr, r.stderr

@@ -58,7 +58,9 @@ def offline() -> bool:
 
 def timeout() -> float:
     """Seconds to wait for the hub's metadata: short, so a dead network falls through fast."""
-    return float(os.environ.get("EDGEAI_HUB_TIMEOUT") or 10)
+    from edgeai.config import env_number
+
+    return env_number("EDGEAI_HUB_TIMEOUT", 10.0, low=0.1, high=3600)
 
 
 def cache_dir() -> Path:
