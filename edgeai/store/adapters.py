@@ -9,6 +9,7 @@ are written to a temporary directory beside the store and renamed into place.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -50,6 +51,13 @@ class AdapterConfig(BaseModel):
 
 def _no_constant(name: str) -> None:
     raise ValueError(f"{name} is not a finite number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999 parses as infinity
+        raise ValueError(f"{text[:40]} is not a finite number")
+    return value
 
 
 @dataclass
@@ -201,7 +209,8 @@ def read_adapter(src: Path):
             "train one with `mlx_lm.lora --train --adapter-path DIR` and pass DIR",
         )
     try:  # NaN and Infinity are refused anywhere in the file, not only where edgeai looks
-        raw = json.loads((src / CONFIG_FILE).read_bytes().decode("utf-8"), parse_constant=_no_constant)
+        raw = json.loads((src / CONFIG_FILE).read_bytes().decode("utf-8"), parse_constant=_no_constant,
+                         parse_float=_finite)
     except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise InvalidInput(f"{src / CONFIG_FILE} is not valid JSON: {e}", "re-save the adapter") from None
     try:
