@@ -26,11 +26,15 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import platformdirs
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from edgeai.errors import EdgeAIError
 from edgeai.options import DEFAULT_MODEL
+
+POLICIES = ("local-only", "auto", "remote")  # edgeai.routing.router.POLICIES (checked in the tests)
 
 
 def home() -> Path:
@@ -57,17 +61,110 @@ def config_path() -> Path:
     return config_dir() / "config.toml"
 
 
+# -- config.toml's schema: every key edgeai reads, with its type and bounds ------------------
+# TOML has types, so values are checked strictly ("30" is not a number of seconds); an unknown
+# key is refused rather than ignored (a typo would silently do nothing).
+
+
+class _Table(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class TierConfig(_Table):
+    """[tiers.<name>]: a remote tier (edgeai.routing.cloud)."""
+
+    kind: Literal["openai", "anthropic"] = "openai"
+    base_url: str = Field(pattern=r"^https?://[^\s/]+\S*$", description="http(s) URL of the API")
+    model: str = Field(min_length=1)
+    api_key_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="a variable's name")
+    timeout: float = Field(30.0, gt=0, le=3600, description="seconds")
+    retries: int = Field(2, ge=0, le=10, description="extra attempts")
+    max_tokens: int | None = Field(None, ge=1, le=1 << 20)
+    backoff: float = Field(0.5, ge=0, le=60, description="seconds")
+
+
+class PolicyConfig(_Table):
+    mode: Literal[POLICIES] | None = None  # type: ignore[valid-type]
+    remote_tier: str | None = Field(None, min_length=1)
+    threshold: float | None = Field(None, allow_inf_nan=False, description="escalate below this P(correct)")
+
+
+class RouterConfig(_Table):
+    min_similarity: float | None = Field(None, ge=-1, le=1)
+
+
+class RouteConfig(_Table):
+    tier: str = Field("remote", min_length=1)
+    examples: list[str] = Field(min_length=1)
+
+
+class ConfigFile(_Table):
+    """The whole of config.toml."""
+
+    default_model: str | None = Field(None, min_length=1)
+    tiers: dict[str, TierConfig] = Field(default_factory=dict)
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    router: RouterConfig = Field(default_factory=RouterConfig)
+    routes: dict[str, RouteConfig] = Field(default_factory=dict)
+
+
+def first_problem(e: ValidationError, prefix: tuple = ()) -> tuple[str, dict]:
+    """(dotted key, pydantic's error dict) of the first problem in `e`."""
+    first = e.errors()[0]
+    return ".".join(str(p) for p in (*prefix, *first["loc"])) or "the top level", first
+
+
+def schema_error(e: ValidationError, where: str, prefix: tuple = ()) -> EdgeAIError:
+    """One line for the first problem pydantic found: file, key, what was expected."""
+    key, first = first_problem(e, prefix)
+    if first["type"] == "extra_forbidden":
+        return EdgeAIError(f"{where}: unknown key {key}", "check its spelling against the README")
+    got = first.get("input")
+    shown = "" if isinstance(got, (dict, list)) or first["type"] == "missing" else f" (got {got!r:.60})"
+    hint = "see the README for the file's format"
+    if first["type"] in ("model_type", "dict_type") and key != "the top level":
+        hint = f"{key} is a table: write [{key}] and its keys on the lines below"
+    return EdgeAIError(f"{where}: {key}: {first['msg']}{shown}", hint)
+
+
+def read_toml(path: Path, what: str) -> dict[str, Any]:
+    """A TOML file as a dict, or one line saying why it cannot be read."""
+    try:
+        return tomllib.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise EdgeAIError(f"{what} {path} is not valid UTF-8 (byte {e.start})", "save it as UTF-8") from None
+    except tomllib.TOMLDecodeError as e:
+        raise EdgeAIError(f"{what} {path} is not valid TOML: {e}", "fix or remove it") from None
+    except OSError as e:
+        raise EdgeAIError(f"{what} {path} cannot be read: {e.strerror}", "fix or remove it") from None
+
+
 def load_config() -> dict[str, Any]:
-    """The user's config.toml as a dict ({} when absent)."""
+    """The user's config.toml as a dict ({} when absent), checked against `ConfigFile`."""
     p = config_path()
     if not p.exists():
         return {}
-    from edgeai.errors import EdgeAIError
-
+    data = read_toml(p, "config file")
     try:
-        return tomllib.loads(p.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise EdgeAIError(f"config file {p} is not valid TOML: {e}", "fix or remove it") from e
+        ConfigFile.model_validate(data)
+    except ValidationError as e:
+        raise schema_error(e, f"config {p}") from None
+    return data
+
+
+def env_number(name: str, default: float, *, low: float, high: float, kind: type = float) -> float:
+    """$name as a number within [low, high] (`default` when unset), or one line naming it."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        value = None
+    if value is None or not low <= value <= high:  # NaN fails the comparison too
+        raise EdgeAIError(f"${name} is {raw[:40]!r}; it must be a {kind.__name__} from {low:g} to {high:g}",
+                          f"fix or unset {name}")
+    return value
 
 
 def default_model() -> str:

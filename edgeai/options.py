@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_MAX_TOKENS = 512
+MAX_SEED = 2**64 - 1  # MLX's PRNG key takes an unsigned 64-bit seed
 
 
 class Message(BaseModel):
@@ -32,7 +33,7 @@ class GenerationOptions(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass (1 = off)")
     top_k: int = Field(0, ge=0, le=100000, description="keep the k most likely tokens (0 = off)")
     min_p: float = Field(0.0, ge=0.0, le=1.0, description="drop tokens below min_p × the top probability")
-    seed: int | None = Field(None, ge=0, description="random seed for sampling")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="random seed for sampling")
     stop: list[str] = Field(default_factory=list, max_length=16, description="stop strings (not included in the output)")
     top_logprobs: int = Field(0, ge=0, le=20, description="alternatives to report per token")
 

@@ -6,7 +6,8 @@ git blob ids and LFS sha256), `GET /api/models/{repo}/tree/{rev}` (the listing
 hub's headers: ETag, X-Repo-Commit, X-Linked-Etag, X-Linked-Size, Range → 206).
 
 Faults a test can ask for, per file: drop the connection after N bytes (once), serve wrong
-bytes of the right size (N times), stall after N bytes until released. Every request is
+bytes of the right size (N times), stall after N bytes until released; and model info with
+hostile fields (a commit or hashes shaped as paths). Every request is
 logged with its Range header and the body bytes sent, so a test can see what was fetched.
 """
 
@@ -58,6 +59,9 @@ class Faults:
     stall_after: dict[str, int] = field(default_factory=dict)  # path -> bytes, until `release`
     release: threading.Event = field(default_factory=threading.Event)
     stalled: threading.Event = field(default_factory=threading.Event)
+    # A hostile or broken hub: {"sha": ...} replaces the commit in model info, and
+    # {"siblings": {path: {field: value}}} replaces fields of a file's entry.
+    info: dict = field(default_factory=dict)
 
 
 class HubServer:
@@ -158,8 +162,10 @@ def _handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
                     s.update(size=len(f.data), blobId=f.blob_id)
                     if f.lfs:
                         s["lfs"] = {"size": len(f.data), "sha256": f.sha256, "pointerSize": 134}
+                s.update(hub.faults.info.get("siblings", {}).get(name, {}))
                 siblings.append(s)
-            body = json.dumps({"id": repo_id, "modelId": repo_id, "sha": repo.commit, "private": False,
+            sha = hub.faults.info.get("sha", repo.commit)
+            body = json.dumps({"id": repo_id, "modelId": repo_id, "sha": sha, "private": False,
                                "siblings": siblings, "tags": ["mlx"]}).encode()
             self._send(entry, 200, body, {"Content-Type": "application/json"})
 

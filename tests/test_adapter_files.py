@@ -61,8 +61,8 @@ def _no_tensors(src):
 
 CASES = [
     (_bad_json, f"{CFG} is not valid JSON"),
-    (_no_scale, "has no lora_parameters.scale"),
-    (_scale_not_a_number, "has no lora_parameters.scale"),
+    (_no_scale, "lora_parameters.scale: Field required"),
+    (_scale_not_a_number, "lora_parameters.scale: Input should be a valid number"),
     (_unreadable, f"{WEIGHTS} is not a readable safetensors file"),
     (_full_weight, f"{LAYER}.weight: not a LoRA tensor"),
     (_lone_a, f"{LAYER}: has only lora_a"),

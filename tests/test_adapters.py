@@ -466,3 +466,69 @@ def test_real_135m_with_adapter_equals_mlx_lm(smollm_dir, tmp_path, monkeypatch)
     ours = tokens(eng, "real")
     assert same_prefix(ours, mlx_lm_tokens(smollm_dir, src, GREEDY.max_tokens))
     assert ours != tokens(eng, None)
+
+
+BAD_CONFIGS = {
+    "nan-scale": '{"fine_tune_type": "lora", "lora_parameters": {"rank": 4, "scale": NaN}}',
+    "inf-scale": '{"lora_parameters": {"rank": 4, "scale": Infinity}}',
+    "inf-elsewhere": '{"lora_parameters": {"rank": 4, "scale": 10, "dropout": -Infinity}}',
+    "huge-scale": '{"lora_parameters": {"rank": 4, "scale": 1e300}}',
+    "overflowing-scale": '{"lora_parameters": {"rank": 4, "scale": 1e309}}',
+    "overflow-elsewhere": '{"learning_rate": -1e999, "lora_parameters": {"rank": 4, "scale": 10}}',
+    "rank-zero": '{"lora_parameters": {"rank": 0, "scale": 10}}',
+    "a-list": "[]",
+    "params-a-list": '{"lora_parameters": []}',
+    "scale-text": '{"lora_parameters": {"rank": 4, "scale": "big"}}',
+    "scale-bool": '{"lora_parameters": {"rank": 4, "scale": true}}',
+    "type-number": '{"fine_tune_type": 5, "lora_parameters": {"scale": 1}}',
+    "not-utf8": b"\xff\xfe{}",
+}
+
+
+@pytest.mark.parametrize("text", BAD_CONFIGS.values(), ids=BAD_CONFIGS.keys())
+def test_adapter_config_mistakes_are_refused_at_add(env, tmp_path, text):
+    """`"scale": NaN` was accepted; its requests then answered 500 or streamed NaN."""
+    src = make_adapter(env["base"], tmp_path / "src", seed=3)
+    cfg = src / "adapter_config.json"
+    cfg.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(InvalidInput, match="adapter_config.json"):
+        adapters.add(src, str(env["base"]), name="bad")
+    assert not (adapters.adapters_dir() / "bad").exists()
+
+
+def test_non_finite_weights_are_refused_at_add(env, tmp_path):
+    src = make_adapter(env["base"], tmp_path / "src", seed=3)
+    w = mx.load(str(src / "adapters.safetensors"))
+    first = sorted(w)[0]
+    w[first] = mx.where(mx.arange(w[first].size).reshape(w[first].shape) == 3, mx.array(float("nan")), w[first])
+    mx.save_safetensors(str(src / "adapters.safetensors"), w)
+    with pytest.raises(InvalidInput, match="not finite"):
+        adapters.add(src, str(env["base"]), name="bad")
+
+
+def test_stored_adapter_edited_to_nan_is_refused_when_used(env, engine, tmp_path):
+    adapters.add(env["a"], str(env["base"]), name="edited")
+    stored = adapters.adapters_dir() / "edited" / "adapter_config.json"
+    cfg = json.loads(stored.read_text())
+    cfg["lora_parameters"]["scale"] = float("nan")
+    stored.write_text(json.dumps(cfg))  # json writes NaN
+    try:
+        with pytest.raises(InvalidInput, match="adapter_config.json"):
+            list(engine.generate(PROMPT, GREEDY, adapter="edited"))
+    finally:
+        adapters.remove("edited")
+
+
+def test_damaged_adapter_metadata_is_listed_and_removable(env):
+    import os
+
+    adapters.add(env["a"], str(env["base"]), name="damaged")
+    (adapters.adapters_dir() / "damaged" / "edgeai.json").write_text("[]")
+    listed = {a.name: a for a in adapters.list_adapters()}
+    assert listed["damaged"].problem and listed["ad-a"].problem is None
+    with pytest.raises(InvalidInput, match="damaged"):
+        adapters.get("damaged")
+    r = run_cli(["adapter", "list"], {**os.environ, "NO_COLOR": "1", "COLUMNS": "200"})
+    assert r.returncode == 0 and "damaged" in r.stdout and "Traceback" not in r.stderr, r.stderr
+    adapters.remove("damaged")
+    assert "damaged" not in [a.name for a in adapters.list_adapters()]

@@ -70,6 +70,9 @@ def test_seed_makes_sampling_repeatable(tiny_model, edgeai_env):
         (["run", "hi", "--temperature", "-1"], "--temperature"),
         (["run", "hi", "--max-tokens", "0"], "--max-tokens"),
         (["run", "hi", "--top-p", "2"], "--top-p"),
+        (["run", "hi", "-t", "0.7", "--seed", str(2**64)], "--seed"),
+        (["run", "hi", "-t", "0.7", "--seed", "-1"], "--seed"),
+        (["run", "hi", "-t", "nan"], "--temperature"),
     ],
 )
 def test_bad_input_is_one_line_not_a_traceback(tiny_model, edgeai_env, args, message):
@@ -168,3 +171,29 @@ def test_real_model_answers_paris_from_the_cli(smollm_dir, edgeai_env):
     r = run_cli(["run", "-m", str(smollm_dir), "--json", "-n", "24", "What is the capital of France?"], edgeai_env)
     assert r.returncode == 0, r.stderr
     assert "Paris" in json.loads(r.stdout)["text"]
+
+
+def test_user_text_is_never_read_as_rich_markup(tiny_model, edgeai_env, tmp_path):
+    """`edgeai show 'foo[/]'` crashed with MarkupError, and hints lost their bracketed parts."""
+    r = run_cli(["show", "foo[/]"], edgeai_env)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "unknown model 'foo[/]'" in r.stderr, r.stderr
+    r = run_cli(["run", "-m", str(tiny_model), "--policy", "remote", "-n", "2", "hi"], edgeai_env)
+    assert "Traceback" not in r.stderr and "add [tiers.<name>] and [policy] remote_tier" in r.stderr, r.stderr
+    # Names and paths from the user's files are shown as written, in every command.
+    import shutil
+    from pathlib import Path
+
+    odd = tmp_path / "odd[bold]dir"
+    model = shutil.copytree(tiny_model, odd / "m[red]")
+    cfg = Path(edgeai_env["EDGEAI_CONFIG_DIR"])
+    cfg.mkdir(parents=True, exist_ok=True)
+    (cfg / "models.toml").write_text(f'[models."x[/]y"]\ndescription = "d[/]"\n[models.ok]\nlicense = "[bold]"\n'
+                                     f'sources = [{{ kind = "file", path = "{model}" }}]\n')
+    env = {**edgeai_env, "EDGEAI_HOME": str(odd / "home")}
+    cases = [(["list"], 0, "x[/]y"), (["show", "x[/]y"], 0, "d[/]"), (["pull", "x[/]y"], 2, "x[/]y"),
+             (["pull", "ok"], 0, "m[red]"), (["show", "ok"], 0, "m[red]"), (["doctor"], 0, "odd[bold]dir"),
+             (["run", "-m", str(tiny_model), "-i", "-n", "2"], 0, "/what[/]")]
+    for args, code, shown in cases:
+        r = run_cli(args, env, input="/what[/]\n/bye\n" if "-i" in args else None)
+        assert r.returncode == code and "Traceback" not in r.stderr, (args, r.stderr)
+        assert shown in (r.stdout + r.stderr).replace("\n", ""), (args, r.stdout, r.stderr)

@@ -130,3 +130,76 @@ def test_a_stream_that_stalls_past_the_timeout_is_not_retried(fake, monkeypatch)
             events.append(ev)
     assert time.monotonic() - t0 < 1.5
     assert "".join(e.text for e in events) == "Remote says: " and len(fake.requests) == 1
+
+
+@pytest.mark.parametrize("raw", [KEY + "\r", KEY + "\n", f"  {KEY}\r\n", "\t" + KEY])
+def test_key_with_surrounding_whitespace_is_stripped(fake, monkeypatch, raw):
+    """A key read from a CRLF .env file used to make httpx raise `Illegal header value
+    b'Bearer sk-…\\r'`, which carried the key into error text."""
+    monkeypatch.setenv("EDGEAI_TEST_KEY", raw)
+    ans = Answer.from_events(cloud.stream(tier_for(fake), MSGS, GenerationOptions()), "m")
+    assert ans.text == fake.reply
+    sent = fake.requests[-1]["headers"]
+    assert (sent.get("x-api-key") or sent["authorization"]) in (KEY, f"Bearer {KEY}")
+
+
+def _renderings(key: str) -> list[str]:
+    import json
+
+    return [key, repr(key), repr(key)[1:-1], json.dumps(key)[1:-1], str(key.encode("utf-8", "backslashreplace")),
+            key.encode("unicode_escape").decode(), key.strip(), key[:-1]]
+
+
+@pytest.mark.parametrize("raw", [KEY[:8] + "\r\n" + KEY[8:], KEY[:8] + "\x1b" + KEY[8:], KEY + "\x7f",
+                                 KEY[:8] + "é" + KEY[8:], KEY[:8] + "\u2028" + KEY[8:]])
+def test_key_with_control_or_non_ascii_characters_is_refused_by_name(fake, monkeypatch, raw):
+    monkeypatch.setenv("EDGEAI_TEST_KEY", raw)
+    with pytest.raises(cloud.RemoteError) as ei:
+        list(cloud.stream(tier_for(fake), MSGS, GenerationOptions()))
+    text = str(ei.value) + repr(ei.value)
+    assert "EDGEAI_TEST_KEY" in text
+    assert not any(r in text for r in _renderings(raw)), text
+    assert KEY[8:] not in text and fake.requests == []
+
+
+def test_every_rendering_of_a_key_is_scrubbed():
+    from edgeai.keys import scrub
+
+    key = "sk-a\\b\"c'd-0123456789"  # printable, yet escaped differently by repr and JSON
+    import json
+
+    for text in (f"echo {key} done", f"header {key.encode()!r}", f"json {json.dumps(key)}", f"repr {key!r}",
+                 f"quoted {__import__('urllib.parse').parse.quote(key)}"):
+        out = scrub(text, key)
+        assert "0123456789" not in out and "***" in out, (text, out)
+    assert scrub("nothing here", key) == "nothing here"
+
+
+def test_key_never_reaches_run_json_or_reasons(tiny_model, edgeai_env, monkeypatch):
+    """End to end: `run --json` with a broken key falls back to the local answer, and neither
+    its JSON nor its stderr holds any part of the key."""
+    from conftest import run_cli
+
+    with FakeProvider("openai") as remote:
+        cfg = Path(edgeai_env["EDGEAI_CONFIG_DIR"])
+        cfg.mkdir(parents=True, exist_ok=True)
+        (cfg / "config.toml").write_text(f'[tiers.cloud]\nkind = "openai"\nbase_url = "{remote.base_url}"\n'
+                                         'model = "big"\napi_key_env = "EDGEAI_TEST_KEY"\nretries = 0\n')
+        for raw in (KEY + "\r", KEY[:8] + "\r" + KEY[8:], KEY[:8] + "é" + KEY[8:]):
+            env = {**edgeai_env, "EDGEAI_TEST_KEY": raw}
+            r = run_cli(["run", "-m", str(tiny_model), "--policy", "remote", "--json", "-n", "4", "hi"], env)
+            assert r.returncode == 0, r.stderr
+            assert "Traceback" not in r.stderr
+            assert KEY[8:] not in r.stdout + r.stderr, (raw, r.stdout, r.stderr)
+        assert all(req["headers"]["authorization"] == f"Bearer {KEY}" for req in remote.requests)
+        assert len(remote.requests) == 1  # only the stripped key was sent
+
+
+def test_negative_retries_refused_in_config_and_still_one_attempt(fake, monkeypatch):
+    """`retries = -1` skipped the remote call: an empty answer with exit 0."""
+    tier = {"kind": fake.kind, "base_url": fake.base_url, "model": "m", "retries": -1}
+    with pytest.raises(cloud.EdgeAIError, match="tiers.cloud.retries"):
+        cloud.tiers_from_config({"tiers": {"cloud": tier}})
+    monkeypatch.setenv("EDGEAI_TEST_KEY", KEY)
+    ans = Answer.from_events(cloud.stream(tier_for(fake, retries=-1), MSGS, GenerationOptions()), "m")
+    assert ans.text == fake.reply and len(fake.requests) == 1

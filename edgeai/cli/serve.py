@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Optional
@@ -27,7 +28,8 @@ def register(app: typer.Typer) -> None:
         name: Optional[str] = typer.Option(None, "--name", help="Name clients use for --model (default: its name or directory name)"),
         socket_path: Optional[Path] = typer.Option(None, "--socket", help="Unix socket path [default: $EDGEAI_SOCKET or $XDG_RUNTIME_DIR/edgeai/edgeai.sock]"),
         host: Optional[str] = typer.Option(None, "--host", help="Also listen on TCP at this address (loopback unless told otherwise)"),
-        port: Optional[int] = typer.Option(None, "--port", help="Also listen on TCP at this port (0: any free port)"),
+        port: Optional[int] = typer.Option(None, "--port", min=0, max=65535,
+                                           help="Also listen on TCP at this port (0: any free port)"),
         token: Optional[str] = typer.Option(None, "--token", envvar="EDGEAI_SERVER_TOKEN", help="Bearer token TCP clients must send"),
         policy: Optional[str] = typer.Option(None, "--policy", help="Escalation policy for requests that set none: local-only, auto, remote [default: config, else auto]"),
         max_batch: int = typer.Option(16, "--max-batch", min=1, max=256, help="Most sequences decoded together"),
@@ -48,6 +50,12 @@ def register(app: typer.Typer) -> None:
 
         if port is None and host is not None:
             raise typer.BadParameter("--host needs --port")
+        if not math.isfinite(keep_alive):
+            raise typer.BadParameter("--keep-alive must be a number of seconds (-1: forever)")
+        if token is not None:
+            from edgeai.keys import clean
+
+            token = clean(token, "the token (--token or $EDGEAI_SERVER_TOKEN)") or None
         pol = policy_from_config(load_config(), policy)  # a bad --policy fails here, not per request
         served_name, path = _served_model(model, name)
         metrics = Metrics()
@@ -59,7 +67,7 @@ def register(app: typer.Typer) -> None:
 
         def ready(where: list[str]) -> None:
             render.err.print(f"edgeai serve: {served_name} on {', '.join(where)} (policy {pol}); Ctrl-C stops",
-                             soft_wrap=True)
+                             soft_wrap=True, markup=False)
 
         run_server(asgi, listen, log_level=log_level, on_ready=ready)
 
@@ -93,7 +101,7 @@ def register(app: typer.Typer) -> None:
             pc = m.get("prompt_cache") or {}
             cache = (f"{pc.get('entries', 0)} prompts, {render.human_bytes(pc.get('bytes', 0))}, "
                      f"{pc.get('hits', 0)} hits / {pc.get('misses', 0)} misses")
-            table.add_row(m["name"], f"{m['loaded_seconds']:.0f} s", expires, str(m["kernel"]), str(m["context_length"]),
+            table.add_row(render.esc(m["name"]), f"{m['loaded_seconds']:.0f} s", expires, str(m["kernel"]), str(m["context_length"]),
                           cache)
         if not status["models"]:
             render.out.print("no model loaded")

@@ -28,10 +28,9 @@ def _done(lm: Any, verb: str, as_json: bool) -> None:
     if as_json:
         render.print_json(lm.to_dict())
         return
-    src = lm.source
-    where = src.get("repo") or src.get("package") or src.get("file") or src.get("path") or src.get("kind")
-    render.err.print(f"[green]{verb}[/] {lm.name} ({render.human_bytes(lm.size)}) from {src.get('kind')} {where}")
-    render.out.print(str(lm.path))
+    render.err.print(f"[green]{verb}[/] {render.esc(lm.name)} ({render.human_bytes(lm.size)}) from "
+                     f"{render.esc(lm.origin)}")
+    render.out.print(str(lm.path), markup=False)
 
 
 def _bytes(n: int | None) -> str:
@@ -51,8 +50,8 @@ def _table(rows: list[dict]) -> None:
              "available": "available"}
     for r in rows:
         ctx = f"{r['context'] // 1024}k" if r["context"] else "-"
-        t.add_row(r["name"], r["tier"] or "-", _count(r["params"]), _bytes(r["size"]), _bytes(r["memory"]), ctx,
-                  style[r["status"]], _fits(r["fits"]))
+        t.add_row(render.esc(r["name"]), render.esc(r["tier"] or "-"), _count(r["params"]),
+                  _bytes(r["size"]), _bytes(r["memory"]), ctx, style[r["status"]], _fits(r["fits"]))
     render.out.print(t)
 
 
@@ -65,7 +64,8 @@ def register(app: typer.Typer) -> None:
     def pull(
         model: str = typer.Argument(..., help="catalog name (see `edgeai list`) or hf:org/repo"),
         name: Optional[str] = typer.Option(None, "--name", help="store it under this name"),
-        force: bool = typer.Option(False, "--force", help="pull even if it does not fit in memory"),
+        force: bool = typer.Option(False, "--force", help="pull even if it does not fit in memory, or replace "
+                                   "another model installed under that name"),
         as_json: bool = typer.Option(False, "--json", help="print the installed model as JSON"),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
     ) -> None:
@@ -76,7 +76,7 @@ def register(app: typer.Typer) -> None:
             with _progress(quiet) as on_progress:
                 lm = store.pull(model, name=name, on_progress=on_progress, force=force)
         except KeyboardInterrupt:
-            render.err.print(f"[yellow]interrupted[/]: run `edgeai pull {model}` again to resume")
+            render.err.print(f"[yellow]interrupted[/]: run `edgeai pull {render.esc(model)}` again to resume")
             raise typer.Exit(130) from None
         _done(lm, "pulled", as_json)
 
@@ -156,7 +156,7 @@ def register(app: typer.Typer) -> None:
         if as_json:
             render.print_json({"removed": lm.name, "freed": lm.size, "path": str(lm.path)})
         else:
-            render.err.print(f"removed {lm.name} ({render.human_bytes(lm.size)})")
+            render.err.print(f"removed {render.esc(lm.name)} ({render.human_bytes(lm.size)})")
 
 
 def _field(key: str, value: object) -> object:
@@ -173,10 +173,11 @@ def _show(d: dict) -> None:
     t = Table(box=None, show_header=False, pad_edge=False)
     t.add_column(style="bold")
     t.add_column()
-    t.add_row("name", d["name"])
+    e = render.esc
+    t.add_row("name", e(d["name"]))
     for key in ("description", "tier", "license"):
         if d.get(key):
-            t.add_row(key, str(d[key]))
+            t.add_row(key, e(d[key]))
     if d.get("params"):
         t.add_row("params", _count(d["params"]))
     if d.get("size"):
@@ -186,19 +187,19 @@ def _show(d: dict) -> None:
     if d.get("context"):
         t.add_row("context", f"{d['context']:,} tokens")
     if d.get("aliases"):
-        t.add_row("aliases", ", ".join(d["aliases"]))
+        t.add_row("aliases", e(", ".join(d["aliases"])))
     for i, s in enumerate(d.get("sources") or [], 1):
         fields = (f"{k}={_field(k, v)}" for k, v in s.items() if k != "sha256")
-        t.add_row(f"source {i}", " ".join(fields))
+        t.add_row(f"source {i}", e(" ".join(fields)))
     if d.get("remote"):
-        t.add_row("remote", f"{d['remote']['provider']}: {d['remote']['model']}")
+        t.add_row("remote", e(f"{d['remote']['provider']}: {d['remote']['model']}"))
     local = d.get("local")
     if local:
-        t.add_row("installed", f"{local['path']} ({render.human_bytes(local['size'])}, {local['created']})")
+        t.add_row("installed", e(f"{local['path']} ({render.human_bytes(local['size'])}, {local['created']})"))
         fields = (f"{k}={_field(k, v)}" for k, v in local["source"].items() if k != "sha256")
-        t.add_row("from", " ".join(fields))
+        t.add_row("from", e(" ".join(fields)))
         if local.get("problem"):
-            t.add_row("problem", f"[red]{local['problem']}[/]")
+            t.add_row("problem", f"[red]{e(local['problem'])}[/]")
     else:
         t.add_row("installed", "no")
     render.out.print(t)

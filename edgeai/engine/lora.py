@@ -21,7 +21,6 @@ request. `AdapterSet.fixed(name)` is the same for one adapter on every row.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections import OrderedDict
@@ -31,6 +30,7 @@ from typing import Callable, ContextManager, Iterator, Sequence
 import mlx.core as mx
 import mlx.nn as nn
 
+from edgeai.config import env_number
 from edgeai.errors import InvalidInput
 from edgeai.store import adapters
 from edgeai.store.adapters import LoadedAdapter, check_targets
@@ -106,7 +106,8 @@ class AdapterSet:
         self.version_of = version_of
         self._checked: dict[str, float] = {}
         self._wrapped: dict[str, LoRASwitch] = {}  # module path -> its wrapper in the model
-        self.capacity = max(1, capacity or int(os.environ.get("EDGEAI_ADAPTER_CACHE", DEFAULT_CACHE)))
+        cache = capacity or env_number("EDGEAI_ADAPTER_CACHE", DEFAULT_CACHE, low=1, high=4096, kind=int)
+        self.capacity = max(1, cache)
         # What LoRASwitch reads: one adapter for the whole batch, or (adapter, row mask) groups.
         self.selection: LoadedAdapter | list[tuple[LoadedAdapter, mx.array]] | None = None
         self._cache: OrderedDict[str, LoadedAdapter] = OrderedDict()

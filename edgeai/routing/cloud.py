@@ -30,6 +30,7 @@ from typing import Any, Iterator, Sequence
 import httpx
 
 from edgeai.errors import EdgeAIError
+from edgeai.keys import clean, scrub
 from edgeai.options import GenerationOptions, Message
 from edgeai.types import Event, Stats
 
@@ -57,26 +58,34 @@ class Tier:
     backoff: float = 0.5
 
     def api_key(self) -> str | None:
-        return os.environ.get(self.api_key_env) if self.api_key_env else None
+        """The key from `api_key_env`, stripped (None when unset or blank).
+
+        Raises:
+            RemoteError: it holds a character an HTTP header cannot carry (the message names
+                the variable, never the value).
+        """
+        raw = os.environ.get(self.api_key_env) if self.api_key_env else None
+        if not raw:
+            return None
+        return clean(raw, f"environment variable {self.api_key_env}", RemoteError) or None
 
 
 def tiers_from_config(cfg: dict[str, Any]) -> dict[str, Tier]:
-    """The remote tiers declared under `[tiers.<name>]` in config.toml."""
+    """The remote tiers declared under `[tiers.<name>]` in config.toml (each checked against
+    `edgeai.config.TierConfig`, also when `cfg` did not come from `load_config`)."""
+    from pydantic import ValidationError
+
+    from edgeai.config import TierConfig, schema_error
+
     out: dict[str, Tier] = {}
     for name, t in (cfg.get("tiers") or {}).items():
-        if not isinstance(t, dict):
-            raise EdgeAIError(f"config: tiers.{name} must be a table", "see `edgeai.routing.cloud` docs for the format")
-        kind = t.get("kind", "openai")
-        if kind not in ("openai", "anthropic"):
-            raise EdgeAIError(f"config: tiers.{name}.kind is {kind!r}", 'use "openai" or "anthropic"')
-        if "base_url" not in t or "model" not in t:
-            raise EdgeAIError(f"config: tiers.{name} needs base_url and model")
-        out[name] = Tier(
-            name=name, kind=kind, base_url=str(t["base_url"]).rstrip("/"), model=str(t["model"]),
-            api_key_env=t.get("api_key_env"), timeout=float(t.get("timeout", 30)),
-            retries=int(t.get("retries", 2)), max_tokens=t.get("max_tokens"),
-            backoff=float(t.get("backoff", 0.5)),
-        )
+        try:
+            tc = TierConfig.model_validate(t)
+        except ValidationError as e:
+            raise schema_error(e, "config", ("tiers", name)) from None
+        out[name] = Tier(name=name, kind=tc.kind, base_url=tc.base_url.rstrip("/"), model=tc.model,
+                         api_key_env=tc.api_key_env, timeout=tc.timeout, retries=tc.retries,
+                         max_tokens=tc.max_tokens, backoff=tc.backoff)
     return out
 
 
@@ -93,6 +102,7 @@ def stream(tier: Tier, messages: Sequence[Message | dict], options: GenerationOp
     Raises:
         RemoteError: the endpoint failed after the allowed retries, or the stream broke.
     """
+    raw = os.environ.get(tier.api_key_env) if tier.api_key_env else None
     key = tier.api_key()
     if tier.api_key_env and not key:
         raise RemoteError(f"remote tier {tier.name!r}: environment variable {tier.api_key_env} is not set",
@@ -105,12 +115,15 @@ def stream(tier: Tier, messages: Sequence[Message | dict], options: GenerationOp
         with httpx.Client(timeout=timeout, transport=transport) as client:
             yield from _with_retries(client, tier, url, headers, body, parse)
     except RemoteError as e:
-        raise RemoteError(_scrub(e.message, key), e.hint) from None
+        raise RemoteError(scrub(e.message, raw, key), e.hint and scrub(e.hint, raw, key)) from None
+    except Exception as e:  # anything else from the HTTP stack or a malformed reply: one line too
+        raise RemoteError(scrub(f"remote tier {tier.name!r}: {type(e).__name__}: {e}", raw, key)) from None
 
 
 def _with_retries(client: httpx.Client, tier: Tier, url: str, headers: dict, body: dict, parse) -> Iterator[Event]:
-    for attempt in range(tier.retries + 1):
-        last = attempt == tier.retries
+    retries = max(0, tier.retries)  # at least one attempt, whatever a caller built
+    for attempt in range(retries + 1):
+        last = attempt == retries
         try:
             with client.stream("POST", url, headers=headers, json=body) as resp:
                 if resp.status_code != 200:
@@ -257,7 +270,3 @@ def _sleep(tier: Tier, attempt: int, retry_after: str | None) -> None:
         except ValueError:
             pass
     time.sleep(delay)
-
-
-def _scrub(text: str, key: str | None) -> str:
-    return text.replace(key, "***") if key and len(key) >= 4 else text

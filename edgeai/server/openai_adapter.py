@@ -7,6 +7,7 @@ token is rendered, which is all this module knows.
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -160,6 +161,15 @@ def from_completion(req: s.CompletionRequest) -> NativeRequest:
 # -- rendering ---------------------------------------------------------------------------
 
 
+def _logprob(x: float) -> float:
+    """A logprob JSON can carry: OpenAI renders -inf as -9999.0; NaN (a broken model) too."""
+    return x if math.isfinite(x) else -9999.0
+
+
+def _score(x: float | None) -> float | None:
+    return x if x is not None and math.isfinite(x) else None
+
+
 @lru_cache(maxsize=65536)
 def _piece(tokenizer: Any, token: int) -> str:
     return tokenizer.decode([token])
@@ -176,8 +186,8 @@ def usage(ans: Answer) -> s.Usage:
 
 
 def info(ans: Answer, policy: str | None) -> s.EdgeaiInfo:
-    return s.EdgeaiInfo(tier=ans.tier, confidence=ans.confidence, threshold=ans.threshold, route=ans.route,
-                        policy=policy, reasons=list(ans.reasons))
+    return s.EdgeaiInfo(tier=ans.tier, confidence=_score(ans.confidence), threshold=_score(ans.threshold),
+                        route=ans.route, policy=policy, reasons=list(ans.reasons))
 
 
 def chat_logprobs(events: list[Event], tokenizer: Any, top_n: int) -> s.ChoiceLogprobs:
@@ -186,9 +196,10 @@ def chat_logprobs(events: list[Event], tokenizer: Any, top_n: int) -> s.ChoiceLo
         if ev.token is None or ev.logprob is None or tokenizer is None:
             continue
         text = _piece(tokenizer, ev.token)
-        alts = [s.TopLogprob(token=_piece(tokenizer, t), logprob=lp, bytes=list(_piece(tokenizer, t).encode()))
-                for t, lp in ev.top_logprobs[:top_n]]
-        out.append(s.TokenLogprob(token=text, logprob=ev.logprob, bytes=list(text.encode()), top_logprobs=alts))
+        alts = [s.TopLogprob(token=_piece(tokenizer, t), logprob=_logprob(lp),
+                             bytes=list(_piece(tokenizer, t).encode())) for t, lp in ev.top_logprobs[:top_n]]
+        out.append(s.TokenLogprob(token=text, logprob=_logprob(ev.logprob), bytes=list(text.encode()),
+                                  top_logprobs=alts))
     return s.ChoiceLogprobs(content=out)
 
 
@@ -199,8 +210,8 @@ def completion_logprobs(events: list[Event], tokenizer: Any, top_n: int, offset:
             continue
         text = _piece(tokenizer, ev.token)
         lp.tokens.append(text)
-        lp.token_logprobs.append(ev.logprob)
-        lp.top_logprobs.append({_piece(tokenizer, t): v for t, v in ev.top_logprobs[:top_n]})
+        lp.token_logprobs.append(_logprob(ev.logprob))
+        lp.top_logprobs.append({_piece(tokenizer, t): _logprob(v) for t, v in ev.top_logprobs[:top_n]})
         lp.text_offset.append(offset)
         offset += len(text)
     return lp

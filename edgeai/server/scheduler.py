@@ -253,7 +253,9 @@ class Scheduler:
         return fut
 
     def _run_calls(self) -> None:
-        while self._calls:
+        # Only the calls queued before this turn: one queued meanwhile (the next chunk of the
+        # same work) waits for the next turn, after a decoding step, so calls cannot starve it.
+        for _ in range(len(self._calls)):
             fn, fut = self._calls.popleft()
             if not fut.set_running_or_notify_cancel():
                 continue

@@ -14,6 +14,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from edgeai.options import GenerationOptions
 
 POLICIES = ("local-only", "auto", "remote")  # edgeai.routing.router.POLICIES (checked in the tests)
+# A request's prompt is tokenized on the model's one thread: these bound that work (a 3 MB
+# request of 100k messages took 5.6 s there). 4096 turns is far beyond any real chat, and
+# 131072 ids beyond any served context (the prompt must leave room for one token anyway).
+MAX_MESSAGES = 4096
+MAX_CONTENT_PARTS = 4096
+MAX_PROMPT_IDS = 131072
 
 
 def _opt(name: str, **override: Any) -> Any:
@@ -73,7 +79,7 @@ class ToolCall(_Request):
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"] = Field(
         description="who wrote the message")
-    content: str | list[ContentPart] | None = Field(
+    content: str | Annotated[list[ContentPart], Field(max_length=MAX_CONTENT_PARTS)] | None = Field(
         None, description="the text, or a list of text parts (absent or null only for an "
                           "assistant message with tool_calls)")
     tool_calls: Annotated[list[ToolCall], Field(min_length=1, max_length=64)] | None = Field(
@@ -154,7 +160,8 @@ class _Sampling(_Request):
 class ChatCompletionRequest(_Sampling):
     """POST /v1/chat/completions."""
 
-    messages: list[ChatMessage] = Field(min_length=1, description="the conversation so far")
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES,
+                                        description="the conversation so far")
     tools: Annotated[list[Tool], Field(max_length=128)] | None = Field(
         None, description="functions the model may call (rendered by the model's chat template)")
     tool_choice: ToolChoice
@@ -170,7 +177,7 @@ class CompletionRequest(_Sampling):
     """POST /v1/completions."""
 
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)] | Annotated[
-        list[Annotated[int, Field(ge=0)]], Field(min_length=1)] = Field(
+        list[Annotated[int, Field(ge=0)]], Field(min_length=1, max_length=MAX_PROMPT_IDS)] = Field(
         description="the text to continue (one string, or token ids)")
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = Field(
         None, description="return this many alternatives per token (with the token's own logprob)")

@@ -133,10 +133,13 @@ def bind_tcp(host: str, port: int, *, token: str | None) -> socket.socket:
 
 
 class TCPGuard:
-    """ASGI middleware for TCP connections only: Host-header check and optional bearer token.
+    """ASGI middleware for TCP connections only: Host, Origin, bearer token, JSON bodies.
 
-    Unix-socket connections (uvicorn reports no port for them) pass untouched: the socket's
-    0600 mode already limits them to this user.
+    Any web page can make a browser send requests to a loopback port. A foreign `Host`
+    (DNS rebinding) or `Origin` is refused, and a POST must declare `application/json`:
+    a page can only send that cross-site after a CORS preflight, which is never granted.
+    Unix-socket connections (uvicorn reports no port for them) pass untouched: no browser
+    can reach a socket, and its 0600 mode already limits it to this user.
 
     Args:
         app: the ASGI app.
@@ -152,13 +155,13 @@ class TCPGuard:
         server = scope.get("server")
         if scope["type"] == "http" and server and server[1] is not None:
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-            problem = self._problem(headers)
+            problem = self._problem(scope.get("method", ""), headers)
             if problem:
                 await _deny(send, *problem)
                 return
         await self.app(scope, receive, send)
 
-    def _problem(self, headers: dict[str, str]) -> tuple[int, str, str] | None:
+    def _problem(self, method: str, headers: dict[str, str]) -> tuple[int, str, str] | None:
         host = headers.get("host", "")
         if host.startswith("["):  # [::1]:8080
             name = host[1:host.find("]")]
@@ -167,10 +170,17 @@ class TCPGuard:
         name = name.lower()
         if name not in self.hosts:
             return 403, f"Host '{host}' is not allowed (DNS rebinding protection)", "host_not_allowed"
+        origin = headers.get("origin")
+        if origin is not None and origin.lower() not in (f"http://{host}".lower(), f"https://{host}".lower()):
+            return 403, f"cross-origin requests are refused (Origin {origin[:100]!r})", "origin_not_allowed"
         if self.token:
             auth = headers.get("authorization", "")
             if not hmac.compare_digest(auth.encode(), f"Bearer {self.token}".encode()):
                 return 401, "missing or wrong bearer token", "invalid_api_key"
+        media_type = headers.get("content-type", "").split(";")[0].strip().lower()
+        if method == "POST" and media_type != "application/json":
+            return (415, "POST bodies over TCP must be sent with Content-Type: application/json",
+                    "unsupported_media_type")
         return None
 
 

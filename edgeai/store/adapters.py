@@ -9,6 +9,7 @@ are written to a temporary directory beside the store and renamed into place.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from edgeai import config
 from edgeai.errors import InvalidInput, ModelNotFound
@@ -27,6 +29,35 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapters.safetensors"
 META_FILE = "edgeai.json"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+MAX_SCALE = 1000.0  # mlx-lm's default is 20; far beyond this, float16 activations overflow
+
+
+class _LoraParameters(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    scale: float = Field(ge=-MAX_SCALE, le=MAX_SCALE, allow_inf_nan=False)
+    rank: int | None = Field(None, ge=1)
+
+
+class AdapterConfig(BaseModel):
+    """adapter_config.json as `mlx_lm.lora` writes it: the keys edgeai reads are checked, the
+    rest kept as they are."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    fine_tune_type: str = "lora"
+    lora_parameters: _LoraParameters
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a finite number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999 parses as infinity
+        raise ValueError(f"{text[:40]} is not a finite number")
+    return value
 
 
 @dataclass
@@ -42,6 +73,7 @@ class AdapterInfo:
     added: float  # unix time
     base_path: str = ""  # the base model's directory when it was added
     path: str = ""
+    problem: str | None = None  # set when its edgeai.json is unreadable (listed as damaged)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -176,17 +208,20 @@ def read_adapter(src: Path):
             f"{src} is not an mlx-lm adapter directory (missing {', '.join(missing)})",
             "train one with `mlx_lm.lora --train --adapter-path DIR` and pass DIR",
         )
+    try:  # NaN and Infinity are refused anywhere in the file, not only where edgeai looks
+        raw = json.loads((src / CONFIG_FILE).read_bytes().decode("utf-8"), parse_constant=_no_constant,
+                         parse_float=_finite)
+    except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise InvalidInput(f"{src / CONFIG_FILE} is not valid JSON: {e}", "re-save the adapter") from None
     try:
-        cfg = json.loads((src / CONFIG_FILE).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InvalidInput(f"{src / CONFIG_FILE} is not valid JSON: {e}", "re-save the adapter") from e
-    kind = cfg.get("fine_tune_type", "lora")
-    if kind != "lora":
-        raise InvalidInput(f"{src} is a {kind!r} fine-tune; only LoRA adapters can be hot-swapped",
+        cfg = AdapterConfig.model_validate(raw)
+    except ValidationError as e:
+        key, first = config.first_problem(e)
+        raise InvalidInput(f"{src / CONFIG_FILE}: {key}: {first['msg']}",
+                           "re-save the adapter with mlx-lm") from None
+    if cfg.fine_tune_type != "lora":
+        raise InvalidInput(f"{src} is a {cfg.fine_tune_type!r} fine-tune; only LoRA adapters can be hot-swapped",
                            "train with --fine-tune-type lora")
-    scale = (cfg.get("lora_parameters") or {}).get("scale")
-    if not isinstance(scale, (int, float)):
-        raise InvalidInput(f"{src / CONFIG_FILE} has no lora_parameters.scale", "re-save the adapter with mlx-lm")
     try:
         weights = mx.load(str(src / WEIGHTS_FILE))
     except (RuntimeError, ValueError, OSError) as e:
@@ -195,7 +230,11 @@ def read_adapter(src: Path):
     if problems or not pairs:
         raise InvalidInput(f"{src / WEIGHTS_FILE} is not a LoRA adapter: {problems[0] if problems else 'no tensors'}",
                            "give the directory mlx_lm.lora wrote")
-    return cfg, float(scale), pairs
+    bad = next((k for k, w in sorted(weights.items()) if not mx.isfinite(w).all().item()), None)
+    if bad is not None:
+        raise InvalidInput(f"{src / WEIGHTS_FILE}: tensor {bad} holds values that are not finite (NaN or infinity)",
+                           "the training diverged; train again (e.g. with a lower learning rate)")
+    return raw, cfg.lora_parameters.scale, pairs
 
 
 def check_fit(pairs: dict, base_dir: Path, base_name: str) -> None:
@@ -256,27 +295,49 @@ def add(src: str | Path, base: str, name: str | None = None, force: bool = False
     return info
 
 
-def get(name: str) -> AdapterInfo:
-    """The stored adapter `name`."""
+_META = TypeAdapter(AdapterInfo)
+
+
+def _read_info(name: str) -> AdapterInfo:
+    """The stored adapter `name`; one whose edgeai.json is broken comes with a `problem`."""
     d = adapters_dir() / _check_name(name)
     try:
-        meta = json.loads((d / META_FILE).read_text())
+        meta = json.loads((d / META_FILE).read_bytes().decode("utf-8"))
     except FileNotFoundError:
         raise ModelNotFound(f"no adapter named {name!r}", "see `edgeai adapter list`; add one with `edgeai adapter add`") from None
-    return AdapterInfo(**meta, path=str(d))
+    except (OSError, ValueError):
+        meta = None
+    try:
+        return _META.validate_python({**meta, "name": name, "path": str(d), "problem": None})
+    except (TypeError, ValidationError):  # not an object, or fields of the wrong type
+        return AdapterInfo(name=name, base="?", rank=0, scale=0.0, layers=0, size_bytes=0, added=0.0, path=str(d),
+                           problem=f"its {META_FILE} is broken")
+
+
+def get(name: str) -> AdapterInfo:
+    """The stored adapter `name`.
+
+    Raises:
+        ModelNotFound: there is none; InvalidInput: it is damaged.
+    """
+    info = _read_info(name)
+    if info.problem:
+        raise InvalidInput(f"adapter {name!r} is damaged: {info.problem}",
+                           f"remove it with `edgeai adapter rm {name}` and add it again")
+    return info
 
 
 def list_adapters() -> list[AdapterInfo]:
-    """Every stored adapter, by name."""
+    """Every stored adapter, by name (damaged ones with their `problem`)."""
     d = adapters_dir()
     if not d.is_dir():
         return []
-    return [get(p.name) for p in sorted(d.iterdir()) if (p / META_FILE).is_file() and _NAME.match(p.name)]
+    return [_read_info(p.name) for p in sorted(d.iterdir()) if (p / META_FILE).is_file() and _NAME.match(p.name)]
 
 
 def remove(name: str) -> AdapterInfo:
     """Delete the stored adapter `name` (renamed aside first, so readers never see half of it)."""
-    info = get(name)
+    info = _read_info(name)
     trash = Path(tempfile.mkdtemp(prefix=f".rm-{name}-", dir=adapters_dir()))
     os.rename(info.path, trash / name)
     shutil.rmtree(trash, ignore_errors=True)

@@ -7,8 +7,8 @@ The catalog says what a model is (tier, size, memory, license) and where it can 
 from __future__ import annotations
 
 import difflib
+import math
 import re
-import tomllib
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -29,24 +29,31 @@ _UNITS = {
 _COUNTS = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "t": 10**12}
 
 
+def _whole(value: float, what: str) -> int:
+    """A count or size as an int: finite and not negative (TOML has inf and nan)."""
+    if isinstance(value, bool) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"not a {what}: {value!r}")
+    return int(value)
+
+
 def parse_size(value: int | float | str | None) -> int | None:
     """Bytes from 1234, "76 MB", "1.74 GB" or "4GiB" (None stays None)."""
     if value is None or isinstance(value, (int, float)):
-        return None if value is None else int(value)
+        return None if value is None else _whole(value, "size")
     m = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", value)
     if not m or m.group(2).lower() not in _UNITS:
         raise ValueError(f"not a size: {value!r} (use e.g. '76 MB' or '4 GB')")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    return _whole(float(m.group(1)) * _UNITS[m.group(2).lower()], "size")
 
 
 def parse_count(value: int | float | str | None) -> int | None:
     """A parameter count from 135000000, "135M" or "1.7B"."""
     if value is None or isinstance(value, (int, float)):
-        return None if value is None else int(value)
+        return None if value is None else _whole(value, "parameter count")
     m = re.fullmatch(r"\s*([0-9.]+)\s*([kKmMbBtT]?)\s*", value)
     if not m:
         raise ValueError(f"not a parameter count: {value!r} (use e.g. '135M' or '7B')")
-    return int(float(m.group(1)) * _COUNTS[m.group(2).lower()])
+    return _whole(float(m.group(1)) * _COUNTS[m.group(2).lower()], "parameter count")
 
 
 class _Strict(BaseModel):
@@ -59,6 +66,16 @@ class HubSource(_Strict):
     kind: Literal["hub"] = "hub"
     repo: str = Field(pattern=r"^[\w.-]+/[\w.-]+$", description="org/name on the hub")
     revision: str = Field("main", description="branch, tag or commit")
+
+    @field_validator("revision")
+    @classmethod
+    def _safe_revision(cls, v: str) -> str:
+        from edgeai.store.hub import check_revision
+
+        try:
+            return check_revision(v)
+        except InvalidInput as e:
+            raise ValueError(e.message) from None
 
     def describe(self) -> str:
         return f"hub {self.repo}" + (f"@{self.revision}" if self.revision != "main" else "")
@@ -165,15 +182,19 @@ def user_catalog_path() -> Path:
     return config.config_dir() / "models.toml"
 
 
+class CatalogFile(BaseModel):
+    """A models.toml: one table per model under [models] (each entry is then a `ModelSpec`)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    models: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+
 def _read_toml(path: Path) -> dict[str, dict]:
     try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise EdgeAIError(f"catalog {path} is not valid TOML: {e}", "fix the file or remove it") from e
-    models = data.get("models", {})
-    if not isinstance(models, dict):
-        raise EdgeAIError(f"catalog {path}: [models] must be a table", "see the shipped models.toml for the format")
-    return models
+        return CatalogFile.model_validate(config.read_toml(path, "catalog")).models
+    except ValidationError as e:
+        raise config.schema_error(e, f"catalog {path}") from None
 
 
 def load_catalog() -> dict[str, ModelSpec]:
@@ -237,6 +258,10 @@ def parse_ref(ref: str) -> tuple[str, str]:
         repo = ref[len(HF_PREFIX):]
         if not re.fullmatch(r"[\w.-]+/[\w.-]+(@[\w./-]+)?", repo):
             raise InvalidInput(f"'{ref}' is not a hub reference", "write it as hf:org/name, e.g. hf:mlx-community/Qwen2.5-0.5B-Instruct-4bit")
+        if "@" in repo:
+            from edgeai.store.hub import check_revision
+
+            check_revision(repo.partition("@")[2])
         return "hub", repo
     return "name", ref
 

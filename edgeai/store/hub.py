@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from edgeai.errors import DownloadError, ResourceError, UnsupportedModel
+from edgeai.errors import DownloadError, InvalidInput, ResourceError, UnsupportedModel
+from edgeai.keys import scrub
 from edgeai.store.hashing import digests, git_blob_sha1
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -27,6 +28,21 @@ ALLOW_PATTERNS = ("*.json", "*.safetensors", "tokenizer.model", "*.tiktoken", "*
 ATTEMPTS = 2  # a file that fails its checksum is fetched once more from scratch
 
 OnBytes = Callable[[int], None]
+
+# The hub's ids become path parts in the cache (snapshots/<commit>, blobs/<etag>, refs/<rev>):
+# only the shapes they really have are accepted, so no endpoint can name another path.
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+_BLOB_ID = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")  # git sha1 (sha256 for sha256 repos)
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_REVISION = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*")
+
+
+def check_revision(revision: str) -> str:
+    """`revision` if it is a branch, tag or commit name that is safe as a path under refs/."""
+    if len(revision) > 200 or ".." in revision or not _REVISION.fullmatch(revision):
+        raise InvalidInput(f"{revision[:80]!r} is not a usable hub revision",
+                           "give a branch, tag or commit, e.g. main or a 40-hex commit id")
+    return revision
 
 
 class HubUnavailable(DownloadError):
@@ -43,7 +59,9 @@ def offline() -> bool:
 
 def timeout() -> float:
     """Seconds to wait for the hub's metadata: short, so a dead network falls through fast."""
-    return float(os.environ.get("EDGEAI_HUB_TIMEOUT") or 10)
+    from edgeai.config import env_number
+
+    return env_number("EDGEAI_HUB_TIMEOUT", 10.0, low=0.1, high=3600)
 
 
 def cache_dir() -> Path:
@@ -116,6 +134,26 @@ def _wanted(path: str) -> bool:
     return "/" not in path and any(fnmatch.fnmatch(path, p) for p in ALLOW_PATTERNS)
 
 
+def _shaped(pattern: re.Pattern, value: object) -> bool:
+    return isinstance(value, str) and pattern.fullmatch(value) is not None
+
+
+def _malformed(commit: object, files: list[RemoteFile]) -> str | None:
+    """What in the hub's answer does not have the shape the hub's ids have, or None."""
+    if not _shaped(_COMMIT, commit):
+        return "commit id"
+    for f in files:
+        if "\\" in f.path or not f.path.isprintable() or f.path in (".", ".."):
+            return "file name"
+        if f.size < 0:
+            return f"size for {f.path}"
+        if f.sha256 is not None and not _shaped(_SHA256, f.sha256):
+            return f"sha256 for {f.path}"
+        if f.blob_id is not None and not _shaped(_BLOB_ID, f.blob_id):
+            return f"blob id for {f.path}"
+    return None
+
+
 def _check_mlx(repo: str, files: list[RemoteFile]) -> None:
     names = {f.path for f in files}
     if "config.json" not in names or not any(n.endswith(".safetensors") for n in names):
@@ -147,7 +185,7 @@ def _reason(e: Exception) -> str:
         status = getattr(e.response, "status_code", "?")
         return f"the hub answered HTTP {status}"
     text = str(e).splitlines()[0] if str(e) else type(e).__name__
-    return f"cannot reach {endpoint()} ({text})"
+    return f"cannot reach {endpoint()} ({scrub(text, os.environ.get('HF_TOKEN'))})"
 
 
 def plan(repo: str, revision: str = "main") -> RepoPlan:
@@ -157,6 +195,7 @@ def plan(repo: str, revision: str = "main") -> RepoPlan:
         HubUnavailable: offline, unreachable, or no such repo.
         UnsupportedModel: the repo holds no MLX model.
     """
+    check_revision(revision)
     if offline():
         raise HubUnavailable(f"hub {repo}: HF_HUB_OFFLINE is set and the model is not in the Hugging Face cache")
     from huggingface_hub import HfApi
@@ -165,14 +204,21 @@ def plan(repo: str, revision: str = "main") -> RepoPlan:
         info = HfApi(endpoint=endpoint()).model_info(repo, revision=revision, files_metadata=True, timeout=timeout())
     except Exception as e:  # every failure here means "this source is unusable now"
         raise HubUnavailable(f"hub {repo}: {_reason(e)}") from e
-    files = [
-        RemoteFile(path=s.rfilename, size=int(s.size or (s.lfs.size if s.lfs else 0)),
-                   sha256=s.lfs.sha256 if s.lfs else None, blob_id=s.blob_id)
-        for s in (info.siblings or []) if _wanted(s.rfilename)
-    ]
+    try:
+        files = [
+            RemoteFile(path=s.rfilename, size=int(s.size or (s.lfs.size if s.lfs else 0)),
+                       sha256=s.lfs.sha256 if s.lfs else None, blob_id=s.blob_id)
+            for s in (info.siblings or []) if isinstance(s.rfilename, str) and _wanted(s.rfilename)
+        ]
+    except (TypeError, ValueError, AttributeError):
+        raise HubUnavailable(f"hub {repo}: the hub sent a malformed file list; nothing was fetched") from None
     _check_mlx(repo, files)
     if not info.sha or any(not f.etag for f in files):
         raise HubUnavailable(f"hub {repo}: the hub sent no commit or file hashes, so nothing could be verified")
+    problem = _malformed(info.sha, files)
+    if problem:
+        raise HubUnavailable(f"hub {repo}: the hub sent a malformed {problem}; nothing was fetched",
+                             "check HF_ENDPOINT: it should be the Hugging Face hub or a faithful mirror")
     return RepoPlan(repo=repo, revision=revision, commit=info.sha, files=files)
 
 
@@ -270,7 +316,8 @@ def _download(p: RepoPlan, f: RemoteFile, on_bytes: OnBytes) -> None:
             raise ResourceError(f"the disk filled up while downloading {p.repo}/{f.path}",
                                 "free some space and run the same command again: it resumes where it stopped") from e
         # Truncated by the server ("Consistency check failed"), or the network died for good.
-        raise DownloadError(f"{p.repo}/{f.path}: {str(e).splitlines()[0]}", "run the same command again to resume") from e
+        why = scrub(str(e).splitlines()[0] if str(e) else type(e).__name__, os.environ.get("HF_TOKEN"))
+        raise DownloadError(f"{p.repo}/{f.path}: {why}", "run the same command again to resume") from e
     except Exception as e:  # httpx transport errors after huggingface_hub's own retries
         raise DownloadError(f"{p.repo}/{f.path}: {_reason(e)}", "run the same command again to resume") from e
 

