@@ -34,8 +34,10 @@ class CMakeBuild(build_ext):
                     raise RuntimeError("EDGEAI_NO_KERNELS is set")
                 self._cmake(ext)
             except Exception as e:  # noqa: BLE001 - any build failure means "no kernels", not "no install"
-                print(f"warning: edgeai C++ kernels not built ({e}); edgeai will use MLX's built-in kernels",
-                      file=sys.stderr)
+                print(
+                    f"warning: edgeai C++ kernels not built ({e}); edgeai will use MLX's built-in kernels",
+                    file=sys.stderr,
+                )
                 # Drop it so setuptools does not try to install a file that was never made.
                 for lst in (self.extensions, self.distribution.ext_modules or []):
                     if ext in lst:
@@ -47,8 +49,11 @@ class CMakeBuild(build_ext):
         build.mkdir(parents=True, exist_ok=True)
         cmake = _cmake_exe()
         cfg = [
-            cmake, str(ext.source_dir), f"-DPython_EXECUTABLE={sys.executable}",
-            "-DCMAKE_BUILD_TYPE=Release", f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out.parent}",
+            cmake,
+            str(ext.source_dir),
+            f"-DPython_EXECUTABLE={sys.executable}",
+            "-DCMAKE_BUILD_TYPE=Release",
+            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out.parent}",
             f"-DEDGEAI_EXT_SUFFIX={sysconfig.get_config_var('EXT_SUFFIX')}",
         ]
         subprocess.run(cfg, cwd=build, check=True)

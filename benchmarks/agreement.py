@@ -23,8 +23,8 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -86,8 +86,15 @@ def find_gguf(model: str, scratch: Path) -> Path:
 def llama_cpp_logits(gguf: Path, threads: int, n_ctx: int) -> Logits:
     from llama_cpp import Llama
 
-    llm = Llama(model_path=str(gguf), n_ctx=n_ctx, n_batch=512, logits_all=True,
-                n_threads=threads, n_threads_batch=threads, verbose=False)
+    llm = Llama(
+        model_path=str(gguf),
+        n_ctx=n_ctx,
+        n_batch=512,
+        logits_all=True,
+        n_threads=threads,
+        n_threads_batch=threads,
+        verbose=False,
+    )
 
     def run(ids: list[int]) -> np.ndarray:
         llm.reset()
@@ -127,8 +134,12 @@ def agreement(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
     """Top-1 agreement and KL(ref ‖ got) per position, summarized."""
     lp, lq = log_softmax(ref), log_softmax(got)
     kl = (np.exp(lp) * (lp - lq)).sum(axis=-1)
-    return {"top1": float((ref.argmax(-1) == got.argmax(-1)).mean()), "kl_mean": float(kl.mean()),
-            "kl_p99": float(np.quantile(kl, 0.99)), "kl_max": float(kl.max())}
+    return {
+        "top1": float((ref.argmax(-1) == got.argmax(-1)).mean()),
+        "kl_mean": float(kl.mean()),
+        "kl_p99": float(np.quantile(kl, 0.99)),
+        "kl_max": float(kl.max()),
+    }
 
 
 def main() -> None:
@@ -158,8 +169,11 @@ def main() -> None:
         same = sum(a == b for a, b in zip(ids, theirs))
         t = time.perf_counter()
         ref = llama(ids)
-        print(f"llama.cpp: {len(ids)} positions in {time.perf_counter() - t:.1f} s; tokenizers "
-              f"agree on {same}/{len(ids)} ids (edgeai's are fed to both)", file=sys.stderr)
+        print(
+            f"llama.cpp: {len(ids)} positions in {time.perf_counter() - t:.1f} s; tokenizers "
+            f"agree on {same}/{len(ids)} ids (edgeai's are fed to both)",
+            file=sys.stderr,
+        )
         del llama
 
     rows: dict[str, dict[str, float]] = {}
@@ -171,8 +185,11 @@ def main() -> None:
         make_cache = eng.hooks.make_cache
         t = time.perf_counter()
         rows[label] = agreement(ref, mlx_logits(eng.model, make_cache)(ids))
-        print(f"{label}: {k.name} {k.isa or ''} {k.precision or ''}, {k.threads} threads, "
-              f"{time.perf_counter() - t:.1f} s", file=sys.stderr)
+        print(
+            f"{label}: {k.name} {k.isa or ''} {k.precision or ''}, {k.threads} threads, "
+            f"{time.perf_counter() - t:.1f} s",
+            file=sys.stderr,
+        )
         del eng
         mx.clear_cache()
 
@@ -185,9 +202,11 @@ def main() -> None:
 
     import llama_cpp
 
-    print(f"model: {args.model} | gguf: {gguf.name} | positions: {len(ids)}"
-          f" | threads: {args.threads} | llama-cpp-python {llama_cpp.__version__}"
-          f" | mlx {mx.__version__}")
+    print(
+        f"model: {args.model} | gguf: {gguf.name} | positions: {len(ids)}"
+        f" | threads: {args.threads} | llama-cpp-python {llama_cpp.__version__}"
+        f" | mlx {mx.__version__}"
+    )
     print()
     print("| runtime | top-1 agreement | mean KL(llama.cpp ‖ runtime) | p99 KL | max KL |")
     print("|---|---|---|---|---|")

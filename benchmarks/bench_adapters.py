@@ -40,10 +40,17 @@ def write_random_adapter(base: Path, out: Path, seed: int, rank: int, num_layers
     params = {"rank": rank, "scale": 20.0, "dropout": 0.0}
     linear_to_lora_layers(model, num_layers, params)
     mx.random.seed(seed)
-    weights = {k: mx.random.normal(v.shape) * 0.01 for k, v in tree_flatten(model.trainable_parameters())}
+    weights = {
+        k: mx.random.normal(v.shape) * 0.01 for k, v in tree_flatten(model.trainable_parameters())
+    }
     out.mkdir(parents=True, exist_ok=True)
     mx.save_safetensors(str(out / "adapters.safetensors"), weights)
-    cfg = {"fine_tune_type": "lora", "num_layers": num_layers, "lora_parameters": params, "model": str(base)}
+    cfg = {
+        "fine_tune_type": "lora",
+        "num_layers": num_layers,
+        "lora_parameters": params,
+        "model": str(base),
+    }
     (out / "adapter_config.json").write_text(json.dumps(cfg))
     return out
 
@@ -61,7 +68,9 @@ def timed(fn, repeats: int) -> float:
 def decode_tps(engine, adapter: str | None, n: int = 32) -> float:
     from edgeai.options import GenerationOptions
 
-    events = list(engine.generate("Tell me about the sea.", GenerationOptions(max_tokens=n), adapter=adapter))
+    events = list(
+        engine.generate("Tell me about the sea.", GenerationOptions(max_tokens=n), adapter=adapter)
+    )
     s = events[-1].stats
     return s.generation_tokens / s.generation_seconds if s.generation_seconds else 0.0
 
@@ -70,24 +79,34 @@ def run(model_dir: Path, rank: int, repeats: int) -> dict:
     import mlx.core as mx
     from mlx_lm.utils import load as mlx_load
 
-    from edgeai.store import adapters
     from edgeai.engine import Engine
+    from edgeai.store import adapters
 
     work = Path(tempfile.mkdtemp(prefix="bench-adapters-"))
     os.environ["EDGEAI_HOME"] = str(work / "home")
     import json as _json
 
     layers = _json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
-    srcs = [write_random_adapter(model_dir, work / f"src{i}", seed=i, rank=rank, num_layers=layers) for i in (1, 2)]
+    srcs = [
+        write_random_adapter(model_dir, work / f"src{i}", seed=i, rank=rank, num_layers=layers)
+        for i in (1, 2)
+    ]
     infos = [adapters.add(s, str(model_dir), name=f"bench-{i}") for i, s in enumerate(srcs)]
     names = [i.name for i in infos]
 
-    reload_s = timed(lambda: Engine.load(model_dir, kernel=os.environ.get("EDGEAI_KERNEL")), repeats)
-    mlx_lm_s = timed(lambda: mx.eval(mlx_load(str(model_dir), adapter_path=str(srcs[0]))[0].parameters()), repeats)
+    reload_s = timed(
+        lambda: Engine.load(model_dir, kernel=os.environ.get("EDGEAI_KERNEL")), repeats
+    )
+    mlx_lm_s = timed(
+        lambda: mx.eval(mlx_load(str(model_dir), adapter_path=str(srcs[0]))[0].parameters()),
+        repeats,
+    )
 
     eng = Engine.load(model_dir)
     t = time.perf_counter()
-    eng.adapters.get(names[0])  # the first adapter also wraps the layers; later ones only read weights
+    eng.adapters.get(
+        names[0]
+    )  # the first adapter also wraps the layers; later ones only read weights
     first_s = time.perf_counter() - t
 
     def cold() -> None:
@@ -107,12 +126,20 @@ def run(model_dir: Path, rank: int, repeats: int) -> dict:
     warm_s = timed(warm, repeats) / flips
     tps_base, tps_adapter = decode_tps(eng, None), decode_tps(eng, names[0])
     return {
-        "model": str(model_dir), "kernel": eng.kernel.name, "adapter_rank": rank,
-        "adapter_layers": infos[0].layers, "adapter_bytes": infos[0].size_bytes,
-        "reload_engine_s": reload_s, "reload_mlx_lm_with_adapter_s": mlx_lm_s,
-        "first_adapter_s": first_s, "switch_cold_s": cold_s, "switch_warm_s": warm_s,
-        "reload_over_cold_switch": reload_s / cold_s, "reload_over_warm_switch": reload_s / warm_s,
-        "decode_tps_base": tps_base, "decode_tps_adapter": tps_adapter,
+        "model": str(model_dir),
+        "kernel": eng.kernel.name,
+        "adapter_rank": rank,
+        "adapter_layers": infos[0].layers,
+        "adapter_bytes": infos[0].size_bytes,
+        "reload_engine_s": reload_s,
+        "reload_mlx_lm_with_adapter_s": mlx_lm_s,
+        "first_adapter_s": first_s,
+        "switch_cold_s": cold_s,
+        "switch_warm_s": warm_s,
+        "reload_over_cold_switch": reload_s / cold_s,
+        "reload_over_warm_switch": reload_s / warm_s,
+        "decode_tps_base": tps_base,
+        "decode_tps_adapter": tps_adapter,
     }
 
 
@@ -135,14 +162,22 @@ def main() -> None:
         print(json.dumps(r, indent=2))
         return
     ms = lambda s: f"{s * 1e3:9.3f} ms"  # noqa: E731
-    print(f"model {r['model']} (kernel {r['kernel']}); adapter rank {r['adapter_rank']}, "
-          f"{r['adapter_layers']} layers, {r['adapter_bytes'] / 1e6:.1f} MB")
+    print(
+        f"model {r['model']} (kernel {r['kernel']}); adapter rank {r['adapter_rank']}, "
+        f"{r['adapter_layers']} layers, {r['adapter_bytes'] / 1e6:.1f} MB"
+    )
     print(f"  full reload, Engine.load             {ms(r['reload_engine_s'])}")
     print(f"  full reload, mlx-lm load + adapter   {ms(r['reload_mlx_lm_with_adapter_s'])}")
     print(f"  first adapter (wraps the layers)     {ms(r['first_adapter_s'])}")
-    print(f"  switch, adapter read from disk       {ms(r['switch_cold_s'])}   reload / switch = {r['reload_over_cold_switch']:,.0f}x")
-    print(f"  switch, adapter in memory (LRU)      {ms(r['switch_warm_s'])}   reload / switch = {r['reload_over_warm_switch']:,.0f}x")
-    print(f"  decode tok/s: base {r['decode_tps_base']:.1f}, with adapter {r['decode_tps_adapter']:.1f}")
+    print(
+        f"  switch, adapter read from disk       {ms(r['switch_cold_s'])}   reload / switch = {r['reload_over_cold_switch']:,.0f}x"
+    )
+    print(
+        f"  switch, adapter in memory (LRU)      {ms(r['switch_warm_s'])}   reload / switch = {r['reload_over_warm_switch']:,.0f}x"
+    )
+    print(
+        f"  decode tok/s: base {r['decode_tps_base']:.1f}, with adapter {r['decode_tps_adapter']:.1f}"
+    )
 
 
 if __name__ == "__main__":

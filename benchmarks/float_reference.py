@@ -57,8 +57,10 @@ def float_logits(model_dir: Path, gguf: Path, ids: list[int]) -> np.ndarray:
 def compare(a: np.ndarray, b: np.ndarray) -> str:
     la, lb = log_softmax(a), log_softmax(b)
     kl = (np.exp(la) * (la - lb)).sum(-1)
-    return (f"top-1 {(a.argmax(-1) == b.argmax(-1)).mean():.3f} | mean KL {kl.mean():.4f} | "
-            f"without position 0: {kl[1:].mean():.4f}")
+    return (
+        f"top-1 {(a.argmax(-1) == b.argmax(-1)).mean():.3f} | mean KL {kl.mean():.4f} | "
+        f"without position 0: {kl[1:].mean():.4f}"
+    )
 
 
 def main() -> None:

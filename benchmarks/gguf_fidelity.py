@@ -32,22 +32,32 @@ def tensor_stats(raw: np.ndarray, qtype: T, shape: tuple[int, int]):
         steps = np.abs(gq.q6_k_parts(blocks)[1])
         own = np.repeat(steps, 16, axis=1).reshape(shape)
         larger = np.repeat(steps.reshape(-1, 8, 2).max(-1), 32, axis=1).reshape(shape)
-        choices = [(f"{b}-bit {np.dtype(d).name}", b, d) for b in (8, 6) for d in (np.float16, np.float32)]
+        choices = [
+            (f"{b}-bit {np.dtype(d).name}", b, d) for b in (8, 6) for d in (np.float16, np.float32)
+        ]
     else:
-        own = larger = np.repeat(np.abs(gq.affine_parts(blocks, qtype)[1]), 32, axis=1).reshape(shape)
+        own = larger = np.repeat(np.abs(gq.affine_parts(blocks, qtype)[1]), 32, axis=1).reshape(
+            shape
+        )
         choices = [(np.dtype(d).name, 8, d) for d in (np.float16, np.float32)]
     for label, bits, dtype in choices:
-        err = np.abs(gq.decode(raw, qtype, shape, scale_dtype=dtype, q6_bits=bits).dequantize() - ref)
+        err = np.abs(
+            gq.decode(raw, qtype, shape, scale_dtype=dtype, q6_bits=bits).dequantize() - ref
+        )
         with np.errstate(divide="ignore", invalid="ignore"):
             per_own = np.where(own > 0, err / own, 0)
             per_larger = np.where(larger > 0, err / larger, 0)
-        yield label, {
-            "max/max|w|": err.max() / np.abs(ref).max(),
-            "mean/mean|w|": err.mean() / np.abs(ref).mean(),
-            "rms/rms(w)": np.sqrt((err ** 2).mean() / (ref ** 2).mean()),
-            "mean/own step": per_own.mean(),
-            "max/larger step": per_larger.max(),
-        }, err.size
+        yield (
+            label,
+            {
+                "max/max|w|": err.max() / np.abs(ref).max(),
+                "mean/mean|w|": err.mean() / np.abs(ref).mean(),
+                "rms/rms(w)": np.sqrt((err**2).mean() / (ref**2).mean()),
+                "mean/own step": per_own.mean(),
+                "max/larger step": per_larger.max(),
+            },
+            err.size,
+        )
 
 
 def main(paths: list[str]) -> None:

@@ -16,10 +16,20 @@ import statistics
 import time
 
 MODELS = {  # name -> [(matrix, N, K)]
-    "smollm2-135m": [("q/o", 576, 576), ("k/v", 192, 576), ("gate/up", 1536, 576),
-                     ("down", 576, 1536), ("lm_head", 49152, 576)],
-    "qwen2.5-1.5b": [("q/o", 1536, 1536), ("k/v", 256, 1536), ("gate/up", 8960, 1536),
-                     ("down", 1536, 8960), ("lm_head", 151936, 1536)],
+    "smollm2-135m": [
+        ("q/o", 576, 576),
+        ("k/v", 192, 576),
+        ("gate/up", 1536, 576),
+        ("down", 576, 1536),
+        ("lm_head", 49152, 576),
+    ],
+    "qwen2.5-1.5b": [
+        ("q/o", 1536, 1536),
+        ("k/v", 256, 1536),
+        ("gate/up", 8960, 1536),
+        ("down", 1536, 8960),
+        ("lm_head", 151936, 1536),
+    ],
 }
 
 
@@ -48,8 +58,13 @@ def main() -> None:
     fast = not args.accurate
     path = "int8" if fast else "float32"
     print(f"{ext.threads()} threads, M = {args.m}, group {args.gs}, fp16 scales, {path} path")
-    print("| model | matrix | N x K | bits | " + " | ".join(f"{i} ms" for i in isas) + " | "
-          + " | ".join(f"{i} speed-up" for i in isas[1:]) + " |")
+    print(
+        "| model | matrix | N x K | bits | "
+        + " | ".join(f"{i} ms" for i in isas)
+        + " | "
+        + " | ".join(f"{i} speed-up" for i in isas[1:])
+        + " |"
+    )
     print("|---|---|---|---:|" + "---:|" * (2 * len(isas) - 1))
     rng = np.random.default_rng(0)
     for model in args.models.split(","):
@@ -67,8 +82,9 @@ def main() -> None:
                     for isa in isas if r % 2 else reversed(isas):
                         ext.set_isa(isa)
                         t = time.perf_counter()
-                        mx.eval([ext.quantized_matmul(x, wq, s, b, args.gs, bits, fast)
-                                 for x in xs])
+                        mx.eval(
+                            [ext.quantized_matmul(x, wq, s, b, args.gs, bits, fast) for x in xs]
+                        )
                         if r:  # the first round warms caches and the pool
                             times[isa].append((time.perf_counter() - t) / calls)
                 med = {i: statistics.median(v) for i, v in times.items()}

@@ -58,17 +58,23 @@ def main() -> None:
     from edgeai.kernels import cpu as kernels_cpu
 
     ext = kernels_cpu.extension()
-    print(f"edgeai kernel: {ext.isa()}, {ext.threads()} threads; MLX {mx.__version__} (its CPU kernel: 1 thread)")
+    print(
+        f"edgeai kernel: {ext.isa()}, {ext.threads()} threads; MLX {mx.__version__} (its CPU kernel: 1 thread)"
+    )
     print()
-    print("| matrix | N x K | bits | M | edgeai ms | edgeai fast ms | MLX fp16 ms | MLX fp32 ms | vs fp16 | vs fp32 "
-          "| edgeai GMAC/s |")
+    print(
+        "| matrix | N x K | bits | M | edgeai ms | edgeai fast ms | MLX fp16 ms | MLX fp32 ms | vs fp16 | vs fp32 "
+        "| edgeai GMAC/s |"
+    )
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, n, k, bits in SHAPES:
         w = mx.random.normal((n, k), key=mx.random.key(0))
         wq, s32, b32 = mx.quantize(w, 32, bits)
         s16, b16 = s32.astype(mx.float16), b32.astype(mx.float16)
         mx.eval(wq, s16, b16)
-        last: dict[str, tuple[float, int]] = {}  # impl -> (seconds, M) of the previous M, to skip hopeless cases
+        last: dict[
+            str, tuple[float, int]
+        ] = {}  # impl -> (seconds, M) of the previous M, to skip hopeless cases
 
         def timed(impl, fn, m):
             est = last[impl][0] * m / last[impl][1] if impl in last and impl != "ours" else None
@@ -84,7 +90,11 @@ def main() -> None:
             x16 = x32.astype(mx.float16)
             mx.eval(x32, x16)
             ours = timed("ours", lambda: ext.quantized_matmul(x32, wq, s16, b16, 32, bits), m)
-            fast = timed("ours", lambda: ext.quantized_matmul(x32, wq, s16, b16, 32, bits, True), m) if m <= 3 else None
+            fast = (
+                timed("ours", lambda: ext.quantized_matmul(x32, wq, s16, b16, 32, bits, True), m)
+                if m <= 3
+                else None
+            )
             f16 = timed("f16", lambda: mx.quantized_matmul(x16, wq, s16, b16, True, 32, bits), m)
             f32 = timed("f32", lambda: mx.quantized_matmul(x32, wq, s32, b32, True, 32, bits), m)
 
@@ -95,8 +105,11 @@ def main() -> None:
                 return f"{t / ours:.1f}×" if t is not None and ours else "-"
 
             gmac = f"{m * n * k / ours / 1e9:.1f}" if ours else "-"
-            print(f"| {name} | {n}x{k} | {bits} | {m} | {ms(ours)} | {ms(fast)} | {ms(f16)} | {ms(f32)} | {ratio(f16)} "
-                  f"| {ratio(f32)} | {gmac} |", flush=True)
+            print(
+                f"| {name} | {n}x{k} | {bits} | {m} | {ms(ours)} | {ms(fast)} | {ms(f16)} | {ms(f32)} | {ratio(f16)} "
+                f"| {ratio(f32)} | {gmac} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -12,9 +12,9 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 import mlx.core as mx
 
@@ -96,9 +96,17 @@ def gen_time(model, first: mx.array, n: int, hooks: Hooks | None = None) -> floa
     return time.perf_counter() - t0
 
 
-def run_test(model, vocab: int, test: str, n: int, reps: int, seed: int = 0,
-             on_rep: Callable[[], None] | None = None, warmup: int | None = None,
-             hooks: Hooks | None = None) -> tuple[list[float], list[float], int]:
+def run_test(
+    model,
+    vocab: int,
+    test: str,
+    n: int,
+    reps: int,
+    seed: int = 0,
+    on_rep: Callable[[], None] | None = None,
+    warmup: int | None = None,
+    hooks: Hooks | None = None,
+) -> tuple[list[float], list[float], int]:
     """Warm up once, then time `reps` runs; returns (tok/s per rep, seconds per rep, peak bytes).
 
     Args:
@@ -133,9 +141,16 @@ def run_test(model, vocab: int, test: str, n: int, reps: int, seed: int = 0,
     return [n / s for s in secs], secs, int(mx.get_peak_memory())
 
 
-def bench(model_path: Path, name: str, kernels: tuple[str, ...] = ("custom",), n_prompt: int = 512,
-          n_gen: int = 128, reps: int = 5, on_rep: Callable[[], None] | None = None,
-          precisions: tuple[str | None, ...] = (None,)) -> Iterator[BenchRow]:
+def bench(
+    model_path: Path,
+    name: str,
+    kernels: tuple[str, ...] = ("custom",),
+    n_prompt: int = 512,
+    n_gen: int = 128,
+    reps: int = 5,
+    on_rep: Callable[[], None] | None = None,
+    precisions: tuple[str | None, ...] = (None,),
+) -> Iterator[BenchRow]:
     """Yield one BenchRow per (kernel, precision, test), as each finishes.
 
     Args:
@@ -157,11 +172,21 @@ def bench(model_path: Path, name: str, kernels: tuple[str, ...] = ("custom",), n
         for test, n in (("pp", n_prompt), ("tg", n_gen)):
             if n <= 0:
                 continue
-            rates, secs, peak = run_test(eng.model, vocab, test, n, reps, on_rep=on_rep, hooks=eng.hooks)
+            rates, secs, peak = run_test(
+                eng.model, vocab, test, n, reps, on_rep=on_rep, hooks=eng.hooks
+            )
             yield BenchRow(
-                model=name, kernel=kernel, kernel_detail=detail, test=f"{test}{n}", tokens=n, reps=reps,
-                tok_s=statistics.fmean(rates), tok_s_sd=statistics.stdev(rates) if len(rates) > 1 else 0.0,
-                ttft_s=statistics.fmean(secs) if test == "pp" else None, peak_memory_bytes=peak, samples=rates,
+                model=name,
+                kernel=kernel,
+                kernel_detail=detail,
+                test=f"{test}{n}",
+                tokens=n,
+                reps=reps,
+                tok_s=statistics.fmean(rates),
+                tok_s_sd=statistics.stdev(rates) if len(rates) > 1 else 0.0,
+                ttft_s=statistics.fmean(secs) if test == "pp" else None,
+                peak_memory_bytes=peak,
+                samples=rates,
             )
         del eng
         mx.clear_cache()
@@ -178,8 +203,10 @@ def markdown(head: BenchHeader, rows: list[BenchRow]) -> str:
     ]
     for r in rows:
         ttft = f"{r.ttft_s * 1000:.0f} ms" if r.ttft_s is not None else "-"
-        lines.append(f"| {r.model} | {r.kernel_detail} | {r.test} | {r.tok_s:.2f} ± {r.tok_s_sd:.2f} | {ttft} | "
-                     f"{human_bytes(r.peak_memory_bytes)} |")
+        lines.append(
+            f"| {r.model} | {r.kernel_detail} | {r.test} | {r.tok_s:.2f} ± {r.tok_s_sd:.2f} | {ttft} | "
+            f"{human_bytes(r.peak_memory_bytes)} |"
+        )
     return "\n".join(lines)
 
 
@@ -206,8 +233,21 @@ def csv_text(head: BenchHeader, rows: list[BenchRow]) -> str:
     import io
 
     buf = io.StringIO()
-    cols = ["machine", "backend", "threads", "model", "kernel", "kernel_detail", "test", "tokens", "reps",
-            "tok_s", "tok_s_sd", "ttft_s", "peak_memory_bytes"]
+    cols = [
+        "machine",
+        "backend",
+        "threads",
+        "model",
+        "kernel",
+        "kernel_detail",
+        "test",
+        "tokens",
+        "reps",
+        "tok_s",
+        "tok_s_sd",
+        "ttft_s",
+        "peak_memory_bytes",
+    ]
     w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
     w.writeheader()
     for r in rows:

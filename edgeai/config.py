@@ -76,7 +76,9 @@ class TierConfig(_Table):
     kind: Literal["openai", "anthropic"] = "openai"
     base_url: str = Field(pattern=r"^https?://[^\s/]+\S*$", description="http(s) URL of the API")
     model: str = Field(min_length=1)
-    api_key_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="a variable's name")
+    api_key_env: str | None = Field(
+        None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="a variable's name"
+    )
     timeout: float = Field(30.0, gt=0, le=3600, description="seconds")
     retries: int = Field(2, ge=0, le=10, description="extra attempts")
     max_tokens: int | None = Field(None, ge=1, le=1 << 20)
@@ -86,7 +88,9 @@ class TierConfig(_Table):
 class PolicyConfig(_Table):
     mode: Literal[POLICIES] | None = None  # type: ignore[valid-type]
     remote_tier: str | None = Field(None, min_length=1)
-    threshold: float | None = Field(None, allow_inf_nan=False, description="escalate below this P(correct)")
+    threshold: float | None = Field(
+        None, allow_inf_nan=False, description="escalate below this P(correct)"
+    )
 
 
 class RouterConfig(_Table):
@@ -120,7 +124,9 @@ def schema_error(e: ValidationError, where: str, prefix: tuple = ()) -> EdgeAIEr
     if first["type"] == "extra_forbidden":
         return EdgeAIError(f"{where}: unknown key {key}", "check its spelling against the README")
     got = first.get("input")
-    shown = "" if isinstance(got, (dict, list)) or first["type"] == "missing" else f" (got {got!r:.60})"
+    shown = (
+        "" if isinstance(got, (dict, list)) or first["type"] == "missing" else f" (got {got!r:.60})"
+    )
     hint = "see the README for the file's format"
     if first["type"] in ("model_type", "dict_type") and key != "the top level":
         hint = f"{key} is a table: write [{key}] and its keys on the lines below"
@@ -132,11 +138,15 @@ def read_toml(path: Path, what: str) -> dict[str, Any]:
     try:
         return tomllib.loads(path.read_bytes().decode("utf-8"))
     except UnicodeDecodeError as e:
-        raise EdgeAIError(f"{what} {path} is not valid UTF-8 (byte {e.start})", "save it as UTF-8") from None
+        raise EdgeAIError(
+            f"{what} {path} is not valid UTF-8 (byte {e.start})", "save it as UTF-8"
+        ) from None
     except tomllib.TOMLDecodeError as e:
         raise EdgeAIError(f"{what} {path} is not valid TOML: {e}", "fix or remove it") from None
     except OSError as e:
-        raise EdgeAIError(f"{what} {path} cannot be read: {e.strerror}", "fix or remove it") from None
+        raise EdgeAIError(
+            f"{what} {path} cannot be read: {e.strerror}", "fix or remove it"
+        ) from None
 
 
 def load_config() -> dict[str, Any]:
@@ -162,8 +172,10 @@ def env_number(name: str, default: float, *, low: float, high: float, kind: type
     except ValueError:
         value = None
     if value is None or not low <= value <= high:  # NaN fails the comparison too
-        raise EdgeAIError(f"${name} is {raw[:40]!r}; it must be a {kind.__name__} from {low:g} to {high:g}",
-                          f"fix or unset {name}")
+        raise EdgeAIError(
+            f"${name} is {raw[:40]!r}; it must be a {kind.__name__} from {low:g} to {high:g}",
+            f"fix or unset {name}",
+        )
     return value
 
 

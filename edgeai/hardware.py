@@ -38,7 +38,7 @@ def free_disk(path: str | Path) -> int:
 
 
 def mlx_backend() -> str:
-    """"metal", "cuda" or "cpu": where MLX runs arrays by default on this machine."""
+    """ "metal", "cuda" or "cpu": where MLX runs arrays by default on this machine."""
     try:
         import mlx.core as mx
     except ImportError:
@@ -77,7 +77,9 @@ def fits_memory(needed: int | None) -> bool | None:
     return needed <= memory().available
 
 
-def check_memory(needed: int | None, what: str, force: bool = False, hint: str | None = None) -> None:
+def check_memory(
+    needed: int | None, what: str, force: bool = False, hint: str | None = None
+) -> None:
     """Refuse a model that does not fit in available memory, unless forced.
 
     Raises:
@@ -90,7 +92,8 @@ def check_memory(needed: int | None, what: str, force: bool = False, hint: str |
         raise ResourceError(
             f"{what} needs about {human_bytes(needed)} of memory; this machine has "
             f"{human_bytes(mem.available)} available ({human_bytes(mem.total)} total)",
-            hint or f"close other programs, pick a smaller model (`edgeai list`), or `edgeai pull {what} --force` to try anyway",
+            hint
+            or f"close other programs, pick a smaller model (`edgeai list`), or `edgeai pull {what} --force` to try anyway",
         )
 
 

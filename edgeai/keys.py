@@ -29,23 +29,35 @@ def clean(value: str, name: str, error: type[EdgeAIError] = EdgeAIError) -> str:
     for i, ch in enumerate(key):
         if not " " <= ch <= "~":
             what = "a non-ASCII character" if ord(ch) > 0x7F else "a control character"
-            raise error(f"{name} holds {what} (at position {i + 1}), which an HTTP header cannot carry",
-                        "give the key alone: printable ASCII, nothing around it")
+            raise error(
+                f"{name} holds {what} (at position {i + 1}), which an HTTP header cannot carry",
+                "give the key alone: printable ASCII, nothing around it",
+            )
     return key
 
 
 def renderings(secret: str) -> set[str]:
     """The forms a secret takes in error text: raw, repr, JSON, bytes repr, escapes, URL."""
     return {
-        secret, repr(secret)[1:-1], json.dumps(secret)[1:-1], json.dumps(secret, ensure_ascii=False)[1:-1],
+        secret,
+        repr(secret)[1:-1],
+        json.dumps(secret)[1:-1],
+        json.dumps(secret, ensure_ascii=False)[1:-1],
         repr(secret.encode("utf-8", "backslashreplace"))[2:-1],
-        secret.encode("unicode_escape").decode("ascii"), quote(secret, safe=""), quote_plus(secret),
+        secret.encode("unicode_escape").decode("ascii"),
+        quote(secret, safe=""),
+        quote_plus(secret),
     }
 
 
 def scrub(text: str, *secrets: str | None) -> str:
     """`text` with every rendering of each secret replaced by ***."""
-    forms = {f for s in secrets if s and len(s.strip()) >= 4 for f in renderings(s) | renderings(s.strip())}
+    forms = {
+        f
+        for s in secrets
+        if s and len(s.strip()) >= 4
+        for f in renderings(s) | renderings(s.strip())
+    }
     for form in sorted(forms, key=len, reverse=True):  # longest first: a form may contain another
         if len(form) >= 4:
             text = text.replace(form, "***")

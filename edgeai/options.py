@@ -28,13 +28,19 @@ class GenerationOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_tokens: int = Field(DEFAULT_MAX_TOKENS, ge=1, le=131072, description="most tokens to generate")
+    max_tokens: int = Field(
+        DEFAULT_MAX_TOKENS, ge=1, le=131072, description="most tokens to generate"
+    )
     temperature: float = Field(0.0, ge=0.0, le=5.0, description="0 means greedy decoding")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass (1 = off)")
     top_k: int = Field(0, ge=0, le=100000, description="keep the k most likely tokens (0 = off)")
-    min_p: float = Field(0.0, ge=0.0, le=1.0, description="drop tokens below min_p × the top probability")
+    min_p: float = Field(
+        0.0, ge=0.0, le=1.0, description="drop tokens below min_p × the top probability"
+    )
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="random seed for sampling")
-    stop: list[str] = Field(default_factory=list, max_length=16, description="stop strings (not included in the output)")
+    stop: list[str] = Field(
+        default_factory=list, max_length=16, description="stop strings (not included in the output)"
+    )
     top_logprobs: int = Field(0, ge=0, le=20, description="alternatives to report per token")
 
     @field_validator("stop")

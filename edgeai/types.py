@@ -6,8 +6,8 @@ bench and eval render them. `Answer` is the same information gathered after the 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Iterable
 
 
 @dataclass
@@ -104,7 +104,7 @@ class Answer:
     decision: str | None = None
 
     @classmethod
-    def from_events(cls, events: Iterable[Event], model: str) -> "Answer":
+    def from_events(cls, events: Iterable[Event], model: str) -> Answer:
         """Drain an event stream into an Answer."""
         ans = cls(text="", model=model)
         parts: list[str] = []

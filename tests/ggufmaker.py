@@ -31,8 +31,28 @@ def _vocab() -> tuple[list[str], list[str], list[int]]:
     return tokens, merges, types
 
 
-SPM_PIECES = ["▁", "h", "e", "l", "o", "w", "r", "d", "▁h", "el", "ll", "▁he", "llo", "▁hello",
-              "▁w", "or", "▁wor", "ld", "▁world", "▁the"]
+SPM_PIECES = [
+    "▁",
+    "h",
+    "e",
+    "l",
+    "o",
+    "w",
+    "r",
+    "d",
+    "▁h",
+    "el",
+    "ll",
+    "▁he",
+    "llo",
+    "▁hello",
+    "▁w",
+    "or",
+    "▁wor",
+    "ld",
+    "▁world",
+    "▁the",
+]
 
 
 def _spm_vocab() -> tuple[list[str], list[float], list[int]]:
@@ -49,7 +69,11 @@ def _spm_vocab() -> tuple[list[str], list[float], list[int]]:
 
 def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
     """llama.cpp's row permutation of Q/K for interleaved RoPE."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    return (
+        w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
 
 
 def unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -57,28 +81,46 @@ def unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 # K-quant block: byte offsets of its float16 fields, and d (then dmin) for |w| around 0.5.
-_K_FIELDS = {T.Q4_K: ((0, 1 / 465), (2, 7.5 / 465)), T.Q5_K: ((0, 1 / 960), (2, 15.5 / 960)),
-             T.Q6_K: ((208, 1 / 1024),)}
+_K_FIELDS = {
+    T.Q4_K: ((0, 1 / 465), (2, 7.5 / 465)),
+    T.Q5_K: ((0, 1 / 960), (2, 15.5 / 960)),
+    T.Q6_K: ((208, 1 / 1024),),
+}
 
 
-def random_k_blocks(qtype: T, rows: int, cols: int, rng: np.random.Generator, size: float = 0.5) -> np.ndarray:
+def random_k_blocks(
+    qtype: T, rows: int, cols: int, rng: np.random.Generator, size: float = 0.5
+) -> np.ndarray:
     """Random valid K-quant data (rows, bytes per row), weights of about ±`size`."""
     _, nbytes = GGML_QUANT_SIZES[qtype]
     raw = rng.integers(0, 256, (rows * cols // 256, nbytes), dtype=np.uint8)
     for off, mean in _K_FIELDS[qtype]:
         d = (2 * size * mean * rng.uniform(0.5, 1.5, (raw.shape[0], 1))).astype(np.float16)
-        raw[:, off:off + 2] = d.view(np.uint8)
+        raw[:, off : off + 2] = d.view(np.uint8)
     return raw.reshape(rows, -1)
 
 
 TensorTypes = T | Mapping[str, T]
 
 
-def make_gguf(path: Path, *, arch: str = "llama", qtype: TensorTypes = T.Q4_0, hidden: int = 64,
-              layers: int = 2, heads: int = 4, kv_heads: int = 2, seed: int = 0,
-              spm: bool = False, tied: bool = True, ffn: int | None = None,
-              skip: tuple[str, ...] = (), meta: Mapping[str, Any] | None = None,
-              raw_out: dict | None = None, extra_tensor: str | None = None) -> dict[str, np.ndarray]:
+def make_gguf(
+    path: Path,
+    *,
+    arch: str = "llama",
+    qtype: TensorTypes = T.Q4_0,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    seed: int = 0,
+    spm: bool = False,
+    tied: bool = True,
+    ffn: int | None = None,
+    skip: tuple[str, ...] = (),
+    meta: Mapping[str, Any] | None = None,
+    raw_out: dict | None = None,
+    extra_tensor: str | None = None,
+) -> dict[str, np.ndarray]:
     """Write a tiny model to `path`; return {hf_name: float32 weights as stored}.
 
     `qtype` is one type for every matrix, or {GGUF tensor kind: type} ("token_embd",
@@ -107,8 +149,14 @@ def make_gguf(path: Path, *, arch: str = "llama", qtype: TensorTypes = T.Q4_0, h
         f"{arch}.rope.freq_base": 10000.0,
     }
     if arch == "gemma3":
-        kv.update({f"{arch}.attention.key_length": head_dim, f"{arch}.attention.value_length": head_dim,
-                   f"{arch}.attention.sliding_window": 4, f"{arch}.rope.freq_base": 1e6})
+        kv.update(
+            {
+                f"{arch}.attention.key_length": head_dim,
+                f"{arch}.attention.value_length": head_dim,
+                f"{arch}.attention.sliding_window": 4,
+                f"{arch}.rope.freq_base": 1e6,
+            }
+        )
     kv.update(meta or {})
     for key, value in kv.items():
         if key in skip:
@@ -139,9 +187,15 @@ def make_gguf(path: Path, *, arch: str = "llama", qtype: TensorTypes = T.Q4_0, h
 
     ref: dict[str, np.ndarray] = {}
 
-    def put(gguf_name: str, hf_name: str, arr: np.ndarray, permute_heads: int = 0, norm: bool = False):
+    def put(
+        gguf_name: str, hf_name: str, arr: np.ndarray, permute_heads: int = 0, norm: bool = False
+    ):
         kind = gguf_name.split(".")[-2]
-        qt = (qtype.get(kind, T.F32) if isinstance(qtype, Mapping) else qtype) if arr.ndim == 2 else T.F32
+        qt = (
+            (qtype.get(kind, T.F32) if isinstance(qtype, Mapping) else qtype)
+            if arr.ndim == 2
+            else T.F32
+        )
         arr = arr.astype(np.float32)
         if norm and arch == "gemma3":
             arr = arr - 1  # HF Gemma RMSNorm weights are offsets from 1; llama.cpp stores 1 + w
@@ -179,8 +233,18 @@ def make_gguf(path: Path, *, arch: str = "llama", qtype: TensorTypes = T.Q4_0, h
     for i in range(layers):
         p, b = f"blk.{i}", f"model.layers.{i}"
         permute = arch == "llama"
-        put(f"{p}.attn_q.weight", f"{b}.self_attn.q_proj.weight", rnd(q_rows, hidden), heads if permute else 0)
-        put(f"{p}.attn_k.weight", f"{b}.self_attn.k_proj.weight", rnd(kv_rows, hidden), kv_heads if permute else 0)
+        put(
+            f"{p}.attn_q.weight",
+            f"{b}.self_attn.q_proj.weight",
+            rnd(q_rows, hidden),
+            heads if permute else 0,
+        )
+        put(
+            f"{p}.attn_k.weight",
+            f"{b}.self_attn.k_proj.weight",
+            rnd(kv_rows, hidden),
+            kv_heads if permute else 0,
+        )
         put(f"{p}.attn_v.weight", f"{b}.self_attn.v_proj.weight", rnd(kv_rows, hidden))
         put(f"{p}.attn_output.weight", f"{b}.self_attn.o_proj.weight", rnd(hidden, q_rows))
         if arch == "qwen2":
@@ -190,17 +254,46 @@ def make_gguf(path: Path, *, arch: str = "llama", qtype: TensorTypes = T.Q4_0, h
         put(f"{p}.ffn_gate.weight", f"{b}.mlp.gate_proj.weight", rnd(ffn, hidden))
         put(f"{p}.ffn_up.weight", f"{b}.mlp.up_proj.weight", rnd(ffn, hidden))
         put(f"{p}.ffn_down.weight", f"{b}.mlp.down_proj.weight", rnd(hidden, ffn))
-        put(f"{p}.attn_norm.weight", f"{b}.input_layernorm.weight", 1 + 0.1 * rnd(hidden), norm=True)
+        put(
+            f"{p}.attn_norm.weight", f"{b}.input_layernorm.weight", 1 + 0.1 * rnd(hidden), norm=True
+        )
         if arch == "gemma3":
-            put(f"{p}.attn_q_norm.weight", f"{b}.self_attn.q_norm.weight", 1 + 0.1 * rnd(head_dim), norm=True)
-            put(f"{p}.attn_k_norm.weight", f"{b}.self_attn.k_norm.weight", 1 + 0.1 * rnd(head_dim), norm=True)
-            put(f"{p}.post_attention_norm.weight", f"{b}.post_attention_layernorm.weight",
-                1 + 0.1 * rnd(hidden), norm=True)
-            put(f"{p}.ffn_norm.weight", f"{b}.pre_feedforward_layernorm.weight", 1 + 0.1 * rnd(hidden), norm=True)
-            put(f"{p}.post_ffw_norm.weight", f"{b}.post_feedforward_layernorm.weight",
-                1 + 0.1 * rnd(hidden), norm=True)
+            put(
+                f"{p}.attn_q_norm.weight",
+                f"{b}.self_attn.q_norm.weight",
+                1 + 0.1 * rnd(head_dim),
+                norm=True,
+            )
+            put(
+                f"{p}.attn_k_norm.weight",
+                f"{b}.self_attn.k_norm.weight",
+                1 + 0.1 * rnd(head_dim),
+                norm=True,
+            )
+            put(
+                f"{p}.post_attention_norm.weight",
+                f"{b}.post_attention_layernorm.weight",
+                1 + 0.1 * rnd(hidden),
+                norm=True,
+            )
+            put(
+                f"{p}.ffn_norm.weight",
+                f"{b}.pre_feedforward_layernorm.weight",
+                1 + 0.1 * rnd(hidden),
+                norm=True,
+            )
+            put(
+                f"{p}.post_ffw_norm.weight",
+                f"{b}.post_feedforward_layernorm.weight",
+                1 + 0.1 * rnd(hidden),
+                norm=True,
+            )
         else:
-            put(f"{p}.ffn_norm.weight", f"{b}.post_attention_layernorm.weight", 1 + 0.1 * rnd(hidden))
+            put(
+                f"{p}.ffn_norm.weight",
+                f"{b}.post_attention_layernorm.weight",
+                1 + 0.1 * rnd(hidden),
+            )
     if extra_tensor:
         w.add_tensor(extra_tensor, np.ones(hidden, dtype=np.float32))
     w.write_header_to_file()
@@ -215,9 +308,9 @@ def set_tensor_offset(path: Path, name: str, offset: int) -> None:
     data = bytearray(Path(path).read_bytes())
     key = len(name).to_bytes(8, "little") + name.encode()
     at = data.index(key) + len(key)
-    n_dims = int.from_bytes(data[at:at + 4], "little")
+    n_dims = int.from_bytes(data[at : at + 4], "little")
     at += 4 + 8 * n_dims + 4
-    data[at:at + 8] = offset.to_bytes(8, "little")
+    data[at : at + 8] = offset.to_bytes(8, "little")
     Path(path).write_bytes(bytes(data))
 
 
@@ -225,9 +318,9 @@ def tensor_offset(path: Path, name: str) -> int:
     data = Path(path).read_bytes()
     key = len(name).to_bytes(8, "little") + name.encode()
     at = data.index(key) + len(key)
-    n_dims = int.from_bytes(data[at:at + 4], "little")
+    n_dims = int.from_bytes(data[at : at + 4], "little")
     at += 4 + 8 * n_dims + 4
-    return int.from_bytes(data[at:at + 8], "little")
+    return int.from_bytes(data[at : at + 8], "little")
 
 
 def make_refused_gguf(path: Path, qtype: T = T.Q2_K) -> None:

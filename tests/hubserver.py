@@ -87,20 +87,28 @@ class HubServer:
         for p in sorted(Path(directory).rglob("*")):
             if p.is_file():
                 rel = p.relative_to(directory).as_posix()
-                files[rel] = HostedFile(p.read_bytes(), any(fnmatch.fnmatch(p.name, pat) for pat in LFS_PATTERNS))
-        digest = hashlib.sha1(repr(sorted((k, f.etag) for k, f in files.items())).encode()).hexdigest()
+                files[rel] = HostedFile(
+                    p.read_bytes(), any(fnmatch.fnmatch(p.name, pat) for pat in LFS_PATTERNS)
+                )
+        digest = hashlib.sha1(
+            repr(sorted((k, f.etag) for k, f in files.items())).encode()
+        ).hexdigest()
         self.repos[repo_id] = HostedRepo(commit=digest, files=files)
         return digest
 
     def requests(self, path_suffix: str = "", method: str | None = None) -> list[dict]:
         with self._lock:
-            return [r for r in self.log if r["path"].endswith(path_suffix) and (method is None or r["method"] == method)]
+            return [
+                r
+                for r in self.log
+                if r["path"].endswith(path_suffix) and (method is None or r["method"] == method)
+            ]
 
     def record(self, entry: dict) -> None:
         with self._lock:
             self.log.append(entry)
 
-    def __enter__(self) -> "HubServer":
+    def __enter__(self) -> HubServer:
         self._thread.start()
         return self
 
@@ -126,8 +134,16 @@ def _handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
         def _route(self, head: bool) -> None:
             url = urlparse(self.path)
             path = unquote(url.path)
-            entry = {"method": self.command, "path": path, "range": self.headers.get("Range"), "sent": 0, "status": 0}
-            if path == "/api/agent-harnesses":  # huggingface_hub's once-a-day registry probe, not a model request
+            entry = {
+                "method": self.command,
+                "path": path,
+                "range": self.headers.get("Range"),
+                "sent": 0,
+                "status": 0,
+            }
+            if (
+                path == "/api/agent-harnesses"
+            ):  # huggingface_hub's once-a-day registry probe, not a model request
                 return self._error(entry, 404, "EntryNotFound", "not served here")
             hub.record(entry)
             m = re.fullmatch(r"/api/models/([^/]+/[^/]+)/tree/([^/]+)(?:/(.*))?", path)
@@ -135,7 +151,9 @@ def _handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
                 return self._tree(entry, *m.groups())
             m = re.fullmatch(r"/api/models/([^/]+/[^/]+?)(?:/revision/([^/]+))?", path)
             if m:
-                return self._info(entry, m.group(1), m.group(2) or "main", "blobs" in parse_qs(url.query))
+                return self._info(
+                    entry, m.group(1), m.group(2) or "main", "blobs" in parse_qs(url.query)
+                )
             m = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
             if m:
                 return self._file(entry, head, *m.groups())
@@ -146,7 +164,9 @@ def _handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
             if repo is None:
                 self._error(entry, 404, "RepoNotFound", f"Repository {repo_id} not found")
             elif rev not in ("main", repo.commit):
-                self._error(entry, 404, "RevisionNotFound", f"Revision {rev} not found", repo.commit)
+                self._error(
+                    entry, 404, "RevisionNotFound", f"Revision {rev} not found", repo.commit
+                )
             else:
                 return repo
             return None
@@ -165,8 +185,16 @@ def _handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
                 s.update(hub.faults.info.get("siblings", {}).get(name, {}))
                 siblings.append(s)
             sha = hub.faults.info.get("sha", repo.commit)
-            body = json.dumps({"id": repo_id, "modelId": repo_id, "sha": sha, "private": False,
-                               "siblings": siblings, "tags": ["mlx"]}).encode()
+            body = json.dumps(
+                {
+                    "id": repo_id,
+                    "modelId": repo_id,
+                    "sha": sha,
+                    "private": False,
+                    "siblings": siblings,
+                    "tags": ["mlx"],
+                }
+            ).encode()
             self._send(entry, 200, body, {"Content-Type": "application/json"})
 
         def _tree(self, entry: dict, repo_id: str, rev: str, under: str | None) -> None:
@@ -195,10 +223,16 @@ def _handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
             if not head and hub.faults.corrupt.get(name, 0) > 0:
                 hub.faults.corrupt[name] -= 1
                 data = bytes(b ^ 0x5A for b in data[:4096]) + data[4096:]  # same size, wrong bytes
-            headers = {"X-Repo-Commit": repo.commit, "ETag": f'"{f.blob_id}"', "Accept-Ranges": "bytes",
-                       "Content-Type": "application/octet-stream"}
+            headers = {
+                "X-Repo-Commit": repo.commit,
+                "ETag": f'"{f.blob_id}"',
+                "Accept-Ranges": "bytes",
+                "Content-Type": "application/octet-stream",
+            }
             if f.lfs:
-                headers.update({"X-Linked-Etag": f'"{f.sha256}"', "X-Linked-Size": str(len(f.data))})
+                headers.update(
+                    {"X-Linked-Etag": f'"{f.sha256}"', "X-Linked-Size": str(len(f.data))}
+                )
             status, start = 200, 0
             rng = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
             if rng and not head:
@@ -207,14 +241,27 @@ def _handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
                 headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
             self._send(entry, status, data[start:], headers, head=head, fault_key=name)
 
-        def _error(self, entry: dict, status: int, code: str, message: str, commit: str | None = None) -> None:
-            headers = {"Content-Type": "application/json", "X-Error-Code": code, "X-Error-Message": message}
+        def _error(
+            self, entry: dict, status: int, code: str, message: str, commit: str | None = None
+        ) -> None:
+            headers = {
+                "Content-Type": "application/json",
+                "X-Error-Code": code,
+                "X-Error-Message": message,
+            }
             if commit:
                 headers["X-Repo-Commit"] = commit
             self._send(entry, status, json.dumps({"error": message}).encode(), headers)
 
-        def _send(self, entry: dict, status: int, body: bytes, headers: dict, head: bool = False,
-                  fault_key: str | None = None) -> None:
+        def _send(
+            self,
+            entry: dict,
+            status: int,
+            body: bytes,
+            headers: dict,
+            head: bool = False,
+            fault_key: str | None = None,
+        ) -> None:
             entry["status"] = status
             self.send_response(status)
             for k, v in headers.items():
@@ -239,8 +286,8 @@ def _handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
         def _write(self, entry: dict, data: bytes) -> None:
             try:
                 for i in range(0, len(data), 1 << 16):
-                    self.wfile.write(data[i:i + (1 << 16)])
-                    entry["sent"] += len(data[i:i + (1 << 16)])
+                    self.wfile.write(data[i : i + (1 << 16)])
+                    entry["sent"] += len(data[i : i + (1 << 16)])
                 self.wfile.flush()
             except OSError:
                 self.close_connection = True

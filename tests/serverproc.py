@@ -19,8 +19,11 @@ class ServerProc:
         self.proc, self.socket, self.log = proc, socket, log
 
     def client(self, timeout: float = 60) -> httpx.Client:
-        return httpx.Client(transport=httpx.HTTPTransport(uds=str(self.socket)), base_url="http://localhost",
-                            timeout=timeout)
+        return httpx.Client(
+            transport=httpx.HTTPTransport(uds=str(self.socket)),
+            base_url="http://localhost",
+            timeout=timeout,
+        )
 
     def metric(self, name: str) -> float:
         """The value of an unlabelled Prometheus sample (e.g. edgeai_cancelled_total)."""
@@ -43,8 +46,15 @@ class ServerProc:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
 
-def start_server(model_dir: Path, workdir: Path, *args: str, env: dict | None = None,
-                 socket: Path | None = None, home: Path | None = None, wait: float = 60) -> ServerProc:
+def start_server(
+    model_dir: Path,
+    workdir: Path,
+    *args: str,
+    env: dict | None = None,
+    socket: Path | None = None,
+    home: Path | None = None,
+    wait: float = 60,
+) -> ServerProc:
     """Start `edgeai serve --model model_dir` with its store/config under `workdir`.
 
     `home` overrides $EDGEAI_HOME (e.g. to keep the router's embedding cache across runs).
@@ -53,13 +63,31 @@ def start_server(model_dir: Path, workdir: Path, *args: str, env: dict | None = 
     rundir.mkdir(mode=0o700, parents=True, exist_ok=True)
     sock = socket or rundir / "edgeai.sock"
     full_env = dict(env or os.environ)
-    full_env.update(EDGEAI_HOME=str(home or workdir / "home"), EDGEAI_CONFIG_DIR=str(workdir / "config"),
-                    HF_HUB_OFFLINE="1", NO_COLOR="1")
+    full_env.update(
+        EDGEAI_HOME=str(home or workdir / "home"),
+        EDGEAI_CONFIG_DIR=str(workdir / "config"),
+        HF_HUB_OFFLINE="1",
+        NO_COLOR="1",
+    )
     log = workdir / f"server-{time.monotonic_ns()}.log"
-    cmd = [sys.executable, "-m", "edgeai", "serve", "--model", str(model_dir), "--socket", str(sock),
-           "--policy", "local-only", "--no-store", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "edgeai",
+        "serve",
+        "--model",
+        str(model_dir),
+        "--socket",
+        str(sock),
+        "--policy",
+        "local-only",
+        "--no-store",
+        *args,
+    ]
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, env=full_env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            cmd, env=full_env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
     srv = ServerProc(proc, sock, log)
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:

@@ -14,20 +14,27 @@ from pathlib import Path
 
 import mlx.core as mx
 import pytest
-
 from conftest import run_cli
 from tinymodel import make_tiny_model
 
-from edgeai.store import adapters
 from edgeai.errors import InvalidInput, ModelNotFound
 from edgeai.options import GenerationOptions
+from edgeai.store import adapters
 
 PROMPT = "the cat sat on the mat and then"
 GREEDY = GenerationOptions(max_tokens=12, temperature=0.0)
 
 
-def make_adapter(base: Path, out: Path, *, seed: int, rank: int = 4, scale: float = 10.0,
-                 num_layers: int = 2, keys: list[str] | None = None) -> Path:
+def make_adapter(
+    base: Path,
+    out: Path,
+    *,
+    seed: int,
+    rank: int = 4,
+    scale: float = 10.0,
+    num_layers: int = 2,
+    keys: list[str] | None = None,
+) -> Path:
     """Write an mlx-lm LoRA adapter for `base` with random (non-zero) A and B."""
     from mlx.utils import tree_flatten
     from mlx_lm.tuner.utils import linear_to_lora_layers
@@ -40,10 +47,17 @@ def make_adapter(base: Path, out: Path, *, seed: int, rank: int = 4, scale: floa
         params["keys"] = keys
     linear_to_lora_layers(model, num_layers, params)
     mx.random.seed(seed)
-    weights = {k: mx.random.normal(v.shape) * 0.2 for k, v in tree_flatten(model.trainable_parameters())}
+    weights = {
+        k: mx.random.normal(v.shape) * 0.2 for k, v in tree_flatten(model.trainable_parameters())
+    }
     out.mkdir(parents=True, exist_ok=True)
     mx.save_safetensors(str(out / "adapters.safetensors"), weights)
-    cfg = {"fine_tune_type": "lora", "num_layers": num_layers, "lora_parameters": params, "model": str(base)}
+    cfg = {
+        "fine_tune_type": "lora",
+        "num_layers": num_layers,
+        "lora_parameters": params,
+        "model": str(base),
+    }
     (out / "adapter_config.json").write_text(json.dumps(cfg))
     return out
 
@@ -56,13 +70,17 @@ def mlx_lm_tokens(base: Path, adapter_dir: Path | None, n: int) -> list[int]:
     model, tok = load(str(base), adapter_path=str(adapter_dir) if adapter_dir else None)
     ids = mx.array(tok.encode(PROMPT))
     out = []
-    for token, _ in generate_step(ids, model, max_tokens=n, sampler=lambda lp: mx.argmax(lp, axis=-1)):
+    for token, _ in generate_step(
+        ids, model, max_tokens=n, sampler=lambda lp: mx.argmax(lp, axis=-1)
+    ):
         out.append(int(token))
     return out
 
 
 def tokens(engine, adapter: str | None, prompt: str = PROMPT) -> list[int]:
-    return [e.token for e in engine.generate(prompt, GREEDY, adapter=adapter) if e.token is not None]
+    return [
+        e.token for e in engine.generate(prompt, GREEDY, adapter=adapter) if e.token is not None
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +91,15 @@ def env(tmp_path_factory):
     mp.setenv("EDGEAI_HOME", str(root / "home"))
     base = make_tiny_model(root / "models" / "tiny")
     src_a = make_adapter(base, root / "src" / "a", seed=1)
-    src_b = make_adapter(base, root / "src" / "b", seed=2, rank=2, scale=5.0, num_layers=1,
-                         keys=["self_attn.q_proj", "self_attn.v_proj"])
+    src_b = make_adapter(
+        base,
+        root / "src" / "b",
+        seed=2,
+        rank=2,
+        scale=5.0,
+        num_layers=1,
+        keys=["self_attn.q_proj", "self_attn.v_proj"],
+    )
     adapters.add(src_a, str(base), name="ad-a")
     adapters.add(src_b, str(base), name="ad-b")
     yield {"root": root, "base": base, "a": src_a, "b": src_b}
@@ -92,8 +117,11 @@ def engine(env):
 def reference(env):
     """Greedy token ids from mlx-lm: base, with A, with B."""
     n = GREEDY.max_tokens
-    return {None: mlx_lm_tokens(env["base"], None, n), "ad-a": mlx_lm_tokens(env["base"], env["a"], n),
-            "ad-b": mlx_lm_tokens(env["base"], env["b"], n)}
+    return {
+        None: mlx_lm_tokens(env["base"], None, n),
+        "ad-a": mlx_lm_tokens(env["base"], env["a"], n),
+        "ad-b": mlx_lm_tokens(env["base"], env["b"], n),
+    }
 
 
 def same_prefix(ours: list[int], ref: list[int]) -> bool:
@@ -110,7 +138,10 @@ def test_adapter_output_equals_mlx_lm_and_differs_from_base(engine, reference):
 
 
 def test_switching_a_b_a_matches_single_adapter_runs(engine, reference):
-    runs = [(name, tokens(engine, name)) for name in ("ad-a", "ad-b", "ad-a", None, "ad-b", "ad-b", None)]
+    runs = [
+        (name, tokens(engine, name))
+        for name in ("ad-a", "ad-b", "ad-a", None, "ad-b", "ad-b", None)
+    ]
     for name, got in runs:
         assert same_prefix(got, reference[name]), name
     # Switching reads nothing from disk: both adapters stay in the LRU.
@@ -120,9 +151,16 @@ def test_switching_a_b_a_matches_single_adapter_runs(engine, reference):
 
 
 def test_base_weights_untouched_and_no_selection_leaks(engine):
-    before = {k: v for k, v in __import__("mlx.utils", fromlist=["tree_flatten"]).tree_flatten(engine.model.parameters())}
+    before = {
+        k: v
+        for k, v in __import__("mlx.utils", fromlist=["tree_flatten"]).tree_flatten(
+            engine.model.parameters()
+        )
+    }
     tokens(engine, "ad-a")
-    after = dict(__import__("mlx.utils", fromlist=["tree_flatten"]).tree_flatten(engine.model.parameters()))
+    after = dict(
+        __import__("mlx.utils", fromlist=["tree_flatten"]).tree_flatten(engine.model.parameters())
+    )
     assert before.keys() == after.keys()
     assert all(mx.array_equal(before[k], after[k]).item() for k in before)
     assert not any(k.endswith(("lora_a", "lora_b")) for k in after)
@@ -166,7 +204,9 @@ def test_interleaved_streams_each_keep_their_adapter(engine, reference):
         t.start()
     for t in ts:
         t.join(timeout=120)
-    assert same_prefix(got["ad-a"], reference["ad-a"]) and same_prefix(got["ad-b"], reference["ad-b"])
+    assert same_prefix(got["ad-a"], reference["ad-a"]) and same_prefix(
+        got["ad-b"], reference["ad-b"]
+    )
 
 
 def test_per_row_selection_in_one_batch_equals_single_rows(engine):
@@ -292,7 +332,9 @@ def test_unquantized_base_matches_mlx_lm(tmp_path, monkeypatch):
 def test_cli_add_list_rm(env, edgeai_env, tmp_path):
     home = Path(edgeai_env["EDGEAI_HOME"])
     base = make_tiny_model(tmp_path / "tiny")
-    r = run_cli(["adapter", "add", str(env["a"]), "--base", str(base), "--name", "cli-a"], edgeai_env)
+    r = run_cli(
+        ["adapter", "add", str(env["a"]), "--base", str(base), "--name", "cli-a"], edgeai_env
+    )
     assert r.returncode == 0, r.stderr
     assert (home / "adapters" / "cli-a" / "adapters.safetensors").is_file()
     r = run_cli(["adapter", "list", "--json"], edgeai_env)
@@ -305,7 +347,9 @@ def test_cli_add_list_rm(env, edgeai_env, tmp_path):
     wide = make_tiny_model(tmp_path / "wide", hidden=96)
     bad = make_adapter(wide, tmp_path / "bad", seed=3)
     r = run_cli(["adapter", "add", str(bad), "--base", str(base)], edgeai_env)
-    assert r.returncode != 0 and "does not fit base model" in r.stderr and "Traceback" not in r.stderr
+    assert (
+        r.returncode != 0 and "does not fit base model" in r.stderr and "Traceback" not in r.stderr
+    )
     # `edgeai run --adapter`: the answer equals the library's with that adapter, not the base's.
     from edgeai.cli import chat
     from edgeai.engine import Engine
@@ -315,11 +359,15 @@ def test_cli_add_list_rm(env, edgeai_env, tmp_path):
     assert r.returncode == 0, r.stderr
     eng = Engine.load(base, kernel="builtin")
     msgs = chat.messages_for("hello there")
-    want = "".join(e.text for e in eng.generate(msgs, GenerationOptions(max_tokens=10), adapter="cli-a"))
+    want = "".join(
+        e.text for e in eng.generate(msgs, GenerationOptions(max_tokens=10), adapter="cli-a")
+    )
     plain = "".join(e.text for e in eng.generate(msgs, GenerationOptions(max_tokens=10)))
     assert json.loads(r.stdout)["text"] == want != plain
     r = run_cli([*run, "--adapter", "nope", "hello"], edgeai_env)
-    assert r.returncode != 0 and "no adapter named 'nope'" in r.stderr and "Traceback" not in r.stderr
+    assert (
+        r.returncode != 0 and "no adapter named 'nope'" in r.stderr and "Traceback" not in r.stderr
+    )
     r = run_cli(["adapter", "rm", "cli-a"], edgeai_env)
     assert r.returncode == 0, r.stderr
     assert not (home / "adapters" / "cli-a").exists()
@@ -342,8 +390,7 @@ def test_continuous_batching_routes_each_row_to_its_adapter(engine):
     eos = [[int(t)] for t in engine.tokenizer.eos_token_ids]
     with engine.lock:
         routed = engine.adapters.routed(lambda n: [adapter_of[u] for u in calling_batch_uids(n)])
-        gen = BatchGenerator(routed, stop_tokens=eos,
-                             completion_batch_size=8, prefill_batch_size=2)
+        gen = BatchGenerator(routed, stop_tokens=eos, completion_batch_size=8, prefill_batch_size=2)
 
         def insert(i: int) -> int:
             (uid,) = gen.insert([engine.encode(prompts[i])], max_tokens=[GREEDY.max_tokens])
@@ -411,12 +458,16 @@ def test_server_requests_with_different_adapters_share_one_batch(tmp_path, monke
     monkeypatch.setenv("EDGEAI_HOME", str(tmp_path / "home"))
     base = make_tiny_model(tmp_path / "tiny")
     adapters.add(make_adapter(base, tmp_path / "a", seed=1), str(base), name="ad-a")
-    adapters.add(make_adapter(base, tmp_path / "b", seed=2, rank=2, num_layers=1), str(base), name="ad-b")
+    adapters.add(
+        make_adapter(base, tmp_path / "b", seed=2, rank=2, num_layers=1), str(base), name="ad-b"
+    )
     eng = Engine.load(base, name="tiny", kernel="builtin")
     msgs = [{"role": "user", "content": "tell me about the cat"}]
     names = ["ad-a", "ad-b", None, "ad-a", "ad-b", None]
-    want = {n: "".join(e.text for e in eng.generate(msgs, GenerationOptions(max_tokens=10), adapter=n))
-            for n in set(names)}
+    want = {
+        n: "".join(e.text for e in eng.generate(msgs, GenerationOptions(max_tokens=10), adapter=n))
+        for n in set(names)
+    }
     assert len(set(want.values())) == 3
     srv = start_server(base, tmp_path, env={**__import__("os").environ, "EDGEAI_KERNEL": "builtin"})
     try:
@@ -428,7 +479,9 @@ def test_server_requests_with_different_adapters_share_one_batch(tmp_path, monke
                 body["adapter"] = names[i]
             with srv.client(timeout=120) as c:
                 r = c.post("/v1/chat/completions", json=body)
-                got[i] = r.json()["choices"][0]["message"]["content"] if r.status_code == 200 else r.text
+                got[i] = (
+                    r.json()["choices"][0]["message"]["content"] if r.status_code == 200 else r.text
+                )
 
         threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(names))]
         for t in threads:
@@ -437,7 +490,9 @@ def test_server_requests_with_different_adapters_share_one_batch(tmp_path, monke
             t.join(180)
         assert [got[i] for i in range(len(names))] == [want[n] for n in names]
         with srv.client() as c:
-            r = c.post("/v1/chat/completions", json={"model": "tiny", "messages": msgs, "adapter": "nope"})
+            r = c.post(
+                "/v1/chat/completions", json={"model": "tiny", "messages": msgs, "adapter": "nope"}
+            )
         assert r.status_code in (400, 404) and "no adapter named 'nope'" in r.text
     finally:
         srv.stop()
@@ -447,9 +502,13 @@ def test_adapter_set_refuses_pairs_that_do_not_fit_the_loaded_model(engine):
     """Even past the store's checks (e.g. the base directory was overwritten), nothing bad is installed."""
     from edgeai.engine.lora import AdapterSet, LoadedAdapter
 
-    bad = LoadedAdapter("bad", 1.0, {"model.layers.0.self_attn.q_proj": (mx.zeros((32, 2)), mx.zeros((2, 64)))})
+    bad = LoadedAdapter(
+        "bad", 1.0, {"model.layers.0.self_attn.q_proj": (mx.zeros((32, 2)), mx.zeros((2, 64)))}
+    )
     aset = AdapterSet(engine.model, lambda name: bad)
-    with pytest.raises(InvalidInput, match="'bad' does not fit this model: .*q_proj: adapter maps 32 -> 64"):
+    with pytest.raises(
+        InvalidInput, match="'bad' does not fit this model: .*q_proj: adapter maps 32 -> 64"
+    ):
         aset.get("bad")
     assert aset.cached == []
 
@@ -500,7 +559,9 @@ def test_non_finite_weights_are_refused_at_add(env, tmp_path):
     src = make_adapter(env["base"], tmp_path / "src", seed=3)
     w = mx.load(str(src / "adapters.safetensors"))
     first = sorted(w)[0]
-    w[first] = mx.where(mx.arange(w[first].size).reshape(w[first].shape) == 3, mx.array(float("nan")), w[first])
+    w[first] = mx.where(
+        mx.arange(w[first].size).reshape(w[first].shape) == 3, mx.array(float("nan")), w[first]
+    )
     mx.save_safetensors(str(src / "adapters.safetensors"), w)
     with pytest.raises(InvalidInput, match="not finite"):
         adapters.add(src, str(env["base"]), name="bad")

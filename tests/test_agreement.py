@@ -23,14 +23,30 @@ def test_agreement_script_lines_up_positions_with_llama_cpp(tmp_path):
 
     gguf = tmp_path / "tiny.gguf"
     make_gguf(gguf, qtype=T.Q4_0)
-    env = dict(os.environ, EDGEAI_HOME=str(tmp_path / "home"),
-               EDGEAI_CONFIG_DIR=str(tmp_path / "cfg"), PYTHONPATH=str(ROOT))
+    env = dict(
+        os.environ,
+        EDGEAI_HOME=str(tmp_path / "home"),
+        EDGEAI_CONFIG_DIR=str(tmp_path / "cfg"),
+        PYTHONPATH=str(ROOT),
+    )
     run = dict(cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     cmd = [sys.executable, "-m", "edgeai", "import", str(gguf), "--name", "tiny", "-q"]
     r = subprocess.run(cmd, **run)
     assert r.returncode == 0, r.stderr
-    r = subprocess.run([sys.executable, "benchmarks/agreement.py", "tiny", "--gguf", str(gguf),
-                        "--tokens", "60", "--threads", "1"], **run)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/agreement.py",
+            "tiny",
+            "--gguf",
+            str(gguf),
+            "--tokens",
+            "60",
+            "--threads",
+            "1",
+        ],
+        **run,
+    )
     assert r.returncode == 0, r.stderr
     assert "tokenizers agree on 60/60 ids" in r.stderr
     names = r"edgeai accurate|edgeai fast|mlx-lm float32 \(stock\)"

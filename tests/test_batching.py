@@ -22,10 +22,18 @@ QUESTIONS = ("What is the capital of France?", "hi", "Name three colors please, 
 
 def _batched_equals_single(engine: Engine, n: int = 12) -> None:
     prompts = [engine.encode([{"role": "user", "content": q}]) for q in QUESTIONS]
-    single = [Answer.from_events(engine.generate(p, GenerationOptions(max_tokens=n)), "m").tokens for p in prompts]
+    single = [
+        Answer.from_events(engine.generate(p, GenerationOptions(max_tokens=n)), "m").tokens
+        for p in prompts
+    ]
     # built as the server builds it (edgeai.server.scheduler)
-    gen = batching.for_engine(engine, lambda uid: None, stop_tokens=[[int(t)] for t in engine.tokenizer.eos_token_ids],
-                              completion_batch_size=4, prefill_batch_size=4)
+    gen = batching.for_engine(
+        engine,
+        lambda uid: None,
+        stop_tokens=[[int(t)] for t in engine.tokenizer.eos_token_ids],
+        completion_batch_size=4,
+        prefill_batch_size=4,
+    )
     uids = gen.insert(prompts, max_tokens=[n] * len(prompts))
     got: dict[int, list[int]] = {u: [] for u in uids}
     for _ in range(10 * n):
@@ -67,7 +75,9 @@ def test_mlx_lm_contract():
         klass = getattr(g, cls)
         src = inspect.getsource(klass)
         for name in names:
-            assert hasattr(klass, name) or f"self.{name} =" in src, f"mlx_lm.generate.{cls}.{name} is gone"
+            assert hasattr(klass, name) or f"self.{name} =" in src, (
+                f"mlx_lm.generate.{cls}.{name} is gone"
+            )
     # Both batch kinds call the model as `self.model(...)` (the row owner is `self`).
     for cls in ("PromptProcessingBatch", "GenerationBatch"):
         assert "self.model(" in inspect.getsource(getattr(g, cls))

@@ -9,7 +9,6 @@ import sys
 import time
 
 import pytest
-
 from conftest import default_sigint, run_cli
 
 
@@ -38,8 +37,14 @@ def test_json_has_text_tokens_timings_model(tiny_model, edgeai_env):
 
 def test_stdin_is_context_for_the_prompt(tiny_model, edgeai_env):
     alone = _json_run(tiny_model, edgeai_env, "-n", "2", "find the root cause")
-    piped = _json_run(tiny_model, edgeai_env, "-n", "2", "find the root cause",
-                      input="ERROR disk full at /var/log\n" * 5)
+    piped = _json_run(
+        tiny_model,
+        edgeai_env,
+        "-n",
+        "2",
+        "find the root cause",
+        input="ERROR disk full at /var/log\n" * 5,
+    )
     assert piped["stats"]["prompt_tokens"] > alone["stats"]["prompt_tokens"] + 40
     only_stdin = _json_run(tiny_model, edgeai_env, "-n", "2", input="summarise this")
     assert only_stdin["stats"]["prompt_tokens"] > 0
@@ -82,28 +87,48 @@ def test_bad_input_is_one_line_not_a_traceback(tiny_model, edgeai_env, args, mes
     assert "Traceback" not in r.stderr
 
 
-SCHEMA = {"type": "object", "properties": {"color": {"enum": ["red", "green", "blue"]},
-                                           "count": {"type": "integer", "minimum": 1, "maximum": 9}},
-          "required": ["color", "count"], "additionalProperties": False}
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "color": {"enum": ["red", "green", "blue"]},
+        "count": {"type": "integer", "minimum": 1, "maximum": 9},
+    },
+    "required": ["color", "count"],
+    "additionalProperties": False,
+}
 
 
 def test_json_schema_file_constrains_the_answer(tiny_model, edgeai_env, tmp_path):
     schema = tmp_path / "schema.json"
     schema.write_text(json.dumps(SCHEMA))
     for seed in ("1", "2"):
-        out = _json_run(tiny_model, edgeai_env, "-n", "60", "-t", "1", "--seed", seed, "--json-schema",
-                        str(schema), "pick a color")
+        out = _json_run(
+            tiny_model,
+            edgeai_env,
+            "-n",
+            "60",
+            "-t",
+            "1",
+            "--seed",
+            seed,
+            "--json-schema",
+            str(schema),
+            "pick a color",
+        )
         assert out["finish_reason"] == "stop"
         answer = json.loads(out["text"])
         assert answer["color"] in ("red", "green", "blue") and 1 <= answer["count"] <= 9
 
 
-@pytest.mark.parametrize("content, message", [
-    (None, "cannot read the schema file"),
-    ("{oops", "is not JSON"),
-    ('{"not": {"type": "string"}}', 'Unimplemented keys: ["not"]'),
-    ('[1]', "must be a JSON object"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "cannot read the schema file"),
+        ("{oops", "is not JSON"),
+        ('{"not": {"type": "string"}}', 'Unimplemented keys: ["not"]'),
+        ("[1]", "must be a JSON object"),
+    ],
+)
 def test_bad_schema_file_is_one_line(tiny_model, edgeai_env, tmp_path, content, message):
     path = tmp_path / "s.json"
     if content is not None:
@@ -151,9 +176,23 @@ def test_interactive_chat_keeps_history(tiny_model, edgeai_env):
 def test_ctrl_c_stops_generation_cleanly(tiny_model, edgeai_env):
     proc = subprocess.Popen(
         # MLX's own kernel: slow, and its greedy text for this prompt runs on without an end-of-text token
-        [sys.executable, "-m", "edgeai", "run", "-m", str(tiny_model), "--kernel", "builtin", "-n", "100000",
-         "tell me a story"],
-        env=edgeai_env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        [
+            sys.executable,
+            "-m",
+            "edgeai",
+            "run",
+            "-m",
+            str(tiny_model),
+            "--kernel",
+            "builtin",
+            "-n",
+            "100000",
+            "tell me a story",
+        ],
+        env=edgeai_env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         preexec_fn=default_sigint,
     )
     first = proc.stdout.read(1)  # generation has started
@@ -168,7 +207,10 @@ def test_ctrl_c_stops_generation_cleanly(tiny_model, edgeai_env):
 
 @pytest.mark.slow
 def test_real_model_answers_paris_from_the_cli(smollm_dir, edgeai_env):
-    r = run_cli(["run", "-m", str(smollm_dir), "--json", "-n", "24", "What is the capital of France?"], edgeai_env)
+    r = run_cli(
+        ["run", "-m", str(smollm_dir), "--json", "-n", "24", "What is the capital of France?"],
+        edgeai_env,
+    )
     assert r.returncode == 0, r.stderr
     assert "Paris" in json.loads(r.stdout)["text"]
 
@@ -176,9 +218,13 @@ def test_real_model_answers_paris_from_the_cli(smollm_dir, edgeai_env):
 def test_user_text_is_never_read_as_rich_markup(tiny_model, edgeai_env, tmp_path):
     """`edgeai show 'foo[/]'` crashed with MarkupError, and hints lost their bracketed parts."""
     r = run_cli(["show", "foo[/]"], edgeai_env)
-    assert r.returncode == 2 and "Traceback" not in r.stderr and "unknown model 'foo[/]'" in r.stderr, r.stderr
+    assert (
+        r.returncode == 2 and "Traceback" not in r.stderr and "unknown model 'foo[/]'" in r.stderr
+    ), r.stderr
     r = run_cli(["run", "-m", str(tiny_model), "--policy", "remote", "-n", "2", "hi"], edgeai_env)
-    assert "Traceback" not in r.stderr and "add [tiers.<name>] and [policy] remote_tier" in r.stderr, r.stderr
+    assert (
+        "Traceback" not in r.stderr and "add [tiers.<name>] and [policy] remote_tier" in r.stderr
+    ), r.stderr
     # Names and paths from the user's files are shown as written, in every command.
     import shutil
     from pathlib import Path
@@ -187,12 +233,20 @@ def test_user_text_is_never_read_as_rich_markup(tiny_model, edgeai_env, tmp_path
     model = shutil.copytree(tiny_model, odd / "m[red]")
     cfg = Path(edgeai_env["EDGEAI_CONFIG_DIR"])
     cfg.mkdir(parents=True, exist_ok=True)
-    (cfg / "models.toml").write_text(f'[models."x[/]y"]\ndescription = "d[/]"\n[models.ok]\nlicense = "[bold]"\n'
-                                     f'sources = [{{ kind = "file", path = "{model}" }}]\n')
+    (cfg / "models.toml").write_text(
+        f'[models."x[/]y"]\ndescription = "d[/]"\n[models.ok]\nlicense = "[bold]"\n'
+        f'sources = [{{ kind = "file", path = "{model}" }}]\n'
+    )
     env = {**edgeai_env, "EDGEAI_HOME": str(odd / "home")}
-    cases = [(["list"], 0, "x[/]y"), (["show", "x[/]y"], 0, "d[/]"), (["pull", "x[/]y"], 2, "x[/]y"),
-             (["pull", "ok"], 0, "m[red]"), (["show", "ok"], 0, "m[red]"), (["doctor"], 0, "odd[bold]dir"),
-             (["run", "-m", str(tiny_model), "-i", "-n", "2"], 0, "/what[/]")]
+    cases = [
+        (["list"], 0, "x[/]y"),
+        (["show", "x[/]y"], 0, "d[/]"),
+        (["pull", "x[/]y"], 2, "x[/]y"),
+        (["pull", "ok"], 0, "m[red]"),
+        (["show", "ok"], 0, "m[red]"),
+        (["doctor"], 0, "odd[bold]dir"),
+        (["run", "-m", str(tiny_model), "-i", "-n", "2"], 0, "/what[/]"),
+    ]
     for args, code, shown in cases:
         r = run_cli(args, env, input="/what[/]\n/bye\n" if "-i" in args else None)
         assert r.returncode == code and "Traceback" not in r.stderr, (args, r.stderr)

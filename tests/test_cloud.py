@@ -11,12 +11,15 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from fakeproviders import FakeProvider  # noqa: E402
 
-from edgeai.routing import cloud  # noqa: E402
 from edgeai.options import GenerationOptions  # noqa: E402
+from edgeai.routing import cloud  # noqa: E402
 from edgeai.types import Answer  # noqa: E402
 
 KEY = "sk-test-SECRET-4f1d2c9a"
-MSGS = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "capital of France?"}]
+MSGS = [
+    {"role": "system", "content": "be brief"},
+    {"role": "user", "content": "capital of France?"},
+]
 
 
 @pytest.fixture(params=["openai", "anthropic"])
@@ -26,9 +29,17 @@ def fake(request):
 
 
 def tier_for(fp: FakeProvider, **kw) -> cloud.Tier:
-    return cloud.Tier(name="cloud", kind=fp.kind, base_url=fp.base_url, model="big-model",
-                      api_key_env="EDGEAI_TEST_KEY", timeout=kw.pop("timeout", 5),
-                      retries=kw.pop("retries", 2), backoff=0.01, **kw)
+    return cloud.Tier(
+        name="cloud",
+        kind=fp.kind,
+        base_url=fp.base_url,
+        model="big-model",
+        api_key_env="EDGEAI_TEST_KEY",
+        timeout=kw.pop("timeout", 5),
+        retries=kw.pop("retries", 2),
+        backoff=0.01,
+        **kw,
+    )
 
 
 def test_streams_events_with_tier_and_finish(fake, monkeypatch):
@@ -52,7 +63,9 @@ def test_streams_events_with_tier_and_finish(fake, monkeypatch):
 def test_retries_then_succeeds(fake, monkeypatch):
     monkeypatch.setenv("EDGEAI_TEST_KEY", KEY)
     fake.fail_first = 2
-    ans = Answer.from_events(cloud.stream(tier_for(fake, retries=2), MSGS, GenerationOptions()), "m")
+    ans = Answer.from_events(
+        cloud.stream(tier_for(fake, retries=2), MSGS, GenerationOptions()), "m"
+    )
     assert ans.text == fake.reply and len(fake.requests) == 3
 
 
@@ -96,14 +109,25 @@ def test_connection_refused():
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
     s.close()  # nothing listens there now
-    t = cloud.Tier("dead", "openai", f"http://127.0.0.1:{port}/v1", "m", timeout=1, retries=1, backoff=0.01)
+    t = cloud.Tier(
+        "dead", "openai", f"http://127.0.0.1:{port}/v1", "m", timeout=1, retries=1, backoff=0.01
+    )
     with pytest.raises(cloud.RemoteError, match="ConnectError"):
         list(cloud.stream(t, MSGS, GenerationOptions()))
 
 
 def test_tiers_from_config():
-    cfg = {"tiers": {"cloud": {"kind": "anthropic", "base_url": "http://127.0.0.1:1/", "model": "m",
-                               "api_key_env": "K", "retries": 1}}}
+    cfg = {
+        "tiers": {
+            "cloud": {
+                "kind": "anthropic",
+                "base_url": "http://127.0.0.1:1/",
+                "model": "m",
+                "api_key_env": "K",
+                "retries": 1,
+            }
+        }
+    }
     t = cloud.tiers_from_config(cfg)["cloud"]
     assert t.kind == "anthropic" and t.base_url == "http://127.0.0.1:1" and t.retries == 1
     with pytest.raises(cloud.EdgeAIError):
@@ -146,12 +170,28 @@ def test_key_with_surrounding_whitespace_is_stripped(fake, monkeypatch, raw):
 def _renderings(key: str) -> list[str]:
     import json
 
-    return [key, repr(key), repr(key)[1:-1], json.dumps(key)[1:-1], str(key.encode("utf-8", "backslashreplace")),
-            key.encode("unicode_escape").decode(), key.strip(), key[:-1]]
+    return [
+        key,
+        repr(key),
+        repr(key)[1:-1],
+        json.dumps(key)[1:-1],
+        str(key.encode("utf-8", "backslashreplace")),
+        key.encode("unicode_escape").decode(),
+        key.strip(),
+        key[:-1],
+    ]
 
 
-@pytest.mark.parametrize("raw", [KEY[:8] + "\r\n" + KEY[8:], KEY[:8] + "\x1b" + KEY[8:], KEY + "\x7f",
-                                 KEY[:8] + "é" + KEY[8:], KEY[:8] + "\u2028" + KEY[8:]])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        KEY[:8] + "\r\n" + KEY[8:],
+        KEY[:8] + "\x1b" + KEY[8:],
+        KEY + "\x7f",
+        KEY[:8] + "é" + KEY[8:],
+        KEY[:8] + "\u2028" + KEY[8:],
+    ],
+)
 def test_key_with_control_or_non_ascii_characters_is_refused_by_name(fake, monkeypatch, raw):
     monkeypatch.setenv("EDGEAI_TEST_KEY", raw)
     with pytest.raises(cloud.RemoteError) as ei:
@@ -168,8 +208,13 @@ def test_every_rendering_of_a_key_is_scrubbed():
     key = "sk-a\\b\"c'd-0123456789"  # printable, yet escaped differently by repr and JSON
     import json
 
-    for text in (f"echo {key} done", f"header {key.encode()!r}", f"json {json.dumps(key)}", f"repr {key!r}",
-                 f"quoted {__import__('urllib.parse').parse.quote(key)}"):
+    for text in (
+        f"echo {key} done",
+        f"header {key.encode()!r}",
+        f"json {json.dumps(key)}",
+        f"repr {key!r}",
+        f"quoted {__import__('urllib.parse').parse.quote(key)}",
+    ):
         out = scrub(text, key)
         assert "0123456789" not in out and "***" in out, (text, out)
     assert scrub("nothing here", key) == "nothing here"
@@ -183,11 +228,15 @@ def test_key_never_reaches_run_json_or_reasons(tiny_model, edgeai_env, monkeypat
     with FakeProvider("openai") as remote:
         cfg = Path(edgeai_env["EDGEAI_CONFIG_DIR"])
         cfg.mkdir(parents=True, exist_ok=True)
-        (cfg / "config.toml").write_text(f'[tiers.cloud]\nkind = "openai"\nbase_url = "{remote.base_url}"\n'
-                                         'model = "big"\napi_key_env = "EDGEAI_TEST_KEY"\nretries = 0\n')
+        (cfg / "config.toml").write_text(
+            f'[tiers.cloud]\nkind = "openai"\nbase_url = "{remote.base_url}"\n'
+            'model = "big"\napi_key_env = "EDGEAI_TEST_KEY"\nretries = 0\n'
+        )
         for raw in (KEY + "\r", KEY[:8] + "\r" + KEY[8:], KEY[:8] + "é" + KEY[8:]):
             env = {**edgeai_env, "EDGEAI_TEST_KEY": raw}
-            r = run_cli(["run", "-m", str(tiny_model), "--policy", "remote", "--json", "-n", "4", "hi"], env)
+            r = run_cli(
+                ["run", "-m", str(tiny_model), "--policy", "remote", "--json", "-n", "4", "hi"], env
+            )
             assert r.returncode == 0, r.stderr
             assert "Traceback" not in r.stderr
             assert KEY[8:] not in r.stdout + r.stderr, (raw, r.stdout, r.stderr)
@@ -201,5 +250,7 @@ def test_negative_retries_refused_in_config_and_still_one_attempt(fake, monkeypa
     with pytest.raises(cloud.EdgeAIError, match="tiers.cloud.retries"):
         cloud.tiers_from_config({"tiers": {"cloud": tier}})
     monkeypatch.setenv("EDGEAI_TEST_KEY", KEY)
-    ans = Answer.from_events(cloud.stream(tier_for(fake, retries=-1), MSGS, GenerationOptions()), "m")
+    ans = Answer.from_events(
+        cloud.stream(tier_for(fake, retries=-1), MSGS, GenerationOptions()), "m"
+    )
     assert ans.text == fake.reply and len(fake.requests) == 1

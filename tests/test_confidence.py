@@ -7,15 +7,21 @@ import math
 import numpy as np
 import pytest
 
-from edgeai.routing import confidence
 from edgeai.options import GenerationOptions
+from edgeai.routing import confidence
 from edgeai.types import Answer
 
 
 def _answer(lps, text="Paris.", finish="stop", tops=None, tokens=None):
-    return Answer(text=text, model="m", finish_reason=finish, logprobs=list(lps),
-                  entropies=[0.5] * len(lps), tokens=tokens or list(range(len(lps))),
-                  top_logprobs=tops or [()] * len(lps))
+    return Answer(
+        text=text,
+        model="m",
+        finish_reason=finish,
+        logprobs=list(lps),
+        entropies=[0.5] * len(lps),
+        tokens=tokens or list(range(len(lps))),
+        top_logprobs=tops or [()] * len(lps),
+    )
 
 
 def test_signal_values():
@@ -44,13 +50,16 @@ def test_hard_flags():
     assert confidence.hard_flags({"truncated": 1.0, "repetition": 0.0, "idk": 1.0}) == ["truncated"]
 
 
-@pytest.mark.parametrize("text,flag", [
-    ("I don't know who won that match.", "idk"),
-    ("Nobody knows the exact number; it is unknown.", "idk"),
-    ("There is no definitive answer to that.", "idk"),
-    ("I'm sorry, but I can't help with that request.", "refusal"),
-    ("As an AI, I cannot browse the internet.", "refusal"),
-])
+@pytest.mark.parametrize(
+    "text,flag",
+    [
+        ("I don't know who won that match.", "idk"),
+        ("Nobody knows the exact number; it is unknown.", "idk"),
+        ("There is no definitive answer to that.", "idk"),
+        ("I'm sorry, but I can't help with that request.", "refusal"),
+        ("As an AI, I cannot browse the internet.", "refusal"),
+    ],
+)
 def test_abstention_and_refusal(text, flag):
     assert confidence.signals(_answer([-0.2] * 4, text=text))[flag] == 1
 
@@ -65,11 +74,17 @@ def test_signals_from_real_generation(tiny_model):
     from edgeai.engine import Engine
 
     eng = Engine.load(tiny_model)
-    ans = Answer.from_events(eng.generate("hello", GenerationOptions(max_tokens=6, top_logprobs=3)), eng.name)
+    ans = Answer.from_events(
+        eng.generate("hello", GenerationOptions(max_tokens=6, top_logprobs=3)), eng.name
+    )
     s = confidence.signals(ans)
     assert all(math.isfinite(v) for v in s.values())
     assert s["truncated"] == 1 and ans.finish_reason == "length"
-    assert s["min_logprob"] <= s["mean_logprob"] <= 0 and s["first_margin"] >= 0 and s["mean_entropy"] > 0
+    assert (
+        s["min_logprob"] <= s["mean_logprob"] <= 0
+        and s["first_margin"] >= 0
+        and s["mean_entropy"] > 0
+    )
 
 
 def test_scorer_orders_and_calibrates():
@@ -77,21 +92,39 @@ def test_scorer_orders_and_calibrates():
     sure = confidence.signals(_answer([-0.02] * 5, tops=[((1, -0.02), (2, -6.0))] + [()] * 4))
     unsure = confidence.signals(_answer([-2.5] * 5, tops=[((1, -0.7), (2, -0.8))] + [()] * 4))
     assert 0 <= sc.score(unsure) < sc.score(sure) <= 1
-    iso = confidence.Scorer(features=["x"], mean=[0], scale=[1], coef=[1], intercept=0,
-                            calibration={"method": "isotonic", "x": [0.2, 0.8], "y": [0.1, 0.9]})
-    assert iso.score({"x": -10}) == pytest.approx(0.1) and iso.score({"x": 10}) == pytest.approx(0.9)
-    platt = confidence.Scorer(features=["x"], mean=[0], scale=[1], coef=[1], intercept=0,
-                              calibration={"method": "platt", "a": 2.0, "b": 0.0})
+    iso = confidence.Scorer(
+        features=["x"],
+        mean=[0],
+        scale=[1],
+        coef=[1],
+        intercept=0,
+        calibration={"method": "isotonic", "x": [0.2, 0.8], "y": [0.1, 0.9]},
+    )
+    assert iso.score({"x": -10}) == pytest.approx(0.1) and iso.score({"x": 10}) == pytest.approx(
+        0.9
+    )
+    platt = confidence.Scorer(
+        features=["x"],
+        mean=[0],
+        scale=[1],
+        coef=[1],
+        intercept=0,
+        calibration={"method": "platt", "a": 2.0, "b": 0.0},
+    )
     assert platt.score({"x": 1.0}) == pytest.approx(1 / (1 + math.exp(-2.0)))
 
 
 def test_user_calibration_takes_precedence(tmp_path, monkeypatch):
     monkeypatch.setenv("EDGEAI_CONFIG_DIR", str(tmp_path))
-    mine = confidence.Scorer(features=["log_len"], mean=[0], scale=[1], coef=[-1], intercept=0, threshold=0.42)
+    mine = confidence.Scorer(
+        features=["log_len"], mean=[0], scale=[1], coef=[-1], intercept=0, threshold=0.42
+    )
     path = confidence.save_user_scorer("smollm2-135m", mine)
     assert path.parent == tmp_path
     assert confidence.load_scorer("smollm2-135m").threshold == 0.42
-    assert confidence.load_scorer("other-model").threshold != 0.42 or confidence.load_scorer("other-model").features != ["log_len"]
+    assert confidence.load_scorer("other-model").threshold != 0.42 or confidence.load_scorer(
+        "other-model"
+    ).features != ["log_len"]
 
 
 def test_shipped_coefficients_cover_the_default_model():
@@ -108,8 +141,13 @@ def test_shipped_coefficients_cover_the_default_model():
 def test_real_model_scores_its_answer(smollm_engine):
     from edgeai.routing.respond import respond
 
-    resp = respond("What is the capital of France?", GenerationOptions(max_tokens=16), policy="local-only",
-                   engine=smollm_engine, config={})
+    resp = respond(
+        "What is the capital of France?",
+        GenerationOptions(max_tokens=16),
+        policy="local-only",
+        engine=smollm_engine,
+        config={},
+    )
     ans = resp.result()
     assert ans.tier == "local" and ans.decision == "local"
     assert 0.0 <= ans.confidence <= 1.0 and ans.threshold is not None

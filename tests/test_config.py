@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import run_cli
 
 from edgeai import config
@@ -12,7 +11,7 @@ from edgeai.errors import EdgeAIError
 TIER = '[tiers.cloud]\nkind = "openai"\nbase_url = "http://127.0.0.1:9/v1"\nmodel = "big"\n'
 
 BAD_CONFIG = {
-    "invalid-utf8": (b"default_model = \"\xff\"\n", "not valid UTF-8"),
+    "invalid-utf8": (b'default_model = "\xff"\n', "not valid UTF-8"),
     "policy-not-a-table": (b'policy = "local-only"\n', "policy"),
     "tiers-not-a-table": (b'tiers = "x"\n', "tiers"),
     "default-model-number": (b"default_model = 5\n", "default_model"),
@@ -22,7 +21,10 @@ BAD_CONFIG = {
     "max-tokens-text": ((TIER + 'max_tokens = "lots"\n').encode(), "tiers.cloud.max_tokens"),
     "retries-negative": ((TIER + "retries = -1\n").encode(), "tiers.cloud.retries"),
     "retries-float": ((TIER + "retries = 1.5\n").encode(), "tiers.cloud.retries"),
-    "base-url-not-http": (TIER.replace("http://127.0.0.1:9/v1", "file:///etc").encode(), "tiers.cloud.base_url"),
+    "base-url-not-http": (
+        TIER.replace("http://127.0.0.1:9/v1", "file:///etc").encode(),
+        "tiers.cloud.base_url",
+    ),
     "kind-unknown": (TIER.replace('"openai"', '"grpc"').encode(), "tiers.cloud.kind"),
     "threshold-text": (b'[policy]\nthreshold = "high"\n', "policy.threshold"),
     "threshold-nan": (b"[policy]\nthreshold = nan\n", "policy.threshold"),
@@ -51,9 +53,11 @@ def test_config_mistakes_name_file_and_key(cfg_dir, text, key):
 
 
 def test_a_valid_config_loads_as_written(cfg_dir):
-    text = (TIER + 'api_key_env = "OPENAI_API_KEY"\ntimeout = 30\nretries = 0\nmax_tokens = 100\n'
-            '[policy]\nmode = "auto"\nremote_tier = "cloud"\nthreshold = 1.01\n[router]\nmin_similarity = 0.4\n'
-            '[routes.legal]\ntier = "remote"\nexamples = ["a", "b"]\n')
+    text = (
+        TIER + 'api_key_env = "OPENAI_API_KEY"\ntimeout = 30\nretries = 0\nmax_tokens = 100\n'
+        '[policy]\nmode = "auto"\nremote_tier = "cloud"\nthreshold = 1.01\n[router]\nmin_similarity = 0.4\n'
+        '[routes.legal]\ntier = "remote"\nexamples = ["a", "b"]\n'
+    )
     (cfg_dir / "config.toml").write_text('default_model = "tiny"\n' + text)
     cfg = config.load_config()
     assert cfg["tiers"]["cloud"]["retries"] == 0 and cfg["policy"]["threshold"] == 1.01
@@ -66,7 +70,9 @@ def test_config_policies_match_router():
     assert config.POLICIES == POLICIES
 
 
-@pytest.mark.parametrize("key", ["policy-not-a-table", "timeout-text", "retries-negative", "invalid-utf8"])
+@pytest.mark.parametrize(
+    "key", ["policy-not-a-table", "timeout-text", "retries-negative", "invalid-utf8"]
+)
 def test_cli_says_one_line(tiny_model, edgeai_env, key):
     from pathlib import Path
 
@@ -83,9 +89,9 @@ BAD_CATALOG = {
     "entry-not-a-table": (b"[models]\nfoo = 1\n", "foo"),
     "models-not-a-table": (b'models = "x"\n', "models"),
     "invalid-utf8": (b'[models.foo]\ndescription = "\xff"\n', "UTF-8"),
-    "size-inf": (b'[models.foo]\nsize = inf\n', "size"),
-    "size-negative": (b'[models.foo]\nsize = -5\n', "size"),
-    "memory-nan": (b'[models.foo]\nmemory = nan\n', "memory"),
+    "size-inf": (b"[models.foo]\nsize = inf\n", "size"),
+    "size-negative": (b"[models.foo]\nsize = -5\n", "size"),
+    "memory-nan": (b"[models.foo]\nmemory = nan\n", "memory"),
 }
 
 
@@ -96,7 +102,9 @@ def test_models_toml_mistakes_name_file_and_key(cfg_dir, text, key):
     (cfg_dir / "models.toml").write_bytes(text)
     with pytest.raises(EdgeAIError) as ei:
         catalog.load_catalog()
-    assert str(cfg_dir / "models.toml") in ei.value.message and key in ei.value.message, ei.value.message
+    assert str(cfg_dir / "models.toml") in ei.value.message and key in ei.value.message, (
+        ei.value.message
+    )
 
 
 def test_cli_list_with_a_broken_models_toml(edgeai_env):
@@ -115,21 +123,27 @@ def test_doctor_shows_a_broken_config_and_goes_on(edgeai_env):
 
     d = Path(edgeai_env["EDGEAI_CONFIG_DIR"])
     d.mkdir(parents=True, exist_ok=True)
-    (d / "config.toml").write_text('[tiers.cloud]\nkind = "openai"\nbase_url = "http://x"\nmodel = "m"\n'
-                                   'timeout = "fast"\n')
+    (d / "config.toml").write_text(
+        '[tiers.cloud]\nkind = "openai"\nbase_url = "http://x"\nmodel = "m"\ntimeout = "fast"\n'
+    )
     r = run_cli(["doctor", "--json"], edgeai_env)
     assert r.returncode == 0, r.stderr
     assert "tiers.cloud.timeout" in json.loads(r.stdout)["config_problem"]
     r = run_cli(["doctor"], edgeai_env)
-    assert r.returncode == 0 and "tiers.cloud.timeout" in r.stdout and "kernel" in r.stdout, r.stderr
+    assert r.returncode == 0 and "tiers.cloud.timeout" in r.stdout and "kernel" in r.stdout, (
+        r.stderr
+    )
 
 
-@pytest.mark.parametrize("var,value,args", [
-    ("EDGEAI_ADAPTER_CACHE", "x", ["run", "-n", "2", "hi"]),
-    ("EDGEAI_ADAPTER_CACHE", "0", ["run", "-n", "2", "hi"]),
-    ("EDGEAI_HUB_TIMEOUT", "abc", ["pull", "hf:org/name", "-q"]),
-    ("EDGEAI_HUB_TIMEOUT", "nan", ["pull", "hf:org/name", "-q"]),
-])
+@pytest.mark.parametrize(
+    "var,value,args",
+    [
+        ("EDGEAI_ADAPTER_CACHE", "x", ["run", "-n", "2", "hi"]),
+        ("EDGEAI_ADAPTER_CACHE", "0", ["run", "-n", "2", "hi"]),
+        ("EDGEAI_HUB_TIMEOUT", "abc", ["pull", "hf:org/name", "-q"]),
+        ("EDGEAI_HUB_TIMEOUT", "nan", ["pull", "hf:org/name", "-q"]),
+    ],
+)
 def test_numbers_from_the_environment_are_checked_by_name(tiny_model, edgeai_env, var, value, args):
     env = {**edgeai_env, var: value, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": ""}
     if args[0] == "run":

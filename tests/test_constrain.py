@@ -396,8 +396,15 @@ def test_tool_messages_are_rendered_and_accepted(tools_app):
     assert with_history > shown + 20  # the call and result are in the prompt
     (hidden,) = _post_all(
         app,
-        [{"model": "tools", "messages": messages[:1], "tools": [WEATHER], "tool_choice": "none",
-          "max_tokens": 5}],
+        [
+            {
+                "model": "tools",
+                "messages": messages[:1],
+                "tools": [WEATHER],
+                "tool_choice": "none",
+                "max_tokens": 5,
+            }
+        ],
     )
     assert hidden.json()["usage"]["prompt_tokens"] < shown - 50  # "none": tools are not shown
 

@@ -45,7 +45,9 @@ def test_prompt_in_chunks_matches_one_pass(engine):
     prompt = mx.array([(11 * i + 5) % 200 for i in range(10)])
     greedy = lambda lp: mx.argmax(lp, axis=-1)  # noqa: E731
     one = list(decode_steps(engine.model, prompt, greedy, 5, hooks=engine.hooks))
-    chunked = list(decode_steps(engine.model, prompt, greedy, 5, hooks=engine.hooks, prefill_step=3))  # 3 + 3 + 3, then the last
+    chunked = list(
+        decode_steps(engine.model, prompt, greedy, 5, hooks=engine.hooks, prefill_step=3)
+    )  # 3 + 3 + 3, then the last
     assert [t for t, *_ in chunked] == [t for t, *_ in one]
     for (_, a, ea, _), (_, b, eb, _) in zip(chunked, one):
         assert math.isclose(a, b, abs_tol=1e-4) and math.isclose(ea, eb, abs_tol=1e-4)
@@ -54,13 +56,17 @@ def test_prompt_in_chunks_matches_one_pass(engine):
 def test_chat_messages_use_the_template(engine):
     ids = engine.encode([{"role": "user", "content": "hi"}])
     text = engine.tokenizer.decode(ids)
-    assert text.startswith("<|im_start|>user\nhi<|im_end|>") and text.endswith("<|im_start|>assistant\n")
+    assert text.startswith("<|im_start|>user\nhi<|im_end|>") and text.endswith(
+        "<|im_start|>assistant\n"
+    )
 
 
 def test_cancel_stops_within_one_step(engine):
     cancel = threading.Event()
     events = []
-    for ev in engine.generate("tell me everything", GenerationOptions(max_tokens=500), cancel=cancel):
+    for ev in engine.generate(
+        "tell me everything", GenerationOptions(max_tokens=500), cancel=cancel
+    ):
         events.append(ev)
         if len(events) == 3:
             cancel.set()
@@ -110,5 +116,7 @@ def test_token_ids_outside_the_vocabulary_are_refused(engine):
         with pytest.raises(InvalidInput, match="outside .* vocabulary"):
             next(engine.generate(ids, GenerationOptions(max_tokens=1)))
     # The last row of the embedding table is a valid id.
-    ans = Answer.from_events(engine.generate([vocab - 1], GenerationOptions(max_tokens=1)), engine.name)
+    ans = Answer.from_events(
+        engine.generate([vocab - 1], GenerationOptions(max_tokens=1)), engine.name
+    )
     assert ans.stats.prompt_tokens == 1

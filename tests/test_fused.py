@@ -68,7 +68,9 @@ def test_norm_qkv_matches_mlx(fast, traditional):
         return mx.fast.rope(t, 12, traditional=traditional, base=10000.0, scale=1.0, offset=offset)
 
     refs = (rope(heads(n @ wq.T, hq)), rope(heads(n @ wk.T, hkv)), heads(n @ wv.T, hkv))
-    outs = EXT.norm_qkv(x, nw, EPS, q + k + v, hq, hkv, 12, traditional, 10000.0, 1.0, offset, 32, 4, fast)
+    outs = EXT.norm_qkv(
+        x, nw, EPS, q + k + v, hq, hkv, 12, traditional, 10000.0, 1.0, offset, 32, 4, fast
+    )
     for y, ref in zip(outs, refs):
         assert y.shape == ref.shape and rel_err(y, ref) < tol(fast)
 
@@ -80,10 +82,15 @@ def test_attn_out_matches_mlx(fast, seq, causal):
     d = hq * hd
     q = mx.random.normal((1, hq, seq, hd), key=mx.random.key(11))
     cache = mx.random.normal((1, hkv, 32, hd), key=mx.random.key(12))
-    k, v = cache[:, :, :s, :], cache[:, :, 3 : s + 3, :]  # strided views, as mlx-lm's KV cache hands out
+    k, v = (
+        cache[:, :, :s, :],
+        cache[:, :, 3 : s + 3, :],
+    )  # strided views, as mlx-lm's KV cache hands out
     x = mx.random.normal((1, seq, d), key=mx.random.key(13))
     o, wo = layer(d, d, 14)
-    att = mx.fast.scaled_dot_product_attention(q, k, v, scale=hd**-0.5, mask="causal" if causal else None)
+    att = mx.fast.scaled_dot_product_attention(
+        q, k, v, scale=hd**-0.5, mask="causal" if causal else None
+    )
     ref = x + att.transpose(0, 2, 1, 3).reshape(1, seq, d) @ wo.T
     y = EXT.attn_out(q, k, v, x, o, hd**-0.5, causal, 32, 4, fast)
     assert y.shape == x.shape and rel_err(y, ref) < tol(fast)
@@ -101,6 +108,7 @@ def test_fused_ops_take_each_layers_own_format(fast):
     (g, wg), (u, wu), (dn, wd) = layer(f, d, 25, 4, 128), layer(f, d, 26, 5, 64), layer(d, f, 27, 6)
     n = mx.fast.rms_norm(x, nw, EPS)
     outs = EXT.norm_qkv(x, nw, EPS, q + k + v, hq, hkv, hd, False, 1e4, 1.0, 0, 0, 0, fast)
+
     def heads(y, h):
         return y.reshape(b, seq, h, hd).transpose(0, 2, 1, 3)
 
@@ -127,11 +135,36 @@ def test_fused_ops_reject_bad_input():
     with pytest.raises(ValueError, match="heads"):
         EXT.norm_qkv(x, nw, EPS, [w, s, b] * 3, 5, 1, 8, False, 1e4, 1.0, 0, 32, 4, False)
     with pytest.raises(ValueError, match="input size"):
-        EXT.norm_qkv(mx.zeros((1, 1, 32)), mx.ones((32,)), EPS, [w, s, b] * 3, 4, 4, 8, False, 1e4, 1.0, 0, 32, 4, False)
+        EXT.norm_qkv(
+            mx.zeros((1, 1, 32)),
+            mx.ones((32,)),
+            EPS,
+            [w, s, b] * 3,
+            4,
+            4,
+            8,
+            False,
+            1e4,
+            1.0,
+            0,
+            32,
+            4,
+            False,
+        )
     q = mx.zeros((1, 3, 1, 16))
     with pytest.raises(ValueError, match="multiple of key/value heads"):
-        EXT.attn_out(q, mx.zeros((1, 2, 4, 16)), mx.zeros((1, 2, 4, 16)), mx.zeros((1, 1, 48)), [w, s, b], 1.0, False,
-                     32, 4, False)
+        EXT.attn_out(
+            q,
+            mx.zeros((1, 2, 4, 16)),
+            mx.zeros((1, 2, 4, 16)),
+            mx.zeros((1, 1, 48)),
+            [w, s, b],
+            1.0,
+            False,
+            32,
+            4,
+            False,
+        )
 
 
 def _block_classes(model: nn.Module) -> set[str]:
@@ -273,7 +306,9 @@ def test_cache_writes_are_checked():
     with pytest.raises(ValueError, match="capacity"):
         EXT.norm_qkv(*args, 0, 32, 4, False, [mx.zeros((1, 2, 8, 16))] * 2)
     q, k, v = EXT.norm_qkv(*args, 6, 32, 4, False, full)
-    assert k.shape == (1, 4, 8, 16) and mx.all(k[:, :, :6] == 0).item()  # only positions 6 and 7 written
+    assert (
+        k.shape == (1, 4, 8, 16) and mx.all(k[:, :, :6] == 0).item()
+    )  # only positions 6 and 7 written
     assert mx.any(v[:, :, 6:] != 0).item()
 
 
@@ -284,8 +319,14 @@ def test_long_prompt_prefilled_in_chunks_matches_builtin(tiny_model):
 
     prompt = [int(t) for t in mx.random.randint(3, 200, (700,), key=mx.random.key(21)).tolist()]
     opts = GenerationOptions(max_tokens=8)
-    runs = [[e.token for e in Engine.load(tiny_model, kernel=k, precision="accurate").generate(prompt, opts)
-             if e.token is not None] for k in ("builtin", "custom")]
+    runs = [
+        [
+            e.token
+            for e in Engine.load(tiny_model, kernel=k, precision="accurate").generate(prompt, opts)
+            if e.token is not None
+        ]
+        for k in ("builtin", "custom")
+    ]
     assert runs[0] == runs[1] and len(runs[0]) > 0
 
 
@@ -294,8 +335,10 @@ def qwen2_model(tmp_path_factory):
     from tinymodel import make_tiny_model
 
     # qwen2: biases on q, k, v; a K-quant-like mix of formats in one layer
-    mix = {"model.layers.0.self_attn.k_proj": {"bits": 5},
-           "model.layers.0.mlp.down_proj": {"bits": 8}}
+    mix = {
+        "model.layers.0.self_attn.k_proj": {"bits": 5},
+        "model.layers.0.mlp.down_proj": {"bits": 8},
+    }
     out = tmp_path_factory.mktemp("qwen2") / "tiny-qwen2"
     return make_tiny_model(out, arch="qwen2", layer_quant=mix)
 

@@ -11,13 +11,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
-from ggufmaker import (
-    make_gguf,
-    make_refused_gguf,
-    set_tensor_offset,
-    tensor_offset,
-    unpermute,
-)
+from ggufmaker import make_gguf, make_refused_gguf, set_tensor_offset, tensor_offset, unpermute
 
 from edgeai.errors import InvalidInput, UnsupportedModel
 from edgeai.store.gguf import convert, inspect
@@ -27,7 +21,7 @@ K_QUANTS = (T.Q4_K, T.Q5_K, T.Q6_K)
 # Largest weight error allowed, as a fraction of the tensor's largest |weight|: exact types
 # hold the file's numbers; Q4_K/Q5_K round each scale d·sc and bias dmin·m to float16
 # (≤ 2^-11 of each, so ≤ 2^-10 of a weight); Q6_K's bound is per sub-block, below.
-WEIGHT_BOUND = {**{t: 0.0 for t in EXACT}, T.Q4_K: 2.0 ** -10, T.Q5_K: 2.0 ** -10}
+WEIGHT_BOUND = {**{t: 0.0 for t in EXACT}, T.Q4_K: 2.0**-10, T.Q5_K: 2.0**-10}
 # Relative logit error allowed (model run in float32): summation order for exact types
 # (measured 0); the weight rounding above for the K-quants, as these random models amplify
 # it (measured: Q4_K ≤ 1.0e-3, Q5_K ≤ 1.4e-2, Q6_K ≤ 1.7e-2, the mixed files ≤ 2.5e-2). A
@@ -41,8 +35,10 @@ def _float32_model(path: Path):
     from mlx_lm.utils import load
 
     model, tok = load(str(path))
-    params = [(k, v.astype(mx.float32) if v.dtype in (mx.float16, mx.bfloat16) else v)
-              for k, v in tree_flatten(model.parameters())]
+    params = [
+        (k, v.astype(mx.float32) if v.dtype in (mx.float16, mx.bfloat16) else v)
+        for k, v in tree_flatten(model.parameters())
+    ]
     model.update(tree_unflatten(params))
     return model, tok
 
@@ -70,8 +66,13 @@ def _imported_weights(out: Path) -> tuple[dict[str, np.ndarray], dict]:
         stem = key[: -len(".weight")]
         if f"{stem}.scales" in raw:
             q = config["quantization"][stem]
-            w = mx.dequantize(w, raw[f"{stem}.scales"].astype(mx.float32),
-                              raw[f"{stem}.biases"].astype(mx.float32), q["group_size"], q["bits"])
+            w = mx.dequantize(
+                w,
+                raw[f"{stem}.scales"].astype(mx.float32),
+                raw[f"{stem}.biases"].astype(mx.float32),
+                q["group_size"],
+                q["bits"],
+            )
         got[key] = np.array(w.astype(mx.float32))
     return got, config
 
@@ -100,7 +101,11 @@ def _check_weights(out: Path, ref: dict, raws: dict) -> dict:
             pair = np.repeat(step.reshape(want.shape[0], -1, 32).max(-1), 32, axis=1)
             assert (err <= pair * 32 / 255 * 1.002 + 1e-7).all(), (name, (err / pair).max())
         else:
-            assert err.max() <= WEIGHT_BOUND[qtype] * np.abs(want).max(), (name, qtype.name, err.max())
+            assert err.max() <= WEIGHT_BOUND[qtype] * np.abs(want).max(), (
+                name,
+                qtype.name,
+                err.max(),
+            )
     return config
 
 
@@ -130,8 +135,17 @@ def test_imported_model_computes_what_the_file_holds(tmp_path, qtype, arch):
     _logits_close(out, ref, config, LOGIT_BOUND[qtype])
 
 
-MIX = {"token_embd": T.Q6_K, "output": T.Q8_0, "attn_q": T.Q4_K, "attn_k": T.Q5_0, "attn_v": T.Q8_0,
-       "attn_output": T.F16, "ffn_gate": T.Q5_K, "ffn_up": T.Q4_1, "ffn_down": T.Q6_K}
+MIX = {
+    "token_embd": T.Q6_K,
+    "output": T.Q8_0,
+    "attn_q": T.Q4_K,
+    "attn_k": T.Q5_0,
+    "attn_v": T.Q8_0,
+    "attn_output": T.F16,
+    "ffn_gate": T.Q5_K,
+    "ffn_up": T.Q4_1,
+    "ffn_down": T.Q6_K,
+}
 
 
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
@@ -140,7 +154,16 @@ def test_mixed_types_in_one_file(tmp_path, tied):
     raws: dict = {}
     ref = make_gguf(src, arch="qwen2", qtype=MIX, hidden=256, tied=tied, raw_out=raws)
     info = convert(src, out)
-    assert set(info["tensor_types"]) == {"Q6_K", "Q8_0", "Q4_K", "Q5_0", "F16", "Q5_K", "Q4_1", "F32"}
+    assert set(info["tensor_types"]) == {
+        "Q6_K",
+        "Q8_0",
+        "Q4_K",
+        "Q5_0",
+        "F16",
+        "Q5_K",
+        "Q4_1",
+        "F32",
+    }
     config = _check_weights(out, ref, raws)
     q = config["quantization"]
     assert q["model.embed_tokens"] == {"group_size": 32, "bits": 8}
@@ -153,13 +176,27 @@ def test_mixed_types_in_one_file(tmp_path, tied):
     _logits_close(out, ref, config, LOGIT_BOUND[T.Q6_K])
 
 
-def _gemma_reference_config(hidden: int, layers: int, heads: int, head_dim: int, vocab: int) -> dict:
+def _gemma_reference_config(
+    hidden: int, layers: int, heads: int, head_dim: int, vocab: int
+) -> dict:
     """Gemma 3's own config for the tiny model, written from its definition, not the importer."""
-    return {"model_type": "gemma3_text", "hidden_size": hidden, "num_hidden_layers": layers,
-            "intermediate_size": hidden * 2, "num_attention_heads": heads, "num_key_value_heads": 1,
-            "head_dim": head_dim, "rms_norm_eps": 1e-5, "vocab_size": vocab, "rope_theta": 1e6,
-            "rope_local_base_freq": 10000.0, "query_pre_attn_scalar": head_dim,
-            "sliding_window": 4, "sliding_window_pattern": 6, "max_position_embeddings": 512}
+    return {
+        "model_type": "gemma3_text",
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "intermediate_size": hidden * 2,
+        "num_attention_heads": heads,
+        "num_key_value_heads": 1,
+        "head_dim": head_dim,
+        "rms_norm_eps": 1e-5,
+        "vocab_size": vocab,
+        "rope_theta": 1e6,
+        "rope_local_base_freq": 10000.0,
+        "query_pre_attn_scalar": head_dim,
+        "sliding_window": 4,
+        "sliding_window_pattern": 6,
+        "max_position_embeddings": 512,
+    }
 
 
 def test_gemma3_imports_and_matches_its_float_reference(tmp_path):
@@ -167,10 +204,19 @@ def test_gemma3_imports_and_matches_its_float_reference(tmp_path):
 
     src, out = tmp_path / "g.gguf", tmp_path / "out"
     raws: dict = {}
-    types = {"token_embd": T.Q8_0, "attn_q": T.Q5_0, "attn_k": T.Q5_0, "attn_v": T.Q8_0,
-             "attn_output": T.Q4_K, "ffn_gate": T.Q5_0, "ffn_up": T.Q5_0, "ffn_down": T.Q6_K}
-    ref = make_gguf(src, arch="gemma3", qtype=types, hidden=256, layers=6, heads=4, kv_heads=1,
-                    raw_out=raws)
+    types = {
+        "token_embd": T.Q8_0,
+        "attn_q": T.Q5_0,
+        "attn_k": T.Q5_0,
+        "attn_v": T.Q8_0,
+        "attn_output": T.Q4_K,
+        "ffn_gate": T.Q5_0,
+        "ffn_up": T.Q5_0,
+        "ffn_down": T.Q6_K,
+    }
+    ref = make_gguf(
+        src, arch="gemma3", qtype=types, hidden=256, layers=6, heads=4, kv_heads=1, raw_out=raws
+    )
     info = convert(src, out)
     assert info["architecture"] == "gemma3"
     _check_weights(out, ref, raws)
@@ -193,12 +239,23 @@ def test_gemma3_imports_and_matches_its_float_reference(tmp_path):
 
 def test_gemma3_window_and_rope_come_from_the_file(tmp_path):
     src = tmp_path / "g.gguf"
-    make_gguf(src, arch="gemma3", layers=6, heads=2, kv_heads=1, hidden=64,
-              meta={"gemma3.attention.sliding_window": 7, "gemma3.rope.freq_base": 5e5})
+    make_gguf(
+        src,
+        arch="gemma3",
+        layers=6,
+        heads=2,
+        kv_heads=1,
+        hidden=64,
+        meta={"gemma3.attention.sliding_window": 7, "gemma3.rope.freq_base": 5e5},
+    )
     convert(src, tmp_path / "out")
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     assert (cfg["model_type"], cfg["sliding_window"], cfg["rope_theta"]) == ("gemma3_text", 7, 5e5)
-    assert (cfg["head_dim"], cfg["query_pre_attn_scalar"], cfg["tie_word_embeddings"]) == (32, 32, True)
+    assert (cfg["head_dim"], cfg["query_pre_attn_scalar"], cfg["tie_word_embeddings"]) == (
+        32,
+        32,
+        True,
+    )
 
 
 def test_converted_size_is_predicted(tmp_path):
@@ -336,8 +393,9 @@ def test_real_k_quant_files_import_and_answer(file, tmp_path):
     model, tok = load(str(tmp_path / "out"))
     prompt, word = REAL[file]
     if tok.chat_template:
-        prompt = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                         tokenize=False)
+        prompt = tok.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+        )
     text = generate(model, tok, prompt, max_tokens=24, verbose=False)
     assert word in text, text
 
@@ -378,8 +436,10 @@ def test_real_gemma_agrees_with_its_float_reference(tmp_path):
     convert(src, tmp_path / "out")
     model, tok = load(str(tmp_path / "out"))
     config = json.loads((tmp_path / "out" / "config.json").read_text())
-    text = ("The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, "
-            "France. It is named after the engineer Gustave Eiffel, whose company designed it.")
+    text = (
+        "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, "
+        "France. It is named after the engineer Gustave Eiffel, whose company designed it."
+    )
     ids = mx.array([tok.encode(text)])
     got = model(ids)[0].astype(mx.float32)
     want = _float_reference_from_file(src, config)(ids)[0].astype(mx.float32)
@@ -402,12 +462,17 @@ def test_real_smollm_tokenizer_matches_gguf_vocabulary(smollm_gguf, smollm_dir):
     assert len(vocab) == len(tokens)
     assert all(vocab[t] == i for i, t in enumerate(tokens))
     # Every special token is one id; ordinary tokens decode to text that encodes back to them.
-    assert tok.encode("<|im_start|>user") [0] == tokens.index("<|im_start|>")
+    assert tok.encode("<|im_start|>user")[0] == tokens.index("<|im_start|>")
     rng = random.Random(0)
     sample = rng.sample(range(17, len(tokens)), 2000)
     same = sum(tok.encode(tok.decode([i])) == [i] for i in sample)
     assert same / len(sample) > 0.97
-    for text in ["Hello, world!", "  indented\n\tcode = f(x) ** 2  # done", "Ünïcödé ✓ 日本語 🙂", "12345 + 678 = 13023"]:
+    for text in [
+        "Hello, world!",
+        "  indented\n\tcode = f(x) ** 2  # done",
+        "Ünïcödé ✓ 日本語 🙂",
+        "12345 + 678 = 13023",
+    ]:
         assert tok.decode(tok.encode(text)) == text
 
 

@@ -67,7 +67,9 @@ def test_matches_float32_reference(isa, bits, gs, m):
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("m, half", [(1, False), (2, True), (3, False)])
 # blocks of 32 per row: 8 (no tail), 11 (a lone last block), 12, 18 (SmolLM2's K = 576)
-@pytest.mark.parametrize("gs, k", [(gs, k) for gs in (32, 64, 128) for k in (256, 352, 384, 576) if k % gs == 0])
+@pytest.mark.parametrize(
+    "gs, k", [(gs, k) for gs in (32, 64, 128) for k in (256, 352, 384, 576) if k % gs == 0]
+)
 def test_fast_path_within_int8_tolerance(isa, bits, gs, m, half, k):
     EXT.set_isa(isa)
     wq, s, b = quantized(76, k, gs, bits)
@@ -98,8 +100,9 @@ def random_words(n, k, gs, bits, half, seed=0):
 @pytest.mark.parametrize("bits", [5, 6])
 @pytest.mark.parametrize("half", [False, True])
 # 8, 11 (a lone last block), 18 (SmolLM2) and 28 blocks of 32 per row
-@pytest.mark.parametrize("gs, k", [(g, k) for g in (32, 64, 128) for k in (256, 352, 576, 896)
-                                   if k % g == 0])
+@pytest.mark.parametrize(
+    "gs, k", [(g, k) for g in (32, 64, 128) for k in (256, 352, 576, 896) if k % g == 0]
+)
 def test_5_and_6_bit_match_float32_reference(isa, bits, half, gs, k):
     EXT.set_isa(isa)
     n = 44  # not a multiple of 8 or of the 4-row kernel
@@ -124,8 +127,11 @@ def test_5_and_6_bit_match_float32_reference(isa, bits, half, gs, k):
 @pytest.mark.parametrize("bits", [5, 6])
 def test_5_and_6_bit_verification_passes_on_model_shapes(bits):
     cand = kernels._candidate("cpu")
-    shapes = [(bits, 32, 576, 576, "float16"), (bits, 32, 1536, 576, "float32"),
-              (bits, 64, 576, 1536, "float16")]
+    shapes = [
+        (bits, 32, 576, 576, "float16"),
+        (bits, 32, 1536, 576, "float32"),
+        (bits, 64, 576, 1536, "float16"),
+    ]
     for fast in (False, True):
         v = kernels.verify(cand, shapes, fast=fast)
         assert v["ok"], v
@@ -161,14 +167,18 @@ def test_fast_path_rows_do_not_depend_on_the_batch(bits):
     x = mx.random.normal((3, 256), key=mx.random.key(12))
     together = EXT.quantized_matmul(x, wq, s, b, 32, bits, True)
     for i in range(3):  # each row is quantized on its own: the same bits alone or in a batch
-        assert mx.array_equal(EXT.quantized_matmul(x[i : i + 1], wq, s, b, 32, bits, True), together[i : i + 1])
+        assert mx.array_equal(
+            EXT.quantized_matmul(x[i : i + 1], wq, s, b, 32, bits, True), together[i : i + 1]
+        )
 
 
 @needs_ext
 def test_fast_flag_past_3_rows_is_float32():
     wq, s, b = quantized(64, 256, 32, 4)
     x = mx.random.normal((4, 256), key=mx.random.key(13))  # a prompt: float32 prefill
-    assert nmse(EXT.quantized_matmul(x, wq, s, b, 32, 4, True), reference(x, wq, s, b, 32, 4)) < 1e-10
+    assert (
+        nmse(EXT.quantized_matmul(x, wq, s, b, 32, 4, True), reference(x, wq, s, b, 32, 4)) < 1e-10
+    )
 
 
 @needs_ext
@@ -189,7 +199,9 @@ def test_fast_precision_is_reported_and_close_to_builtin(tiny_model):
     builtin, fast = _engines(tiny_model, precision="fast")
     rep = fast.kernel
     assert rep.precision == "fast" and "int8" in rep.accuracy
-    assert all(m.fast for _, m in fast.model.named_modules() if isinstance(m, kc.CpuQuantizedLinear))
+    assert all(
+        m.fast for _, m in fast.model.named_modules() if isinstance(m, kc.CpuQuantizedLinear)
+    )
     tokens = mx.array([[5, 9, 33]])  # at most 3 rows (kMaxQ8Rows): int8, not the float32 tile
     assert 1e-9 < nmse(fast.model(tokens), builtin.model(tokens).astype(mx.float32)) < 1e-3
 
@@ -203,7 +215,9 @@ def test_fast_mode_runs_the_prompt_in_float32(tiny_model):
         eng = Engine.load(tiny_model, kernel="custom", precision=precision)
         prompt = mx.array([(7 * i + 3) % 200 for i in range(prompt_len)])
         greedy = lambda lp: mx.argmax(lp, axis=-1)  # noqa: E731
-        return [(t, lp) for t, lp, _, _ in decode_steps(eng.model, prompt, greedy, 6, hooks=eng.hooks)]
+        return [
+            (t, lp) for t, lp, _, _ in decode_steps(eng.model, prompt, greedy, 6, hooks=eng.hooks)
+        ]
 
     for prompt_len in (3, 40):  # a short prompt's rows would otherwise fit the int8 path
         fast, accurate = steps("fast", prompt_len), steps("accurate", prompt_len)
@@ -238,7 +252,11 @@ def test_fast_path_failing_verification_keeps_float32(tiny_model, monkeypatch, c
     monkeypatch.setattr(kernels, "_candidate", with_wrong_fast)
     model, _ = load(str(tiny_model))
     rep = kernels.apply(model, "custom", "fast")
-    assert rep.name == "edgeai-cpu" and rep.precision == "accurate" and rep.accuracy == "float32 accumulation"
+    assert (
+        rep.name == "edgeai-cpu"
+        and rep.precision == "accurate"
+        and rep.accuracy == "float32 accumulation"
+    )
     assert not any(m.fast for _, m in model.named_modules() if isinstance(m, kc.CpuQuantizedLinear))
     assert "fast (int8) path failed verification" in caplog.text
 
@@ -283,7 +301,12 @@ def test_strided_input_and_compile():
 @needs_ext
 @pytest.mark.parametrize(
     "k, gs, bits, match",
-    [(100, 32, 4, "multiple of the group size"), (128, 16, 4, "group_size"), (128, 32, 3, "bits"), (128, 32, 2, "bits")],
+    [
+        (100, 32, 4, "multiple of the group size"),
+        (128, 16, 4, "group_size"),
+        (128, 32, 3, "bits"),
+        (128, 32, 2, "bits"),
+    ],
 )
 def test_unsupported_shapes_raise_clearly(k, gs, bits, match):
     x = mx.ones((1, k))
@@ -303,7 +326,9 @@ def test_mixed_scale_dtypes_are_rejected_not_misread():
 def _engines(path, precision="accurate"):
     from edgeai.engine import Engine
 
-    return Engine.load(path, kernel="builtin"), Engine.load(path, kernel="custom", precision=precision)
+    return Engine.load(path, kernel="builtin"), Engine.load(
+        path, kernel="custom", precision=precision
+    )
 
 
 @needs_ext
@@ -318,7 +343,10 @@ def test_swaps_layers_and_tied_head(tiny_model):
     assert not any(type(m) in (nn.QuantizedLinear, nn.QuantizedEmbedding) for m in mods)
     assert any(isinstance(m, kc.CpuQuantizedEmbedding) for m in mods)
     # every quantized layer of the builtin model, embedding/LM head included
-    n_q = sum(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in builtin.model.named_modules())
+    n_q = sum(
+        isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))
+        for _, m in builtin.model.named_modules()
+    )
     assert rep.layers == n_q
 
 
@@ -338,12 +366,16 @@ def _broken(kind: str) -> kernels.Candidate:
     """A real kernel made wrong on purpose (drops the bias term), or one that crashes."""
 
     def wrong(x, w, s, b, gs, bits):
-        return mx.quantized_matmul(x, w, s, mx.zeros_like(b), transpose=True, group_size=gs, bits=bits)
+        return mx.quantized_matmul(
+            x, w, s, mx.zeros_like(b), transpose=True, group_size=gs, bits=bits
+        )
 
     def crash(*a):
         raise RuntimeError("kernel exploded")
 
-    return kernels.Candidate("broken", wrong if kind == "wrong" else crash, lambda m, fast: m, kc.supports, build_id=kind)
+    return kernels.Candidate(
+        "broken", wrong if kind == "wrong" else crash, lambda m, fast: m, kc.supports, build_id=kind
+    )
 
 
 @pytest.mark.parametrize("kind", ["wrong", "crash"])
@@ -386,21 +418,30 @@ def test_missing_extension_falls_back_with_one_warning(tiny_model, tmp_path):
         "main()\n"
     )
     env = {**__import__("os").environ, "EDGEAI_HOME": str(tmp_path), "COLUMNS": "300"}
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    p = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["finish_reason"] in ("length", "stop")  # answered, on MLX's kernel
     warnings = [line for line in p.stderr.splitlines() if "warning" in line]
     assert len(warnings) == 1 and "not built" in warnings[0]
 
 
-@pytest.mark.skipif(not mx.metal.is_available(), reason="no Metal device (the Metal kernel never ran here)")
+@pytest.mark.skipif(
+    not mx.metal.is_available(), reason="no Metal device (the Metal kernel never ran here)"
+)
 @pytest.mark.parametrize("bits", [4, 8])
 def test_metal_kernel_matches_reference(bits):
     from edgeai.kernels import metal as kernels_metal
 
     wq, s, b = quantized(128, 256, 64, bits)
     x = mx.random.normal((1, 256), key=mx.random.key(6))
-    assert nmse(kernels_metal.quantized_matmul(x, wq, s, b, 64, bits), reference(x, wq, s, b, 64, bits)) < 1e-8
+    assert (
+        nmse(
+            kernels_metal.quantized_matmul(x, wq, s, b, 64, bits), reference(x, wq, s, b, 64, bits)
+        )
+        < 1e-8
+    )
 
 
 @needs_ext
@@ -440,7 +481,9 @@ def test_attention_rejects_bad_input():
     with pytest.raises(ValueError, match="multiple of key/value heads"):
         kc.attention(q, mx.zeros((1, 2, 2, 32)), mx.zeros((1, 2, 2, 32)), 1.0, True)
     with pytest.raises(ValueError, match="float32"):
-        kc.attention(q.astype(mx.float16), mx.zeros((1, 3, 2, 32)), mx.zeros((1, 3, 2, 32)), 1.0, True)
+        kc.attention(
+            q.astype(mx.float16), mx.zeros((1, 3, 2, 32)), mx.zeros((1, 3, 2, 32)), 1.0, True
+        )
 
 
 @needs_ext
@@ -472,9 +515,18 @@ MIXED = {
     "model.layers.0.mlp.gate_proj": {"bits": 5},
     "model.layers.0.mlp.up_proj": {"group_size": 64},
     "model.layers.0.mlp.down_proj": {"bits": 8},
-    **{f"model.layers.1.{p}": {"bits": 5} for p in (
-        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")},
+    **{
+        f"model.layers.1.{p}": {"bits": 5}
+        for p in (
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        )
+    },
 }
 
 

@@ -22,7 +22,10 @@ def _conversation(engine: Engine) -> tuple[list[dict], Answer]:
     """Turn one of a chat; returns turn two's messages and turn one's answer."""
     msgs = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "the cat sat on"}]
     first = _answer(engine, msgs)
-    msgs = msgs + [{"role": "assistant", "content": first.text}, {"role": "user", "content": "and then?"}]
+    msgs = msgs + [
+        {"role": "assistant", "content": first.text},
+        {"role": "user", "content": "and then?"},
+    ]
     return msgs, first
 
 
@@ -32,7 +35,9 @@ def _kernels_built() -> bool:
     return bool(kernels.status().get("available"))
 
 
-@pytest.mark.parametrize("kernel,precision", [("builtin", None), ("custom", "fast"), ("custom", "accurate")])
+@pytest.mark.parametrize(
+    "kernel,precision", [("builtin", None), ("custom", "fast"), ("custom", "accurate")]
+)
 def test_next_turn_reuses_the_prompt_and_answers_the_same(tiny_model, kernel, precision):
     if kernel == "custom" and not _kernels_built():
         pytest.skip("custom kernels are not built here")
@@ -40,7 +45,9 @@ def test_next_turn_reuses_the_prompt_and_answers_the_same(tiny_model, kernel, pr
     turn2, first = _conversation(engine)
     assert first.stats.cached_tokens == 0
     reused = _answer(engine, turn2)
-    assert reused.stats.cached_tokens >= len(engine.encode(SYSTEM)) // 2  # the system prompt at least
+    assert (
+        reused.stats.cached_tokens >= len(engine.encode(SYSTEM)) // 2
+    )  # the system prompt at least
     engine.prompt_cache.clear()
     fresh = _answer(engine, turn2)
     assert fresh.stats.cached_tokens == 0
@@ -87,9 +94,9 @@ def test_caches_are_kept_apart_by_scope_and_bounded_by_bytes(tiny_model):
 
 def test_adapter_switch_never_reuses_another_adapters_cache(tmp_path, monkeypatch):
     from test_adapters import make_adapter
+    from tinymodel import make_tiny_model
 
     from edgeai.store import adapters
-    from tinymodel import make_tiny_model
 
     monkeypatch.setenv("EDGEAI_HOME", str(tmp_path / "home"))
     base = make_tiny_model(tmp_path / "tiny")
@@ -115,8 +122,11 @@ def test_penalties_see_the_whole_prompt_when_part_of_it_is_reused(tiny_model):
     # 20 tokens (mlx-lm's context) must steer away from it, with reuse as without.
     ids = head + (likely * 20)[:20]
     engine.prompt_cache.clear()
-    procs = lambda: make_processors({"frequency_penalty": 2.0, "presence_penalty": 2.0},  # noqa: E731
-                                    engine.vocab_size, engine.name)
+    procs = lambda: make_processors(
+        {"frequency_penalty": 2.0, "presence_penalty": 2.0},  # noqa: E731
+        engine.vocab_size,
+        engine.name,
+    )
 
     def tokens() -> tuple[list[int], int]:
         gen = engine.generation(ids, GREEDY, processors=procs())

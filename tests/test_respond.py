@@ -125,6 +125,8 @@ def test_cancelled_gated_answer_is_neither_escalated_nor_hidden(engine, router, 
     ans = resp.result()
     assert fake.requests == []  # a score under any threshold, yet nothing goes out
     assert ans.tier == "local" and ans.finish_reason == "cancelled" and ans.decision == "kept-local"
-    assert ans.reasons[-1] == "cancelled" and ans.stats.generation_tokens == 0  # set before the start
+    assert (
+        ans.reasons[-1] == "cancelled" and ans.stats.generation_tokens == 0
+    )  # set before the start
     assert all(e.tier == "local" for e in events) and events[-1].finish_reason == "cancelled"
     assert "".join(e.text for e in events) == ans.text

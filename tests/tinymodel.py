@@ -74,9 +74,18 @@ def make_tokenizer(out: Path, template: str = CHAT_TEMPLATE) -> int:
     return len(vocab)
 
 
-def make_tiny_model(out: Path, *, seed: int = 0, hidden: int = 64, layers: int = 2,
-                    quantize: bool = True, tie: bool = True, layer_quant: dict | None = None,
-                    arch: str = "llama", template: str = CHAT_TEMPLATE) -> Path:
+def make_tiny_model(
+    out: Path,
+    *,
+    seed: int = 0,
+    hidden: int = 64,
+    layers: int = 2,
+    quantize: bool = True,
+    tie: bool = True,
+    layer_quant: dict | None = None,
+    arch: str = "llama",
+    template: str = CHAT_TEMPLATE,
+) -> Path:
     """Write a random llama model directory loadable by mlx_lm.load and edgeai.
 
     layer_quant: per-layer formats over the 4-bit group-32 default, e.g.

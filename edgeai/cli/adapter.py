@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -11,15 +10,26 @@ from edgeai.cli import render
 
 
 def register(app: typer.Typer) -> None:
-    sub = typer.Typer(help="LoRA adapters: add, list, remove. Use one with `edgeai run --adapter NAME`.",
-                      no_args_is_help=True)
+    sub = typer.Typer(
+        help="LoRA adapters: add, list, remove. Use one with `edgeai run --adapter NAME`.",
+        no_args_is_help=True,
+    )
     app.add_typer(sub, name="adapter")
 
     @sub.command("add")
     def add(
-        path: Path = typer.Argument(..., help="mlx-lm adapter directory (adapter_config.json + adapters.safetensors)"),
-        base: str = typer.Option(..., "--base", "-b", help="The base model it was trained on: store name or MLX directory"),
-        name: Optional[str] = typer.Option(None, "--name", help="Name to store it under [default: the directory name]"),
+        path: Path = typer.Argument(
+            ..., help="mlx-lm adapter directory (adapter_config.json + adapters.safetensors)"
+        ),
+        base: str = typer.Option(
+            ...,
+            "--base",
+            "-b",
+            help="The base model it was trained on: store name or MLX directory",
+        ),
+        name: str | None = typer.Option(
+            None, "--name", help="Name to store it under [default: the directory name]"
+        ),
         force: bool = typer.Option(False, "--force", help="Replace an adapter of the same name"),
         json_out: bool = typer.Option(False, "--json", help="Print JSON"),
     ) -> None:
@@ -31,8 +41,10 @@ def register(app: typer.Typer) -> None:
         if json_out:
             render.print_json(info.to_dict())
         else:
-            render.out.print(f"added adapter {info.name} for {render.esc(info.base)}: rank {info.rank}, "
-                             f"{info.layers} layers, {render.human_bytes(info.size_bytes)}")
+            render.out.print(
+                f"added adapter {info.name} for {render.esc(info.base)}: rank {info.rank}, "
+                f"{info.layers} layers, {render.human_bytes(info.size_bytes)}"
+            )
 
     @sub.command("list")
     def list_(json_out: bool = typer.Option(False, "--json", help="Print JSON")) -> None:
@@ -53,8 +65,14 @@ def register(app: typer.Typer) -> None:
             if i.problem:
                 table.add_row(i.name, f"damaged: {render.esc(i.problem)}", "-", "-", "-", "-")
                 continue
-            table.add_row(i.name, render.esc(i.base), str(i.rank), f"{i.scale:g}", str(i.layers),
-                          render.human_bytes(i.size_bytes))
+            table.add_row(
+                i.name,
+                render.esc(i.base),
+                str(i.rank),
+                f"{i.scale:g}",
+                str(i.layers),
+                render.human_bytes(i.size_bytes),
+            )
         render.out.print(table)
 
     @sub.command("rm")

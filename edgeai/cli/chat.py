@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 from edgeai.cli import render
 from edgeai.options import GenerationOptions, Message
 from edgeai.types import Answer, Event
 
-REPL_HELP = "commands: /clear forgets the conversation, /bye (or Ctrl-D) quits, Ctrl-C stops an answer"
+REPL_HELP = (
+    "commands: /clear forgets the conversation, /bye (or Ctrl-D) quits, Ctrl-C stops an answer"
+)
 
 
-def messages_for(text: str, system: str | None = None, history: Iterable[Message] = ()) -> list[Message]:
+def messages_for(
+    text: str, system: str | None = None, history: Iterable[Message] = ()
+) -> list[Message]:
     msgs = [Message(role="system", content=system)] if system else []
     msgs.extend(history)
     msgs.append(Message(role="user", content=text))
@@ -38,10 +42,18 @@ def stream_to_console(events: Iterator[Event], model: str, *, stream: bool = Tru
     return answer
 
 
-def answer(engine, messages: list[Message], options: GenerationOptions, *, stream: bool = True,
-           adapter: str | None = None) -> Answer:
+def answer(
+    engine,
+    messages: list[Message],
+    options: GenerationOptions,
+    *,
+    stream: bool = True,
+    adapter: str | None = None,
+) -> Answer:
     """Generate one answer locally (with a stored LoRA `adapter`), streaming it when `stream`."""
-    return stream_to_console(engine.generate(messages, options, adapter=adapter), engine.name, stream=stream)
+    return stream_to_console(
+        engine.generate(messages, options, adapter=adapter), engine.name, stream=stream
+    )
 
 
 def print_stats(ans: Answer) -> None:
@@ -56,8 +68,14 @@ def print_stats(ans: Answer) -> None:
     )
 
 
-def repl(engine, options: GenerationOptions, *, system: str | None = None, first: str | None = None,
-         adapter: str | None = None) -> None:
+def repl(
+    engine,
+    options: GenerationOptions,
+    *,
+    system: str | None = None,
+    first: str | None = None,
+    adapter: str | None = None,
+) -> None:
     """Interactive chat that keeps history until /clear or exit."""
     import sys
 

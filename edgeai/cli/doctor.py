@@ -20,14 +20,24 @@ def report() -> dict[str, Any]:
     models = []
     for lm in store.list_models():
         need = store.memory_needed(lm)
-        models.append({
-            "name": lm.name, "size": lm.size, "memory": need, "fits": hardware.fits_memory(need),
-            "ok": lm.problem is None, "problem": lm.problem, "path": str(lm.path),
-        })
+        models.append(
+            {
+                "name": lm.name,
+                "size": lm.size,
+                "memory": need,
+                "fits": hardware.fits_memory(need),
+                "ok": lm.problem is None,
+                "problem": lm.problem,
+                "path": str(lm.path),
+            }
+        )
     return {
         "platform": hardware.summary(),
-        "store": {"path": str(config.models_dir()), "size": store.disk_usage(),
-                  "free_disk": hardware.free_disk(config.home())},
+        "store": {
+            "path": str(config.models_dir()),
+            "size": store.disk_usage(),
+            "free_disk": hardware.free_disk(config.home()),
+        },
         "config": str(config.config_path()),
         "config_problem": config_problem,
         "default_model": default,
@@ -42,30 +52,49 @@ def render_report(r: dict[str, Any]) -> None:
     p, hb, e = r["platform"], render.human_bytes, render.esc
     ok, bad = "[green]✓[/]", "[red]✗[/]"
     out = render.out
-    out.print(f"[bold]platform[/]   {p['system']} · {p['machine']} · {p['cpu_cores']} cores · Python {p['python']}")
+    out.print(
+        f"[bold]platform[/]   {p['system']} · {p['machine']} · {p['cpu_cores']} cores · Python {p['python']}"
+    )
     out.print(f"[bold]mlx[/]        {p['mlx']} · backend [bold]{p['backend']}[/]")
     mem = p["memory"]
     out.print(f"[bold]memory[/]     {hb(mem['available'])} available of {hb(mem['total'])}")
     s = r["store"]
-    out.print(f"[bold]store[/]      {e(s['path'])} · {hb(s['size'])} used · {hb(s['free_disk'])} free")
+    out.print(
+        f"[bold]store[/]      {e(s['path'])} · {hb(s['size'])} used · {hb(s['free_disk'])} free"
+    )
     out.print(f"[bold]config[/]     {e(r['config'])}")
     if r.get("config_problem"):
         out.print(f"             {bad} {e(r['config_problem'])}")
     k = r["kernels"]
     if k.get("available"):
-        prec = {"fast": "fast: int8 activations at decode", "accurate": "accurate: float32 accumulation"}
-        why = (f"{k.get('isa')} · {k.get('threads')} threads · {prec.get(k.get('precision'), 'float32 accumulation')} · "
-               f"{k.get('verified_ok', 0)} shapes verified, {k.get('verified_failed', 0)} failed")
+        prec = {
+            "fast": "fast: int8 activations at decode",
+            "accurate": "accurate: float32 accumulation",
+        }
+        why = (
+            f"{k.get('isa')} · {k.get('threads')} threads · {prec.get(k.get('precision'), 'float32 accumulation')} · "
+            f"{k.get('verified_ok', 0)} shapes verified, {k.get('verified_failed', 0)} failed"
+        )
     else:
-        why = k.get("reason") or "custom kernels unavailable; MLX's built-in quantized matmul is used"
+        why = (
+            k.get("reason") or "custom kernels unavailable; MLX's built-in quantized matmul is used"
+        )
     out.print(f"[bold]kernel[/]     {k.get('kernel')} ({k.get('backend')}) — {e(why)}")
     if not r["models"]:
-        out.print(f"[bold]models[/]     none installed; `edgeai run` pulls {e(r['default_model'])} on first use")
+        out.print(
+            f"[bold]models[/]     none installed; `edgeai run` pulls {e(r['default_model'])} on first use"
+        )
         return
     t = Table(title="installed models", title_justify="left")
     for col in ("name", "size", "memory", "fits", "state"):
         t.add_column(col)
     for m in r["models"]:
         fits = "?" if m["fits"] is None else (ok if m["fits"] else bad)
-        t.add_row(e(m["name"]), hb(m["size"]), hb(m["memory"]), fits, ok if m["ok"] else f"{bad} {e(m['problem'])}")
+        t.add_row(
+            e(m["name"]),
+            hb(m["size"]),
+            hb(m["memory"]),
+            fits,
+            ok if m["ok"] else f"{bad} {e(m['problem'])}",
+        )
     out.print(t)

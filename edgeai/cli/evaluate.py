@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -13,32 +12,66 @@ from edgeai.cli import render
 def register(app: typer.Typer) -> None:
     @app.command("eval")
     def eval_cmd(
-        data: Optional[list[Path]] = typer.Argument(None, help="JSONL files of {question, answer} (NQ / GSM8K / "
-                                                    "choices / unanswerable) or SelfAware-style JSON; omit them "
-                                                    "to refit from --records alone"),
-        model: Optional[str] = typer.Option(None, "--model", "-m", help="Model name or MLX directory [default: smollm2-135m]"),
-        limit: Optional[int] = typer.Option(None, "--limit", "-l", help="At most this many questions per file (seeded sample)"),
-        max_tokens: int = typer.Option(24, "--max-tokens", "-n", help="Answer length cap for short-answer questions"),
-        max_tokens_math: int = typer.Option(64, "--max-tokens-math", help="Answer length cap for maths problems"),
-        records: Optional[Path] = typer.Option(None, "--records", help="Save generations here (JSONL) and reuse "
-                                                                        "those already there: refit without regenerating"),
-        calibrate: bool = typer.Option(False, "--calibrate", help="Fit the score on a split, pick the threshold, "
-                                                                   "report held-out numbers, save to the user config"),
-        target_accuracy: Optional[float] = typer.Option(None, "--target-accuracy", min=0.0, max=1.0,
-                                                        help="Threshold target: accuracy of answers kept local [default: 0.9]"),
-        budget: Optional[float] = typer.Option(None, "--budget", min=0.0, max=1.0,
-                                               help="Threshold target instead: share of questions escalated"),
-        fit_fraction: float = typer.Option(0.5, "--fit-fraction", min=0.1, max=0.9, help="Share of items used to fit"),
+        data: list[Path] | None = typer.Argument(
+            None,
+            help="JSONL files of {question, answer} (NQ / GSM8K / "
+            "choices / unanswerable) or SelfAware-style JSON; omit them "
+            "to refit from --records alone",
+        ),
+        model: str | None = typer.Option(
+            None, "--model", "-m", help="Model name or MLX directory [default: smollm2-135m]"
+        ),
+        limit: int | None = typer.Option(
+            None, "--limit", "-l", help="At most this many questions per file (seeded sample)"
+        ),
+        max_tokens: int = typer.Option(
+            24, "--max-tokens", "-n", help="Answer length cap for short-answer questions"
+        ),
+        max_tokens_math: int = typer.Option(
+            64, "--max-tokens-math", help="Answer length cap for maths problems"
+        ),
+        records: Path | None = typer.Option(
+            None,
+            "--records",
+            help="Save generations here (JSONL) and reuse "
+            "those already there: refit without regenerating",
+        ),
+        calibrate: bool = typer.Option(
+            False,
+            "--calibrate",
+            help="Fit the score on a split, pick the threshold, "
+            "report held-out numbers, save to the user config",
+        ),
+        target_accuracy: float | None = typer.Option(
+            None,
+            "--target-accuracy",
+            min=0.0,
+            max=1.0,
+            help="Threshold target: accuracy of answers kept local [default: 0.9]",
+        ),
+        budget: float | None = typer.Option(
+            None,
+            "--budget",
+            min=0.0,
+            max=1.0,
+            help="Threshold target instead: share of questions escalated",
+        ),
+        fit_fraction: float = typer.Option(
+            0.5, "--fit-fraction", min=0.1, max=0.9, help="Share of items used to fit"
+        ),
         seed: int = typer.Option(0, "--seed", help="Sampling and split seed"),
-        plot_path: Path = typer.Option(Path("edgeai-eval.png"), "--plot", help="Where to write the PNG plot"),
-        no_save: bool = typer.Option(False, "--no-save", help="With --calibrate: do not write the user config"),
+        plot_path: Path = typer.Option(
+            Path("edgeai-eval.png"), "--plot", help="Where to write the PNG plot"
+        ),
+        no_save: bool = typer.Option(
+            False, "--no-save", help="With --calibrate: do not write the user config"
+        ),
         json_out: bool = typer.Option(False, "--json", help="Print the report as JSON"),
     ) -> None:
         """Label answers, report accuracy, AUROC and risk–coverage; --calibrate fits the escalation score."""
-        from edgeai.routing import confidence
-        from edgeai.routing import evaluate
         from edgeai.cli.run import load_engine
         from edgeai.errors import InvalidInput
+        from edgeai.routing import confidence, evaluate
 
         if target_accuracy is not None and budget is not None:
             raise InvalidInput("give --target-accuracy or --budget, not both")
@@ -46,16 +79,27 @@ def register(app: typer.Typer) -> None:
             items = evaluate.mix(data, limit, seed)
             engine = load_engine(model)
             name = engine.name
-            recs = _generate(evaluate, engine, items, max_tokens, max_tokens_math, records, quiet=json_out)
+            recs = _generate(
+                evaluate, engine, items, max_tokens, max_tokens_math, records, quiet=json_out
+            )
         elif records is not None and records.exists():
             from edgeai.config import default_model
 
             name = model or default_model()  # the records were made earlier; no model is loaded
             recs = evaluate.load_records(records)
         else:
-            raise InvalidInput("no questions to evaluate", "give DATA files, or --records FILE from an earlier run")
-        report, scorer = evaluate.evaluate(recs, name, calibrate=calibrate, target_accuracy=target_accuracy,
-                                           budget=budget, fit_fraction=fit_fraction, seed=seed)
+            raise InvalidInput(
+                "no questions to evaluate", "give DATA files, or --records FILE from an earlier run"
+            )
+        report, scorer = evaluate.evaluate(
+            recs,
+            name,
+            calibrate=calibrate,
+            target_accuracy=target_accuracy,
+            budget=budget,
+            fit_fraction=fit_fraction,
+            seed=seed,
+        )
         report["plot"] = str(evaluate.plot(report, plot_path))
         if scorer is not None and not no_save:
             report["saved_to"] = str(confidence.save_user_scorer(name, scorer))
@@ -65,14 +109,35 @@ def register(app: typer.Typer) -> None:
             _render(report)
 
 
-def _generate(evaluate, engine, items, max_tokens, max_tokens_math, records, quiet: bool) -> list[dict]:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+def _generate(
+    evaluate, engine, items, max_tokens, max_tokens_math, records, quiet: bool
+) -> list[dict]:
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
-    with Progress(TextColumn("answering"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=render.err, disable=quiet, transient=True) as bar:
+    with Progress(
+        TextColumn("answering"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=render.err,
+        disable=quiet,
+        transient=True,
+    ) as bar:
         task = bar.add_task("eval", total=len(items))
-        gen = evaluate.generate_records(engine, items, max_tokens, max_tokens_math, out=records,
-                                        done=lambda n: bar.update(task, completed=n))
+        gen = evaluate.generate_records(
+            engine,
+            items,
+            max_tokens,
+            max_tokens_math,
+            out=records,
+            done=lambda n: bar.update(task, completed=n),
+        )
         return list(gen)
 
 
@@ -92,7 +157,9 @@ def _render(report: dict) -> None:
     render.out.print(head)
     if "split" in report:
         s = report["split"]
-        render.out.print(f"held-out split: {s['held_out']} items (fitted on {s['fit']}, seed {s['seed']})")
+        render.out.print(
+            f"held-out split: {s['held_out']} items (fitted on {s['fit']}, seed {s['seed']})"
+        )
     kinds = Table(title="by kind")
     for c in ("kind", "items", "accuracy"):
         kinds.add_column(c, justify="right")
@@ -103,12 +170,19 @@ def _render(report: dict) -> None:
     for c in ("threshold", "kept local", "accuracy kept", "accuracy escalated"):
         t.add_column(c, justify="right")
     for r in report["thresholds"]:
-        t.add_row(f"{r['threshold']:.3f}", pct(r["kept_local"]), pct(r["kept_accuracy"]), pct(r["escalated_accuracy"]))
+        t.add_row(
+            f"{r['threshold']:.3f}",
+            pct(r["kept_local"]),
+            pct(r["kept_accuracy"]),
+            pct(r["escalated_accuracy"]),
+        )
     render.out.print(t)
     op = report.get("operating_point")
     if op:
-        render.out.print(f"operating point: threshold {op['threshold']:.3f} keeps {pct(op['kept_local'])} local "
-                         f"({pct(op['answerable_kept_local'])} of answerable) at {pct(op['kept_accuracy'])} accuracy")
+        render.out.print(
+            f"operating point: threshold {op['threshold']:.3f} keeps {pct(op['kept_local'])} local "
+            f"({pct(op['answerable_kept_local'])} of answerable) at {pct(op['kept_accuracy'])} accuracy"
+        )
     if report.get("saved_to"):
         render.out.print(f"calibration saved to {report['saved_to']}", markup=False)
     render.err.print(f"[dim]plot: {render.esc(report['plot'])}[/]")

@@ -7,7 +7,8 @@ import json
 import logging
 import sys
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -59,8 +60,13 @@ def progress() -> Iterator[Callable[[Any], None]]:
     task on stderr with bytes and speed where bytes are counted, a spinner where they are not."""
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    columns = (SpinnerColumn(finished_text="[green]✓[/]"), TextColumn("{task.description}"), BarColumn(),
-               TextColumn("{task.fields[amount]}"), TimeElapsedColumn())
+    columns = (
+        SpinnerColumn(finished_text="[green]✓[/]"),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[amount]}"),
+        TimeElapsedColumn(),
+    )
     with Progress(*columns, console=err, transient=False) as bars:
         tasks: dict[str, Any] = {}
         started: dict[str, float] = {}

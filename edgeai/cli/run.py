@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from typing import Optional
 
 import typer
 
@@ -39,25 +38,51 @@ def load_engine(model: str | None, kernel: str | None = None):
 def register(app: typer.Typer) -> None:
     @app.command()
     def run(
-        prompt: Optional[str] = typer.Argument(None, help="The prompt. Omit it for an interactive chat."),
-        model: Optional[str] = typer.Option(None, "--model", "-m", help="Model name or MLX directory [default: smollm2-135m]"),
-        system: Optional[str] = typer.Option(None, "--system", "-s", help="System prompt"),
-        max_tokens: Optional[int] = typer.Option(None, "--max-tokens", "-n", help="Most tokens to generate [default: 512]"),
-        temperature: Optional[float] = typer.Option(None, "--temperature", "-t", help="0 = greedy [default: 0]"),
-        top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling mass"),
-        top_k: Optional[int] = typer.Option(None, "--top-k", help="Keep the k most likely tokens"),
-        min_p: Optional[float] = typer.Option(None, "--min-p", help="Drop tokens below min_p × top probability"),
-        seed: Optional[int] = typer.Option(None, "--seed", help="Random seed"),
-        stop: Optional[list[str]] = typer.Option(None, "--stop", help="Stop string (repeatable)"),
-        json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming"),
+        prompt: str | None = typer.Argument(
+            None, help="The prompt. Omit it for an interactive chat."
+        ),
+        model: str | None = typer.Option(
+            None, "--model", "-m", help="Model name or MLX directory [default: smollm2-135m]"
+        ),
+        system: str | None = typer.Option(None, "--system", "-s", help="System prompt"),
+        max_tokens: int | None = typer.Option(
+            None, "--max-tokens", "-n", help="Most tokens to generate [default: 512]"
+        ),
+        temperature: float | None = typer.Option(
+            None, "--temperature", "-t", help="0 = greedy [default: 0]"
+        ),
+        top_p: float | None = typer.Option(None, "--top-p", help="Nucleus sampling mass"),
+        top_k: int | None = typer.Option(None, "--top-k", help="Keep the k most likely tokens"),
+        min_p: float | None = typer.Option(
+            None, "--min-p", help="Drop tokens below min_p × top probability"
+        ),
+        seed: int | None = typer.Option(None, "--seed", help="Random seed"),
+        stop: list[str] | None = typer.Option(None, "--stop", help="Stop string (repeatable)"),
+        json_out: bool = typer.Option(
+            False, "--json", help="Print one JSON object instead of streaming"
+        ),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No stats line"),
-        interactive: bool = typer.Option(False, "--interactive", "-i", help="Chat even if stdin is not a terminal"),
-        kernel: Optional[str] = typer.Option(None, "--kernel", help="auto, builtin or custom"),
-        adapter: Optional[str] = typer.Option(None, "--adapter", help="A stored LoRA adapter (see `edgeai adapter list`)"),
-        policy: Optional[str] = typer.Option(None, "--policy", help="local-only, auto or remote [default: config, else auto]"),
-        explain: bool = typer.Option(False, "--explain", help="Show the route, signals, score, threshold and decision"),
-        json_schema: Optional[str] = typer.Option(None, "--json-schema", help="Answer with JSON valid against this JSON Schema file (local model)"),
-        json_object: bool = typer.Option(False, "--json-object", help="Answer with one JSON object (local model)"),
+        interactive: bool = typer.Option(
+            False, "--interactive", "-i", help="Chat even if stdin is not a terminal"
+        ),
+        kernel: str | None = typer.Option(None, "--kernel", help="auto, builtin or custom"),
+        adapter: str | None = typer.Option(
+            None, "--adapter", help="A stored LoRA adapter (see `edgeai adapter list`)"
+        ),
+        policy: str | None = typer.Option(
+            None, "--policy", help="local-only, auto or remote [default: config, else auto]"
+        ),
+        explain: bool = typer.Option(
+            False, "--explain", help="Show the route, signals, score, threshold and decision"
+        ),
+        json_schema: str | None = typer.Option(
+            None,
+            "--json-schema",
+            help="Answer with JSON valid against this JSON Schema file (local model)",
+        ),
+        json_object: bool = typer.Option(
+            False, "--json-object", help="Answer with one JSON object (local model)"
+        ),
     ) -> None:
         """Answer a prompt with a local model, streaming tokens as they come."""
         from edgeai.cli import chat
@@ -68,8 +93,10 @@ def register(app: typer.Typer) -> None:
         if constraint is not None and chatting:
             from edgeai.errors import InvalidInput
 
-            raise InvalidInput("--json-schema/--json-object answer one prompt, not a chat",
-                               'give the prompt, e.g. edgeai run --json-object "List three colors"')
+            raise InvalidInput(
+                "--json-schema/--json-object answer one prompt, not a chat",
+                'give the prompt, e.g. edgeai run --json-object "List three colors"',
+            )
         if interactive or (prompt is None and sys.stdin is not None and sys.stdin.isatty()):
             engine = load_engine(model, kernel)
             if adapter:
@@ -80,7 +107,9 @@ def register(app: typer.Typer) -> None:
         if not text:
             from edgeai.errors import InvalidInput
 
-            raise InvalidInput("the prompt is empty", 'give a prompt, e.g. edgeai run "Why is the sky blue?"')
+            raise InvalidInput(
+                "the prompt is empty", 'give a prompt, e.g. edgeai run "Why is the sky blue?"'
+            )
         from edgeai.routing.respond import respond
 
         messages = chat.messages_for(text, system)
@@ -92,8 +121,13 @@ def register(app: typer.Typer) -> None:
             answer = chat.stream_to_console(events, engine.name, stream=not json_out)
         else:
             # The local model loads only if the router or a fallback needs it.
-            resp = respond(messages, opts, policy=policy, engine=lambda: load_engine(model, kernel),
-                           adapter=adapter)
+            resp = respond(
+                messages,
+                opts,
+                policy=policy,
+                engine=lambda: load_engine(model, kernel),
+                adapter=adapter,
+            )
             streamed = chat.stream_to_console(iter(resp), "", stream=not json_out)
             answer = resp.answer or streamed  # no final answer when cancelled midway
         if json_out:
@@ -138,8 +172,15 @@ def _options(max_tokens, temperature, top_p, top_k, min_p, seed, stop):
     from edgeai.errors import InvalidInput
     from edgeai.options import GenerationOptions
 
-    given = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                 min_p=min_p, seed=seed, stop=stop or None)
+    given = dict(
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        min_p=min_p,
+        seed=seed,
+        stop=stop or None,
+    )
     try:
         return GenerationOptions(**{k: v for k, v in given.items() if v is not None})
     except ValidationError as e:

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
@@ -28,8 +27,10 @@ def _done(lm: Any, verb: str, as_json: bool) -> None:
     if as_json:
         render.print_json(lm.to_dict())
         return
-    render.err.print(f"[green]{verb}[/] {render.esc(lm.name)} ({render.human_bytes(lm.size)}) from "
-                     f"{render.esc(lm.origin)}")
+    render.err.print(
+        f"[green]{verb}[/] {render.esc(lm.name)} ({render.human_bytes(lm.size)}) from "
+        f"{render.esc(lm.origin)}"
+    )
     render.out.print(str(lm.path), markup=False)
 
 
@@ -45,13 +46,29 @@ def _table(rows: list[dict]) -> None:
 
     t = Table(box=None, header_style="bold", pad_edge=False)
     for col in ("NAME", "TIER", "PARAMS", "SIZE", "MEMORY", "CONTEXT", "STATUS", "FITS"):
-        t.add_column(col, no_wrap=True, justify="right" if col in {"PARAMS", "SIZE", "MEMORY", "CONTEXT"} else "left")
-    style = {"installed": "[green]installed[/]", "damaged": "[red]damaged[/]", "remote": "[dim]remote[/]",
-             "available": "available"}
+        t.add_column(
+            col,
+            no_wrap=True,
+            justify="right" if col in {"PARAMS", "SIZE", "MEMORY", "CONTEXT"} else "left",
+        )
+    style = {
+        "installed": "[green]installed[/]",
+        "damaged": "[red]damaged[/]",
+        "remote": "[dim]remote[/]",
+        "available": "available",
+    }
     for r in rows:
         ctx = f"{r['context'] // 1024}k" if r["context"] else "-"
-        t.add_row(render.esc(r["name"]), render.esc(r["tier"] or "-"), _count(r["params"]),
-                  _bytes(r["size"]), _bytes(r["memory"]), ctx, style[r["status"]], _fits(r["fits"]))
+        t.add_row(
+            render.esc(r["name"]),
+            render.esc(r["tier"] or "-"),
+            _count(r["params"]),
+            _bytes(r["size"]),
+            _bytes(r["memory"]),
+            ctx,
+            style[r["status"]],
+            _fits(r["fits"]),
+        )
     render.out.print(t)
 
 
@@ -63,9 +80,13 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def pull(
         model: str = typer.Argument(..., help="catalog name (see `edgeai list`) or hf:org/repo"),
-        name: Optional[str] = typer.Option(None, "--name", help="store it under this name"),
-        force: bool = typer.Option(False, "--force", help="pull even if it does not fit in memory, or replace "
-                                   "another model installed under that name"),
+        name: str | None = typer.Option(None, "--name", help="store it under this name"),
+        force: bool = typer.Option(
+            False,
+            "--force",
+            help="pull even if it does not fit in memory, or replace "
+            "another model installed under that name",
+        ),
         as_json: bool = typer.Option(False, "--json", help="print the installed model as JSON"),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
     ) -> None:
@@ -76,15 +97,21 @@ def register(app: typer.Typer) -> None:
             with _progress(quiet) as on_progress:
                 lm = store.pull(model, name=name, on_progress=on_progress, force=force)
         except KeyboardInterrupt:
-            render.err.print(f"[yellow]interrupted[/]: run `edgeai pull {render.esc(model)}` again to resume")
+            render.err.print(
+                f"[yellow]interrupted[/]: run `edgeai pull {render.esc(model)}` again to resume"
+            )
             raise typer.Exit(130) from None
         _done(lm, "pulled", as_json)
 
     @app.command("import")
     def import_(
         file: Path = typer.Argument(..., help="a GGUF model file (Q4_0, Q4_1, Q8_0, F16, F32)"),
-        name: Optional[str] = typer.Option(None, "--name", help="store it under this name (default: from the file name)"),
-        force: bool = typer.Option(False, "--force", help="replace an installed model with the same name"),
+        name: str | None = typer.Option(
+            None, "--name", help="store it under this name (default: from the file name)"
+        ),
+        force: bool = typer.Option(
+            False, "--force", help="replace an installed model with the same name"
+        ),
         as_json: bool = typer.Option(False, "--json", help="print the installed model as JSON"),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="no spinner"),
     ) -> None:
@@ -98,7 +125,9 @@ def register(app: typer.Typer) -> None:
     @app.command("list")
     def list_(
         installed: bool = typer.Option(False, "--installed", help="only models on this machine"),
-        tier: Optional[str] = typer.Option(None, "--tier", help="only this tier: " + ", ".join(_TIERS)),
+        tier: str | None = typer.Option(
+            None, "--tier", help="only this tier: " + ", ".join(_TIERS)
+        ),
         as_json: bool = typer.Option(False, "--json", help="print JSON"),
     ) -> None:
         """The catalog and the installed models, with size, memory and whether each fits."""
@@ -107,11 +136,17 @@ def register(app: typer.Typer) -> None:
 
         if tier is not None and tier not in _TIERS:
             raise InvalidInput(f"unknown tier '{tier}'", "use one of " + ", ".join(_TIERS))
-        rows = [r for r in store.overview() if (r["installed"] or not installed) and (tier is None or r["tier"] == tier)]
+        rows = [
+            r
+            for r in store.overview()
+            if (r["installed"] or not installed) and (tier is None or r["tier"] == tier)
+        ]
         if as_json:
             render.print_json(rows)
         elif not rows:
-            render.err.print("no models" + (" installed; try `edgeai pull smollm2-135m`" if installed else ""))
+            render.err.print(
+                "no models" + (" installed; try `edgeai pull smollm2-135m`" if installed else "")
+            )
         else:
             _table(rows)
 
@@ -133,7 +168,9 @@ def register(app: typer.Typer) -> None:
     def rm(
         model: str = typer.Argument(..., help="installed model name"),
         yes: bool = typer.Option(False, "--yes", "-y", help="do not ask for confirmation"),
-        keep_cache: bool = typer.Option(False, "--keep-cache", help="keep hub files in the Hugging Face cache"),
+        keep_cache: bool = typer.Option(
+            False, "--keep-cache", help="keep hub files in the Hugging Face cache"
+        ),
         as_json: bool = typer.Option(False, "--json", help="print what was removed as JSON"),
     ) -> None:
         """Delete an installed model."""
@@ -142,7 +179,9 @@ def register(app: typer.Typer) -> None:
 
         d = store.describe(model)
         if not d["installed"]:
-            raise ModelNotFound(f"model '{d['name']}' is not installed", "see `edgeai list --installed`")
+            raise ModelNotFound(
+                f"model '{d['name']}' is not installed", "see `edgeai list --installed`"
+            )
         if not yes:
             size = render.human_bytes(d["local"]["size"])
             try:
@@ -195,7 +234,10 @@ def _show(d: dict) -> None:
         t.add_row("remote", e(f"{d['remote']['provider']}: {d['remote']['model']}"))
     local = d.get("local")
     if local:
-        t.add_row("installed", e(f"{local['path']} ({render.human_bytes(local['size'])}, {local['created']})"))
+        t.add_row(
+            "installed",
+            e(f"{local['path']} ({render.human_bytes(local['size'])}, {local['created']})"),
+        )
         fields = (f"{k}={_field(k, v)}" for k, v in local["source"].items() if k != "sha256")
         t.add_row("from", e(" ".join(fields)))
         if local.get("problem"):

@@ -13,13 +13,14 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from edgeai.errors import InvalidInput
 from edgeai.engine.prompt_cache import PromptCache
+from edgeai.errors import InvalidInput
 from edgeai.kernels import Hooks
 from edgeai.options import GenerationOptions
 from edgeai.types import Event, Stats
@@ -43,11 +44,14 @@ def check_prompt(ids: Sequence[int], context_length: int, vocab_size: int, model
     if len(ids) >= context_length:
         raise InvalidInput(
             f"the prompt is {len(ids)} tokens; {model} accepts at most {context_length - 1}",
-            "shorten the prompt or the piped input")
+            "shorten the prompt or the piped input",
+        )
     bad = next((t for t in ids if not 0 <= t < vocab_size), None)
     if bad is not None:
-        raise InvalidInput(f"token id {bad} is outside {model}'s vocabulary (0–{vocab_size - 1})",
-                           "use token ids from this model's tokenizer")
+        raise InvalidInput(
+            f"token id {bad} is outside {model}'s vocabulary (0–{vocab_size - 1})",
+            "use token ids from this model's tokenizer",
+        )
 
 
 def make_sampler(options: GenerationOptions, vocab_size: int = 0) -> Sampler:
@@ -90,16 +94,25 @@ def make_processors(logits: dict, vocab_size: int, model: str) -> list:
 
     bad = [t for t in logits.get("logit_bias", {}) if vocab_size and t >= vocab_size]
     if bad:
-        raise InvalidInput(f"logit_bias names token {bad[0]}, but {model} has {vocab_size} tokens",
-                           "use token ids from this model's tokenizer")
+        raise InvalidInput(
+            f"logit_bias names token {bad[0]}, but {model} has {vocab_size} tokens",
+            "use token ids from this model's tokenizer",
+        )
     return make_logits_processors(**logits)
 
 
-def decode_steps(model: nn.Module, prompt: mx.array, sampler: Sampler, max_tokens: int,
-                 top_n: int = 0, hooks: Hooks | None = None, prefill_step: int = 512,
-                 processors: Sequence[Callable[[mx.array, mx.array], mx.array]] = (),
-                 cache: list | None = None, history: Sequence[int] = ()
-                 ) -> Iterator[tuple[int, float, float, tuple]]:
+def decode_steps(
+    model: nn.Module,
+    prompt: mx.array,
+    sampler: Sampler,
+    max_tokens: int,
+    top_n: int = 0,
+    hooks: Hooks | None = None,
+    prefill_step: int = 512,
+    processors: Sequence[Callable[[mx.array, mx.array], mx.array]] = (),
+    cache: list | None = None,
+    history: Sequence[int] = (),
+) -> Iterator[tuple[int, float, float, tuple]]:
     """Prefill `prompt`, then yield (token, logprob, entropy, top alternatives) per step.
 
     The signals are part of each step's graph, evaluated asynchronously with the token, so
@@ -122,7 +135,9 @@ def decode_steps(model: nn.Module, prompt: mx.array, sampler: Sampler, max_token
     hooks = hooks or Hooks()
     if cache is None:
         cache = hooks.make_cache(model)
-    context = [mx.concatenate([mx.array(list(history), dtype=prompt.dtype), prompt]) if history else prompt]
+    context = [
+        mx.concatenate([mx.array(list(history), dtype=prompt.dtype), prompt]) if history else prompt
+    ]
 
     def step(tokens: mx.array, generated: bool = True) -> list[mx.array]:
         logits = model(tokens, cache=cache)[:, -1, :].astype(mx.float32)
@@ -188,9 +203,18 @@ class Generation:
             adapters) apart.
     """
 
-    def __init__(self, model: Callable, ids: Sequence[int], options: GenerationOptions, tokenizer: Any,
-                 max_tokens: int, vocab_size: int = 0, hooks: Hooks | None = None,
-                 processors: Sequence[Callable] = (), reuse: tuple[PromptCache, Hashable] | None = None):
+    def __init__(
+        self,
+        model: Callable,
+        ids: Sequence[int],
+        options: GenerationOptions,
+        tokenizer: Any,
+        max_tokens: int,
+        vocab_size: int = 0,
+        hooks: Hooks | None = None,
+        processors: Sequence[Callable] = (),
+        reuse: tuple[PromptCache, Hashable] | None = None,
+    ):
         hooks = hooks or Hooks()
         self.decoder = SequenceDecoder(tokenizer, options, len(ids))
         self.max_tokens = max_tokens
@@ -203,9 +227,17 @@ class Generation:
         if cache is not None and not _continue_from(self._cache, cache):
             self.reused = 0  # a cache kind that cannot be carried over: prefill it all
         self.decoder.stats.cached_tokens = self.reused
-        self._steps = decode_steps(model, mx.array(self._ids[self.reused:]), make_sampler(options, vocab_size),
-                                   max_tokens, options.top_logprobs, hooks, processors=processors,
-                                   cache=self._cache, history=self._ids[:self.reused])
+        self._steps = decode_steps(
+            model,
+            mx.array(self._ids[self.reused :]),
+            make_sampler(options, vocab_size),
+            max_tokens,
+            options.top_logprobs,
+            hooks,
+            processors=processors,
+            cache=self._cache,
+            history=self._ids[: self.reused],
+        )
 
     def advance(self) -> list[Event]:
         """The events of the next token (the first call also processes the prompt)."""
@@ -241,8 +273,9 @@ def _continue_from(fresh: list, kept: list) -> bool:
     return True
 
 
-def token_signals_batch(logprobs: mx.array | Sequence[mx.array], tokens: Sequence[int],
-                        top_n: int | Sequence[int]) -> list[Signals]:
+def token_signals_batch(
+    logprobs: mx.array | Sequence[mx.array], tokens: Sequence[int], top_n: int | Sequence[int]
+) -> list[Signals]:
     """Logprob of the sampled token, entropy and top alternatives of every row of a batch,
     with one evaluation (the server's batches; single streams get them from `decode_steps`).
 
@@ -251,7 +284,9 @@ def token_signals_batch(logprobs: mx.array | Sequence[mx.array], tokens: Sequenc
         tokens: the sampled token of each row.
         top_n: alternatives to report, for all rows or per row.
     """
-    rows = logprobs if isinstance(logprobs, mx.array) else mx.stack([r.reshape(-1) for r in logprobs])
+    rows = (
+        logprobs if isinstance(logprobs, mx.array) else mx.stack([r.reshape(-1) for r in logprobs])
+    )
     rows = rows.reshape(len(tokens), -1).astype(mx.float32)
     ns = [top_n] * len(tokens) if isinstance(top_n, int) else list(top_n)
     k = max(ns, default=0)
@@ -265,8 +300,10 @@ def token_signals_batch(logprobs: mx.array | Sequence[mx.array], tokens: Sequenc
     else:
         mx.eval(lp, ent)
         alts = [[] for _ in ns]
-    return [(float(a), float(e), tuple((int(i), float(v)) for i, v in pairs[:n]))
-            for a, e, pairs, n in zip(lp.tolist(), ent.tolist(), alts, ns)]
+    return [
+        (float(a), float(e), tuple((int(i), float(v)) for i, v in pairs[:n]))
+        for a, e, pairs, n in zip(lp.tolist(), ent.tolist(), alts, ns)
+    ]
 
 
 class StopMatcher:
@@ -338,8 +375,15 @@ class SequenceDecoder:
         if token in self.eos:
             self.detok.finalize()
             text, _ = self.stops.feed(self.detok.last_segment)
-            return [Event(text=text + self.stops.flush(), token=token, logprob=lp, entropy=ent,
-                          top_logprobs=top)], "stop"
+            return [
+                Event(
+                    text=text + self.stops.flush(),
+                    token=token,
+                    logprob=lp,
+                    entropy=ent,
+                    top_logprobs=top,
+                )
+            ], "stop"
         self.detok.add_token(token)
         text, hit = self.stops.feed(self.detok.last_segment)
         events = [Event(text=text, token=token, logprob=lp, entropy=ent, top_logprobs=top)]

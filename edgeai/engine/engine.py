@@ -9,16 +9,17 @@ from __future__ import annotations
 import json
 import os
 import threading
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Hashable, Iterator, Sequence
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from edgeai import kernels
 from edgeai.engine.decode import Generation, check_prompt
-from edgeai.engine.prompt_cache import DEFAULT_BYTES, PromptCache
 from edgeai.engine.lora import store_set
+from edgeai.engine.prompt_cache import DEFAULT_BYTES, PromptCache
 from edgeai.engine.tools import ToolChat
 from edgeai.errors import InvalidInput, UnsupportedModel
 from edgeai.options import GenerationOptions, Message
@@ -41,8 +42,14 @@ class Engine:
             uses with this model.
     """
 
-    def __init__(self, model: nn.Module, tokenizer, path: Path, name: str | None = None,
-                 config: dict | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        path: Path,
+        name: str | None = None,
+        config: dict | None = None,
+    ):
         self.model = model
         self.tokenizer = tokenizer
         self.path = Path(path)
@@ -61,8 +68,13 @@ class Engine:
         self.adapters = store_set(model, self.name, self.path)
 
     @classmethod
-    def load(cls, path: str | Path, name: str | None = None, kernel: str | None = None,
-             precision: str | None = None) -> "Engine":
+    def load(
+        cls,
+        path: str | Path,
+        name: str | None = None,
+        kernel: str | None = None,
+        precision: str | None = None,
+    ) -> Engine:
         """Load an MLX model directory (config.json, safetensors, tokenizer files).
 
         Args:
@@ -80,10 +92,14 @@ class Engine:
         try:
             model, tokenizer = mlx_load(str(path))
         except (ValueError, KeyError, FileNotFoundError, OSError) as e:
-            raise UnsupportedModel(f"could not load the model in {path}: {e}", "re-import or re-pull it") from e
+            raise UnsupportedModel(
+                f"could not load the model in {path}: {e}", "re-import or re-pull it"
+            ) from e
         config = json.loads((path / "config.json").read_text())
         eng = cls(model, tokenizer, path, name, config)
-        eng.kernel = kernels.apply(model, kernel or os.environ.get("EDGEAI_KERNEL", "auto"), precision)
+        eng.kernel = kernels.apply(
+            model, kernel or os.environ.get("EDGEAI_KERNEL", "auto"), precision
+        )
         return eng
 
     @property
@@ -155,8 +171,14 @@ class Engine:
     def max_new_tokens(self, ids: Sequence[int], options: GenerationOptions) -> int:
         return min(options.max_tokens, self.context_length - len(ids))
 
-    def stream(self, ids: list[int], options: GenerationOptions, cancel: threading.Event | None = None,
-               model: Callable | None = None, scope: Hashable = None) -> Iterator[Event]:
+    def stream(
+        self,
+        ids: list[int],
+        options: GenerationOptions,
+        cancel: threading.Event | None = None,
+        model: Callable | None = None,
+        scope: Hashable = None,
+    ) -> Iterator[Event]:
         """Events for checked prompt ids (`prompt_ids`), through the one decode loop.
 
         The caller holds the model (the lock, or the server's MLX thread) and has chosen
@@ -175,13 +197,29 @@ class Engine:
             if gen.finish is None:  # the consumer stopped early
                 gen.end("cancelled")
 
-    def generation(self, ids: list[int], options: GenerationOptions, *, model: Callable | None = None,
-                   processors: Sequence[Callable] = (), scope: Hashable = None) -> Generation:
+    def generation(
+        self,
+        ids: list[int],
+        options: GenerationOptions,
+        *,
+        model: Callable | None = None,
+        processors: Sequence[Callable] = (),
+        scope: Hashable = None,
+    ) -> Generation:
         """A `Generation` of this model for checked prompt ids (the caller holds the model),
         continuing from the prompt cache within `scope` (`cache_scope` of its adapter)."""
         reuse = (self.prompt_cache, scope) if self.prompt_cache.max_bytes > 0 else None
-        return Generation(model or self.model, ids, options, self.tokenizer, self.max_new_tokens(ids, options),
-                          self.vocab_size, self.hooks, processors, reuse)
+        return Generation(
+            model or self.model,
+            ids,
+            options,
+            self.tokenizer,
+            self.max_new_tokens(ids, options),
+            self.vocab_size,
+            self.hooks,
+            processors,
+            reuse,
+        )
 
 
 def cache_scope(adapter: Any) -> Hashable:

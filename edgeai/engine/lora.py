@@ -24,8 +24,9 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from typing import Callable, ContextManager, Iterator, Sequence
+from typing import ContextManager
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -47,7 +48,7 @@ class LoRASwitch(nn.Module):
         owner: the AdapterSet that says which adapter is active.
     """
 
-    def __init__(self, base: nn.Module, path: str, owner: "AdapterSet"):
+    def __init__(self, base: nn.Module, path: str, owner: AdapterSet):
         super().__init__()
         self.base = base
         # Plain attributes (not arrays/dicts) stay out of the parameter tree.
@@ -99,14 +100,21 @@ class AdapterSet:
 
     RECHECK_S = 1.0
 
-    def __init__(self, model: nn.Module, loader: Loader, capacity: int | None = None,
-                 version_of: Callable[[str], object] | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        loader: Loader,
+        capacity: int | None = None,
+        version_of: Callable[[str], object] | None = None,
+    ):
         self.model = model
         self.loader = loader
         self.version_of = version_of
         self._checked: dict[str, float] = {}
         self._wrapped: dict[str, LoRASwitch] = {}  # module path -> its wrapper in the model
-        cache = capacity or env_number("EDGEAI_ADAPTER_CACHE", DEFAULT_CACHE, low=1, high=4096, kind=int)
+        cache = capacity or env_number(
+            "EDGEAI_ADAPTER_CACHE", DEFAULT_CACHE, low=1, high=4096, kind=int
+        )
         self.capacity = max(1, cache)
         # What LoRASwitch reads: one adapter for the whole batch, or (adapter, row mask) groups.
         self.selection: LoadedAdapter | list[tuple[LoadedAdapter, mx.array]] | None = None
@@ -169,7 +177,9 @@ class AdapterSet:
                 self.selection = None
 
     @contextmanager
-    def use_rows(self, names: Sequence[str | LoadedAdapter | None]) -> Iterator[list[LoadedAdapter | None]]:
+    def use_rows(
+        self, names: Sequence[str | LoadedAdapter | None]
+    ) -> Iterator[list[LoadedAdapter | None]]:
         """One adapter (a name, one `get` returned, or None) per row of the batch in the body."""
         with self._selected(names) as ads:
             self.selection = _row_groups(ads)
@@ -179,7 +189,9 @@ class AdapterSet:
                 self.selection = None
 
     @contextmanager
-    def _selected(self, items: Sequence[str | LoadedAdapter | None]) -> Iterator[list[LoadedAdapter | None]]:
+    def _selected(
+        self, items: Sequence[str | LoadedAdapter | None]
+    ) -> Iterator[list[LoadedAdapter | None]]:
         """Load and pin the named adapters so the LRU keeps them while they are in use.
 
         A LoadedAdapter is taken as is: a request that resolved its adapter when it started
@@ -204,8 +216,11 @@ class AdapterSet:
                 self._unpin(names)
                 self._evict()
 
-    def routed(self, rows: Callable[[int], Sequence[str | LoadedAdapter | None]],
-               context: Callable[[], ContextManager] | None = None) -> "RoutedModel":
+    def routed(
+        self,
+        rows: Callable[[int], Sequence[str | LoadedAdapter | None]],
+        context: Callable[[], ContextManager] | None = None,
+    ) -> RoutedModel:
         """The model with a per-row adapter on every forward pass.
 
         Args:
@@ -217,8 +232,11 @@ class AdapterSet:
         """
         return RoutedModel(self, rows, context)
 
-    def fixed(self, adapter: str | LoadedAdapter | None,
-              context: Callable[[], ContextManager] | None = None) -> "nn.Module | RoutedModel":
+    def fixed(
+        self,
+        adapter: str | LoadedAdapter | None,
+        context: Callable[[], ContextManager] | None = None,
+    ) -> nn.Module | RoutedModel:
         """The model with one adapter (or none) on every row of every call."""
         if adapter is None and context is None:
             return self.model
@@ -241,7 +259,11 @@ class AdapterSet:
     def _install(self, ad: LoadedAdapter) -> None:
         """Check `ad` against the model and wrap the layers it targets (once per layer)."""
         # Adapters mostly target the same layers: once those are wrapped, skip walking the model.
-        modules = self._wrapped if all(p in self._wrapped for p in ad.pairs) else dict(self.model.named_modules())
+        modules = (
+            self._wrapped
+            if all(p in self._wrapped for p in ad.pairs)
+            else dict(self.model.named_modules())
+        )
         problems = check_targets(modules, ad.pairs)
         if problems:
             raise InvalidInput(
@@ -280,8 +302,12 @@ class RoutedModel:
     be told (a wrong count) is refused rather than run with the wrong adapter.
     """
 
-    def __init__(self, owner: AdapterSet, rows: Callable[[int], Sequence[str | LoadedAdapter | None]],
-                 context: Callable[[], ContextManager] | None = None):
+    def __init__(
+        self,
+        owner: AdapterSet,
+        rows: Callable[[int], Sequence[str | LoadedAdapter | None]],
+        context: Callable[[], ContextManager] | None = None,
+    ):
         self._owner = owner
         self._rows = rows
         self._context = context or nullcontext

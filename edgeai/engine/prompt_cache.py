@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from typing import Any, Hashable, Sequence
+from typing import Any
 
 from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
@@ -72,7 +73,9 @@ class PromptCache:
                 return None, 0
             entry = self._entries.pop(best)
         extra = len(entry.tokens) - best_n
-        if extra and (not can_trim_prompt_cache(entry.cache) or trim_prompt_cache(entry.cache, extra) != extra):
+        if extra and (
+            not can_trim_prompt_cache(entry.cache) or trim_prompt_cache(entry.cache, extra) != extra
+        ):
             with self._lock:
                 self.misses += 1
             return None, 0
@@ -95,7 +98,9 @@ class PromptCache:
         tokens = tuple(ids)
         nbytes = _nbytes(cache)
         with self._lock:
-            for key in [k for k, e in self._entries.items() if e.scope == scope and e.tokens == tokens]:
+            for key in [
+                k for k, e in self._entries.items() if e.scope == scope and e.tokens == tokens
+            ]:
                 del self._entries[key]  # the same prompt again: keep the newest
             self._entries[self._next] = _Entry(scope, tokens, cache, nbytes)
             self._next += 1
@@ -108,8 +113,13 @@ class PromptCache:
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
-            return {"entries": len(self._entries), "bytes": self.nbytes, "hits": self.hits,
-                    "misses": self.misses, "reused_tokens": self.reused_tokens}
+            return {
+                "entries": len(self._entries),
+                "bytes": self.nbytes,
+                "hits": self.hits,
+                "misses": self.misses,
+                "reused_tokens": self.reused_tokens,
+            }
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -122,5 +132,9 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 def _nbytes(cache: list) -> int:
     """Bytes the cache's buffers hold (spare room for later positions included)."""
-    return sum(a.nbytes for c in cache for a in (getattr(c, "keys", None), getattr(c, "values", None))
-               if a is not None)
+    return sum(
+        a.nbytes
+        for c in cache
+        for a in (getattr(c, "keys", None), getattr(c, "values", None))
+        if a is not None
+    )

@@ -223,8 +223,14 @@ class CallStream:
                     out.append(("content", self.buf[:start]))
                 self.buf, self.inside = self.buf[start:], True
                 continue
-            keep = next((k for k in range(min(len(OPEN) - 1, len(self.buf)), 0, -1)
-                         if self.buf.endswith(OPEN[:k])), 0)
+            keep = next(
+                (
+                    k
+                    for k in range(min(len(OPEN) - 1, len(self.buf)), 0, -1)
+                    if self.buf.endswith(OPEN[:k])
+                ),
+                0,
+            )
             emit, self.buf = self.buf[: len(self.buf) - keep], self.buf[len(self.buf) - keep :]
             if emit:
                 out.append(("content", emit))

@@ -27,30 +27,67 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable, ContextManager
+from typing import ContextManager
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from edgeai.errors import EdgeAIError, InvalidInput
-from edgeai.kernels.verify import (ATTN_TOL, FAST_MAX_REL_TOL, FAST_NMSE_TOL, FAST_ROWS, FUSED_FAST_TOL,
-                                   MAX_REL_TOL, NMSE_TOL, VERIFY_ROWS, _cache_path, _file_id, _read_cache,
-                                   _verdict, _warn_once, check, check_attention, check_block,
-                                   check_log_softmax, check_rms_norm, check_rope, verify)
+from edgeai.kernels.verify import (
+    ATTN_TOL,
+    FAST_MAX_REL_TOL,
+    FAST_NMSE_TOL,
+    FAST_ROWS,
+    FUSED_FAST_TOL,
+    MAX_REL_TOL,
+    NMSE_TOL,
+    VERIFY_ROWS,
+    _cache_path,
+    _file_id,
+    _read_cache,
+    _verdict,
+    _warn_once,
+    check,
+    check_attention,
+    check_block,
+    check_log_softmax,
+    check_rms_norm,
+    check_rope,
+    verify,
+)
 
 __all__ = [  # the public API; verification's names are re-exported from kernels.verify
-    "ATTN_TOL", "FAST_MAX_REL_TOL", "FAST_NMSE_TOL", "FAST_ROWS", "MAX_REL_TOL", "MODES", "NMSE_TOL",
-    "PRECISIONS", "VERIFY_ROWS", "Candidate", "Hooks", "KernelError", "KernelReport", "apply", "backend",
-    "check", "check_attention", "check_block", "check_log_softmax", "default_precision", "status", "verify",
+    "ATTN_TOL",
+    "FAST_MAX_REL_TOL",
+    "FAST_NMSE_TOL",
+    "FAST_ROWS",
+    "MAX_REL_TOL",
+    "MODES",
+    "NMSE_TOL",
+    "PRECISIONS",
+    "VERIFY_ROWS",
+    "Candidate",
+    "Hooks",
+    "KernelError",
+    "KernelReport",
+    "apply",
+    "backend",
+    "check",
+    "check_attention",
+    "check_block",
+    "check_log_softmax",
+    "default_precision",
+    "status",
+    "verify",
 ]
 from edgeai.kernels import cpu as kc
 from edgeai.kernels import metal as km
 
 MODES = ("auto", "builtin", "custom")
 PRECISIONS = ("fast", "accurate")
-
 
 
 def _mlx_cache(model: nn.Module) -> list:
@@ -138,16 +175,22 @@ def apply(model: nn.Module, mode: str = "auto", precision: str | None = None) ->
         raise InvalidInput(f"unknown kernel mode {mode!r}", f"use one of: {', '.join(MODES)}")
     precision = precision or default_precision()
     if precision not in PRECISIONS:
-        raise InvalidInput(f"unknown kernel precision {precision!r}", f"use one of: {', '.join(PRECISIONS)}")
+        raise InvalidInput(
+            f"unknown kernel precision {precision!r}", f"use one of: {', '.join(PRECISIONS)}"
+        )
     be = backend()
     if mode == "builtin":
         return KernelReport("builtin", "requested", backend=be)
     if be == "cuda" and mode == "auto":  # expected there: MLX's own CUDA kernels are the fast path
-        return KernelReport("builtin", "no custom kernel for CUDA; MLX's CUDA kernels are used", backend=be)
+        return KernelReport(
+            "builtin", "no custom kernel for CUDA; MLX's CUDA kernels are used", backend=be
+        )
     if be == "metal" and mode == "auto":
         # edgeai's Metal kernel has never been timed against MLX's tuned one on a Mac: a
         # correctness check alone does not earn it the default. `--kernel custom` tries it.
-        return KernelReport("builtin", "MLX's Metal kernels (edgeai's is opt-in: --kernel custom)", backend=be)
+        return KernelReport(
+            "builtin", "MLX's Metal kernels (edgeai's is opt-in: --kernel custom)", backend=be
+        )
     targets = _quantized_layers(model)
     if not targets:
         return KernelReport("builtin", "the model has no quantized layers", backend=be)
@@ -155,10 +198,14 @@ def apply(model: nn.Module, mode: str = "auto", precision: str | None = None) ->
         cand = _candidate(be)
     except Exception as e:  # noqa: BLE001 - a kernel that cannot load is simply not used
         return _fallback(mode, be, str(e))
-    supported = [(p, m) for p, m in targets if cand.supports(m.bits, m.group_size, _in_dims(m), m.mode)]
+    supported = [
+        (p, m) for p, m in targets if cand.supports(m.bits, m.group_size, _in_dims(m), m.mode)
+    ]
     if not supported:
         return _fallback(mode, be, f"no layer has a shape/format the {cand.name} kernel supports")
-    shapes = sorted({(m.bits, m.group_size, m.weight.shape[0], _in_dims(m), _sdtype(m)) for _, m in supported})
+    shapes = sorted(
+        {(m.bits, m.group_size, m.weight.shape[0], _in_dims(m), _sdtype(m)) for _, m in supported}
+    )
     verdict = verify(cand, shapes)
     if not verdict["ok"]:
         return _fallback(mode, be, f"{cand.name} kernel failed verification: {verdict['detail']}")
@@ -170,7 +217,9 @@ def apply(model: nn.Module, mode: str = "auto", precision: str | None = None) ->
             accuracy = f"int8 activations at decode (NMSE {fv['nmse']:.1e}), float32 for prompts and batches over 3 rows"
         else:  # the accurate kernel passed: keep it, say why the fast one is not used
             fast = False
-            _warn_once(f"{cand.name} fast (int8) path failed verification: {fv['detail']}; using float32 accumulation")
+            _warn_once(
+                f"{cand.name} fast (int8) path failed verification: {fv['detail']}; using float32 accumulation"
+            )
     layer_note = _cpu_layer_kernels(model, cand) if be == "cpu" else None
     swaps = [(p, cand.wrap(m, fast)) for p, m in supported]
     model.update_modules(tree_unflatten(swaps))
@@ -189,10 +238,18 @@ def apply(model: nn.Module, mode: str = "auto", precision: str | None = None) ->
             layer_note = f"{layer_note}, log_softmax"
         hooks = Hooks(**hook)
     return KernelReport(
-        cand.name, "verified against the float32 reference" + (" (cached verdict)" if verdict.get("cached") else ""),
-        layers=len(swaps), backend=be, isa=cand.isa(), threads=cand.threads(), accuracy=accuracy,
-        precision=("fast" if fast else "accurate") if be == "cpu" else None, nmse=verdict["nmse"],
-        shapes=[f"{b}-bit g{g} {n}x{k} {d} scales" for b, g, n, k, d in shapes], attention=layer_note,
+        cand.name,
+        "verified against the float32 reference"
+        + (" (cached verdict)" if verdict.get("cached") else ""),
+        layers=len(swaps),
+        backend=be,
+        isa=cand.isa(),
+        threads=cand.threads(),
+        accuracy=accuracy,
+        precision=("fast" if fast else "accurate") if be == "cpu" else None,
+        nmse=verdict["nmse"],
+        shapes=[f"{b}-bit g{g} {n}x{k} {d} scales" for b, g, n, k, d in shapes],
+        attention=layer_note,
         hooks=hooks,
     )
 
@@ -203,10 +260,17 @@ def status() -> dict:
     try:
         cand = _candidate(be)
         verdicts = _read_cache().values()
-        return {"backend": be, "kernel": cand.name, "available": True, "isa": cand.isa(), "threads": cand.threads(),
-                "precision": default_precision() if cand.fast_matmul else None,
-                "verified_ok": sum(bool(v.get("ok")) for v in verdicts),
-                "verified_failed": sum(not v.get("ok") for v in verdicts), "verdict_cache": str(_cache_path())}
+        return {
+            "backend": be,
+            "kernel": cand.name,
+            "available": True,
+            "isa": cand.isa(),
+            "threads": cand.threads(),
+            "precision": default_precision() if cand.fast_matmul else None,
+            "verified_ok": sum(bool(v.get("ok")) for v in verdicts),
+            "verified_failed": sum(not v.get("ok") for v in verdicts),
+            "verdict_cache": str(_cache_path()),
+        }
     except Exception as e:  # noqa: BLE001
         return {"backend": be, "kernel": "builtin", "available": False, "reason": str(e)}
 
@@ -233,23 +297,44 @@ def _candidate(be: str) -> Candidate:
         ext = kc.extension()  # raises KernelUnavailable with its reason
 
         def wrap(m: nn.Module, fast: bool) -> nn.Module:
-            cls = kc.CpuQuantizedEmbedding if isinstance(m, nn.QuantizedEmbedding) else kc.CpuQuantizedLinear
+            cls = (
+                kc.CpuQuantizedEmbedding
+                if isinstance(m, nn.QuantizedEmbedding)
+                else kc.CpuQuantizedLinear
+            )
             return cls.from_quantized(m, fast)
 
         def matmul(x, w, s, b, gs, bits, fast=False):
-            return ext.quantized_matmul(x, w, s.astype(kc.scale_dtype(s)), b.astype(kc.scale_dtype(s)), gs, bits, fast)
+            return ext.quantized_matmul(
+                x, w, s.astype(kc.scale_dtype(s)), b.astype(kc.scale_dtype(s)), gs, bits, fast
+            )
 
-        return Candidate("edgeai-cpu", matmul, wrap, kc.supports, ext.isa, ext.threads, _file_id(ext.__file__),
-                         fast_matmul=lambda *a: matmul(*a, fast=True))
+        return Candidate(
+            "edgeai-cpu",
+            matmul,
+            wrap,
+            kc.supports,
+            ext.isa,
+            ext.threads,
+            _file_id(ext.__file__),
+            fast_matmul=lambda *a: matmul(*a, fast=True),
+        )
     if be == "metal":
-        return Candidate("edgeai-metal", km.quantized_matmul, lambda m, fast: km.wrap(m), km.supports,
-                         build_id=km.SOURCE_ID)
+        return Candidate(
+            "edgeai-metal",
+            km.quantized_matmul,
+            lambda m, fast: km.wrap(m),
+            km.supports,
+            build_id=km.SOURCE_ID,
+        )
     raise RuntimeError(f"no custom kernel for the {be} backend")
 
 
 def _fallback(mode: str, be: str, reason: str) -> KernelReport:
     if mode == "custom":
-        raise KernelError(f"custom kernel unavailable: {reason}", "use --kernel builtin (or auto) on this machine")
+        raise KernelError(
+            f"custom kernel unavailable: {reason}", "use --kernel builtin (or auto) on this machine"
+        )
     _warn_once(f"{reason}; using MLX's built-in quantized matmul")
     return KernelReport("builtin", reason, backend=be)
 
@@ -267,7 +352,12 @@ def _in_dims(m: nn.Module) -> int:
 
 def _quantized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(path, module) of every MLX quantized linear / embedding not already swapped."""
-    own = (kc.CpuQuantizedLinear, kc.CpuQuantizedEmbedding, km.MetalQuantizedLinear, km.MetalQuantizedEmbedding)
+    own = (
+        kc.CpuQuantizedLinear,
+        kc.CpuQuantizedEmbedding,
+        km.MetalQuantizedLinear,
+        km.MetalQuantizedEmbedding,
+    )
     out = []
     for path, m in model.named_modules():
         if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) and not isinstance(m, own):
@@ -278,8 +368,11 @@ def _quantized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def _float32_params(model: nn.Module) -> None:
     """Keep the CPU forward pass in float32: float16 math is emulated in software there."""
-    halves = [(k, v) for k, v in tree_flatten(model.parameters())
-              if v.dtype in (mx.float16, mx.bfloat16) and not k.endswith((".scales", ".biases"))]
+    halves = [
+        (k, v)
+        for k, v in tree_flatten(model.parameters())
+        if v.dtype in (mx.float16, mx.bfloat16) and not k.endswith((".scales", ".biases"))
+    ]
     if halves:
         model.update(tree_unflatten([(k, v.astype(mx.float32)) for k, v in halves]), strict=False)
     mx.eval(model.parameters())
@@ -289,18 +382,36 @@ def _cpu_layer_kernels(model: nn.Module, cand: Candidate) -> str:
     """Swap attention, RoPE and RMSNorm for edgeai's CPU kernels, each once it passes its check."""
     ext = kc.extension()
     checks = {  # name -> list of (verdict key suffix, check returning max relative error)
-        "attention": [(f"{hq}|{hkv}|{d}", lambda hq=hq, hkv=hkv, d=d: max(
-            check_attention(kc.attention, hq, hkv, d, n, s) for n, s in ((1, 37), (19, 19), (5, 40))))
-            for hq, hkv, d in sorted(kc.attention_heads(model))],
-        "rope": [(f"{c}", lambda c=c: max(check_rope(ext.rope, *c, off) for off in (0, 37)))
-                 for c in sorted(kc.rope_configs(model))],
-        "rms_norm": [(f"{d}", lambda d=d: check_rms_norm(ext.rms_norm, d)) for d in sorted(kc.norm_dims(model))],
+        "attention": [
+            (
+                f"{hq}|{hkv}|{d}",
+                lambda hq=hq, hkv=hkv, d=d: max(
+                    check_attention(kc.attention, hq, hkv, d, n, s)
+                    for n, s in ((1, 37), (19, 19), (5, 40))
+                ),
+            )
+            for hq, hkv, d in sorted(kc.attention_heads(model))
+        ],
+        "rope": [
+            (f"{c}", lambda c=c: max(check_rope(ext.rope, *c, off) for off in (0, 37)))
+            for c in sorted(kc.rope_configs(model))
+        ],
+        "rms_norm": [
+            (f"{d}", lambda d=d: check_rms_norm(ext.rms_norm, d))
+            for d in sorted(kc.norm_dims(model))
+        ],
     }
-    ok = {name: bool(items) and all(_verdict(f"{name}|{cand.build_id}|{cand.isa()}|{key}", fn) for key, fn in items)
-          for name, items in checks.items()}
+    ok = {
+        name: bool(items)
+        and all(_verdict(f"{name}|{cand.build_id}|{cand.isa()}|{key}", fn) for key, fn in items)
+        for name, items in checks.items()
+    }
     parts = []
     if ok["attention"]:
-        parts.append(f"attention {kc.swap_attention(model, rope=ok['rope'])} layers" + (" (+RoPE)" if ok["rope"] else ""))
+        parts.append(
+            f"attention {kc.swap_attention(model, rope=ok['rope'])} layers"
+            + (" (+RoPE)" if ok["rope"] else "")
+        )
     if ok["rms_norm"]:
         parts.append(f"rms_norm {kc.swap_norms(model)}")
     return ", ".join(parts) or "none"
@@ -321,8 +432,10 @@ def _fuse_blocks(model: nn.Module, cand: Candidate, fast: bool) -> int:
         a = b.self_attn
         mix = ",".join(f"{f[0]}/{f[1]}" if f else "-" for f in fmts)
         dims = f"{b.hidden_size}|{a.n_heads}|{a.n_kv_heads}|{a.q_proj.weight.shape[0]}"
-        key = (f"fused_block|{cand.build_id}|{cand.isa()}|{fast}|{type(b).__module__}|{dims}|"
-               f"{b.mlp.gate_proj.weight.shape[0]}|{mix}")
+        key = (
+            f"fused_block|{cand.build_id}|{cand.isa()}|{fast}|{type(b).__module__}|{dims}|"
+            f"{b.mlp.gate_proj.weight.shape[0]}|{mix}"
+        )
         fused_cls = kc._llama_block_class(type(b))
         tol = FUSED_FAST_TOL if fast else ATTN_TOL
         if not _verdict(key, lambda b=b, c=fused_cls: check_block(b, c), tol):
@@ -336,5 +449,3 @@ def _fuse_blocks(model: nn.Module, cand: Candidate, fast: bool) -> int:
             if not _verdict(key.replace(f"|{fast}|", "|full|"), check_full):
                 return 0
     return kc.swap_blocks(model)
-
-

@@ -9,10 +9,10 @@ matmul is edgeai's multi-threaded SIMD kernel. Scales and biases are held in flo
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from contextvars import ContextVar
 from functools import lru_cache
 from types import ModuleType
-from typing import Iterator
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -32,13 +32,17 @@ def extension() -> ModuleType:
     try:
         from edgeai import _edgeai_kernels as ext  # built by setup.py from kernels/cpu
     except ImportError as e:
-        raise KernelUnavailable(f"C++ kernels not built ({e}); reinstall with a compiler and CMake") from e
+        raise KernelUnavailable(
+            f"C++ kernels not built ({e}); reinstall with a compiler and CMake"
+        ) from e
     try:  # an ABI mismatch surfaces as "incompatible function arguments" on every mx.array
         w, s, b = mx.quantize(mx.ones((8, 32)), 32, 4)
         y = ext.quantized_matmul(mx.ones((1, 32)), w, s, b, 32, 4)
         mx.eval(y)
     except TypeError as e:
-        raise KernelUnavailable(f"C++ kernels do not match this mlx ({mx.__version__}): rebuild them") from e
+        raise KernelUnavailable(
+            f"C++ kernels do not match this mlx ({mx.__version__}): rebuild them"
+        ) from e
     except Exception as e:  # noqa: BLE001 - any probe failure means "do not use it"
         raise KernelUnavailable(f"C++ kernels failed their load probe: {e}") from e
     return ext
@@ -49,8 +53,12 @@ BITS = (4, 5, 6, 8)  # MLX affine bit widths the kernel unpacks (2 and 3 keep ML
 
 def supports(bits: int, group_size: int, in_dims: int, mode: str = "affine") -> bool:
     """Whether the kernel handles this layer (others keep MLX's kernel)."""
-    return (mode == "affine" and bits in BITS and group_size in (32, 64, 128)
-            and in_dims % group_size == 0)
+    return (
+        mode == "affine"
+        and bits in BITS
+        and group_size in (32, 64, 128)
+        and in_dims % group_size == 0
+    )
 
 
 # Set while a graph is built that must not use the int8 (fast) path: see full_precision.
@@ -82,8 +90,16 @@ def scale_dtype(a: mx.array) -> mx.Dtype:
 class CpuQuantizedLinear(nn.QuantizedLinear):
     """nn.QuantizedLinear whose matmul runs edgeai's CPU kernel."""
 
-    def __init__(self, weight: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int,
-                 bias: mx.array | None = None, fast: bool = False):
+    def __init__(
+        self,
+        weight: mx.array,
+        scales: mx.array,
+        biases: mx.array,
+        group_size: int,
+        bits: int,
+        bias: mx.array | None = None,
+        fast: bool = False,
+    ):
         nn.Module.__init__(self)  # skip QuantizedLinear.__init__: it would quantize random weights
         self.group_size, self.bits, self.mode, self.fast = group_size, bits, "affine", fast
         self.weight = weight
@@ -95,12 +111,22 @@ class CpuQuantizedLinear(nn.QuantizedLinear):
         self.freeze()
 
     @classmethod
-    def from_quantized(cls, layer: nn.QuantizedLinear, fast: bool = False) -> "CpuQuantizedLinear":
-        return cls(layer.weight, layer.scales, layer.biases, layer.group_size, layer.bits, layer.get("bias"), fast)
+    def from_quantized(cls, layer: nn.QuantizedLinear, fast: bool = False) -> CpuQuantizedLinear:
+        return cls(
+            layer.weight,
+            layer.scales,
+            layer.biases,
+            layer.group_size,
+            layer.bits,
+            layer.get("bias"),
+            fast,
+        )
 
     def __call__(self, x: mx.array) -> mx.array:
         fast = self.fast and not _FULL_PRECISION.get()
-        y = self._qmm(x, self["weight"], self["scales"], self["biases"], self.group_size, self.bits, fast)
+        y = self._qmm(
+            x, self["weight"], self["scales"], self["biases"], self.group_size, self.bits, fast
+        )
         return y + self["bias"] if "bias" in self else y
 
 
@@ -110,8 +136,15 @@ class CpuQuantizedEmbedding(nn.QuantizedEmbedding):
     Lookups return float32 rows, which keeps the whole forward pass in float32.
     """
 
-    def __init__(self, weight: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int,
-                 fast: bool = False):
+    def __init__(
+        self,
+        weight: mx.array,
+        scales: mx.array,
+        biases: mx.array,
+        group_size: int,
+        bits: int,
+        fast: bool = False,
+    ):
         nn.Module.__init__(self)
         self.group_size, self.bits, self.mode, self.fast = group_size, bits, "affine", fast
         self.weight = weight
@@ -123,16 +156,22 @@ class CpuQuantizedEmbedding(nn.QuantizedEmbedding):
         self.freeze()
 
     @classmethod
-    def from_quantized(cls, layer: nn.QuantizedEmbedding, fast: bool = False) -> "CpuQuantizedEmbedding":
+    def from_quantized(
+        cls, layer: nn.QuantizedEmbedding, fast: bool = False
+    ) -> CpuQuantizedEmbedding:
         return cls(layer.weight, layer.scales, layer.biases, layer.group_size, layer.bits, fast)
 
     def __call__(self, x: mx.array) -> mx.array:
-        rows = mx.dequantize(self["weight"][x], self["scales"][x], self["biases"][x], self.group_size, self.bits)
+        rows = mx.dequantize(
+            self["weight"][x], self["scales"][x], self["biases"][x], self.group_size, self.bits
+        )
         return rows.astype(mx.float32)
 
     def as_linear(self, x: mx.array) -> mx.array:
         fast = self.fast and not _FULL_PRECISION.get()
-        return self._qmm(x, self["weight"], self["scales"], self["biases"], self.group_size, self.bits, fast)
+        return self._qmm(
+            x, self["weight"], self["scales"], self["biases"], self.group_size, self.bits, fast
+        )
 
 
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool) -> mx.array:
@@ -173,19 +212,30 @@ def _llama_attention_class(attention: type | None = None):
             offset = cache.offset if cache is not None else 0
             r = self.rope
             # Batched decoding passes per-row offsets (an array): mlx-lm's RoPE handles those.
-            if type(r) is nn.RoPE and q.dtype == mx.float32 and self._rope is not None and isinstance(offset, int):
+            if (
+                type(r) is nn.RoPE
+                and q.dtype == mx.float32
+                and self._rope is not None
+                and isinstance(offset, int)
+            ):
                 q = self._rope(q, r.dims, r.traditional, r.base, r.scale, offset)
                 k = self._rope(k, r.dims, r.traditional, r.base, r.scale, offset)
             else:
                 q, k = r(q, offset=offset), r(k, offset=offset)
             if cache is not None:
                 k, v = cache.update_and_fetch(k, v)
-            fast = (q.dtype == k.dtype == v.dtype == mx.float32 and q.shape[-1] % 16 == 0
-                    and not hasattr(cache, "bits") and (mask is None or (isinstance(mask, str) and mask == "causal")))
+            fast = (
+                q.dtype == k.dtype == v.dtype == mx.float32
+                and q.shape[-1] % 16 == 0
+                and not hasattr(cache, "bits")
+                and (mask is None or (isinstance(mask, str) and mask == "causal"))
+            )
             if fast:  # already [B, L, H, D]
                 out = self._attend(q, k, v, self.scale, mask is not None)
             else:
-                out = base.scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
+                out = base.scaled_dot_product_attention(
+                    q, k, v, cache=cache, scale=self.scale, mask=mask
+                )
                 out = out.transpose(0, 2, 1, 3)
             return self.o_proj(out.reshape(b, n, -1))
 
@@ -198,8 +248,12 @@ def _plain_linear(m: nn.Module, fast: bool, bias: bool = False) -> bool:
     """An unwrapped kernel-backed linear in the given precision, with a float32 bias exactly
     when `bias` (any bits and group size the kernel takes: the fused layer reads each
     projection's format from its shapes)."""
-    return (type(m) is CpuQuantizedLinear and m.fast == fast and ("bias" in m) == bias
-            and (not bias or (m["bias"].dtype == mx.float32 and m["bias"].ndim == 1)))
+    return (
+        type(m) is CpuQuantizedLinear
+        and m.fast == fast
+        and ("bias" in m) == bias
+        and (not bias or (m["bias"].dtype == mx.float32 and m["bias"].ndim == 1))
+    )
 
 
 def block_formats(block: nn.Module) -> tuple:
@@ -250,8 +304,17 @@ def _llama_block_class(base: type | None = None):
             # Plain dict lookups (modules are dicts): nn.Module.__getattr__ is the slow path, and
             # this check runs for every layer of every decoded token.
             a, m = self["self_attn"], self["mlp"]
-            mods = (a["q_proj"], a["k_proj"], a["v_proj"], a["o_proj"], m["gate_proj"], m["up_proj"],
-                    m["down_proj"], self["input_layernorm"], self["post_attention_layernorm"])
+            mods = (
+                a["q_proj"],
+                a["k_proj"],
+                a["v_proj"],
+                a["o_proj"],
+                m["gate_proj"],
+                m["up_proj"],
+                m["down_proj"],
+                self["input_layernorm"],
+                self["post_attention_layernorm"],
+            )
             key = (tuple([id(p.get("weight")) for p in mods]), _FULL_PRECISION.get())
             layers = self.__dict__.get("_fused")  # plain attribute, not a module parameter
             if layers is None or layers[0] != key[0]:
@@ -265,24 +328,52 @@ def _llama_block_class(base: type | None = None):
             q = a.q_proj
             fast = q.fast if type(q) is CpuQuantizedLinear else None
             bias = "bias" in q  # qwen2: q, k, v have biases (all three or none)
-            if not (fast is not None and type(a.rope) is nn.RoPE and q.weight.shape[0] // a.n_heads % 16 == 0
-                    and all(_plain_linear(p, fast, bias) for p in mods[:3])
-                    and all(_plain_linear(p, fast) for p in mods[3:7])
-                    and all(type(n) in (nn.RMSNorm, CpuRMSNorm) and n["weight"].dtype == mx.float32 for n in mods[7:])):
+            if not (
+                fast is not None
+                and type(a.rope) is nn.RoPE
+                and q.weight.shape[0] // a.n_heads % 16 == 0
+                and all(_plain_linear(p, fast, bias) for p in mods[:3])
+                and all(_plain_linear(p, fast) for p in mods[3:7])
+                and all(
+                    type(n) in (nn.RMSNorm, CpuRMSNorm) and n["weight"].dtype == mx.float32
+                    for n in mods[7:]
+                )
+            ):
                 return None
             r, n1, n2 = a.rope, self.input_layernorm, self.post_attention_layernorm
             object.__setattr__(self, "_head_dim", q.weight.shape[0] // a.n_heads)
             return ext.FusedLlamaLayer(
-                n1["weight"], _triples(*mods[:3]), _triples(a.o_proj), n2["weight"], _triples(*mods[4:7]),
-                n1.eps, n2.eps, a.n_heads, a.n_kv_heads, r.dims, bool(r.traditional), float(r.base),
-                float(r.scale), 0, 0, fast and not full,  # 0, 0: each projection's own format
-                [p["bias"] for p in mods[:3]] if bias else [])
+                n1["weight"],
+                _triples(*mods[:3]),
+                _triples(a.o_proj),
+                n2["weight"],
+                _triples(*mods[4:7]),
+                n1.eps,
+                n2.eps,
+                a.n_heads,
+                a.n_kv_heads,
+                r.dims,
+                bool(r.traditional),
+                float(r.base),
+                float(r.scale),
+                0,
+                0,
+                fast and not full,  # 0, 0: each projection's own format
+                [p["bias"] for p in mods[:3]] if bias else [],
+            )
 
         def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
             layer = self._layer()
-            if (layer is None or x.dtype != mx.float32 or x.ndim != 3
-                    or not (mask is None or (isinstance(mask, str) and mask == "causal"))
-                    or not (cache is None or (type(cache) in (KVCache, FusedKVCache) and isinstance(cache.offset, int)))):
+            if (
+                layer is None
+                or x.dtype != mx.float32
+                or x.ndim != 3
+                or not (mask is None or (isinstance(mask, str) and mask == "causal"))
+                or not (
+                    cache is None
+                    or (type(cache) in (KVCache, FusedKVCache) and isinstance(cache.offset, int))
+                )
+            ):
                 return super().__call__(x, mask, cache)
             a = self["self_attn"]
             causal, scale = mask is not None, a.scale
@@ -290,7 +381,9 @@ def _llama_block_class(base: type | None = None):
                 cache.reserve(x.shape[0], a.n_kv_heads, x.shape[1], self.__dict__["_head_dim"])
                 q, cache.keys, cache.values = layer.qkv(x, cache.offset, [cache.keys, cache.values])
                 cache.offset += x.shape[1]
-                return layer.mlp(layer.attend(q, cache.keys, cache.values, x, scale, causal, cache.offset))
+                return layer.mlp(
+                    layer.attend(q, cache.keys, cache.values, x, scale, causal, cache.offset)
+                )
             q, k, v = layer.qkv(x, cache.offset if cache is not None else 0)
             if cache is not None:
                 k, v = cache.update_and_fetch(k, v)
@@ -408,5 +501,8 @@ def rope_configs(model: nn.Module) -> set[tuple]:
 def attention_heads(model: nn.Module) -> set[tuple[int, int, int]]:
     """(query heads, kv heads, head dim) of the llama / qwen2 attention modules in `model`."""
     bases = tuple(_attention_bases())
-    return {(m.n_heads, m.n_kv_heads, m.q_proj.weight.shape[0] // m.n_heads)
-            for _, m in model.named_modules() if type(m) in bases}
+    return {
+        (m.n_heads, m.n_kv_heads, m.q_proj.weight.shape[0] // m.n_heads)
+        for _, m in model.named_modules()
+        if type(m) in bases
+    }

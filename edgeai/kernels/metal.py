@@ -38,10 +38,17 @@ def _kernel():
 
 
 def supports(bits: int, group_size: int, in_dims: int, mode: str = "affine") -> bool:
-    return mode == "affine" and bits in (4, 8) and group_size in (32, 64, 128) and in_dims % group_size == 0
+    return (
+        mode == "affine"
+        and bits in (4, 8)
+        and group_size in (32, 64, 128)
+        and in_dims % group_size == 0
+    )
 
 
-def quantized_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int) -> mx.array:
+def quantized_matmul(
+    x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int
+) -> mx.array:
     """y = x @ dequantize(w).T on the GPU; output has x's dtype."""
     k = x.shape[-1]
     n = w.shape[0]
@@ -71,7 +78,9 @@ class MetalQuantizedLinear(nn.QuantizedLinear):
         self.freeze()
 
     def __call__(self, x: mx.array) -> mx.array:
-        y = quantized_matmul(x, self["weight"], self["scales"], self["biases"], self.group_size, self.bits)
+        y = quantized_matmul(
+            x, self["weight"], self["scales"], self["biases"], self.group_size, self.bits
+        )
         return y + self["bias"] if "bias" in self else y
 
 
@@ -86,8 +95,14 @@ class MetalQuantizedEmbedding(nn.QuantizedEmbedding):
         self.freeze()
 
     def as_linear(self, x: mx.array) -> mx.array:
-        return quantized_matmul(x, self["weight"], self["scales"], self["biases"], self.group_size, self.bits)
+        return quantized_matmul(
+            x, self["weight"], self["scales"], self["biases"], self.group_size, self.bits
+        )
 
 
 def wrap(m: nn.Module) -> nn.Module:
-    return MetalQuantizedEmbedding(m) if isinstance(m, nn.QuantizedEmbedding) else MetalQuantizedLinear(m)
+    return (
+        MetalQuantizedEmbedding(m)
+        if isinstance(m, nn.QuantizedEmbedding)
+        else MetalQuantizedLinear(m)
+    )

@@ -13,8 +13,9 @@ import json
 import logging
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -34,6 +35,7 @@ def _warn_once(message: str) -> None:
     if message not in _warned:
         _warned.add(message)
         log.warning(message)
+
 
 NMSE_TOL = 1e-7  # float32 accumulation: anything above this is a wrong answer, not rounding
 MAX_REL_TOL = 1e-3
@@ -80,7 +82,10 @@ def check_block(block: nn.Module, fused_cls: type) -> float:
         got = run()
     finally:
         block.__class__ = own
-    return max(float((mx.max(mx.abs(g - r)) / mx.maximum(mx.max(mx.abs(r)), 1e-30)).item()) for g, r in zip(got, ref))
+    return max(
+        float((mx.max(mx.abs(g - r)) / mx.maximum(mx.max(mx.abs(r)), 1e-30)).item())
+        for g, r in zip(got, ref)
+    )
 
 
 def _verdict(key: str, fn: Callable[[], float], tol: float | None = None) -> bool:
@@ -106,10 +111,19 @@ ATTN_TOL = 1e-4  # max abs error relative to max |reference|; float32 softmax ro
 FUSED_FAST_TOL = 1e-2
 
 
-def check_rope(rope: Callable, dims: int, traditional: bool, base: float, scale: float, head_dim: int,
-               offset: int) -> float:
+def check_rope(
+    rope: Callable,
+    dims: int,
+    traditional: bool,
+    base: float,
+    scale: float,
+    head_dim: int,
+    offset: int,
+) -> float:
     """Max relative error of `rope` vs mx.fast.rope on a strided [B, H, L, D] input."""
-    x = mx.random.normal((1, 11, 3, head_dim), key=mx.random.key(dims + offset)).transpose(0, 2, 1, 3)
+    x = mx.random.normal((1, 11, 3, head_dim), key=mx.random.key(dims + offset)).transpose(
+        0, 2, 1, 3
+    )
     ref = mx.fast.rope(x, dims, traditional=traditional, base=base, scale=scale, offset=offset)
     y = rope(x, dims, traditional, base, scale, offset)
     return float((mx.max(mx.abs(y - ref)) / mx.maximum(mx.max(mx.abs(ref)), 1e-30)).item())
@@ -120,20 +134,25 @@ def check_rms_norm(norm: Callable, dims: int) -> float:
     kx, kw = mx.random.split(mx.random.key(dims))
     x, w = mx.random.normal((5, dims), key=kx), mx.random.normal((dims,), key=kw)
     ref = mx.fast.rms_norm(x, w, 1e-5)
-    return float((mx.max(mx.abs(norm(x, w, 1e-5) - ref)) / mx.maximum(mx.max(mx.abs(ref)), 1e-30)).item())
+    return float(
+        (mx.max(mx.abs(norm(x, w, 1e-5) - ref)) / mx.maximum(mx.max(mx.abs(ref)), 1e-30)).item()
+    )
 
 
-def check_attention(attend: Callable, hq: int, hkv: int, d: int, n: int, s: int, seed: int = 0) -> float:
+def check_attention(
+    attend: Callable, hq: int, hkv: int, d: int, n: int, s: int, seed: int = 0
+) -> float:
     """Max relative error of `attend` vs MLX's float32 attention (causal when n > 1)."""
     kq, kk, kv = mx.random.split(mx.random.key(seed + hq + d), 3)
     q = mx.random.normal((1, hq, n, d), key=kq)
     k = mx.random.normal((1, hkv, s, d), key=kk)
     v = mx.random.normal((1, hkv, s, d), key=kv)
     mask = "causal" if n > 1 else None
-    ref = mx.fast.scaled_dot_product_attention(q, k, v, scale=d**-0.5, mask=mask).transpose(0, 2, 1, 3)
+    ref = mx.fast.scaled_dot_product_attention(q, k, v, scale=d**-0.5, mask=mask).transpose(
+        0, 2, 1, 3
+    )
     y = attend(q, k, v, d**-0.5, n > 1)  # [B, L, H, D]
     return float((mx.max(mx.abs(y - ref)) / mx.maximum(mx.max(mx.abs(ref)), 1e-30)).item())
-
 
 
 def _file_id(path: str) -> str:
@@ -174,8 +193,16 @@ def _write_cache(data: dict) -> None:
         pass  # a read-only cache only costs a re-verification next time
 
 
-def check(matmul: Callable, bits: int, group_size: int, n: int, k: int, rows: tuple[int, ...] = VERIFY_ROWS,
-          sdtype: str = "float32", seed: int = 0) -> tuple[float, float]:
+def check(
+    matmul: Callable,
+    bits: int,
+    group_size: int,
+    n: int,
+    k: int,
+    rows: tuple[int, ...] = VERIFY_ROWS,
+    sdtype: str = "float32",
+    seed: int = 0,
+) -> tuple[float, float]:
     """Worst normalized MSE and max relative error of `matmul` vs the float32 reference.
 
     Random packed words (every quantized value occurs), scales and biases of the model's
@@ -201,13 +228,15 @@ def check(matmul: Callable, bits: int, group_size: int, n: int, k: int, rows: tu
     return worst
 
 
-def verify(cand: "Candidate", shapes: list[tuple], fast: bool = False) -> dict:
+def verify(cand: Candidate, shapes: list[tuple], fast: bool = False) -> dict:
     """Check every (bits, group_size, N, K[, scale dtype]) for M in VERIFY_ROWS, using cached verdicts.
 
     fast: check the candidate's int8-activation path (decode rows, `FAST_*` tolerances) instead.
     """
     cache = _read_cache()
-    prefix = f"{cand.name}|{cand.build_id}|{cand.isa()}|{mx.__version__}|{_machine_id()}" + ("|fast" if fast else "")
+    prefix = f"{cand.name}|{cand.build_id}|{cand.isa()}|{mx.__version__}|{_machine_id()}" + (
+        "|fast" if fast else ""
+    )
     matmul, rows = (cand.fast_matmul, FAST_ROWS) if fast else (cand.matmul, VERIFY_ROWS)
     nmse_tol, rel_tol = (FAST_NMSE_TOL, FAST_MAX_REL_TOL) if fast else (NMSE_TOL, MAX_REL_TOL)
     worst, cached = 0.0, True
@@ -222,11 +251,17 @@ def verify(cand: "Candidate", shapes: list[tuple], fast: bool = False) -> dict:
                 ok = nmse <= nmse_tol and max_rel <= rel_tol  # NaN fails both
                 v = {"ok": ok, "nmse": nmse, "max_rel": max_rel, "checked": int(time.time())}
             except Exception as e:  # noqa: BLE001 - a kernel that crashes is a failed kernel
-                v = {"ok": False, "error": str(e).splitlines()[0][:200], "checked": int(time.time())}
+                v = {
+                    "ok": False,
+                    "error": str(e).splitlines()[0][:200],
+                    "checked": int(time.time()),
+                }
             cache[key] = v
             _write_cache(cache)
         if not v["ok"]:
-            detail = v.get("error") or f"normalized MSE {v['nmse']:.2e} (max rel {v['max_rel']:.2e})"
+            detail = (
+                v.get("error") or f"normalized MSE {v['nmse']:.2e} (max rel {v['max_rel']:.2e})"
+            )
             return {"ok": False, "detail": f"{bits}-bit g{gs} {n}x{k}: {detail}"}
         worst = max(worst, v["nmse"])
     return {"ok": True, "nmse": worst, "cached": cached}

@@ -24,8 +24,9 @@ import json
 import os
 import random
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import httpx
 
@@ -83,14 +84,26 @@ def tiers_from_config(cfg: dict[str, Any]) -> dict[str, Tier]:
             tc = TierConfig.model_validate(t)
         except ValidationError as e:
             raise schema_error(e, "config", ("tiers", name)) from None
-        out[name] = Tier(name=name, kind=tc.kind, base_url=tc.base_url.rstrip("/"), model=tc.model,
-                         api_key_env=tc.api_key_env, timeout=tc.timeout, retries=tc.retries,
-                         max_tokens=tc.max_tokens, backoff=tc.backoff)
+        out[name] = Tier(
+            name=name,
+            kind=tc.kind,
+            base_url=tc.base_url.rstrip("/"),
+            model=tc.model,
+            api_key_env=tc.api_key_env,
+            timeout=tc.timeout,
+            retries=tc.retries,
+            max_tokens=tc.max_tokens,
+            backoff=tc.backoff,
+        )
     return out
 
 
-def stream(tier: Tier, messages: Sequence[Message | dict], options: GenerationOptions,
-           transport: httpx.BaseTransport | None = None) -> Iterator[Event]:
+def stream(
+    tier: Tier,
+    messages: Sequence[Message | dict],
+    options: GenerationOptions,
+    transport: httpx.BaseTransport | None = None,
+) -> Iterator[Event]:
     """Stream the tier's answer to `messages` as Events (the last has finish_reason, stats).
 
     Args:
@@ -105,10 +118,14 @@ def stream(tier: Tier, messages: Sequence[Message | dict], options: GenerationOp
     raw = os.environ.get(tier.api_key_env) if tier.api_key_env else None
     key = tier.api_key()
     if tier.api_key_env and not key:
-        raise RemoteError(f"remote tier {tier.name!r}: environment variable {tier.api_key_env} is not set",
-                          f"export {tier.api_key_env}=… or use --policy local-only")
+        raise RemoteError(
+            f"remote tier {tier.name!r}: environment variable {tier.api_key_env} is not set",
+            f"export {tier.api_key_env}=… or use --policy local-only",
+        )
     msgs = [m.model_dump() if isinstance(m, Message) else dict(m) for m in messages]
-    url, headers, body = (_anthropic if tier.kind == "anthropic" else _openai)(tier, msgs, options, key)
+    url, headers, body = (_anthropic if tier.kind == "anthropic" else _openai)(
+        tier, msgs, options, key
+    )
     parse = _parse_anthropic if tier.kind == "anthropic" else _parse_openai
     timeout = httpx.Timeout(tier.timeout, connect=min(tier.timeout, 10.0))
     try:
@@ -117,10 +134,14 @@ def stream(tier: Tier, messages: Sequence[Message | dict], options: GenerationOp
     except RemoteError as e:
         raise RemoteError(scrub(e.message, raw, key), e.hint and scrub(e.hint, raw, key)) from None
     except Exception as e:  # anything else from the HTTP stack or a malformed reply: one line too
-        raise RemoteError(scrub(f"remote tier {tier.name!r}: {type(e).__name__}: {e}", raw, key)) from None
+        raise RemoteError(
+            scrub(f"remote tier {tier.name!r}: {type(e).__name__}: {e}", raw, key)
+        ) from None
 
 
-def _with_retries(client: httpx.Client, tier: Tier, url: str, headers: dict, body: dict, parse) -> Iterator[Event]:
+def _with_retries(
+    client: httpx.Client, tier: Tier, url: str, headers: dict, body: dict, parse
+) -> Iterator[Event]:
     retries = max(0, tier.retries)  # at least one attempt, whatever a caller built
     for attempt in range(retries + 1):
         last = attempt == retries
@@ -131,16 +152,24 @@ def _with_retries(client: httpx.Client, tier: Tier, url: str, headers: dict, bod
                     if resp.status_code in _RETRY_STATUS and not last:
                         _sleep(tier, attempt, resp.headers.get("retry-after"))
                         continue
-                    hint = "check the key in $" + tier.api_key_env if resp.status_code in (401, 403) and tier.api_key_env else None
-                    raise RemoteError(f"remote tier {tier.name!r}: HTTP {resp.status_code}: {detail}", hint)
+                    hint = (
+                        "check the key in $" + tier.api_key_env
+                        if resp.status_code in (401, 403) and tier.api_key_env
+                        else None
+                    )
+                    raise RemoteError(
+                        f"remote tier {tier.name!r}: HTTP {resp.status_code}: {detail}", hint
+                    )
                 yield from _events(tier, resp, parse)
                 return
         except httpx.HTTPError as e:  # transport trouble: connect, read, timeouts, broken streams
             if not last and not isinstance(e, _MidStream):
                 _sleep(tier, attempt, None)
                 continue
-            raise RemoteError(f"remote tier {tier.name!r}: {type(e).__name__}: {e}",
-                              "check the tier's base_url and that the server is up") from None
+            raise RemoteError(
+                f"remote tier {tier.name!r}: {type(e).__name__}: {e}",
+                "check the tier's base_url and that the server is up",
+            ) from None
 
 
 class _MidStream(httpx.RemoteProtocolError):
@@ -156,8 +185,12 @@ def _events(tier: Tier, resp: httpx.Response, parse) -> Iterator[Event]:
         for data in _sse(resp):
             text, fin, usage = parse(data)
             if usage:
-                stats.prompt_tokens = usage.get("prompt_tokens", usage.get("input_tokens", stats.prompt_tokens))
-                stats.generation_tokens = usage.get("completion_tokens", usage.get("output_tokens", 0))
+                stats.prompt_tokens = usage.get(
+                    "prompt_tokens", usage.get("input_tokens", stats.prompt_tokens)
+                )
+                stats.generation_tokens = usage.get(
+                    "completion_tokens", usage.get("output_tokens", 0)
+                )
             if text:
                 if n == 0:
                     stats.ttft_seconds = stats.prompt_seconds = time.perf_counter() - t0
@@ -191,12 +224,16 @@ def _sse(resp: httpx.Response) -> Iterator[dict]:
 
 # -- wire formats -------------------------------------------------------------------------
 
+
 def _openai(tier: Tier, msgs: list[dict], o: GenerationOptions, key: str | None):
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     body: dict[str, Any] = {
-        "model": tier.model, "messages": msgs, "stream": True,
+        "model": tier.model,
+        "messages": msgs,
+        "stream": True,
         "max_tokens": min(o.max_tokens, tier.max_tokens or o.max_tokens),
-        "temperature": o.temperature, "top_p": o.top_p,
+        "temperature": o.temperature,
+        "top_p": o.top_p,
         "stream_options": {"include_usage": True},
     }
     if o.stop:
@@ -221,7 +258,8 @@ def _anthropic(tier: Tier, msgs: list[dict], o: GenerationOptions, key: str | No
     if key:
         headers["x-api-key"] = key
     body: dict[str, Any] = {
-        "model": tier.model, "stream": True,
+        "model": tier.model,
+        "stream": True,
         "messages": [m for m in msgs if m["role"] != "system"],
         "max_tokens": min(o.max_tokens, tier.max_tokens or o.max_tokens),
         "temperature": min(o.temperature, 1.0),
@@ -250,6 +288,7 @@ def _parse_anthropic(d: dict) -> tuple[str, str | None, dict | None]:
 
 # -- helpers ------------------------------------------------------------------------------
 
+
 def _error_detail(resp: httpx.Response) -> str:
     try:
         resp.read()
@@ -263,7 +302,7 @@ def _error_detail(resp: httpx.Response) -> str:
 
 def _sleep(tier: Tier, attempt: int, retry_after: str | None) -> None:
     """Exponential backoff with jitter; honour a short Retry-After."""
-    delay = tier.backoff * (2 ** attempt) * (0.5 + random.random())
+    delay = tier.backoff * (2**attempt) * (0.5 + random.random())
     if retry_after:
         try:
             delay = max(delay, min(float(retry_after), 10.0))

@@ -29,10 +29,11 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -40,23 +41,37 @@ from edgeai.config import config_dir
 from edgeai.types import Answer
 
 FEATURES = (
-    "mean_logprob", "min_logprob", "p10_logprob", "mean_entropy", "first_logprob",
-    "first_margin", "log_len", "truncated", "repetition", "refusal", "idk",
+    "mean_logprob",
+    "min_logprob",
+    "p10_logprob",
+    "mean_entropy",
+    "first_logprob",
+    "first_margin",
+    "log_len",
+    "truncated",
+    "repetition",
+    "refusal",
+    "idk",
 )
 # Flags that alone make a local answer untrustworthy, whatever the score says.
 HARD_FLAGS = ("truncated", "repetition")
 
 _REFUSAL = re.compile(
     r"\b(i can(?:no|')t (?:help|assist|provide|answer)|i(?: am|'m) (?:not able|unable) to|"
-    r"as an ai\b|i won't|i will not|sorry, but i)", re.I)
+    r"as an ai\b|i won't|i will not|sorry, but i)",
+    re.I,
+)
 _IDK = re.compile(
     r"\b(i (?:do not|don't) know|i'?m not sure|i am not sure|not sure|no one knows|nobody knows|"
     r"(?:is|are|remains?) unknown|cannot be (?:determined|known|answered)|can't be (?:determined|known)|"
     r"there is no (?:definitive|known|clear|single) answer|no definitive answer|impossible to (?:know|say|predict)|"
-    r"i (?:do not|don't) have (?:enough )?(?:information|access)|unanswerable|it depends)", re.I)
+    r"i (?:do not|don't) have (?:enough )?(?:information|access)|unanswerable|it depends)",
+    re.I,
+)
 
 
 # -- signals ------------------------------------------------------------------------------
+
 
 def signals(answer: Answer) -> dict[str, float]:
     """The confidence signals of one local answer (see the module docstring)."""
@@ -70,7 +85,9 @@ def signals(answer: Answer) -> dict[str, float]:
         "p10_logprob": float(np.percentile(lps, 10)) if n else 0.0,
         "mean_entropy": float(ents.mean()) if len(ents) else 0.0,
         "first_logprob": float(lps[first]) if n else 0.0,
-        "first_margin": _margin(answer.top_logprobs[first]) if first < len(answer.top_logprobs) else 0.0,
+        "first_margin": _margin(answer.top_logprobs[first])
+        if first < len(answer.top_logprobs)
+        else 0.0,
         "log_len": math.log1p(n),
         "truncated": float(answer.finish_reason == "length"),
         "repetition": float(is_repetitive(answer.tokens or answer.text.split())),
@@ -103,13 +120,13 @@ def is_repetitive(seq: list, max_period: int = 12, min_repeats: int = 3) -> bool
     for k in range(1, max_period + 1):
         if n < k * min_repeats:
             break
-        block = seq[n - k:]
-        if all(seq[n - (r + 1) * k: n - r * k] == block for r in range(1, min_repeats)):
+        block = seq[n - k :]
+        if all(seq[n - (r + 1) * k : n - r * k] == block for r in range(1, min_repeats)):
             # A single repeated token (e.g. "\n\n\n") counts only if long.
             if k > 1 or n >= 8:
                 return True
     if n >= 32:
-        grams = [tuple(seq[i:i + 4]) for i in range(n - 3)]
+        grams = [tuple(seq[i : i + 4]) for i in range(n - 3)]
         if len(set(grams)) / len(grams) < 0.5:
             return True
     return False
@@ -121,6 +138,7 @@ def hard_flags(sig: dict[str, float]) -> list[str]:
 
 
 # -- scoring ------------------------------------------------------------------------------
+
 
 @dataclass
 class Scorer:
@@ -166,14 +184,28 @@ class Scorer:
         return 1.0 / (1.0 + np.exp(-logits))
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in
-                ("features", "mean", "scale", "coef", "intercept", "calibration", "threshold", "meta")}
+        return {
+            k: getattr(self, k)
+            for k in (
+                "features",
+                "mean",
+                "scale",
+                "coef",
+                "intercept",
+                "calibration",
+                "threshold",
+                "meta",
+            )
+        }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Scorer":
-        return cls(**{k: d[k] for k in ("features", "mean", "scale", "coef", "intercept")},
-                   calibration=d.get("calibration", {"method": "none"}),
-                   threshold=float(d.get("threshold", 0.5)), meta=d.get("meta", {}))
+    def from_dict(cls, d: dict[str, Any]) -> Scorer:
+        return cls(
+            **{k: d[k] for k in ("features", "mean", "scale", "coef", "intercept")},
+            calibration=d.get("calibration", {"method": "none"}),
+            threshold=float(d.get("threshold", 0.5)),
+            meta=d.get("meta", {}),
+        )
 
 
 def user_calibration_path() -> Path:
@@ -181,7 +213,9 @@ def user_calibration_path() -> Path:
 
 
 def _shipped() -> dict[str, Any]:
-    return json.loads(resources.files("edgeai.routing").joinpath("data/confidence.json").read_text())
+    return json.loads(
+        resources.files("edgeai.routing").joinpath("data/confidence.json").read_text()
+    )
 
 
 def load_scorer(model: str) -> Scorer:
@@ -227,6 +261,12 @@ def assess(answer: Answer, scorer: Scorer) -> tuple[float, dict[str, float], lis
     reasons = []
     for f in FEATURES[7:]:
         if sig[f] >= 0.5:
-            reasons.append({"truncated": "stopped at max tokens", "repetition": "repetition loop",
-                            "refusal": "the model refused", "idk": "the model said it does not know"}[f])
+            reasons.append(
+                {
+                    "truncated": "stopped at max tokens",
+                    "repetition": "repetition loop",
+                    "refusal": "the model refused",
+                    "idk": "the model said it does not know",
+                }[f]
+            )
     return p, sig, reasons

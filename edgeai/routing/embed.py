@@ -55,7 +55,9 @@ class _SelfAttention(nn.Module):
             return t.reshape(b, n, h, d // h).transpose(0, 2, 1, 3)
 
         q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0 / math.sqrt(d // h), mask=mask)
+        out = mx.fast.scaled_dot_product_attention(
+            q, k, v, scale=1.0 / math.sqrt(d // h), mask=mask
+        )
         return out.transpose(0, 2, 1, 3).reshape(b, n, d)
 
 
@@ -74,11 +76,11 @@ class _DenseNorm(nn.Module):
 class _Attention(nn.Module):
     def __init__(self, dim: int, heads: int, eps: float):
         super().__init__()
-        setattr(self, "self", _SelfAttention(dim, heads))
+        self.self = _SelfAttention(dim, heads)
         self.output = _DenseNorm(dim, dim, eps)
 
     def __call__(self, x: mx.array, mask: mx.array) -> mx.array:
-        return self.output(getattr(self, "self")(x, mask), x)
+        return self.output(self.self(x, mask), x)
 
 
 class _Intermediate(nn.Module):
@@ -120,7 +122,11 @@ class _Embeddings(nn.Module):
 
     def __call__(self, ids: mx.array) -> mx.array:
         pos = mx.arange(ids.shape[1])[None]
-        x = self.word_embeddings(ids) + self.position_embeddings(pos) + self.token_type_embeddings(mx.zeros_like(ids))
+        x = (
+            self.word_embeddings(ids)
+            + self.position_embeddings(pos)
+            + self.token_type_embeddings(mx.zeros_like(ids))
+        )
         return self.LayerNorm(x)
 
 
@@ -150,7 +156,7 @@ class Encoder:
         self.max_length = max_length
 
     @classmethod
-    def load(cls, path: str | Path | None = None) -> "Encoder":
+    def load(cls, path: str | Path | None = None) -> Encoder:
         """Load from `path` or the first source found (see the module docstring)."""
         from tokenizers import Tokenizer
 
@@ -158,8 +164,11 @@ class Encoder:
         cfg = json.loads((src / "config.json").read_text())
         model = Bert(cfg)
         weights = mx.load(str(src / "model.safetensors"))
-        weights = {k.removeprefix("bert."): v for k, v in weights.items()
-                   if not k.endswith("position_ids") and not k.startswith(("pooler.", "bert.pooler."))}
+        weights = {
+            k.removeprefix("bert."): v
+            for k, v in weights.items()
+            if not k.endswith("position_ids") and not k.startswith(("pooler.", "bert.pooler."))
+        }
         model.load_weights(list(weights.items()), strict=True)
         model.eval()
         mx.eval(model.parameters())
@@ -175,11 +184,13 @@ class Encoder:
             texts = [texts]
         rows = []
         for i in range(0, len(texts), batch_size):
-            enc = self.tokenizer.encode_batch(list(texts[i:i + batch_size]))
+            enc = self.tokenizer.encode_batch(list(texts[i : i + batch_size]))
             ids = mx.array([e.ids for e in enc])
             mask = mx.array([e.attention_mask for e in enc]).astype(mx.float32)
             hidden = self.model(ids, mask)
-            pooled = (hidden * mask[..., None]).sum(axis=1) / mx.maximum(mask.sum(axis=1, keepdims=True), 1e-9)
+            pooled = (hidden * mask[..., None]).sum(axis=1) / mx.maximum(
+                mask.sum(axis=1, keepdims=True), 1e-9
+            )
             rows.append(pooled / mx.maximum(mx.linalg.norm(pooled, axis=1, keepdims=True), 1e-12))
         out = mx.concatenate(rows, axis=0)
         mx.eval(out)

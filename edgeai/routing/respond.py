@@ -23,7 +23,8 @@ remote tier is configured; prompts that matched a local route escalate only on a
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 from edgeai.config import load_config
 from edgeai.options import GenerationOptions, Message
@@ -42,7 +43,7 @@ class Response:
         answer: the final Answer (None until the iteration finished).
     """
 
-    def __init__(self, run: Callable[["Response"], Iterator[Event]], decision: Decision):
+    def __init__(self, run: Callable[[Response], Iterator[Event]], decision: Decision):
         self.decision = decision
         self.answer: Answer | None = None
         self._run = run
@@ -99,8 +100,13 @@ def respond(
         decision = Decision(pol, "local", gate=False, remote=None, reasons=["policy local-only"])
     elif pol == "auto" and not cfg.get("tiers") and router is None:
         # Nowhere to escalate: skip the router and stream live (scored afterwards).
-        decision = Decision(pol, "local", gate=False, remote=None,
-                            reasons=["no remote tier configured: answered locally, scored"])
+        decision = Decision(
+            pol,
+            "local",
+            gate=False,
+            remote=None,
+            reasons=["no remote tier configured: answered locally, scored"],
+        )
     else:
         router = router or Router.from_config(cfg)
         decision = router.decide(_last_user_text(messages), pol)
@@ -142,7 +148,9 @@ class _Context:
 
     def remote(self, name: str) -> Iterator[Event]:
         if name not in self.tiers:
-            raise cloud.RemoteError(f"remote tier {name!r} is not configured", "add [tiers.%s] to config.toml" % name)
+            raise cloud.RemoteError(
+                f"remote tier {name!r} is not configured", "add [tiers.%s] to config.toml" % name
+            )
         return cloud.stream(self.tiers[name], self.messages, self.options, transport=self.transport)
 
 
@@ -161,7 +169,13 @@ def _run(resp: Response, ctx: _Context) -> Iterator[Event]:
             reasons.append(f"remote tier {d.tier} failed: {e.message}")
             if any(ev.text for ev in shown):
                 yield Event(finish_reason="error", tier=d.tier)
-                resp.answer = _finish(shown + [Event(finish_reason="error", tier=d.tier)], ctx.model_of(d.tier), d, reasons, "remote")
+                resp.answer = _finish(
+                    shown + [Event(finish_reason="error", tier=d.tier)],
+                    ctx.model_of(d.tier),
+                    d,
+                    reasons,
+                    "remote",
+                )
                 return
         yield from _live_local(resp, ctx, d, reasons, "fallback-local")
         return
@@ -171,7 +185,9 @@ def _run(resp: Response, ctx: _Context) -> Iterator[Event]:
     yield from _gated(resp, ctx, d, reasons)
 
 
-def _live_local(resp: Response, ctx: _Context, d: Decision, reasons: list[str], decision: str) -> Iterator[Event]:
+def _live_local(
+    resp: Response, ctx: _Context, d: Decision, reasons: list[str], decision: str
+) -> Iterator[Event]:
     """Stream the local answer as it comes; score it once it is complete."""
     local: list[Event] = []
     for ev in ctx.local():
@@ -200,12 +216,22 @@ def _gated(resp: Response, ctx: _Context, d: Decision, reasons: list[str]) -> It
             yield ev
     except cloud.RemoteError as e:
         if any(ev.text for ev in shown):  # the remote stream broke midway: keep what was shown
-            ans.reasons.append(f"remote tier {d.remote} failed: {e.message}; keeping its partial answer")
+            ans.reasons.append(
+                f"remote tier {d.remote} failed: {e.message}; keeping its partial answer"
+            )
             yield Event(finish_reason="error", tier=d.remote)
-            resp.answer = _finish(shown + [Event(finish_reason="error", tier=d.remote)], ctx.model_of(d.remote), d,
-                                  ans.reasons, "escalated", ans)
+            resp.answer = _finish(
+                shown + [Event(finish_reason="error", tier=d.remote)],
+                ctx.model_of(d.remote),
+                d,
+                ans.reasons,
+                "escalated",
+                ans,
+            )
             return
-        ans.reasons.append(f"remote tier {d.remote} failed: {e.message}; returning the local answer (low confidence)")
+        ans.reasons.append(
+            f"remote tier {d.remote} failed: {e.message}; returning the local answer (low confidence)"
+        )
         ans.decision = "fallback-local"
         yield from held
         resp.answer = ans
@@ -213,7 +239,9 @@ def _gated(resp: Response, ctx: _Context, d: Decision, reasons: list[str]) -> It
     resp.answer = _finish(shown, ctx.model_of(d.remote), d, ans.reasons, "escalated", ans)
 
 
-def _scored(events: list[Event], ctx: _Context, d: Decision, reasons: list[str], decision: str) -> Answer:
+def _scored(
+    events: list[Event], ctx: _Context, d: Decision, reasons: list[str], decision: str
+) -> Answer:
     eng = ctx.engine()
     ans = Answer.from_events(events, eng.name)
     why = confidence.score_answer(ans, ctx.scorer(), ctx.threshold)
@@ -222,12 +250,22 @@ def _scored(events: list[Event], ctx: _Context, d: Decision, reasons: list[str],
     return ans
 
 
-def _finish(events: list[Event], model: str, d: Decision, reasons: list[str], decision: str,
-            local: Answer | None = None) -> Answer:
+def _finish(
+    events: list[Event],
+    model: str,
+    d: Decision,
+    reasons: list[str],
+    decision: str,
+    local: Answer | None = None,
+) -> Answer:
     ans = Answer.from_events(events, model)  # its tier comes from the events
     ans.route, ans.decision, ans.reasons = d.route, decision, list(reasons)
     if local is not None:  # keep what the gate saw
-        ans.confidence, ans.threshold, ans.signals = local.confidence, local.threshold, local.signals
+        ans.confidence, ans.threshold, ans.signals = (
+            local.confidence,
+            local.threshold,
+            local.signals,
+        )
     return ans
 
 

@@ -85,7 +85,10 @@ def routes_from_config(cfg: dict[str, Any]) -> tuple[dict[str, Route], float]:
     routes, min_sim = shipped_routes()
     for name, r in (cfg.get("routes") or {}).items():
         if not isinstance(r, dict) or not r.get("examples"):
-            raise InvalidInput(f"config: routes.{name} needs a list of examples", "see `edgeai.routing.router` docs")
+            raise InvalidInput(
+                f"config: routes.{name} needs a list of examples",
+                "see `edgeai.routing.router` docs",
+            )
         routes[name] = Route(name, str(r.get("tier", "remote")), [str(e) for e in r["examples"]])
     min_sim = float((cfg.get("router") or {}).get("min_similarity", min_sim))
     return routes, min_sim
@@ -101,8 +104,13 @@ class Router:
         encoder: an `edgeai.routing.embed.Encoder`-like object (loaded lazily when None).
     """
 
-    def __init__(self, routes: dict[str, Route], remote_tier: str | None, min_similarity: float = 0.4,
-                 encoder=None):
+    def __init__(
+        self,
+        routes: dict[str, Route],
+        remote_tier: str | None,
+        min_similarity: float = 0.4,
+        encoder=None,
+    ):
         self.routes = routes
         self.remote_tier = remote_tier
         self.min_similarity = min_similarity
@@ -111,7 +119,7 @@ class Router:
         self._owner: list[str] = []
 
     @classmethod
-    def from_config(cls, cfg: dict[str, Any] | None = None, *, encoder=None) -> "Router":
+    def from_config(cls, cfg: dict[str, Any] | None = None, *, encoder=None) -> Router:
         """The router for config.toml (`edgeai.config.load_config()` when cfg is None)."""
         if cfg is None:
             cfg = load_config()
@@ -161,28 +169,68 @@ class Router:
             return Decision(policy, "local", gate=False, remote=None, reasons=["policy local-only"])
         if policy == "remote":
             if not self.remote_tier:
-                raise InvalidInput("policy remote needs a remote tier",
-                                   "add [tiers.<name>] and [policy] remote_tier to config.toml")
-            return Decision(policy, self.remote_tier, gate=False, remote=self.remote_tier, reasons=["policy remote"])
+                raise InvalidInput(
+                    "policy remote needs a remote tier",
+                    "add [tiers.<name>] and [policy] remote_tier to config.toml",
+                )
+            return Decision(
+                policy,
+                self.remote_tier,
+                gate=False,
+                remote=self.remote_tier,
+                reasons=["policy remote"],
+            )
         # Gating holds the local answer back until scored: pointless with nowhere to escalate.
         gate = self.remote_tier is not None
         try:
             route, sim, _ = self.match(prompt)
         except Exception as e:  # a missing encoder must not stop local answers
-            return Decision(policy, "local", gate=gate, remote=self.remote_tier,
-                            reasons=[f"router unavailable ({type(e).__name__}); confidence gate only"])
+            return Decision(
+                policy,
+                "local",
+                gate=gate,
+                remote=self.remote_tier,
+                reasons=[f"router unavailable ({type(e).__name__}); confidence gate only"],
+            )
         if route is None:
-            return Decision(policy, "local", gate=gate, remote=self.remote_tier, route=None, similarity=sim,
-                            reasons=[f"no route matched (best similarity {sim:.2f} < {self.min_similarity:.2f})"])
+            return Decision(
+                policy,
+                "local",
+                gate=gate,
+                remote=self.remote_tier,
+                route=None,
+                similarity=sim,
+                reasons=[
+                    f"no route matched (best similarity {sim:.2f} < {self.min_similarity:.2f})"
+                ],
+            )
         tier = self.routes[route].tier
         tier = self.remote_tier if tier == "remote" else tier
         why = f"route {route} (similarity {sim:.2f})"
         if tier and tier != "local":
-            return Decision(policy, tier, gate=False, remote=tier, route=route, similarity=sim,
-                            reasons=[f"{why} → {tier}"])
-        reason = f"{why} → local" if tier else f"{why} wants a remote tier but none is configured → local"
-        return Decision(policy, "local", gate=gate, remote=self.remote_tier, route=route, similarity=sim,
-                        reasons=[reason])
+            return Decision(
+                policy,
+                tier,
+                gate=False,
+                remote=tier,
+                route=route,
+                similarity=sim,
+                reasons=[f"{why} → {tier}"],
+            )
+        reason = (
+            f"{why} → local"
+            if tier
+            else f"{why} wants a remote tier but none is configured → local"
+        )
+        return Decision(
+            policy,
+            "local",
+            gate=gate,
+            remote=self.remote_tier,
+            route=route,
+            similarity=sim,
+            reasons=[reason],
+        )
 
 
 def remote_tier_from_config(cfg: dict[str, Any]) -> str | None:
@@ -191,7 +239,9 @@ def remote_tier_from_config(cfg: dict[str, Any]) -> str | None:
     name = (cfg.get("policy") or {}).get("remote_tier")
     if name:
         if name not in tiers:
-            raise InvalidInput(f"config: policy.remote_tier is {name!r} but there is no [tiers.{name}]")
+            raise InvalidInput(
+                f"config: policy.remote_tier is {name!r} but there is no [tiers.{name}]"
+            )
         return name
     return next(iter(tiers)) if len(tiers) == 1 else None
 
@@ -203,7 +253,9 @@ def policy_from_config(cfg: dict[str, Any], override: str | None = None) -> str:
     return policy
 
 
-def should_escalate(decision: Decision, score: float, threshold: float, flags: list[str]) -> tuple[bool, str]:
+def should_escalate(
+    decision: Decision, score: float, threshold: float, flags: list[str]
+) -> tuple[bool, str]:
     """After a gated local answer: escalate or keep it, and why.
 
     A prompt that matched a *local* route (chit-chat, rewriting, extraction) is trusted to the
@@ -215,9 +267,16 @@ def should_escalate(decision: Decision, score: float, threshold: float, flags: l
     low = score < threshold and decision.route is None
     if not (low or flags):
         if decision.route is not None:
-            return False, f"route {decision.route} is trusted locally (score {score:.2f} reported only) → kept local"
+            return (
+                False,
+                f"route {decision.route} is trusted locally (score {score:.2f} reported only) → kept local",
+            )
         return False, f"score {score:.2f} ≥ threshold {threshold:.2f} → kept local"
-    why = f"score {score:.2f} < threshold {threshold:.2f}" if low else "hard flag: " + ", ".join(flags)
+    why = (
+        f"score {score:.2f} < threshold {threshold:.2f}"
+        if low
+        else "hard flag: " + ", ".join(flags)
+    )
     if not decision.remote:
         return False, f"{why}, but no remote tier is configured → kept local (low confidence)"
     return True, f"{why} → escalated to {decision.remote}"

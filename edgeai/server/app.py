@@ -12,8 +12,9 @@ import asyncio
 import contextlib
 import json
 import threading
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
 from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
@@ -54,15 +55,32 @@ class Settings:
 class ApiError(Exception):
     """An error answered as an OpenAI error object."""
 
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", *,
-                 param: str | None = None, code: str | None = None, headers: dict | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict | None = None,
+    ):
         super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.status, self.message, self.type, self.param, self.code = (
+            status,
+            message,
+            type_,
+            param,
+            code,
+        )
         self.headers = headers or {}
 
     def response(self) -> JSONResponse:
-        err = s.ErrorResponse(error=s.ErrorDetail(message=self.message, type=self.type, param=self.param,
-                                                  code=self.code))
+        err = s.ErrorResponse(
+            error=s.ErrorDetail(
+                message=self.message, type=self.type, param=self.param, code=self.code
+            )
+        )
         return JSONResponse(err.model_dump(), status_code=self.status, headers=self.headers)
 
 
@@ -71,15 +89,25 @@ def _api_error(e: BaseException) -> ApiError:
     if isinstance(e, ApiError):
         return e
     if isinstance(e, QueueFull):
-        return ApiError(503, str(e), "server_busy", code="queue_full", headers={"Retry-After": str(e.retry_after)})
+        return ApiError(
+            503,
+            str(e),
+            "server_busy",
+            code="queue_full",
+            headers={"Retry-After": str(e.retry_after)},
+        )
     if isinstance(e, ModelNotFound):
         msg = e.message + (f" ({e.hint})" if e.hint else "")
         return ApiError(404, msg, param="model", code="model_not_found")
     if isinstance(e, ResourceError):
-        return ApiError(503, str(e), "server_busy", code="insufficient_memory", headers={"Retry-After": "30"})
+        return ApiError(
+            503, str(e), "server_busy", code="insufficient_memory", headers={"Retry-After": "30"}
+        )
     if isinstance(e, EdgeAIError):
         msg = e.message + (f" ({e.hint})" if e.hint else "")
-        return ApiError(400, msg, code="context_length_exceeded" if "accepts at most" in e.message else None)
+        return ApiError(
+            400, msg, code="context_length_exceeded" if "accepts at most" in e.message else None
+        )
     return ApiError(500, f"internal error: {e}", "server_error")
 
 
@@ -89,12 +117,18 @@ def _api_error(e: BaseException) -> ApiError:
 async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, f"the request body is {declared} bytes; the limit is {limit}", code="body_too_large")
+        raise ApiError(
+            413,
+            f"the request body is {declared} bytes; the limit is {limit}",
+            code="body_too_large",
+        )
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise ApiError(413, f"the request body is over the {limit}-byte limit", code="body_too_large")
+            raise ApiError(
+                413, f"the request body is over the {limit}-byte limit", code="body_too_large"
+            )
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -109,15 +143,21 @@ async def parse(request: Request, model: type[BaseModel], limit: int) -> Any:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ApiError(400, f"the request body is not valid UTF-8 (byte {e.start})", code="invalid_utf8") from None
+        raise ApiError(
+            400, f"the request body is not valid UTF-8 (byte {e.start})", code="invalid_utf8"
+        ) from None
     try:
         data = json.loads(text, parse_constant=_reject_constant)
     except (ValueError, RecursionError) as e:
-        raise ApiError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+        raise ApiError(
+            400, f"the request body is not valid JSON: {e}", code="invalid_json"
+        ) from None
     try:  # lone surrogates (\ud800) parse as JSON but are not text any tokenizer can take
         json.dumps(data, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:
-        raise ApiError(400, "the request contains invalid Unicode (a lone surrogate)", code="invalid_unicode") from None
+        raise ApiError(
+            400, "the request contains invalid Unicode (a lone surrogate)", code="invalid_unicode"
+        ) from None
     if not isinstance(data, dict):
         raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
     try:
@@ -125,8 +165,12 @@ async def parse(request: Request, model: type[BaseModel], limit: int) -> Any:
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or None
-        raise ApiError(400, f"{where}: {first['msg']}" if where else first["msg"], param=where,
-                       code="invalid_value") from None
+        raise ApiError(
+            400,
+            f"{where}: {first['msg']}" if where else first["msg"],
+            param=where,
+            code="invalid_value",
+        ) from None
 
 
 def _native(convert: Callable[[Any], oa.NativeRequest], req: Any) -> oa.NativeRequest:
@@ -136,8 +180,12 @@ def _native(convert: Callable[[Any], oa.NativeRequest], req: Any) -> oa.NativeRe
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or None
-        raise ApiError(400, f"{where}: {first['msg']}" if where else first["msg"], param=where,
-                       code="invalid_value") from None
+        raise ApiError(
+            400,
+            f"{where}: {first['msg']}" if where else first["msg"],
+            param=where,
+            code="invalid_value",
+        ) from None
 
 
 # -- the app -----------------------------------------------------------------------------
@@ -146,8 +194,14 @@ def _native(convert: Callable[[Any], oa.NativeRequest], req: Any) -> oa.NativeRe
 class Server:
     """The routes, bound to one scheduler, model registry and metrics."""
 
-    def __init__(self, scheduler: Scheduler, registry: ModelRegistry, metrics: Metrics,
-                 settings: Settings | None = None, escalation: Escalation | None = None):
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        registry: ModelRegistry,
+        metrics: Metrics,
+        settings: Settings | None = None,
+        escalation: Escalation | None = None,
+    ):
         self.scheduler = scheduler
         self.registry = registry
         self.metrics = metrics
@@ -172,16 +226,29 @@ class Server:
         # Watch from the start: a client that gives up while queued must not be served later.
         watcher = asyncio.create_task(_cancel_on_disconnect(request, cancel))
         try:
-            run = await self.escalation.start(nreq.kind, nreq.prompt, nreq.options, name, path, nreq.policy,
-                                              cancel, nreq.logits, nreq.adapter, nreq.constraint)
+            run = await self.escalation.start(
+                nreq.kind,
+                nreq.prompt,
+                nreq.options,
+                name,
+                path,
+                nreq.policy,
+                cancel,
+                nreq.logits,
+                nreq.adapter,
+                nreq.constraint,
+            )
         except BaseException as e:
             watcher.cancel()
             if isinstance(e, QueueFull):
                 self.metrics.rejected.inc()
             raise
         if nreq.stream:
-            return StreamingResponse(self._sse(nreq, run, watcher), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return StreamingResponse(
+                self._sse(nreq, run, watcher),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
         try:
             events = [ev async for ev in run]
         finally:
@@ -197,7 +264,9 @@ class Server:
             self.metrics.escalations.labels(ans.tier).inc()
         return ans
 
-    async def _sse(self, nreq: oa.NativeRequest, run: Run, watcher: asyncio.Task) -> AsyncIterator[bytes]:
+    async def _sse(
+        self, nreq: oa.NativeRequest, run: Run, watcher: asyncio.Task
+    ) -> AsyncIterator[bytes]:
         events: list[Event] = []
         tok = run.engine.tokenizer
         calls = CallStream() if nreq.tool_calls else None
@@ -212,7 +281,8 @@ class Server:
                         for item in calls.flush():
                             yield self._tool_item(nreq, item, calls)
                 elif ev.finish_reason is None and (
-                        ev.text or (nreq.logprobs is not None and ev.token is not None)):
+                    ev.text or (nreq.logprobs is not None and ev.token is not None)
+                ):
                     yield oa.chunk(nreq, ev, tok)
             ans = self._answer(nreq, run, events)
             finish = ans.finish_reason
@@ -241,8 +311,12 @@ class Server:
     async def embeddings(self, request: Request) -> Response:
         req = await parse(request, s.EmbeddingRequest, self.settings.max_body)
         if req.model.lower() not in EMBED_MODELS:
-            raise ApiError(404, f"embedding model '{req.model}' is not served here; use {EMBED_MODELS[0]}",
-                           param="model", code="model_not_found")
+            raise ApiError(
+                404,
+                f"embedding model '{req.model}' is not served here; use {EMBED_MODELS[0]}",
+                param="model",
+                code="model_not_found",
+            )
         texts = [req.input] if isinstance(req.input, str) else list(req.input)
         try:
             vectors, tokens = await self.escalation.embed(texts)
@@ -250,8 +324,11 @@ class Server:
             msg = e.message + (f" ({e.hint})" if e.hint else "")
             raise ApiError(501, msg, "not_implemented", code="embeddings_unavailable") from None
         data = [s.Embedding(index=i, embedding=v) for i, v in enumerate(vectors)]
-        out = s.EmbeddingList(data=data, model=req.model,
-                              usage=s.Usage(prompt_tokens=tokens, completion_tokens=0, total_tokens=tokens))
+        out = s.EmbeddingList(
+            data=data,
+            model=req.model,
+            usage=s.Usage(prompt_tokens=tokens, completion_tokens=0, total_tokens=tokens),
+        )
         return JSONResponse(out.model_dump())
 
     async def models(self, request: Request) -> Response:
@@ -259,7 +336,11 @@ class Server:
         return JSONResponse(s.ModelList(data=cards).model_dump())
 
     async def health(self, request: Request) -> Response:
-        return JSONResponse(s.Health(status="ok", version=edgeai.__version__, **self.scheduler.status()).model_dump())
+        return JSONResponse(
+            s.Health(
+                status="ok", version=edgeai.__version__, **self.scheduler.status()
+            ).model_dump()
+        )
 
     async def ps(self, request: Request) -> Response:
         return JSONResponse(self.scheduler.status())
@@ -295,9 +376,15 @@ def _handle(fn: Callable, metrics: Metrics, path: str) -> Callable:
     return endpoint
 
 
-def build_app(scheduler: Scheduler, registry: ModelRegistry, *, metrics: Metrics | None = None,
-              settings: Settings | None = None, escalation: Escalation | None = None,
-              manage_scheduler: bool = True) -> Starlette:
+def build_app(
+    scheduler: Scheduler,
+    registry: ModelRegistry,
+    *,
+    metrics: Metrics | None = None,
+    settings: Settings | None = None,
+    escalation: Escalation | None = None,
+    manage_scheduler: bool = True,
+) -> Starlette:
     """The Starlette app. With `manage_scheduler`, its lifespan starts and stops the scheduler."""
     metrics = metrics or Metrics()
     srv = Server(scheduler, registry, metrics, settings, escalation)
@@ -326,8 +413,12 @@ def build_app(scheduler: Scheduler, registry: ModelRegistry, *, metrics: Metrics
     async def not_found(request: Request, exc: Exception) -> Response:
         status = getattr(exc, "status_code", 404)
         msg = "method not allowed" if status == 405 else f"no route {request.url.path}"
-        return ApiError(status, msg, code="not_found" if status == 404 else "method_not_allowed").response()
+        return ApiError(
+            status, msg, code="not_found" if status == 404 else "method_not_allowed"
+        ).response()
 
-    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: not_found, 405: not_found})
+    app = Starlette(
+        routes=routes, lifespan=lifespan, exception_handlers={404: not_found, 405: not_found}
+    )
     app.state.server = srv
     return app

@@ -17,7 +17,8 @@ the uids of the batch object that makes it.
 from __future__ import annotations
 
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 CONTRACT = {  # what this module reads or overrides in mlx_lm.generate (checked by the test)
     "BatchGenerator": ("_prompt_batch", "_make_batch", "insert", "remove", "next"),
@@ -40,7 +41,9 @@ def for_engine(engine: Any, adapter_of: Callable[[int], Any], **kwargs: Any) -> 
 
     hooks = engine.hooks
     model = engine.adapters.routed(rows)
-    prompt_model = engine.adapters.routed(rows, hooks.prompt_context) if hooks.int8_decode else model
+    prompt_model = (
+        engine.adapters.routed(rows, hooks.prompt_context) if hooks.int8_decode else model
+    )
     return batch_generator(model, prompt_model, **kwargs)
 
 
@@ -54,7 +57,9 @@ def calling_batch_uids(n: int) -> list[int]:
     while frame is not None:
         owner = frame.f_locals.get("self")
         uids = getattr(owner, "uids", None)
-        if type(owner).__name__ in ("PromptProcessingBatch", "GenerationBatch") and isinstance(uids, list):
+        if type(owner).__name__ in ("PromptProcessingBatch", "GenerationBatch") and isinstance(
+            uids, list
+        ):
             if len(uids) != n:
                 break
             return uids

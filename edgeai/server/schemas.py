@@ -27,7 +27,14 @@ def _opt(name: str, **override: Any) -> Any:
     info = GenerationOptions.model_fields[name]
     typ = Annotated[info.annotation, *info.metadata] if info.metadata else info.annotation
     desc = override.pop("description", info.description)
-    return Annotated[typ | None, Field(None, description=f"{desc} (default {info.get_default(call_default_factory=True)!r})", **override)]
+    return Annotated[
+        typ | None,
+        Field(
+            None,
+            description=f"{desc} (default {info.get_default(call_default_factory=True)!r})",
+            **override,
+        ),
+    ]
 
 
 MaxTokens = _opt("max_tokens")
@@ -38,13 +45,17 @@ MinP = _opt("min_p", description="edgeai extension: drop tokens below min_p × t
 Seed = _opt("seed")
 TopLogprobs = _opt("top_logprobs")
 Stop = Annotated[
-    Annotated[str, Field(min_length=1)] | Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=16)]
+    Annotated[str, Field(min_length=1)]
+    | Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=16)]
     | None,
     Field(None, description="stop string(s); not included in the output"),
 ]
 Policy = Annotated[
     Literal[POLICIES] | None,  # type: ignore[valid-type]
-    Field(None, description="edgeai extension: escalation policy for this request (default: the server's)"),
+    Field(
+        None,
+        description="edgeai extension: escalation policy for this request (default: the server's)",
+    ),
 ]
 
 
@@ -61,8 +72,9 @@ class ContentPart(_Request):
     text: str
 
 
-FunctionName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$",
-                                    description="letters, digits, _ and -")]
+FunctionName = Annotated[
+    str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$", description="letters, digits, _ and -")
+]
 
 
 class FunctionCall(_Request):
@@ -78,14 +90,19 @@ class ToolCall(_Request):
 
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"] = Field(
-        description="who wrote the message")
+        description="who wrote the message"
+    )
     content: str | Annotated[list[ContentPart], Field(max_length=MAX_CONTENT_PARTS)] | None = Field(
-        None, description="the text, or a list of text parts (absent or null only for an "
-                          "assistant message with tool_calls)")
+        None,
+        description="the text, or a list of text parts (absent or null only for an "
+        "assistant message with tool_calls)",
+    )
     tool_calls: Annotated[list[ToolCall], Field(min_length=1, max_length=64)] | None = Field(
-        None, description="calls an assistant message made (role assistant)")
-    tool_call_id: str | None = Field(None, max_length=256,
-                                     description="the call a tool message answers (role tool)")
+        None, description="calls an assistant message made (role assistant)"
+    )
+    tool_call_id: str | None = Field(
+        None, max_length=256, description="the call a tool message answers (role tool)"
+    )
     name: str | None = Field(None, max_length=64, description="ignored")
 
 
@@ -93,7 +110,8 @@ class FunctionDefinition(_Request):
     name: FunctionName
     description: str | None = Field(None, max_length=8192)
     parameters: dict[str, Any] | None = Field(
-        None, description="JSON Schema of the arguments object (default: any object)")
+        None, description="JSON Schema of the arguments object (default: any object)"
+    )
     strict: bool | None = Field(None, description="ignored: a forced call follows the schema")
 
 
@@ -112,9 +130,12 @@ class NamedToolChoice(_Request):
 
 ToolChoice = Annotated[
     Literal["none", "auto", "required"] | NamedToolChoice | None,
-    Field(None, description='"auto" (default with tools): the model may call a tool; "none": '
-                            'it may not; "required" or {"type": "function", "function": '
-                            '{"name": ...}}: decoding is constrained to one well-formed call'),
+    Field(
+        None,
+        description='"auto" (default with tools): the model may call a tool; "none": '
+        'it may not; "required" or {"type": "function", "function": '
+        '{"name": ...}}: decoding is constrained to one well-formed call',
+    ),
 ]
 
 
@@ -122,16 +143,21 @@ class JsonSchemaFormat(_Request):
     name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$", description="the schema's name")
     description: str | None = None
     schema_: dict[str, Any] | None = Field(
-        None, alias="schema", description="the JSON Schema the answer validates against")
+        None, alias="schema", description="the JSON Schema the answer validates against"
+    )
     strict: bool | None = Field(None, description="ignored: the answer always follows the schema")
 
 
 class ResponseFormat(_Request):
-    type: Literal["text", "json_object", "json_schema"] = Field(description=(
-        '"json_object": the answer is one JSON object; "json_schema": it validates against '
-        "json_schema.schema (decoding is constrained; unsupported schema features are a 400)"))
-    json_schema: JsonSchemaFormat | None = Field(None,
-                                                 description='required with type "json_schema"')
+    type: Literal["text", "json_object", "json_schema"] = Field(
+        description=(
+            '"json_object": the answer is one JSON object; "json_schema": it validates against '
+            "json_schema.schema (decoding is constrained; unsupported schema features are a 400)"
+        )
+    )
+    json_schema: JsonSchemaFormat | None = Field(
+        None, description='required with type "json_schema"'
+    )
 
 
 class _Sampling(_Request):
@@ -148,25 +174,44 @@ class _Sampling(_Request):
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, description="ignored")
     policy: Policy
-    adapter: str | None = Field(None, min_length=1, description=(
-        "edgeai extension: a stored LoRA adapter (`edgeai adapter list`) applied to this request only"))
-    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="penalty for tokens already present")
-    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="penalty by how often a token appeared")
-    logit_bias: Annotated[dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")],
-                               Annotated[float, Field(ge=-100.0, le=100.0)]], Field(max_length=1024)] | None = Field(
-        None, description="token id → bias added to its logit (-100 bans it, 100 forces it)")
+    adapter: str | None = Field(
+        None,
+        min_length=1,
+        description=(
+            "edgeai extension: a stored LoRA adapter (`edgeai adapter list`) applied to this request only"
+        ),
+    )
+    presence_penalty: float | None = Field(
+        None, ge=-2.0, le=2.0, description="penalty for tokens already present"
+    )
+    frequency_penalty: float | None = Field(
+        None, ge=-2.0, le=2.0, description="penalty by how often a token appeared"
+    )
+    logit_bias: (
+        Annotated[
+            dict[
+                Annotated[str, Field(pattern=r"^[0-9]{1,9}$")],
+                Annotated[float, Field(ge=-100.0, le=100.0)],
+            ],
+            Field(max_length=1024),
+        ]
+        | None
+    ) = Field(None, description="token id → bias added to its logit (-100 bans it, 100 forces it)")
 
 
 class ChatCompletionRequest(_Sampling):
     """POST /v1/chat/completions."""
 
-    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES,
-                                        description="the conversation so far")
+    messages: list[ChatMessage] = Field(
+        min_length=1, max_length=MAX_MESSAGES, description="the conversation so far"
+    )
     tools: Annotated[list[Tool], Field(max_length=128)] | None = Field(
-        None, description="functions the model may call (rendered by the model's chat template)")
+        None, description="functions the model may call (rendered by the model's chat template)"
+    )
     tool_choice: ToolChoice
-    parallel_tool_calls: bool | None = Field(None,
-                                             description="ignored: a forced call is a single call")
+    parallel_tool_calls: bool | None = Field(
+        None, description="ignored: a forced call is a single call"
+    )
     response_format: ResponseFormat | None = None
     max_completion_tokens: MaxTokens
     logprobs: bool = Field(False, description="return log-probabilities of the output tokens")
@@ -176,11 +221,16 @@ class ChatCompletionRequest(_Sampling):
 class CompletionRequest(_Sampling):
     """POST /v1/completions."""
 
-    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)] | Annotated[
-        list[Annotated[int, Field(ge=0)]], Field(min_length=1, max_length=MAX_PROMPT_IDS)] = Field(
-        description="the text to continue (one string, or token ids)")
+    prompt: (
+        str
+        | Annotated[list[str], Field(min_length=1, max_length=1)]
+        | Annotated[
+            list[Annotated[int, Field(ge=0)]], Field(min_length=1, max_length=MAX_PROMPT_IDS)
+        ]
+    ) = Field(description="the text to continue (one string, or token ids)")
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = Field(
-        None, description="return this many alternatives per token (with the token's own logprob)")
+        None, description="return this many alternatives per token (with the token's own logprob)"
+    )
     echo: Literal[False] = Field(False, description="echoing the prompt is not supported")
 
 
@@ -188,8 +238,12 @@ class EmbeddingRequest(_Request):
     """POST /v1/embeddings."""
 
     model: str = Field(min_length=1)
-    input: Annotated[str, Field(max_length=100_000)] | Annotated[
-        list[Annotated[str, Field(max_length=100_000)]], Field(min_length=1, max_length=256)]
+    input: (
+        Annotated[str, Field(max_length=100_000)]
+        | Annotated[
+            list[Annotated[str, Field(max_length=100_000)]], Field(min_length=1, max_length=256)
+        ]
+    )
     encoding_format: Literal["float"] = "float"
 
 
@@ -200,7 +254,9 @@ class EdgeaiInfo(BaseModel):
     """Which tier answered and how sure the local model was (ignored by OpenAI clients)."""
 
     tier: str = Field(description='"local" or the remote tier that answered')
-    confidence: float | None = Field(None, description="calibrated P(correct) of the local answer, when scored")
+    confidence: float | None = Field(
+        None, description="calibrated P(correct) of the local answer, when scored"
+    )
     threshold: float | None = None
     route: str | None = None
     policy: str | None = None
@@ -208,7 +264,9 @@ class EdgeaiInfo(BaseModel):
 
 
 class PromptTokensDetails(BaseModel):
-    cached_tokens: int = Field(0, description="prompt tokens taken from the prompt cache, not prefilled")
+    cached_tokens: int = Field(
+        0, description="prompt tokens taken from the prompt cache, not prefilled"
+    )
 
 
 class Usage(BaseModel):

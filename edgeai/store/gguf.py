@@ -17,8 +17,8 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from edgeai.store import gguf_quants
 from edgeai.errors import InvalidInput, UnsupportedModel
+from edgeai.store import gguf_quants
 from edgeai.store.gguf_file import GGUFFile, MalformedGGUF, TensorInfo
 
 SUPPORTED_TYPES = gguf_quants.SUPPORTED
@@ -49,12 +49,8 @@ _MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "gemma3": "gemma3_text"}
 
 # Pre-tokenizer split patterns by `tokenizer.ggml.pre` (the HF tokenizers' own regexes).
 _GPT2_PAT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-_LLAMA3_PAT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_QWEN2_PAT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
+_LLAMA3_PAT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_QWEN2_PAT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 _PRE_PATTERNS = {
     "gpt-2": [_GPT2_PAT],
     "default": [_GPT2_PAT],
@@ -70,12 +66,15 @@ def _open(src: Path) -> GGUFFile:
         raise InvalidInput(f"{src} does not exist or is not a file")
     with open(src, "rb") as f:
         if f.read(4) != b"GGUF":
-            raise InvalidInput(f"{src} is not a GGUF file (bad magic bytes)", "give a .gguf model file")
+            raise InvalidInput(
+                f"{src} is not a GGUF file (bad magic bytes)", "give a .gguf model file"
+            )
     try:
         return GGUFFile(src)
     except MalformedGGUF as e:
-        raise InvalidInput(f"{src.name} is a damaged GGUF file: {e}",
-                           "download the file again") from e
+        raise InvalidInput(
+            f"{src.name} is a damaged GGUF file: {e}", "download the file again"
+        ) from e
 
 
 def inspect(src: str | Path) -> dict[str, Any]:
@@ -116,11 +115,17 @@ def _check(gf: GGUFFile, src: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     try:
         config = _config(gf, arch, src.name)  # required metadata present and readable
     except (TypeError, ValueError) as e:  # e.g. a list where a number belongs
-        raise InvalidInput(f"{src.name} has metadata edgeai cannot read: {e}",
-                           "the file was not written by llama.cpp's converter") from e
+        raise InvalidInput(
+            f"{src.name} has metadata edgeai cannot read: {e}",
+            "the file was not written by llama.cpp's converter",
+        ) from e
     _check_tensors(gf, src, arch, config)
-    info = {"architecture": arch, "tensor_types": types, "tensors": len(gf.tensors),
-            "converted_bytes": sum(_converted_bytes(t, arch) for t in gf.tensors)}
+    info = {
+        "architecture": arch,
+        "tensor_types": types,
+        "tensors": len(gf.tensors),
+        "converted_bytes": sum(_converted_bytes(t, arch) for t in gf.tensors),
+    }
     return info, config
 
 
@@ -134,17 +139,22 @@ def _check_tensors(gf: GGUFFile, src: Path, arch: str, config: dict) -> None:
             continue
         if name not in expected:
             raise UnsupportedModel(
-                f"{src.name} has a tensor '{t.name}' that a {arch} model does not use")
+                f"{src.name} has a tensor '{t.name}' that a {arch} model does not use"
+            )
         if tuple(t.shape) != expected[name]:
             raise InvalidInput(
                 f"{src.name}: tensor '{t.name}' has shape {tuple(t.shape)} but the file's metadata "
-                f"implies {expected[name]}", "download the file again, or report a converter bug")
+                f"implies {expected[name]}",
+                "download the file again, or report a converter bug",
+            )
         seen.add(name)
     missing = sorted(k for k in expected if k not in seen and not k.startswith("lm_head."))
     if missing:
-        raise InvalidInput(f"{src.name} lacks tensor(s) {', '.join(missing[:3])}"
-                           + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""),
-                           "download the file again")
+        raise InvalidInput(
+            f"{src.name} lacks tensor(s) {', '.join(missing[:3])}"
+            + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""),
+            "download the file again",
+        )
 
 
 def _converted_bytes(t: TensorInfo, arch: str) -> int:
@@ -157,8 +167,9 @@ def _converted_bytes(t: TensorInfo, arch: str) -> int:
     return n * (2 if t.type_name in ("F16", "BF16") else 4)
 
 
-def convert(src: str | Path, dst: str | Path, *, scale_dtype=np.float16,
-            q6_bits: int = 8) -> dict[str, Any]:
+def convert(
+    src: str | Path, dst: str | Path, *, scale_dtype=np.float16, q6_bits: int = 8
+) -> dict[str, Any]:
     """Write an MLX model directory for the GGUF file `src` into `dst` (created).
 
     Args:
@@ -177,8 +188,9 @@ def convert(src: str | Path, dst: str | Path, *, scale_dtype=np.float16,
         name = _hf_name(t.name, arch)
         if name is None:
             continue
-        value = gguf_quants.decode(gf.raw(t), t.qtype, tuple(t.shape), scale_dtype=scale_dtype,
-                                   q6_bits=q6_bits)
+        value = gguf_quants.decode(
+            gf.raw(t), t.qtype, tuple(t.shape), scale_dtype=scale_dtype, q6_bits=q6_bits
+        )
         value = _fix_layout(value, t.name, arch, config)
         _put(weights, name, value, bf16=t.type_name == "BF16")
     config["quantization"] = _quantization(weights)
@@ -207,7 +219,8 @@ def _hf_name(gguf_name: str, arch: str) -> str | None:
         return f"{_TOP_NAMES[stem]}.{suffix}"
     raise UnsupportedModel(
         f"unexpected tensor '{gguf_name}' in the GGUF file",
-        f"edgeai imports {', '.join(SUPPORTED_ARCHS)} models as llama.cpp writes them")
+        f"edgeai imports {', '.join(SUPPORTED_ARCHS)} models as llama.cpp writes them",
+    )
 
 
 def _expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
@@ -260,7 +273,8 @@ def _put(weights: dict[str, mx.array], name: str, value, bf16: bool) -> None:
 def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     rows = w.shape[0]
     return np.ascontiguousarray(
-        w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape))
+        w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    )
 
 
 def _config(gf: GGUFFile, arch: str, file_name: str) -> dict[str, Any]:
@@ -270,8 +284,10 @@ def _config(gf: GGUFFile, arch: str, file_name: str) -> dict[str, Any]:
     def g(key, default=None, required=False):
         v = meta.get(f"{arch}.{key}", default)
         if v is None and required:
-            raise InvalidInput(f"{file_name} lacks the metadata key '{arch}.{key}'",
-                               "the file is incomplete or was not written by llama.cpp's converter")
+            raise InvalidInput(
+                f"{file_name} lacks the metadata key '{arch}.{key}'",
+                "the file is incomplete or was not written by llama.cpp's converter",
+            )
         return v
 
     n_heads = int(g("attention.head_count", required=True))
@@ -309,8 +325,10 @@ def _config(gf: GGUFFile, arch: str, file_name: str) -> dict[str, Any]:
         return config
     if head_dim and int(head_dim) != hidden // n_heads:
         if arch == "qwen2":  # mlx-lm's qwen2 has no head_dim setting: the model would not load
-            raise UnsupportedModel(f"this qwen2 file has attention heads of {int(head_dim)} (not hidden size / "
-                                   f"heads = {hidden // n_heads}); edgeai's qwen2 model cannot run it")
+            raise UnsupportedModel(
+                f"this qwen2 file has attention heads of {int(head_dim)} (not hidden size / "
+                f"heads = {hidden // n_heads}); edgeai's qwen2 model cannot run it"
+            )
         config["head_dim"] = int(head_dim)
     freqs = tensors.get("rope_freqs.weight")
     if freqs is not None and freqs.type_name == "F32":
@@ -362,7 +380,9 @@ def _bpe_tokenizer(meta: dict, tokens: list[str]):
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
     vocab = {t: i for i, t in enumerate(tokens)}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=False))
-    patterns = _PRE_PATTERNS.get(meta.get("tokenizer.ggml.pre", "default"), _PRE_PATTERNS["default"])
+    patterns = _PRE_PATTERNS.get(
+        meta.get("tokenizer.ggml.pre", "default"), _PRE_PATTERNS["default"]
+    )
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Split(Regex(p), behavior="isolated") for p in patterns]
         + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
@@ -392,10 +412,19 @@ def _spm_tokenizer(meta: dict, tokens: list[str], types: np.ndarray):
     ranked.sort()
     merges = [(left, right) for *_, left, right in ranked]
     unk = meta.get("tokenizer.ggml.unknown_token_id")
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, fuse_unk=True,
-                               unk_token=tokens[int(unk)] if unk is not None else None))
+    tok = Tokenizer(
+        models.BPE(
+            vocab=vocab,
+            merges=merges,
+            byte_fallback=True,
+            fuse_unk=True,
+            unk_token=tokens[int(unk)] if unk is not None else None,
+        )
+    )
     prefix = "first" if meta.get("tokenizer.ggml.add_space_prefix", True) else "never"
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme=prefix, split=False)
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(
+        replacement="\u2581", prepend_scheme=prefix, split=False
+    )
     tok.decoder = decoders.Sequence(
         [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
         + ([decoders.Strip(" ", 1, 0)] if prefix == "first" else [])

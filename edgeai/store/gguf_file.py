@@ -18,10 +18,32 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 # GGUF value type id → struct format (scalars) or numpy dtype (arrays); 8 string, 9 array.
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
-            10: "<Q", 11: "<q", 12: "<d"}
-_DTYPES = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32,
-           6: np.float32, 7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
+_SCALARS = {
+    0: "<B",
+    1: "<b",
+    2: "<H",
+    3: "<h",
+    4: "<I",
+    5: "<i",
+    6: "<f",
+    7: "<?",
+    10: "<Q",
+    11: "<q",
+    12: "<d",
+}
+_DTYPES = {
+    0: np.uint8,
+    1: np.int8,
+    2: np.uint16,
+    3: np.int16,
+    4: np.uint32,
+    5: np.int32,
+    6: np.float32,
+    7: np.bool_,
+    10: np.uint64,
+    11: np.int64,
+    12: np.float64,
+}
 
 
 class MalformedGGUF(ValueError):
@@ -80,7 +102,7 @@ class GGUFFile:
         n = self._take("<Q")
         if self._pos + n > len(self._map):
             raise MalformedGGUF("the header is cut short")
-        s = bytes(self._map[self._pos:self._pos + n]).decode("utf-8", errors="replace")
+        s = bytes(self._map[self._pos : self._pos + n]).decode("utf-8", errors="replace")
         self._pos += n
         return s
 
@@ -148,8 +170,10 @@ class GGUFFile:
                 raise MalformedGGUF(f"tensor '{t.name}' appears twice")
             names.add(t.name)
             if t.offset + t.nbytes > end:
-                raise MalformedGGUF(f"tensor '{t.name}' ends at byte {t.offset + t.nbytes}, "
-                                    f"past the end of the file ({end} bytes)")
+                raise MalformedGGUF(
+                    f"tensor '{t.name}' ends at byte {t.offset + t.nbytes}, "
+                    f"past the end of the file ({end} bytes)"
+                )
         spans = sorted((t.offset, t.offset + t.nbytes, t.name) for t in self.tensors if t.nbytes)
         for (_, a_end, a), (b_start, _, b) in pairwise(spans):
             if b_start < a_end:

@@ -41,8 +41,14 @@ GROUP = 32
 FLOAT_TYPES = {T.F32: np.float32, T.F16: np.float16}
 # qtype → (block width, bytes per block, MLX bits)
 BLOCKS = {
-    T.Q4_0: (32, 18, 4), T.Q4_1: (32, 20, 4), T.Q5_0: (32, 22, 5), T.Q5_1: (32, 24, 5),
-    T.Q8_0: (32, 34, 8), T.Q4_K: (256, 144, 4), T.Q5_K: (256, 176, 5), T.Q6_K: (256, 210, 8),
+    T.Q4_0: (32, 18, 4),
+    T.Q4_1: (32, 20, 4),
+    T.Q5_0: (32, 22, 5),
+    T.Q5_1: (32, 24, 5),
+    T.Q8_0: (32, 34, 8),
+    T.Q4_K: (256, 144, 4),
+    T.Q5_K: (256, 176, 5),
+    T.Q6_K: (256, 210, 8),
 }
 SUPPORTED = tuple(t.name for t in (*BLOCKS, T.F16, T.BF16, T.F32))
 _CHUNK = 1 << 22  # values decoded at a time: bounds the float temporaries to tens of MB
@@ -127,7 +133,7 @@ def affine_parts(blocks: np.ndarray, qtype: T) -> tuple[np.ndarray, np.ndarray, 
         has_min = qtype in (T.Q4_1, T.Q5_1)
         off = 4 if has_min else 2
         if qtype in (T.Q5_0, T.Q5_1):
-            q = _nibbles(blocks[:, off + 4:]) | (_high_bits(blocks[:, off:off + 4], 32) << 4)
+            q = _nibbles(blocks[:, off + 4 :]) | (_high_bits(blocks[:, off : off + 4], 32) << 4)
             zero = 16
         else:
             q = _nibbles(blocks[:, off:])
@@ -195,8 +201,9 @@ def dequantize_blocks(blocks: np.ndarray, qtype: T) -> np.ndarray:
     return (g * s[..., None] + b[..., None]).reshape(n, -1)
 
 
-def decode(raw: np.ndarray, qtype: T, shape: tuple[int, ...], *,
-           scale_dtype=np.float16, q6_bits: int = 8) -> np.ndarray | Quantized:
+def decode(
+    raw: np.ndarray, qtype: T, shape: tuple[int, ...], *, scale_dtype=np.float16, q6_bits: int = 8
+) -> np.ndarray | Quantized:
     """One GGUF tensor's raw data → a float array or, for 2-D quantized ones, `Quantized`.
 
     `shape` is numpy order (rows, cols). float16 scales are widened to float32 for a tensor
@@ -216,7 +223,7 @@ def decode(raw: np.ndarray, qtype: T, shape: tuple[int, ...], *,
     step = max(1, _CHUNK // cols)
     parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     for r in range(0, rows, step):
-        b = blocks[r * per_row:min(rows, r + step) * per_row]
+        b = blocks[r * per_row : min(rows, r + step) * per_row]
         if qtype == T.Q6_K:
             bits = q6_bits
             q, s, z = requantize_q6_k(*q6_k_parts(b), bits, scale_dtype)

@@ -14,9 +14,9 @@ import fnmatch
 import hashlib
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from edgeai.errors import DownloadError, InvalidInput, ResourceError, UnsupportedModel
 from edgeai.keys import scrub
@@ -40,8 +40,10 @@ _REVISION = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]
 def check_revision(revision: str) -> str:
     """`revision` if it is a branch, tag or commit name that is safe as a path under refs/."""
     if len(revision) > 200 or ".." in revision or not _REVISION.fullmatch(revision):
-        raise InvalidInput(f"{revision[:80]!r} is not a usable hub revision",
-                           "give a branch, tag or commit, e.g. main or a 40-hex commit id")
+        raise InvalidInput(
+            f"{revision[:80]!r} is not a usable hub revision",
+            "give a branch, tag or commit, e.g. main or a 40-hex commit id",
+        )
     return revision
 
 
@@ -69,7 +71,8 @@ def cache_dir() -> Path:
     if os.environ.get("HF_HUB_CACHE"):
         return Path(os.environ["HF_HUB_CACHE"]).expanduser()
     hf_home = os.environ.get("HF_HOME") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "huggingface")
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "huggingface"
+    )
     return Path(hf_home).expanduser() / "hub"
 
 
@@ -197,28 +200,43 @@ def plan(repo: str, revision: str = "main") -> RepoPlan:
     """
     check_revision(revision)
     if offline():
-        raise HubUnavailable(f"hub {repo}: HF_HUB_OFFLINE is set and the model is not in the Hugging Face cache")
+        raise HubUnavailable(
+            f"hub {repo}: HF_HUB_OFFLINE is set and the model is not in the Hugging Face cache"
+        )
     from huggingface_hub import HfApi
 
     try:
-        info = HfApi(endpoint=endpoint()).model_info(repo, revision=revision, files_metadata=True, timeout=timeout())
+        info = HfApi(endpoint=endpoint()).model_info(
+            repo, revision=revision, files_metadata=True, timeout=timeout()
+        )
     except Exception as e:  # every failure here means "this source is unusable now"
         raise HubUnavailable(f"hub {repo}: {_reason(e)}") from e
     try:
         files = [
-            RemoteFile(path=s.rfilename, size=int(s.size or (s.lfs.size if s.lfs else 0)),
-                       sha256=s.lfs.sha256 if s.lfs else None, blob_id=s.blob_id)
-            for s in (info.siblings or []) if isinstance(s.rfilename, str) and _wanted(s.rfilename)
+            RemoteFile(
+                path=s.rfilename,
+                size=int(s.size or (s.lfs.size if s.lfs else 0)),
+                sha256=s.lfs.sha256 if s.lfs else None,
+                blob_id=s.blob_id,
+            )
+            for s in (info.siblings or [])
+            if isinstance(s.rfilename, str) and _wanted(s.rfilename)
         ]
     except (TypeError, ValueError, AttributeError):
-        raise HubUnavailable(f"hub {repo}: the hub sent a malformed file list; nothing was fetched") from None
+        raise HubUnavailable(
+            f"hub {repo}: the hub sent a malformed file list; nothing was fetched"
+        ) from None
     _check_mlx(repo, files)
     if not info.sha or any(not f.etag for f in files):
-        raise HubUnavailable(f"hub {repo}: the hub sent no commit or file hashes, so nothing could be verified")
+        raise HubUnavailable(
+            f"hub {repo}: the hub sent no commit or file hashes, so nothing could be verified"
+        )
     problem = _malformed(info.sha, files)
     if problem:
-        raise HubUnavailable(f"hub {repo}: the hub sent a malformed {problem}; nothing was fetched",
-                             "check HF_ENDPOINT: it should be the Hugging Face hub or a faithful mirror")
+        raise HubUnavailable(
+            f"hub {repo}: the hub sent a malformed {problem}; nothing was fetched",
+            "check HF_ENDPOINT: it should be the Hugging Face hub or a faithful mirror",
+        )
     return RepoPlan(repo=repo, revision=revision, commit=info.sha, files=files)
 
 
@@ -241,7 +259,11 @@ def cached_plan(repo: str, revision: str = "main") -> RepoPlan | None:
         if not _wanted(rel):
             continue
         is_sha256 = bool(re.fullmatch(r"[0-9a-f]{64}", etag))
-        files.append(RemoteFile(rel, p.stat().st_size, etag if is_sha256 else None, None if is_sha256 else etag))
+        files.append(
+            RemoteFile(
+                rel, p.stat().st_size, etag if is_sha256 else None, None if is_sha256 else etag
+            )
+        )
     try:
         _check_mlx(repo, files)
     except UnsupportedModel:
@@ -307,19 +329,36 @@ def _download(p: RepoPlan, f: RemoteFile, on_bytes: OnBytes) -> None:
         with open(part, "ab") as fh:
             # identity: Range offsets must count the file's bytes, not a gzip stream's.
             headers = {**build_hf_headers(), "Accept-Encoding": "identity"}
-            http_get(url, fh, resume_size=fh.tell(), headers=headers, expected_size=f.size,
-                     displayed_filename=f.path, tqdm_class=_bar_class(on_bytes))
+            http_get(
+                url,
+                fh,
+                resume_size=fh.tell(),
+                headers=headers,
+                expected_size=f.size,
+                displayed_filename=f.path,
+                tqdm_class=_bar_class(on_bytes),
+            )
     except HfHubHTTPError as e:
-        raise DownloadError(f"{p.repo}/{f.path}: {_reason(e)}", "run the same command again to resume") from e
+        raise DownloadError(
+            f"{p.repo}/{f.path}: {_reason(e)}", "run the same command again to resume"
+        ) from e
     except OSError as e:
         if e.errno == errno.ENOSPC:
-            raise ResourceError(f"the disk filled up while downloading {p.repo}/{f.path}",
-                                "free some space and run the same command again: it resumes where it stopped") from e
+            raise ResourceError(
+                f"the disk filled up while downloading {p.repo}/{f.path}",
+                "free some space and run the same command again: it resumes where it stopped",
+            ) from e
         # Truncated by the server ("Consistency check failed"), or the network died for good.
-        why = scrub(str(e).splitlines()[0] if str(e) else type(e).__name__, os.environ.get("HF_TOKEN"))
-        raise DownloadError(f"{p.repo}/{f.path}: {why}", "run the same command again to resume") from e
+        why = scrub(
+            str(e).splitlines()[0] if str(e) else type(e).__name__, os.environ.get("HF_TOKEN")
+        )
+        raise DownloadError(
+            f"{p.repo}/{f.path}: {why}", "run the same command again to resume"
+        ) from e
     except Exception as e:  # httpx transport errors after huggingface_hub's own retries
-        raise DownloadError(f"{p.repo}/{f.path}: {_reason(e)}", "run the same command again to resume") from e
+        raise DownloadError(
+            f"{p.repo}/{f.path}: {_reason(e)}", "run the same command again to resume"
+        ) from e
 
 
 def _link(p: RepoPlan, f: RemoteFile) -> None:

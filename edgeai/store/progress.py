@@ -5,9 +5,9 @@ The store never prints: it calls `on_progress(Progress(...))`, and the CLI draws
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 
 @dataclass(frozen=True)
@@ -35,8 +35,9 @@ def silent(_: Progress) -> None:
 
 
 @contextmanager
-def task(on_progress: OnProgress | None, what: str, total: int | None = None,
-         done: int = 0) -> Iterator[Callable[[int], None]]:
+def task(
+    on_progress: OnProgress | None, what: str, total: int | None = None, done: int = 0
+) -> Iterator[Callable[[int], None]]:
     """Report `what` from its start to its end; yields a callback that adds done bytes."""
     report = on_progress or silent
     count = [done]
