@@ -424,3 +424,33 @@ def test_smollm_schema_answers_validate(smollm_engine):
         text, finish = _answer(smollm_engine, c, seed, max_tokens=200)
         assert finish == "stop", text
         jsonschema.validate(json.loads(text), SCHEMA)
+
+
+def test_a_tag_the_vocabulary_holds_as_one_token_is_matched_as_that_token():
+    """Qwen2.5 writes <tool_call> as token 151657: the forced-call grammar must take it."""
+    from edgeai.engine import tools as tl
+
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    c = tl.call_constraint([tool])
+
+    class Vocab:  # what a Hugging Face tokenizer says of its added tokens
+        def __init__(self, added: dict) -> None:
+            self.added = added
+
+        def get_added_vocab(self) -> dict:
+            return self.added
+
+    assert c.for_tokenizer(Vocab({})) == c.grammar  # tags spelled out as text
+    rewritten = c.for_tokenizer(Vocab({"<tool_call>": 151657, "</tool_call>": 151658}))
+    assert rewritten != c.grammar and "151657" in rewritten and "151658" in rewritten
+
+
+def test_a_bare_call_object_is_a_tool_call():
+    """Qwen2.5-Coder answers a tool request with the call object alone, without the tags."""
+    from edgeai.engine import tools as tl
+
+    content, calls = tl.parse('{"name": "get_weather", "arguments": {"city": "Paris"}}\n')
+    assert content is None and [c["function"]["name"] for c in calls] == ["get_weather"]
+    assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Paris"}
+    for text in ('{"name": "x"}', '{"name": "x", "arguments": {}} and more', "plain text"):
+        assert tl.parse(text) == (text, [])

@@ -120,9 +120,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def ps(
-        socket_path: Path | None = typer.Option(
-            None, "--socket", help="The server's Unix socket"
-        ),
+        socket_path: Path | None = typer.Option(None, "--socket", help="The server's Unix socket"),
         json_out: bool = typer.Option(False, "--json", help="Print JSON"),
     ) -> None:
         """Show what a running `edgeai serve` has loaded."""

@@ -52,6 +52,22 @@ class Constraint:
 
     grammar: str
     kind: str
+    lark: str = ""  # the Lark source, when `specials` may be rewritten per tokenizer
+    specials: tuple[str, ...] = ()  # literals that a model may emit as one special token
+
+    def for_tokenizer(self, tokenizer: Any) -> str:
+        """The grammar for this tokenizer: a literal such as "<tool_call>" that the vocabulary
+        holds as one added token must be matched as that token (llguidance reads special
+        tokens as their ids, never as text), so `"<tool_call>"` becomes `<[151657]>`."""
+        get = getattr(tokenizer, "get_added_vocab", None)
+        added = get() if callable(get) else {}
+        src = self.lark
+        for text in self.specials:
+            if text in added:
+                src = src.replace(json.dumps(text), f"<[{int(added[text])}]>")
+        if src == self.lark:
+            return self.grammar
+        return llguidance.LLMatcher.grammar_from_lark(src)
 
     def processor(self, tokenizer: Any, vocab_size: int) -> GrammarProcessor:
         """A logits processor for one sequence of the model with this tokenizer.
@@ -64,7 +80,7 @@ class Constraint:
             int(t) for t in getattr(tokenizer, "eos_token_ids", None) or [tokenizer.eos_token_id]
         ]
         matcher = llguidance.LLMatcher(
-            ll_tokenizer(tokenizer, vocab_size), self.grammar, log_level=0
+            ll_tokenizer(tokenizer, vocab_size), self.for_tokenizer(tokenizer), log_level=0
         )
         matcher.compute_bitmask()  # a grammar with no first token fails here, not mid-answer
         if matcher.is_error():  # what only the model's tokens can reveal (e.g. a token limit)
@@ -132,15 +148,17 @@ def json_object() -> Constraint:
     return json_schema({"type": "object"}, "json_object")
 
 
-def lark(grammar: str, kind: str, what: str) -> Constraint:
-    """A constraint from a Lark grammar (which may embed JSON schemas with `%json {...}`)."""
+def lark(grammar: str, kind: str, what: str, specials: tuple[str, ...] = ()) -> Constraint:
+    """A constraint from a Lark grammar (which may embed JSON schemas with `%json {...}`);
+    `specials`: its literals that a tokenizer may hold as one special token each."""
     try:
         text = _rust_errors(llguidance.LLMatcher.grammar_from_lark, grammar)
     except ValueError as e:
         raise InvalidInput(
             f"{what} is not valid: {e}", "check it with a JSON Schema validator"
         ) from None
-    return _check(text, kind, what)
+    checked = _check(text, kind, what)
+    return Constraint(checked.grammar, kind, grammar, specials) if specials else checked
 
 
 def ll_tokenizer(tokenizer: Any, vocab_size: int) -> Any:

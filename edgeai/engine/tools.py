@@ -85,10 +85,10 @@ def call_constraint(tools: list[dict], name: str | None = None) -> constrain.Con
     schema = schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
     schema = {**schema, "x-guidance": constrain.JSON_STYLE}
     grammar = (
-        f"start: {json.dumps(OPEN + chr(10))} call {json.dumps(chr(10) + CLOSE)}\n"
+        f'start: {json.dumps(OPEN)} "\\n" call "\\n" {json.dumps(CLOSE)}\n'
         f"call: %json {json.dumps(schema)}"
     )
-    return constrain.lark(grammar, "tool_call", "a tool's parameters schema")
+    return constrain.lark(grammar, "tool_call", "a tool's parameters schema", (OPEN, CLOSE))
 
 
 def check_tools(tools: list[dict]) -> None:
@@ -137,6 +137,15 @@ def parse(text: str) -> tuple[str | None, list[dict]]:
     items = stream.feed(text) + stream.flush()
     calls = [v for kind, v in items if kind == "call"]
     if not calls:
+        # Some models (Qwen2.5-Coder) answer a tool request with the bare call object.
+        stripped = text.strip()
+        bare = (
+            _call(stripped)
+            if stripped.startswith("{") and _object_end(stripped) == len(stripped)
+            else None
+        )
+        if bare is not None and "arguments" in json.loads(stripped):
+            return None, [bare]
         return text, []
     rest = "".join(v for kind, v in items if kind == "content").strip()
     return rest or None, calls
