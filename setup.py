@@ -1,4 +1,5 @@
-"""Build of edgeai's optional C++ kernels (kernels/cpu, CMake); everything else is in pyproject.toml.
+"""Build of edgeai's optional C++ kernels (kernels/cpu, CMake); everything else is in
+pyproject.toml.
 
 A failed or impossible build (no compiler, no CMake, EDGEAI_NO_KERNELS=1) never fails the
 install: edgeai then runs on MLX's built-in kernels and says so once at load.
@@ -35,7 +36,8 @@ class CMakeBuild(build_ext):
                 self._cmake(ext)
             except Exception as e:  # noqa: BLE001 - any build failure means "no kernels", not "no install"
                 print(
-                    f"warning: edgeai C++ kernels not built ({e}); edgeai will use MLX's built-in kernels",
+                    f"warning: edgeai C++ kernels not built ({e}); "
+                    "edgeai will use MLX's built-in kernels",
                     file=sys.stderr,
                 )
                 # Drop it so setuptools does not try to install a file that was never made.

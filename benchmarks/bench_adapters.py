@@ -170,13 +170,16 @@ def main() -> None:
     print(f"  full reload, mlx-lm load + adapter   {ms(r['reload_mlx_lm_with_adapter_s'])}")
     print(f"  first adapter (wraps the layers)     {ms(r['first_adapter_s'])}")
     print(
-        f"  switch, adapter read from disk       {ms(r['switch_cold_s'])}   reload / switch = {r['reload_over_cold_switch']:,.0f}x"
+        f"  switch, adapter read from disk       {ms(r['switch_cold_s'])}   "
+        f"reload / switch = {r['reload_over_cold_switch']:,.0f}x"
     )
     print(
-        f"  switch, adapter in memory (LRU)      {ms(r['switch_warm_s'])}   reload / switch = {r['reload_over_warm_switch']:,.0f}x"
+        f"  switch, adapter in memory (LRU)      {ms(r['switch_warm_s'])}   "
+        f"reload / switch = {r['reload_over_warm_switch']:,.0f}x"
     )
     print(
-        f"  decode tok/s: base {r['decode_tps_base']:.1f}, with adapter {r['decode_tps_adapter']:.1f}"
+        f"  decode tok/s: base {r['decode_tps_base']:.1f}, "
+        f"with adapter {r['decode_tps_adapter']:.1f}"
     )
 
 

@@ -109,7 +109,8 @@ def stream_rate(srv, max_tokens: int) -> float:
                 stamps.append(time.perf_counter())
     if len(stamps) < 8:
         raise SystemExit(
-            f"the answer was only {len(stamps)} chunks long: raise --stream-tokens or change the prompt"
+            f"the answer was only {len(stamps)} chunks long: "
+            "raise --stream-tokens or change the prompt"
         )
     return (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
@@ -276,21 +277,24 @@ def main() -> None:
     print(f"model {model} (kernel {kernel})")
     print(
         f"one streamed client: {single['server_one_client_tok_s']} tok/s {single['server_runs']}; "
-        f"edgeai bench tg{args.stream_tokens}: {single['bench_tg_tok_s']} tok/s {single['bench_runs']}; "
+        f"edgeai bench tg{args.stream_tokens}: "
+        f"{single['bench_tg_tok_s']} tok/s {single['bench_runs']}; "
         f"ratio {single['ratio']}x"
     )
     print(f"concurrent clients, max_tokens {args.max_tokens}, ~{args.seconds:.0f} s per level")
     print(f"{'clients':>8} {'tokens':>8} {'seconds':>8} {'tok/s':>9} {'vs 1 client':>12}")
     for r in rows:
         print(
-            f"{r['clients']:>8} {r['tokens']:>8} {r['seconds']:>8} {r['tok_s']:>9} {r['vs_1_client']:>11}x"
+            f"{r['clients']:>8} {r['tokens']:>8} {r['seconds']:>8} {r['tok_s']:>9} "
+            f"{r['vs_1_client']:>11}x"
         )
     if turns:
         print("multi-turn conversation, time to first token (s), with and without the prompt cache")
         print(f"{'turn':>5} {'reuse':>8} {'no reuse':>9} {'cached tokens':>14} {'speed-up':>9}")
         for r in turns:
             print(
-                f"{r['turn']:>5} {r['ttft_reuse_s']:>8} {r['ttft_no_reuse_s']:>9} {r['cached_tokens']:>14} "
+                f"{r['turn']:>5} {r['ttft_reuse_s']:>8} {r['ttft_no_reuse_s']:>9} "
+                f"{r['cached_tokens']:>14} "
                 f"{r['speedup']:>8}x"
             )
 

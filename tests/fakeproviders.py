@@ -119,7 +119,8 @@ class FakeProvider:
             raise ConnectionError("stream cut on purpose")
         d = {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
         yield f"data: {json.dumps(d)}\n\n"
-        yield f"data: {json.dumps({'choices': [], 'usage': {'prompt_tokens': 7, 'completion_tokens': len(chunks)}})}\n\n"
+        usage = {"prompt_tokens": 7, "completion_tokens": len(chunks)}
+        yield f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n"
         yield "data: [DONE]\n\n"
 
     async def _anthropic(self, chunks: list[str], body: dict):

@@ -255,7 +255,10 @@ def test_mismatched_adapter_is_refused_at_add(env, tmp_path, case):
     if case == "shapes":  # made for a model with another hidden size
         wide = make_tiny_model(tmp_path / "wide", hidden=96)
         make_adapter(wide, src, seed=3)
-        expect = "does not fit base model 'tiny'.*down_proj: adapter maps 192 -> 96, the base layer 128 -> 64"
+        expect = (
+            "does not fit base model 'tiny'.*down_proj: "
+            "adapter maps 192 -> 96, the base layer 128 -> 64"
+        )
     elif case == "names":  # layer 3 does not exist in a 2-layer model
         make_adapter(env["base"], src, seed=3)
         w = mx.load(str(src / "adapters.safetensors"))
@@ -427,7 +430,8 @@ def test_replaced_or_removed_adapter_is_not_served_from_memory(env, engine, refe
 
 
 def test_base_given_by_store_name(tmp_path, monkeypatch):
-    """`--base NAME` resolves through the model store; the engine the CLI loads for NAME accepts it."""
+    """`--base NAME` resolves through the model store; the engine the CLI loads for NAME accepts
+    it."""
     from ggufmaker import make_gguf
 
     from edgeai import store
@@ -499,7 +503,8 @@ def test_server_requests_with_different_adapters_share_one_batch(tmp_path, monke
 
 
 def test_adapter_set_refuses_pairs_that_do_not_fit_the_loaded_model(engine):
-    """Even past the store's checks (e.g. the base directory was overwritten), nothing bad is installed."""
+    """Even past the store's checks (e.g. the base directory was overwritten), nothing bad is
+    installed."""
     from edgeai.engine.lora import AdapterSet, LoadedAdapter
 
     bad = LoadedAdapter(

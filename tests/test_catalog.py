@@ -99,7 +99,8 @@ def test_user_catalog_adds_and_overrides(config_dir):
 [models.mine]
 description = "my fine-tune"
 memory = "1 GB"
-sources = [{ kind = "hub", repo = "me/my-model-4bit" }, { kind = "file", path = "/models/mine.gguf" }]
+sources = [{ kind = "hub", repo = "me/my-model-4bit" }, \
+{ kind = "file", path = "/models/mine.gguf" }]
 
 [models."smollm2-135m"]
 memory = "2 GB"
@@ -119,7 +120,8 @@ memory = "2 GB"
         ('[models.x]\ntier = "huge"\n', "field 'tier'"),
         ('[models.x]\nsources = [{ kind = "ftp", url = "x" }]\n', "field 'sources"),
         (
-            '[models.x]\nsources = [{ kind = "pip", package = "a==1", sha256 = "nope", file = "f" }]\n',
+            '[models.x]\nsources = [{ kind = "pip", package = "a==1", '
+            'sha256 = "nope", file = "f" }]\n',
             "sha256",
         ),
         ("[models.x\n", "not valid TOML"),

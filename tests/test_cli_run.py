@@ -175,7 +175,8 @@ def test_interactive_chat_keeps_history(tiny_model, edgeai_env):
 
 def test_ctrl_c_stops_generation_cleanly(tiny_model, edgeai_env):
     proc = subprocess.Popen(
-        # MLX's own kernel: slow, and its greedy text for this prompt runs on without an end-of-text token
+        # MLX's own kernel: slow, and its greedy text for this prompt runs on without an
+        # end-of-text token
         [
             sys.executable,
             "-m",

@@ -55,7 +55,8 @@ def test_config_mistakes_name_file_and_key(cfg_dir, text, key):
 def test_a_valid_config_loads_as_written(cfg_dir):
     text = (
         TIER + 'api_key_env = "OPENAI_API_KEY"\ntimeout = 30\nretries = 0\nmax_tokens = 100\n'
-        '[policy]\nmode = "auto"\nremote_tier = "cloud"\nthreshold = 1.01\n[router]\nmin_similarity = 0.4\n'
+        '[policy]\nmode = "auto"\nremote_tier = "cloud"\nthreshold = 1.01\n'
+        "[router]\nmin_similarity = 0.4\n"
         '[routes.legal]\ntier = "remote"\nexamples = ["a", "b"]\n'
     )
     (cfg_dir / "config.toml").write_text('default_model = "tiny"\n' + text)

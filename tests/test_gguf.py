@@ -1,4 +1,6 @@
-"""GGUF import: synthetic files of every supported type and mixes, gemma3, bad files, real models."""
+"""GGUF import: synthetic files of every supported type and mixes, gemma3, bad files, real
+models.
+"""
 
 from __future__ import annotations
 

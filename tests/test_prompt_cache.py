@@ -122,11 +122,11 @@ def test_penalties_see_the_whole_prompt_when_part_of_it_is_reused(tiny_model):
     # 20 tokens (mlx-lm's context) must steer away from it, with reuse as without.
     ids = head + (likely * 20)[:20]
     engine.prompt_cache.clear()
-    procs = lambda: make_processors(
-        {"frequency_penalty": 2.0, "presence_penalty": 2.0},  # noqa: E731
-        engine.vocab_size,
-        engine.name,
-    )
+
+    def procs() -> list:
+        return make_processors(
+            {"frequency_penalty": 2.0, "presence_penalty": 2.0}, engine.vocab_size, engine.name
+        )
 
     def tokens() -> tuple[list[int], int]:
         gen = engine.generation(ids, GREEDY, processors=procs())

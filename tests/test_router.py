@@ -335,7 +335,8 @@ def test_local_only_sends_zero_bytes(tmp_path, tiny_model, shared_home):
     with FakeProvider("openai") as fp:
         cfg = (
             f'[tiers.cloud]\nkind = "openai"\nbase_url = "{fp.base_url}"\nmodel = "big"\n'
-            f'api_key_env = "EDGEAI_RT_KEY"\nretries = 0\n[policy]\nremote_tier = "cloud"\nthreshold = 1.0\n'
+            'api_key_env = "EDGEAI_RT_KEY"\nretries = 0\n'
+            '[policy]\nremote_tier = "cloud"\nthreshold = 1.0\n'
         )
         ok = _guarded(tmp_path, tiny_model, "local-only", cfg, shared_home)
         assert ok.returncode == 0, ok.stderr
@@ -355,7 +356,8 @@ def test_cli_keys_never_in_output_and_tier_is_shown(tmp_path, tiny_model, status
         (tmp_path / "config").mkdir()
         (tmp_path / "config" / "config.toml").write_text(
             f'[tiers.cloud]\nkind = "anthropic"\nbase_url = "{fp.base_url}"\nmodel = "big"\n'
-            f'api_key_env = "EDGEAI_RT_KEY"\nretries = 0\n[policy]\nremote_tier = "cloud"\nthreshold = 1.01\n'
+            'api_key_env = "EDGEAI_RT_KEY"\nretries = 0\n'
+            '[policy]\nremote_tier = "cloud"\nthreshold = 1.01\n'
         )
         env = dict(
             os.environ,

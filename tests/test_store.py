@@ -400,7 +400,8 @@ def _pip_entry(name: str, sha: str, hub_repo: str | None = None) -> str:
     return f"""
 [models.{name}]
 memory = "50 MB"
-sources = [{hub_src}{{ kind = "pip", package = "tiny-model-pkg==0.1.0", sha256 = "{sha}", file = "tiny_model_pkg/model" }}]
+sources = [{hub_src}{{ kind = "pip", package = "tiny-model-pkg==0.1.0", \
+sha256 = "{sha}", file = "tiny_model_pkg/model" }}]
 """
 
 

@@ -10,21 +10,28 @@ import json
 from pathlib import Path
 
 CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 # Qwen2.5's template, tools section included (its default system line shortened).
 TOOLS_TEMPLATE = """{%- if tools %}{{- '<|im_start|>system\\n' }}
-{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] }}{%- else %}{{- 'You are helpful.' }}{%- endif %}
-{{- "\\n\\n# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are provided \
+{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] }}\
+{%- else %}{{- 'You are helpful.' }}{%- endif %}
+{{- "\\n\\n# Tools\\n\\nYou may call one or more functions \
+to assist with the user query.\\n\\nYou are provided \
 with function signatures within <tools></tools> XML tags:\\n<tools>" }}
 {%- for tool in tools %}{{- "\\n" }}{{- tool | tojson }}{%- endfor %}
-{{- "\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within \
-<tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\"name\\": <function-name>, \\"arguments\\": <args-json-object>}\
+{{- "\\n</tools>\\n\\nFor each function call, \
+return a json object with function name and arguments within \
+<tool_call></tool_call> XML tags:\\n<tool_call>\\n\
+{\\"name\\": <function-name>, \\"arguments\\": <args-json-object>}\
 \\n</tool_call><|im_end|>\\n" }}
-{%- else %}{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] + \
-'<|im_end|>\\n' }}{%- else %}{{- '<|im_start|>system\\nYou are helpful.<|im_end|>\\n' }}{%- endif %}{%- endif %}
+{%- else %}\
+{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] + \
+'<|im_end|>\\n' }}\
+{%- else %}{{- '<|im_start|>system\\nYou are helpful.<|im_end|>\\n' }}{%- endif %}{%- endif %}
 {%- for message in messages %}
 {%- if (message.role == "user") or (message.role == "system" and not loop.first) or \
 (message.role == "assistant" and not message.tool_calls) %}
@@ -37,7 +44,8 @@ with function signatures within <tools></tools> XML tags:\\n<tools>" }}
 {{- tool_call.arguments | tojson }}{{- '}\\n</tool_call>' }}
 {%- endfor %}{{- '<|im_end|>\\n' }}
 {%- elif message.role == "tool" %}
-{%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != "tool") %}{{- '<|im_start|>user' }}{%- endif %}
+{%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != "tool") %}\
+{{- '<|im_start|>user' }}{%- endif %}
 {{- '\\n<tool_response>\\n' }}{{- message.content }}{{- '\\n</tool_response>' }}
 {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}{{- '<|im_end|>\\n' }}{%- endif %}
 {%- endif %}{%- endfor %}

@@ -53,7 +53,8 @@ def render_report(r: dict[str, Any]) -> None:
     ok, bad = "[green]✓[/]", "[red]✗[/]"
     out = render.out
     out.print(
-        f"[bold]platform[/]   {p['system']} · {p['machine']} · {p['cpu_cores']} cores · Python {p['python']}"
+        f"[bold]platform[/]   {p['system']} · {p['machine']} · {p['cpu_cores']} cores "
+        f"· Python {p['python']}"
     )
     out.print(f"[bold]mlx[/]        {p['mlx']} · backend [bold]{p['backend']}[/]")
     mem = p["memory"]
@@ -72,7 +73,8 @@ def render_report(r: dict[str, Any]) -> None:
             "accurate": "accurate: float32 accumulation",
         }
         why = (
-            f"{k.get('isa')} · {k.get('threads')} threads · {prec.get(k.get('precision'), 'float32 accumulation')} · "
+            f"{k.get('isa')} · {k.get('threads')} threads "
+            f"· {prec.get(k.get('precision'), 'float32 accumulation')} · "
             f"{k.get('verified_ok', 0)} shapes verified, {k.get('verified_failed', 0)} failed"
         )
     else:
@@ -82,7 +84,8 @@ def render_report(r: dict[str, Any]) -> None:
     out.print(f"[bold]kernel[/]     {k.get('kernel')} ({k.get('backend')}) — {e(why)}")
     if not r["models"]:
         out.print(
-            f"[bold]models[/]     none installed; `edgeai run` pulls {e(r['default_model'])} on first use"
+            f"[bold]models[/]     none installed; "
+            f"`edgeai run` pulls {e(r['default_model'])} on first use"
         )
         return
     t = Table(title="installed models", title_justify="left")

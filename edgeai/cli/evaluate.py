@@ -1,4 +1,6 @@
-"""`edgeai eval`: run the local model over questions with gold answers; judge or calibrate the score."""
+"""`edgeai eval`: run the local model over questions with gold answers; judge or calibrate
+the score.
+"""
 
 from __future__ import annotations
 
@@ -68,7 +70,8 @@ def register(app: typer.Typer) -> None:
         ),
         json_out: bool = typer.Option(False, "--json", help="Print the report as JSON"),
     ) -> None:
-        """Label answers, report accuracy, AUROC and risk–coverage; --calibrate fits the escalation score."""
+        """Label answers, report accuracy, AUROC and risk–coverage; --calibrate fits the escalation score."""  # noqa: E501
+        # One line on purpose: Typer (rich markup) keeps docstring line breaks in `edgeai --help`.
         from edgeai.cli.run import load_engine
         from edgeai.errors import InvalidInput
         from edgeai.routing import confidence, evaluate
@@ -181,7 +184,8 @@ def _render(report: dict) -> None:
     if op:
         render.out.print(
             f"operating point: threshold {op['threshold']:.3f} keeps {pct(op['kept_local'])} local "
-            f"({pct(op['answerable_kept_local'])} of answerable) at {pct(op['kept_accuracy'])} accuracy"
+            f"({pct(op['answerable_kept_local'])} of answerable) "
+            f"at {pct(op['kept_accuracy'])} accuracy"
         )
     if report.get("saved_to"):
         render.out.print(f"calibration saved to {report['saved_to']}", markup=False)

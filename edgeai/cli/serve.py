@@ -37,7 +37,9 @@ def register(app: typer.Typer) -> None:
         socket_path: Path | None = typer.Option(
             None,
             "--socket",
-            help="Unix socket path [default: $EDGEAI_SOCKET or $XDG_RUNTIME_DIR/edgeai/edgeai.sock]",
+            help=(
+                "Unix socket path [default: $EDGEAI_SOCKET or $XDG_RUNTIME_DIR/edgeai/edgeai.sock]"
+            ),
         ),
         host: str | None = typer.Option(
             None,
@@ -57,7 +59,10 @@ def register(app: typer.Typer) -> None:
         policy: str | None = typer.Option(
             None,
             "--policy",
-            help="Escalation policy for requests that set none: local-only, auto, remote [default: config, else auto]",
+            help=(
+                "Escalation policy for requests that set none: local-only, auto, remote "
+                "[default: config, else auto]"
+            ),
         ),
         max_batch: int = typer.Option(
             16, "--max-batch", min=1, max=256, help="Most sequences decoded together"
@@ -173,6 +178,7 @@ def register(app: typer.Typer) -> None:
         lanes = status.get("lanes") or {}
         render.out.print(
             f"active {status['active']}/{status['max_batch']}, waiting {status['waiting']}/"
-            f"{status['max_queue']}, {status['tokens_per_second']:.1f} tok/s; requests decoded alone "
+            f"{status['max_queue']}, {status['tokens_per_second']:.1f} tok/s; "
+            "requests decoded alone "
             f"{lanes.get('alone', 0)}, batched {lanes.get('batched', 0)}"
         )

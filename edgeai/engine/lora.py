@@ -3,7 +3,8 @@
 `LoRASwitch` wraps whatever linear module is in the model (nn.Linear, nn.QuantizedLinear or
 a kernel-backed module from `edgeai.kernels`) and calls it unchanged; on top it adds
 `scale * (x @ A) @ B` for the adapter that is active *now* — mlx-lm's LoRALinear, with the
-scale and the add fused into one `addmm` (per-op cost dominates decoding on CPU). The A/B matrices live outside
+scale and the add fused into one `addmm` (per-op cost dominates decoding on CPU).
+The A/B matrices live outside
 the module tree (in `LoadedAdapter`s held by an `AdapterSet`), so `model.parameters()` and
 the base weights never change: switching adapters is a pointer change, loading one costs
 only its own few MB.
@@ -25,8 +26,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
-from typing import ContextManager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -219,7 +219,7 @@ class AdapterSet:
     def routed(
         self,
         rows: Callable[[int], Sequence[str | LoadedAdapter | None]],
-        context: Callable[[], ContextManager] | None = None,
+        context: Callable[[], AbstractContextManager] | None = None,
     ) -> RoutedModel:
         """The model with a per-row adapter on every forward pass.
 
@@ -235,7 +235,7 @@ class AdapterSet:
     def fixed(
         self,
         adapter: str | LoadedAdapter | None,
-        context: Callable[[], ContextManager] | None = None,
+        context: Callable[[], AbstractContextManager] | None = None,
     ) -> nn.Module | RoutedModel:
         """The model with one adapter (or none) on every row of every call."""
         if adapter is None and context is None:
@@ -306,7 +306,7 @@ class RoutedModel:
         self,
         owner: AdapterSet,
         rows: Callable[[int], Sequence[str | LoadedAdapter | None]],
-        context: Callable[[], ContextManager] | None = None,
+        context: Callable[[], AbstractContextManager] | None = None,
     ):
         self._owner = owner
         self._rows = rows

@@ -17,8 +17,9 @@ MLX's `mx.quantized_matmul` runs instead, with a one-line warning.
 Precision of the CPU kernel (`EDGEAI_KERNEL_PRECISION`, or `precision=`):
 - "fast" (default): at decode (at most 3 rows: one stream, or a small batch) layers quantize
   the activations to int8 per block of 32 and use integer dot products, as llama.cpp does;
-  measured normalized MSE vs the float32 reference ~5e-5 (tolerance `FAST_NMSE_TOL`). Longer prompts (more than
-  3 tokens) are processed in float32. Greedy text can differ from MLX's kernel at near-ties.
+  measured normalized MSE vs the float32 reference ~5e-5 (tolerance `FAST_NMSE_TOL`). Longer
+  prompts (more than 3 tokens) are processed in float32. Greedy text can differ from MLX's
+  kernel at near-ties.
 - "accurate": float32 activations and accumulation everywhere; NMSE ~1e-13 (tolerance
   `NMSE_TOL`), greedy generations identical to MLX's kernel.
 """
@@ -29,7 +30,6 @@ import contextlib
 import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import ContextManager
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -115,7 +115,7 @@ class Hooks:
 
     make_cache: Callable[[nn.Module], list] = _mlx_cache
     log_softmax: Callable[[mx.array], tuple[mx.array, mx.array]] = _mlx_log_softmax
-    prompt_context: Callable[[], ContextManager] = contextlib.nullcontext
+    prompt_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
 
     @property
     def int8_decode(self) -> bool:
@@ -169,7 +169,8 @@ def apply(model: nn.Module, mode: str = "auto", precision: str | None = None) ->
         model: a loaded mlx-lm model (modified in place).
         mode: "auto" (custom kernel when verified, else builtin with a warning),
             "builtin" (MLX's own), or "custom" (custom or raise KernelError).
-        precision: "fast" or "accurate" for the CPU kernel (default: $EDGEAI_KERNEL_PRECISION, else fast).
+        precision: "fast" or "accurate" for the CPU kernel (default: $EDGEAI_KERNEL_PRECISION,
+            else fast).
     """
     if mode not in MODES:
         raise InvalidInput(f"unknown kernel mode {mode!r}", f"use one of: {', '.join(MODES)}")
@@ -214,11 +215,15 @@ def apply(model: nn.Module, mode: str = "auto", precision: str | None = None) ->
     if fast:
         fv = verify(cand, shapes, fast=True)
         if fv["ok"]:
-            accuracy = f"int8 activations at decode (NMSE {fv['nmse']:.1e}), float32 for prompts and batches over 3 rows"
+            accuracy = (
+                f"int8 activations at decode (NMSE {fv['nmse']:.1e}), "
+                "float32 for prompts and batches over 3 rows"
+            )
         else:  # the accurate kernel passed: keep it, say why the fast one is not used
             fast = False
             _warn_once(
-                f"{cand.name} fast (int8) path failed verification: {fv['detail']}; using float32 accumulation"
+                f"{cand.name} fast (int8) path failed verification: {fv['detail']}; "
+                "using float32 accumulation"
             )
     layer_note = _cpu_layer_kernels(model, cand) if be == "cpu" else None
     swaps = [(p, cand.wrap(m, fast)) for p, m in supported]

@@ -290,13 +290,15 @@ def _llama_block_class(base: type | None = None):
 
         norm_qkv (RMSNorm, q/k/v projections, RoPE; with a FusedKVCache it also writes k, v
         into the cache, otherwise mlx-lm's KVCache update follows), attn_out (attention,
-        o_proj, residual) and norm_mlp (RMSNorm, SwiGLU MLP, residual). Any call that is not the plain case (LoRA-wrapped projections, biases,
-        per-row batch offsets, masks other than causal, quantized or rotating caches,
-        non-float32 activations) runs mlx-lm's code with edgeai's per-op kernels instead.
+        o_proj, residual) and norm_mlp (RMSNorm, SwiGLU MLP, residual). Any call that is not the
+        plain case (LoRA-wrapped projections, biases, per-row batch offsets, masks other than
+        causal, quantized or rotating caches, non-float32 activations) runs mlx-lm's code with
+        edgeai's per-op kernels instead.
         """
 
         def _layer(self):
-            """The C++ layer for the current modules, weights and precision, or None if they are not plain.
+            """The C++ layer for the current modules, weights and precision, or None if they are
+            not plain.
 
             Built once and reused while the same weight arrays are in place (an adapter or a
             weight update swaps them, which rebuilds or disables it).

@@ -1,4 +1,5 @@
-"""Checks that a custom kernel computes what MLX computes, before it is used, and their cached verdicts.
+"""Checks that a custom kernel computes what MLX computes, before it is used, and their
+cached verdicts.
 
 Each check runs the kernel and a float32 reference (`mx.dequantize` + matmul, or MLX's own
 layer) on random data of the loaded model's shapes and returns an error; `_verdict` caches
@@ -229,7 +230,8 @@ def check(
 
 
 def verify(cand: Candidate, shapes: list[tuple], fast: bool = False) -> dict:
-    """Check every (bits, group_size, N, K[, scale dtype]) for M in VERIFY_ROWS, using cached verdicts.
+    """Check every (bits, group_size, N, K[, scale dtype]) for M in VERIFY_ROWS, using cached
+    verdicts.
 
     fast: check the candidate's int8-activation path (decode rows, `FAST_*` tolerances) instead.
     """

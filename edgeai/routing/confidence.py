@@ -18,10 +18,10 @@ Signals (all computed from `Answer`, i.e. from the engine's `Event`s):
 | idk             | 1 when the answer abstains ("I don't know", "it is unknown" …)    |
 
 A `Scorer` turns the signals into P(correct): standardize → logistic regression →
-isotonic (or Platt) calibration. Coefficients per model ship in `edgeai/routing/data/confidence.json`;
-`edgeai eval --calibrate` writes the user's own to `<config dir>/confidence.json` (same
-format), which take precedence. Only numpy is needed at run time; fitting lives in
-`edgeai.routing.evaluate` (scikit-learn).
+isotonic (or Platt) calibration. Coefficients per model ship in
+`edgeai/routing/data/confidence.json`; `edgeai eval --calibrate` writes the user's own to
+`<config dir>/confidence.json` (same format), which take precedence. Only numpy is needed at
+run time; fitting lives in `edgeai.routing.evaluate` (scikit-learn).
 """
 
 from __future__ import annotations
@@ -63,8 +63,10 @@ _REFUSAL = re.compile(
 )
 _IDK = re.compile(
     r"\b(i (?:do not|don't) know|i'?m not sure|i am not sure|not sure|no one knows|nobody knows|"
-    r"(?:is|are|remains?) unknown|cannot be (?:determined|known|answered)|can't be (?:determined|known)|"
-    r"there is no (?:definitive|known|clear|single) answer|no definitive answer|impossible to (?:know|say|predict)|"
+    r"(?:is|are|remains?) unknown|cannot be (?:determined|known|answered)|"
+    r"can't be (?:determined|known)|"
+    r"there is no (?:definitive|known|clear|single) answer|no definitive answer|"
+    r"impossible to (?:know|say|predict)|"
     r"i (?:do not|don't) have (?:enough )?(?:information|access)|unanswerable|it depends)",
     re.I,
 )

@@ -149,7 +149,7 @@ class _Context:
     def remote(self, name: str) -> Iterator[Event]:
         if name not in self.tiers:
             raise cloud.RemoteError(
-                f"remote tier {name!r} is not configured", "add [tiers.%s] to config.toml" % name
+                f"remote tier {name!r} is not configured", f"add [tiers.{name}] to config.toml"
             )
         return cloud.stream(self.tiers[name], self.messages, self.options, transport=self.transport)
 
@@ -230,7 +230,8 @@ def _gated(resp: Response, ctx: _Context, d: Decision, reasons: list[str]) -> It
             )
             return
         ans.reasons.append(
-            f"remote tier {d.remote} failed: {e.message}; returning the local answer (low confidence)"
+            f"remote tier {d.remote} failed: {e.message}; "
+            "returning the local answer (low confidence)"
         )
         ans.decision = "fallback-local"
         yield from held

@@ -269,7 +269,8 @@ def should_escalate(
         if decision.route is not None:
             return (
                 False,
-                f"route {decision.route} is trusted locally (score {score:.2f} reported only) → kept local",
+                f"route {decision.route} is trusted locally "
+                f"(score {score:.2f} reported only) → kept local",
             )
         return False, f"score {score:.2f} ≥ threshold {threshold:.2f} → kept local"
     why = (

@@ -1,10 +1,11 @@
-"""The server's bridge to `edgeai.routing.respond`: route, generate on the scheduler, score, escalate.
+"""The server's bridge to `edgeai.routing.respond`: route, generate on the scheduler, score,
+escalate.
 
-`edgeai.routing.respond.respond` is synchronous and decides tiers (through `edgeai.routing.router`); the
-server runs it on one short-lived thread per request and gives it an engine whose
-`generate` is a job on the shared, batching `Scheduler`. MLX work respond does outside
-generation (the router's sentence encoder) is sent to the scheduler's MLX thread too, so
-one thread runs all MLX code.
+`edgeai.routing.respond.respond` is synchronous and decides tiers (through
+`edgeai.routing.router`); the server runs it on one short-lived thread per request and gives
+it an engine whose `generate` is a job on the shared, batching `Scheduler`. MLX work respond
+does outside generation (the router's sentence encoder) is sent to the scheduler's MLX thread
+too, so one thread runs all MLX code.
 """
 
 from __future__ import annotations
@@ -205,7 +206,8 @@ class Escalation:
         run = Run(engine, cancel or threading.Event())
         if kind == "chat" and constraint is None and not isinstance(prompt, ToolChat):
             run.start(lambda: self._respond(prompt, options, engine, policy, run.cancel))
-        else:  # raw-text completions never go through a chat template, so never to a remote chat tier
+        else:
+            # raw-text completions never go through a chat template, so never to a remote chat tier
             run.start(lambda: self._local(prompt, options, engine, run.cancel))
         try:
             await run.first()

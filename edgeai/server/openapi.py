@@ -36,7 +36,8 @@ def _generation(summary: str, req: str, resp: str, chunk: str) -> dict:
             "requestBody": {"required": True, "content": _json(req)},
             "responses": {
                 "200": {
-                    "description": f"one {resp} body, or (stream=true) server-sent events of {chunk} ending "
+                    "description": f"one {resp} body, or (stream=true) "
+                    f"server-sent events of {chunk} ending "
                     "with `data: [DONE]`",
                     "content": {**_json(resp), "text/event-stream": {"schema": {"type": "string"}}},
                 },
@@ -98,7 +99,8 @@ def document() -> dict[str, Any]:
         "info": {
             "title": "edgeai serve",
             "version": edgeai.__version__,
-            "description": "OpenAI-compatible local inference over a Unix socket. Every answer carries "
+            "description": "OpenAI-compatible local inference over a Unix socket. "
+            "Every answer carries "
             "an `edgeai` object: which tier answered, its confidence and why.",
         },
         "paths": paths,

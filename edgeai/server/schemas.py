@@ -178,7 +178,8 @@ class _Sampling(_Request):
         None,
         min_length=1,
         description=(
-            "edgeai extension: a stored LoRA adapter (`edgeai adapter list`) applied to this request only"
+            "edgeai extension: a stored LoRA adapter (`edgeai adapter list`) "
+            "applied to this request only"
         ),
     )
     presence_penalty: float | None = Field(

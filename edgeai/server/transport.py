@@ -62,7 +62,8 @@ def _private_dir(path: Path, create: bool) -> None:
         )
     if st.st_mode & 0o077:
         raise EdgeAIError(
-            f"the socket directory {path} is open to other users (mode {stat.S_IMODE(st.st_mode):o})",
+            f"the socket directory {path} is open to other users "
+            f"(mode {stat.S_IMODE(st.st_mode):o})",
             f"chmod 700 {path}, or choose a --socket path inside a private directory",
         )
 
@@ -101,7 +102,8 @@ def bind_unix(path: Path, *, create_dir: bool = True) -> socket.socket:
     path = Path(path).expanduser().absolute()
     if len(os.fsencode(path)) > MAX_SOCKET_PATH:
         raise EdgeAIError(
-            f"the socket path is {len(os.fsencode(path))} bytes; Unix sockets allow {MAX_SOCKET_PATH}",
+            f"the socket path is {len(os.fsencode(path))} bytes; "
+            f"Unix sockets allow {MAX_SOCKET_PATH}",
             "choose a shorter --socket path",
         )
     _private_dir(path.parent, create_dir)

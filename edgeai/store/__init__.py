@@ -288,7 +288,8 @@ def resolve(name: str) -> Path:
         hint = (
             f"run `edgeai pull {name}` to fetch it again"
             if lm.source
-            else f"remove it (`edgeai rm {store_name}`) or replace it (`edgeai pull {name} --force`)"
+            else f"remove it (`edgeai rm {store_name}`) "
+            f"or replace it (`edgeai pull {name} --force`)"
         )
         raise ModelNotFound(f"model '{store_name}' is damaged: {lm.problem}", hint)
     return lm.path

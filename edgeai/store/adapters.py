@@ -128,7 +128,8 @@ def pairs_from_weights(
             or p["lora_a"].shape[1] != p["lora_b"].shape[0]
         ):
             problems.append(
-                f"{path}: lora_a {tuple(p['lora_a'].shape)} and lora_b {tuple(p['lora_b'].shape)} do not chain"
+                f"{path}: lora_a {tuple(p['lora_a'].shape)} "
+                f"and lora_b {tuple(p['lora_b'].shape)} do not chain"
             )
         else:
             out[path] = (p["lora_a"], p["lora_b"])
@@ -176,7 +177,8 @@ def check_targets(
             problems.append(f"{path}: is a {type(m).__name__}, not a linear layer")
         elif (a.shape[0], b.shape[1]) != dims:
             problems.append(
-                f"{path}: adapter maps {a.shape[0]} -> {b.shape[1]}, the base layer {dims[0]} -> {dims[1]}"
+                f"{path}: adapter maps {a.shape[0]} -> {b.shape[1]}, "
+                f"the base layer {dims[0]} -> {dims[1]}"
             )
     return problems
 
@@ -253,13 +255,15 @@ def read_adapter(src: Path):
     pairs, problems = pairs_from_weights(weights)
     if problems or not pairs:
         raise InvalidInput(
-            f"{src / WEIGHTS_FILE} is not a LoRA adapter: {problems[0] if problems else 'no tensors'}",
+            f"{src / WEIGHTS_FILE} is not a LoRA adapter: "
+            f"{problems[0] if problems else 'no tensors'}",
             "give the directory mlx_lm.lora wrote",
         )
     bad = next((k for k, w in sorted(weights.items()) if not mx.isfinite(w).all().item()), None)
     if bad is not None:
         raise InvalidInput(
-            f"{src / WEIGHTS_FILE}: tensor {bad} holds values that are not finite (NaN or infinity)",
+            f"{src / WEIGHTS_FILE}: tensor {bad} holds values that are not finite "
+            "(NaN or infinity)",
             "the training diverged; train again (e.g. with a lower learning rate)",
         )
     return raw, cfg.lora_parameters.scale, pairs
@@ -425,7 +429,8 @@ def load(name: str, base: str | None = None, base_path: str | Path | None = None
     if base is not None and info.base != base and not same_dir:
         raise InvalidInput(
             f"adapter {name!r} was added for base model {info.base!r}, not {base!r}",
-            f"run it on {info.base!r}, or re-add it with --base {base} if it was trained on that model",
+            f"run it on {info.base!r}, "
+            f"or re-add it with --base {base} if it was trained on that model",
         )
     _cfg, scale, pairs = read_adapter(Path(info.path))
     return LoadedAdapter(name=name, scale=scale, pairs=pairs, version=ver)

