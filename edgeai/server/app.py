@@ -163,14 +163,15 @@ async def parse(request: Request, model: type[BaseModel], limit: int) -> Any:
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or None
-        raise ApiError(
-            400,
-            f"{where}: {first['msg']}" if where else first["msg"],
-            param=where,
-            code="invalid_value",
-        ) from None
+        raise _invalid(e) from None
+
+
+def _invalid(e: ValidationError) -> ApiError:
+    """A 400 naming the first invalid field (pydantic's own message)."""
+    first = e.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or None
+    msg = f"{where}: {first['msg']}" if where else first["msg"]
+    return ApiError(400, msg, param=where, code="invalid_value")
 
 
 def _native(convert: Callable[[Any], oa.NativeRequest], req: Any) -> oa.NativeRequest:
@@ -178,14 +179,7 @@ def _native(convert: Callable[[Any], oa.NativeRequest], req: Any) -> oa.NativeRe
     try:
         return convert(req)
     except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or None
-        raise ApiError(
-            400,
-            f"{where}: {first['msg']}" if where else first["msg"],
-            param=where,
-            code="invalid_value",
-        ) from None
+        raise _invalid(e) from None
 
 
 # -- the app -----------------------------------------------------------------------------
