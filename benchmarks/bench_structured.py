@@ -299,7 +299,7 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory() as tmp:
         tdir = (
-            Path(args.tools_model)
+            Path(store.locate(args.tools_model)[1])
             if args.tools_model
             else with_tools_template(Path(model_dir), Path(tmp) / "m")
         )
