@@ -15,7 +15,7 @@ import re
 import httpx
 import jsonschema
 import pytest
-from tinymodel import TOOLS_TEMPLATE, make_tiny_model
+from tinymodel import TOOLS_TEMPLATE, WEATHER, make_tiny_model
 
 from edgeai.engine import constrain, tools
 from edgeai.engine.tools import CallStream, ToolChat
@@ -36,22 +36,6 @@ SCHEMA = {
     },
     "required": ["name", "age", "score", "color", "tags"],
     "additionalProperties": False,
-}
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "current weather",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "city": {"type": "string", "maxLength": 10},
-                "unit": {"enum": ["c", "f"]},
-            },
-            "required": ["city", "unit"],
-            "additionalProperties": False,
-        },
-    },
 }
 
 

@@ -17,24 +17,8 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 from serverproc import start_server
-from tinymodel import TOOLS_TEMPLATE, make_tiny_model
+from tinymodel import TOOLS_TEMPLATE, WEATHER, make_tiny_model
 
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "current weather",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "city": {"type": "string", "maxLength": 10},
-                "unit": {"enum": ["c", "f"]},
-            },
-            "required": ["city", "unit"],
-            "additionalProperties": False,
-        },
-    },
-}
 ASK = [{"role": "user", "content": "weather in Paris?"}]
 
 

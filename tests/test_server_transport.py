@@ -203,35 +203,14 @@ def test_tcp_refuses_cross_site_requests(tiny_model, tmp_path):
 
 @pytest.mark.parametrize("token", ["s3cr\r\net-token", "s3cr\u00e9t-token"])
 def test_token_that_no_header_can_carry_is_refused_by_name(tiny_model, tmp_path, token):
-    import subprocess
-    import sys
-
-    env = {
-        **os.environ,
-        "EDGEAI_SERVER_TOKEN": token,
-        "EDGEAI_HOME": str(tmp_path / "home"),
-        "EDGEAI_CONFIG_DIR": str(tmp_path / "config"),
-    }
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "edgeai",
-            "serve",
-            "--model",
-            str(tiny_model),
-            "--socket",
-            str(_private(tmp_path) / "s.sock"),
-            "--port",
-            "0",
-            "--policy",
-            "local-only",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        stdin=subprocess.DEVNULL,
+    r = _serve(
+        tiny_model,
+        tmp_path,
+        "--port",
+        "0",
+        "--policy",
+        "local-only",
+        env={"EDGEAI_SERVER_TOKEN": token},
     )
     assert r.returncode != 0 and "EDGEAI_SERVER_TOKEN" in r.stderr and "Traceback" not in r.stderr
     assert "et-token" not in r.stderr + r.stdout
@@ -242,29 +221,18 @@ def test_token_that_no_header_can_carry_is_refused_by_name(tiny_model, tmp_path,
     [["--port", "99999"], ["--port", "-5"], ["--keep-alive", "nan"], ["--keep-alive", "inf"]],
 )
 def test_serve_option_out_of_range_is_one_line(tiny_model, tmp_path, args):
-    import subprocess
-    import sys
-
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "edgeai",
-            "serve",
-            "--model",
-            str(tiny_model),
-            "--socket",
-            str(_private(tmp_path) / "s.sock"),
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        stdin=subprocess.DEVNULL,
-        env={
-            **os.environ,
-            "EDGEAI_HOME": str(tmp_path / "home"),
-            "EDGEAI_CONFIG_DIR": str(tmp_path / "config"),
-        },
-    )
+    r = _serve(tiny_model, tmp_path, *args)
     assert r.returncode == 2 and "Traceback" not in r.stderr and args[0] in r.stderr, r.stderr
+
+
+def _serve(model, tmp_path, *args: str, env: dict | None = None):
+    """`edgeai serve` on a private socket as a user runs it, for a refusal that ends it."""
+    from conftest import run_cli
+
+    home = {"EDGEAI_HOME": str(tmp_path / "home"), "EDGEAI_CONFIG_DIR": str(tmp_path / "config")}
+    sock = str(_private(tmp_path) / "s.sock")
+    return run_cli(
+        ["serve", "--model", str(model), "--socket", sock, *args],
+        {**os.environ, **home, **(env or {})},
+        timeout=60,
+    )
