@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -53,6 +54,8 @@ class Event:
         finish_reason: set on the last event only: "stop", "length" or "cancelled".
         stats: set on the last event only.
         tier: which tier produced it ("local" or a remote tier name).
+        hidden: on the last event of a local answer whose confidence probe reads hidden
+            states: the tapped layers' states (numpy float32; see edgeai.engine.hidden).
     """
 
     text: str = ""
@@ -63,6 +66,7 @@ class Event:
     finish_reason: str | None = None
     stats: Stats | None = None
     tier: str = "local"
+    hidden: Any = None
 
 
 @dataclass
@@ -83,6 +87,7 @@ class Answer:
         route: the router's route name, when routed.
         reasons: human-readable reasons for the tier decision.
         signals: the raw confidence signals, when scored.
+        explanation: the signals that moved the confidence most, in words, when scored.
         decision: what the policy did: "local", "kept-local", "escalated", "remote",
             "fallback-local" (remote failed) — see edgeai.routing.respond.
     """
@@ -102,6 +107,8 @@ class Answer:
     reasons: list[str] = field(default_factory=list)
     signals: dict[str, float] = field(default_factory=dict)
     decision: str | None = None
+    explanation: list[str] = field(default_factory=list)
+    hidden: Any = None  # the finishing Event's hidden states (not serialized)
 
     @classmethod
     def from_events(cls, events: Iterable[Event], model: str) -> Answer:
@@ -121,6 +128,8 @@ class Answer:
                 ans.finish_reason = ev.finish_reason
             if ev.stats is not None:
                 ans.stats = ev.stats
+            if ev.hidden is not None:
+                ans.hidden = ev.hidden
         ans.text = "".join(parts)
         return ans
 
@@ -137,6 +146,7 @@ class Answer:
             "route": self.route,
             "reasons": list(self.reasons),
             "signals": dict(self.signals),
+            "explanation": list(self.explanation),
             "decision": self.decision,
         }
         if include_tokens:

@@ -383,7 +383,7 @@ def test_continuous_batching_routes_each_row_to_its_adapter(engine):
     requests joining mid-flight: every request gets exactly its single-request tokens."""
     from mlx_lm.generate import BatchGenerator
 
-    from edgeai.server.batching import calling_batch_uids
+    from edgeai.server.batching import calling_batch
 
     prompts = [PROMPT, "a dog ran to the", PROMPT, "then the bird", "in the house the"]
     names = ["ad-a", "ad-b", None, "ad-b", "ad-a"]
@@ -392,7 +392,7 @@ def test_continuous_batching_routes_each_row_to_its_adapter(engine):
     got: dict[int, list[int]] = {}
     eos = [[int(t)] for t in engine.tokenizer.eos_token_ids]
     with engine.lock:
-        routed = engine.adapters.routed(lambda n: [adapter_of[u] for u in calling_batch_uids(n)])
+        routed = engine.adapters.routed(lambda n: [adapter_of[u] for u in calling_batch(n)[1]])
         gen = BatchGenerator(routed, stop_tokens=eos, completion_batch_size=8, prefill_batch_size=2)
 
         def insert(i: int) -> int:

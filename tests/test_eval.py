@@ -12,7 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edgeai.routing import calibrate as cal
 from edgeai.routing import evaluate as ev
+from edgeai.routing import gate_report
 
 
 def test_load_all_shapes(tmp_path):
@@ -72,8 +74,8 @@ def test_metrics():
     assert cov[-1] == 1 and acc[0] == 1 and acc[-1] == pytest.approx(0.5)
     t = ev.threshold_table(s, y, [0.5])[0]
     assert t["kept_local"] == pytest.approx(4 / 6) and t["kept_accuracy"] == pytest.approx(0.75)
-    assert ev.pick_threshold(s, y, target_accuracy=1.0) == pytest.approx(0.8)
-    assert ev.pick_threshold(s, y, budget=0.5) == pytest.approx(np.quantile(s, 0.5))
+    assert cal.pick_threshold(s, y, target_accuracy=1.0) == pytest.approx(0.8)
+    assert cal.pick_threshold(s, y, budget=0.5) == pytest.approx(np.quantile(s, 0.5))
 
 
 def synthetic_records(n: int, seed: int = 0) -> list[dict]:
@@ -107,13 +109,13 @@ def synthetic_records(n: int, seed: int = 0) -> list[dict]:
 
 def test_calibration_on_held_out_split():
     recs = synthetic_records(300)
-    report, scorer = ev.evaluate(recs, "syn", calibrate=True, target_accuracy=0.8, seed=1)
+    report, scorer = gate_report.evaluate(recs, "syn", calibrate=True, target_accuracy=0.8, seed=1)
     assert report["split"]["held_out"] + report["split"]["fit"] == 300
     assert report["auroc"] > 0.85  # the signal is strong by construction
     assert report["baseline_length"]["auroc"] < report["auroc"]
     op = report["operating_point"]
     assert op["threshold"] == scorer.threshold and 0 < op["kept_local"] < 1
-    probs = ev.scores_of(scorer, recs)
+    probs = cal.scores_of(scorer, recs)
     assert probs.min() >= 0 and probs.max() <= 1 + 1e-5
 
 

@@ -4,6 +4,8 @@ the score.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -69,15 +71,22 @@ def register(app: typer.Typer) -> None:
             False, "--no-save", help="With --calibrate: do not write the user config"
         ),
         json_out: bool = typer.Option(False, "--json", help="Print the report as JSON"),
+        p_true: bool = typer.Option(
+            False,
+            "--p-true",
+            help="Also score each answer by P(True) self-evaluation (one more pass each), "
+            "to compare estimators",
+        ),
     ) -> None:
         """Label answers, report accuracy, AUROC and risk–coverage; --calibrate fits the escalation score."""  # noqa: E501
         # One line on purpose: Typer (rich markup) keeps docstring line breaks in `edgeai --help`.
         from edgeai.cli.run import load_engine
         from edgeai.errors import InvalidInput
-        from edgeai.routing import confidence, evaluate
+        from edgeai.routing import confidence, evaluate, gate_report
 
         if target_accuracy is not None and budget is not None:
             raise InvalidInput("give --target-accuracy or --budget, not both")
+        engine = None
         if data:
             items = evaluate.mix(data, limit, seed)
             engine = load_engine(model)
@@ -94,7 +103,13 @@ def register(app: typer.Typer) -> None:
             raise InvalidInput(
                 "no questions to evaluate", "give DATA files, or --records FILE from an earlier run"
             )
-        report, scorer = evaluate.evaluate(
+        if p_true:
+            from edgeai.routing.ptrue import add_p_true
+
+            engine = engine or load_engine(name)
+            with _bar("judging (P(True))", len(recs), json_out) as done:
+                recs = add_p_true(engine, recs, records, done)
+        report, scorer = gate_report.evaluate(
             recs,
             name,
             calibrate=calibrate,
@@ -103,7 +118,7 @@ def register(app: typer.Typer) -> None:
             fit_fraction=fit_fraction,
             seed=seed,
         )
-        report["plot"] = str(evaluate.plot(report, plot_path))
+        report["plot"] = str(gate_report.plot(report, plot_path))
         if scorer is not None and not no_save:
             report["saved_to"] = str(confidence.save_user_scorer(name, scorer))
         if json_out:
@@ -115,6 +130,16 @@ def register(app: typer.Typer) -> None:
 def _generate(
     evaluate, engine, items, max_tokens, max_tokens_math, records, quiet: bool
 ) -> list[dict]:
+    with _bar("answering", len(items), quiet) as done:
+        gen = evaluate.generate_records(
+            engine, items, max_tokens, max_tokens_math, out=records, done=done
+        )
+        return list(gen)
+
+
+@contextmanager
+def _bar(what: str, total: int, quiet: bool) -> Iterator[Callable[[int], None]]:
+    """A progress bar on stderr; yields a callback taking the count done."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -124,7 +149,7 @@ def _generate(
     )
 
     with Progress(
-        TextColumn("answering"),
+        TextColumn(what),
         BarColumn(),
         MofNCompleteColumn(),
         TimeRemainingColumn(),
@@ -132,16 +157,8 @@ def _generate(
         disable=quiet,
         transient=True,
     ) as bar:
-        task = bar.add_task("eval", total=len(items))
-        gen = evaluate.generate_records(
-            engine,
-            items,
-            max_tokens,
-            max_tokens_math,
-            out=records,
-            done=lambda n: bar.update(task, completed=n),
-        )
-        return list(gen)
+        task = bar.add_task(what, total=total)
+        yield lambda n: bar.update(task, completed=n)
 
 
 def _render(report: dict) -> None:
@@ -180,13 +197,48 @@ def _render(report: dict) -> None:
             pct(r["escalated_accuracy"]),
         )
     render.out.print(t)
+    if report.get("estimators"):
+        t = Table(title="estimators on the held-out split (threshold from the fit split)")
+        for c in ("estimator", "AUROC", "kept local", "accuracy kept", "recall", "extra cost"):
+            t.add_column(c, justify="right")
+        for name, v in report["estimators"].items():
+            if name == "best single signal":
+                t.add_row(f"best single signal ({v['name']})", _f(v["auroc"]), "", "", "", "none")
+                continue
+            cost = f"{v['extra_ms']:.0f} ms" if v.get("extra_ms") else v["cost"]
+            t.add_row(
+                name,
+                _f(v["auroc"]),
+                pct(v["kept_local"]),
+                pct(v["kept_accuracy"]),
+                pct(v["recall"]),
+                cost,
+            )
+        render.out.print(t)
+    if report.get("by_dataset"):
+        t = Table(title="per dataset, at the threshold")
+        for c in ("dataset", "items", "accuracy", "AUROC", "kept local", "accuracy kept", "recall"):
+            t.add_column(c, justify="right")
+        for name, v in report["by_dataset"].items():
+            t.add_row(
+                name,
+                str(v["items"]),
+                pct(v["accuracy"]),
+                _f(v["auroc"]),
+                pct(v["kept_local"]),
+                pct(v["kept_accuracy"]),
+                pct(v["recall"]),
+            )
+        render.out.print(t)
     op = report.get("operating_point")
     if op:
         render.out.print(
             f"operating point: threshold {op['threshold']:.3f} keeps {pct(op['kept_local'])} local "
             f"({pct(op['answerable_kept_local'])} of answerable) "
-            f"at {pct(op['kept_accuracy'])} accuracy"
+            f"at {pct(op['kept_accuracy'])} accuracy, {pct(op.get('recall'))} of correct answers"
         )
+    if report.get("verdict"):
+        render.out.print(f"gate: {report['verdict']}", markup=False)
     if report.get("saved_to"):
         render.out.print(f"calibration saved to {report['saved_to']}", markup=False)
     render.err.print(f"[dim]plot: {render.esc(report['plot'])}[/]")

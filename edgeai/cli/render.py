@@ -101,6 +101,10 @@ def decision(answer: Any, explain: bool = False) -> None:
     err.print(f"[bold]decision[/]  {esc(answer.decision or '—')}")
     for r in answer.reasons:
         err.print(f"  · {r}", markup=False)
+    if answer.explanation:
+        err.print("[bold]why[/]       what moved P(correct) most for this answer:")
+        for r in answer.explanation:
+            err.print(f"  · {r}", markup=False)
     if answer.signals:
         sig = "  ".join(f"{k}={v:.3g}" for k, v in answer.signals.items())
         err.print(f"[bold]signals[/]   {esc(sig)}")

@@ -157,8 +157,11 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Everything known about one model: catalog entry, sources, local files."""
         from edgeai import store
+        from edgeai.routing.confidence import gate_summary
 
         d = store.describe(model)
+        if d.get("installed") or d.get("tier") != "remote":
+            d["gate"] = gate_summary(d["name"])
         if as_json:
             render.print_json(d)
             return
@@ -244,4 +247,24 @@ def _show(d: dict) -> None:
             t.add_row("problem", f"[red]{e(local['problem'])}[/]")
     else:
         t.add_row("installed", "no")
+    gate = d.get("gate")
+    if gate:
+        t.add_row("gate", e(_gate_line(gate)))
+        if gate.get("source"):
+            t.add_row("gate from", e(gate["source"]))
     render.out.print(t)
+
+
+def _gate_line(g: dict) -> str:
+    """The confidence gate in one line: estimator, AUROC, what the threshold keeps."""
+    if g.get("auroc") is None:
+        return g.get("verdict") or "not calibrated"
+    line = f"{g['estimator']}, held-out AUROC {g['auroc']:.2f}; threshold {g['threshold']:.2f}"
+    if g.get("kept_local"):
+        line += (
+            f" keeps {g['kept_local']:.0%} local at {g['kept_accuracy']:.0%} accuracy"
+            f" (target {g['target'] or 0.9:.0%}), {g['recall']:.0%} of correct answers"
+        )
+    else:
+        line += f": {g.get('verdict')}"
+    return line

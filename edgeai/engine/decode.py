@@ -19,6 +19,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
+from edgeai.engine.hidden import Capture, HiddenTap
 from edgeai.engine.prompt_cache import PromptCache
 from edgeai.errors import InvalidInput
 from edgeai.kernels import Hooks
@@ -112,6 +113,7 @@ def decode_steps(
     processors: Sequence[Callable[[mx.array, mx.array], mx.array]] = (),
     cache: list | None = None,
     history: Sequence[int] = (),
+    hidden: Capture | None = None,
 ) -> Iterator[tuple[int, float, float, tuple]]:
     """Prefill `prompt`, then yield (token, logprob, entropy, top alternatives) per step.
 
@@ -131,6 +133,8 @@ def decode_steps(
         cache: a KV cache to continue (it already holds the positions before `prompt`);
             default: a new one.
         history: the tokens already in `cache`, which processors see before `prompt`.
+        hidden: where to keep the hidden states of a `HiddenTap` on the model: each step's
+            joins the step's graph, and the first and latest yielded token's are kept.
     """
     hooks = hooks or Hooks()
     if cache is None:
@@ -153,6 +157,8 @@ def decode_steps(
         if top_n:
             idx = mx.argpartition(-logprobs[0], top_n - 1)[:top_n]
             outs += [idx, logprobs[0][idx]]
+        if hidden is not None:
+            outs.append(hidden.tap.read())
         return outs
 
     # All but the last prompt token only fill the cache (in chunks): their logits are never
@@ -177,6 +183,8 @@ def decode_steps(
         if top_n:
             pairs = sorted(zip(outs[3].tolist(), outs[4].tolist()), key=lambda p: -p[1])
             top = tuple((int(i), float(v)) for i, v in pairs)
+        if hidden is not None:
+            hidden.keep(n, outs[-1])
         yield int(outs[0].item()), float(outs[1].item()), float(outs[2].item()), top
         outs = nxt
 
@@ -201,6 +209,8 @@ class Generation:
             beginning with `ids` (prefilling only the rest), and keep this prompt's cache
             there when the sequence ends. The scope keeps caches of different weights (LoRA
             adapters) apart.
+        tap: the model's `HiddenTap`, if a confidence probe reads hidden states: the
+            finishing Event carries them (`Event.hidden`).
     """
 
     def __init__(
@@ -214,8 +224,10 @@ class Generation:
         hooks: Hooks | None = None,
         processors: Sequence[Callable] = (),
         reuse: tuple[PromptCache, Hashable] | None = None,
+        tap: HiddenTap | None = None,
     ):
         hooks = hooks or Hooks()
+        self.hidden = Capture(tap) if tap is not None else None
         self.decoder = SequenceDecoder(tokenizer, options, len(ids))
         self.max_tokens = max_tokens
         self.finish: str | None = None
@@ -237,6 +249,7 @@ class Generation:
             processors=processors,
             cache=self._cache,
             history=self._ids[: self.reused],
+            hidden=self.hidden,
         )
 
     def advance(self) -> list[Event]:
@@ -257,7 +270,10 @@ class Generation:
         if self._reuse is not None:
             cached = max((getattr(c, "offset", 0) for c in self._cache), default=0)
             self._reuse[0].put(self._reuse[1], self._ids, self._cache, cached)
-        return self.decoder.finish(reason)
+        event = self.decoder.finish(reason)
+        if self.hidden is not None:
+            event.hidden = self.hidden.states()
+        return event
 
 
 def _continue_from(fresh: list, kept: list) -> bool:

@@ -19,6 +19,7 @@ import mlx.nn as nn
 from edgeai import kernels
 from edgeai.config import env_number
 from edgeai.engine.decode import Generation, check_prompt
+from edgeai.engine.hidden import HiddenTap, decoder_layers
 from edgeai.engine.lora import store_set
 from edgeai.engine.prompt_cache import DEFAULT_BYTES, PromptCache
 from edgeai.engine.tools import ToolChat
@@ -41,6 +42,7 @@ class Engine:
         vocab_size: rows of the embedding table: token ids must be below it.
         kernel: which matmul kernel is active and why; its `hooks` are what the decode loop
             uses with this model.
+        tap: the hidden-state tap a confidence probe reads (`tap_hidden`), or None.
     """
 
     def __init__(
@@ -69,6 +71,7 @@ class Engine:
         self.prompt_cache = PromptCache(int(mb) << 20)
         # LoRA adapters hot-swapped per generation over these base weights (engine/lora.py).
         self.adapters = store_set(model, self.name, self.path)
+        self.tap: HiddenTap | None = None
 
     @classmethod
     def load(
@@ -108,6 +111,18 @@ class Engine:
     @property
     def hooks(self) -> kernels.Hooks:
         return self.kernel.hooks
+
+    def tap_hidden(self, layers: Sequence[int]) -> HiddenTap:
+        """Make every later generation carry these decoder layers' hidden states on its
+        finishing Event (a confidence probe's input; a slice per step, no extra pass)."""
+        wanted = sorted({i % self.layer_count for i in layers})
+        if self.tap is None or self.tap.layers != wanted:
+            self.tap = HiddenTap(self.model, wanted)
+        return self.tap
+
+    @property
+    def layer_count(self) -> int:
+        return len(decoder_layers(self.model))
 
     # -- prompts -------------------------------------------------------------------------
 
@@ -222,6 +237,7 @@ class Engine:
             self.hooks,
             processors,
             reuse,
+            self.tap,
         )
 
 

@@ -18,7 +18,11 @@ Signals (all computed from `Answer`, i.e. from the engine's `Event`s):
 | idk             | 1 when the answer abstains ("I don't know", "it is unknown" …)    |
 
 A `Scorer` turns the signals into P(correct): standardize → logistic regression →
-isotonic (or Platt) calibration. Coefficients per model ship in
+isotonic (or Platt) calibration. A scorer may also read a *probe*: a linear map of the
+model's hidden states at the prompt's end and the answer's end (edgeai.engine.hidden; no
+extra forward pass), whose logit joins the signals as `probe`. An answer without hidden
+states (a model run without the tap) is scored by the entry's `fallback`, fitted on the
+token signals alone. Coefficients per model ship in
 `edgeai/routing/data/confidence.json`; `edgeai eval --calibrate` writes the user's own to
 `<config dir>/confidence.json` (same format), which take precedence. Only numpy is needed at
 run time; fitting lives in `edgeai.routing.evaluate` (scikit-learn).
@@ -38,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from edgeai.config import config_dir
+from edgeai.store import calibration_name
 from edgeai.types import Answer
 
 FEATURES = (
@@ -165,6 +170,27 @@ class Scorer:
     calibration: dict[str, Any] = field(default_factory=lambda: {"method": "none"})
     threshold: float = 0.5
     meta: dict[str, Any] = field(default_factory=dict)
+    probe: Probe | None = None
+    fallback: Scorer | None = None
+
+    @property
+    def hidden_layers(self) -> list[int]:
+        """The decoder layers whose hidden states this scorer reads ([] when none)."""
+        return list(self.probe.layers) if self.probe is not None else []
+
+    def for_answer(self, answer: Answer) -> Scorer:
+        """The scorer that can score `answer`: this one, or its fallback when the answer
+        carries no hidden states for the probe."""
+        if self.probe is None or _has_states(answer, self.probe) or self.fallback is None:
+            return self
+        return self.fallback
+
+    def inputs(self, answer: Answer) -> dict[str, float]:
+        """The answer's signals, with the probe's logit when this scorer reads one."""
+        sig = signals(answer)
+        if self.probe is not None and _has_states(answer, self.probe):
+            sig["probe"] = self.probe.logit(answer.hidden)
+        return sig
 
     def logit(self, sig: dict[str, float]) -> float:
         x = np.array([sig.get(f, 0.0) for f in self.features], dtype=np.float64)
@@ -186,7 +212,7 @@ class Scorer:
         return 1.0 / (1.0 + np.exp(-logits))
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d = {
             k: getattr(self, k)
             for k in (
                 "features",
@@ -199,6 +225,11 @@ class Scorer:
                 "meta",
             )
         }
+        if self.probe is not None:
+            d["probe"] = self.probe.to_dict()
+        if self.fallback is not None:
+            d["fallback"] = self.fallback.to_dict()
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Scorer:
@@ -207,7 +238,60 @@ class Scorer:
             calibration=d.get("calibration", {"method": "none"}),
             threshold=float(d.get("threshold", 0.5)),
             meta=d.get("meta", {}),
+            probe=Probe.from_dict(d["probe"]) if d.get("probe") else None,
+            fallback=Scorer.from_dict(d["fallback"]) if d.get("fallback") else None,
         )
+
+
+@dataclass
+class Probe:
+    """A linear probe on hidden states: logit = weights · states + bias.
+
+    `weights` covers `States.select(layers)` (prompt end, then answer end, each layer's
+    whole hidden vector); the standardization and any projection of the fit are folded in.
+    """
+
+    layers: list[int]
+    weights: np.ndarray
+    bias: float
+    n_layers: int = 0  # the model's decoder layers when fitted (0: unknown)
+
+    def fits(self, n_layers: int) -> bool:
+        """Whether the probe was fitted on a model with this many decoder layers."""
+        return self.n_layers in (0, n_layers) and all(i < n_layers for i in self.layers)
+
+    def logit(self, states: Any) -> float:
+        x = states.select(self.layers)
+        if x.shape != self.weights.shape:
+            raise ValueError(f"hidden states of size {x.size}; the probe reads {self.weights.size}")
+        return float(x @ self.weights + self.bias)
+
+    def to_dict(self) -> dict[str, Any]:
+        # float32 precision is all a logit needs; 7 significant digits keep the file small.
+        return {
+            "n_layers": self.n_layers,
+            "layers": list(self.layers),
+            "weights": [float(f"{w:.7g}") for w in np.asarray(self.weights, dtype=np.float64)],
+            "bias": float(self.bias),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Probe:
+        return cls(
+            list(d["layers"]),
+            np.asarray(d["weights"], dtype=np.float32),
+            float(d["bias"]),
+            int(d.get("n_layers", 0)),
+        )
+
+
+def _has_states(answer: Answer, probe: Probe) -> bool:
+    h = answer.hidden
+    return (
+        h is not None
+        and all(i in h.layers for i in probe.layers)
+        and h.values.shape[-1] * len(probe.layers) * 2 == probe.weights.size
+    )
 
 
 def user_calibration_path() -> Path:
@@ -221,15 +305,28 @@ def _shipped() -> dict[str, Any]:
 
 
 def load_scorer(model: str) -> Scorer:
-    """The scorer for `model`: the user's calibration if any, else the shipped one for the
-    model, else the shipped "default" entry."""
+    """The scorer for `model`: the user's calibration if any, else the shipped one, else the
+    shipped "default" entry. An alias, or the same weights installed under another name,
+    gets the calibration of the catalog model it is (`store.calibration_name`)."""
+    names = list(dict.fromkeys([model, calibration_name(model)]))
     user = user_calibration_path()
     if user.exists():
-        entry = json.loads(user.read_text()).get("models", {}).get(model)
+        mine = json.loads(user.read_text()).get("models", {})
+        entry = next((mine[n] for n in names if mine.get(n)), None)
         if entry:
             return Scorer.from_dict(entry)
     models = _shipped()["models"]
-    return Scorer.from_dict(models.get(model) or models["default"])
+    return Scorer.from_dict(next((models[n] for n in names if n in models), models["default"]))
+
+
+def tap_for_gate(engine: Any) -> Scorer:
+    """The scorer of `engine`'s model; when its probe reads hidden states, the engine's decode
+    loop is tapped for them (`Engine.tap_hidden`), so every answer carries them."""
+    scorer = load_scorer(engine.name)
+    probe = scorer.probe
+    if probe is not None and probe.fits(engine.layer_count):
+        engine.tap_hidden(probe.layers)
+    return scorer
 
 
 def save_user_scorer(model: str, scorer: Scorer) -> Path:
@@ -242,23 +339,113 @@ def save_user_scorer(model: str, scorer: Scorer) -> Path:
     return path
 
 
-def score_answer(ans: Answer, scorer: Scorer, threshold: float | None = None) -> list[str]:
+def score_answer(
+    ans: Answer, scorer: Scorer, threshold: float | None = None, adapter: str | None = None
+) -> list[str]:
     """Fill a local answer's `confidence`, `signals` and `threshold`; returns the reasons.
 
     Args:
         ans: an `Answer` of the local model.
-        scorer: that model's scorer (`load_scorer`).
-        threshold: the threshold in force (default: the scorer's calibrated one).
+        scorer: that model's scorer (`load_scorer`); its fallback scores an answer that
+            carries no hidden states for its probe.
+        threshold: the threshold in force (default: the calibrated one of the scorer used).
+        adapter: the LoRA adapter the answer was made with: the scorer was calibrated on
+            the base model, so the probe (whose hidden states the adapter moves) is left
+            out and the reasons say the calibration may not hold.
     """
-    p, sig, why = assess(ans, scorer)
+    caveat = []
+    if adapter:
+        ans.hidden = None
+        caveat = [
+            f"adapter {adapter} is on: the confidence was calibrated on the base model "
+            "and may not hold for it"
+        ]
+    used = scorer.for_answer(ans)
+    p, sig, why = assess(ans, used)
+    why = caveat + why
+    note = gate_note(scorer)
+    ans.explanation = ([note] if note else []) + explain(sig, used)
     ans.confidence, ans.signals = round(p, 4), {k: round(v, 4) for k, v in sig.items()}
-    ans.threshold = float(threshold if threshold is not None else scorer.threshold)
+    ans.threshold = float(threshold if threshold is not None else used.threshold)
     return why
+
+
+_WORDS = {
+    "mean_logprob": lambda v: f"average token probability {math.exp(v):.0%}",
+    "min_logprob": lambda v: f"least likely token {math.exp(v):.0%}",
+    "p10_logprob": lambda v: f"its weakest tenth of tokens about {math.exp(v):.0%} likely",
+    "mean_entropy": lambda v: f"average uncertainty over the next token {v:.2f} nats",
+    "first_logprob": lambda v: f"first answer token {math.exp(v):.0%} likely",
+    "first_margin": lambda v: f"first answer token ahead of the runner-up by {v:.1f} nats",
+    "log_len": lambda v: f"answer length {round(math.expm1(v))} tokens",
+    "truncated": lambda v: "stopped at max tokens" if v else "finished on its own",
+    "repetition": lambda v: "repeats itself" if v else "no repetition loop",
+    "refusal": lambda v: "refused" if v else "did not refuse",
+    "idk": lambda v: "said it does not know" if v else "gave an answer",
+    "probe": lambda v: (
+        "the model's hidden state at the question and the answer "
+        + ("looks like its right answers" if v > 0 else "looks like its wrong answers")
+    ),
+}
+
+
+def gate_note(scorer: Scorer) -> str | None:
+    """A plain warning when the gate cannot do its job: no calibration for this model, or
+    one under which it keeps nothing local at its accuracy target."""
+    meta = scorer.meta
+    if "held_out" not in meta:
+        return (
+            "this model's confidence is not calibrated (a hand-set prior): "
+            "run `edgeai eval --calibrate`"
+        )
+    op = meta["held_out"].get("operating_point") or {}
+    if not op.get("kept_local"):
+        return meta.get("verdict") or (
+            "this model keeps 0% local at its accuracy target: "
+            "use a bigger model or lower the target"
+        )
+    return None
+
+
+def gate_summary(model: str) -> dict[str, Any]:
+    """What `edgeai show` says of a model's confidence gate (JSON-ready)."""
+    scorer = load_scorer(model)
+    meta = scorer.meta
+    held = meta.get("held_out") or {}
+    op = held.get("operating_point") or {}
+    return {
+        "calibrated_for": meta.get("model"),
+        "estimator": meta.get("estimator", "token signals"),
+        "auroc": held.get("auroc"),
+        "threshold": scorer.threshold,
+        "target": (meta.get("target") or {}).get("accuracy"),
+        "kept_local": op.get("kept_local"),
+        "kept_accuracy": op.get("kept_accuracy"),
+        "recall": op.get("recall"),
+        "verdict": meta.get("verdict") or gate_note(scorer),
+        "source": meta.get("source", "user calibration" if meta.get("items") else None),
+    }
+
+
+def explain(sig: dict[str, float], scorer: Scorer, top: int = 3) -> list[str]:
+    """The signals that moved P(correct) most for this answer, in words, with the direction
+    ("raised" or "lowered" compared with an average answer of the calibration data)."""
+    z = [
+        (f, c * (sig.get(f, 0.0) - m) / s)
+        for f, m, s, c in zip(scorer.features, scorer.mean, scorer.scale, scorer.coef)
+    ]
+    z.sort(key=lambda p: -abs(p[1]))
+    return [
+        f"{'raised' if c > 0 else 'lowered'} confidence: {_WORDS[f](sig.get(f, 0.0))}"
+        for f, c in z[:top]
+        if f in _WORDS and abs(c) > 0.05
+    ]
 
 
 def assess(answer: Answer, scorer: Scorer) -> tuple[float, dict[str, float], list[str]]:
     """Score a local answer: (P(correct), signals, reasons that lower trust)."""
-    sig = signals(answer)
+    scorer = scorer.for_answer(answer)
+    sig = scorer.inputs(answer)
     p = scorer.score(sig)
     reasons = []
     for f in FEATURES[7:]:

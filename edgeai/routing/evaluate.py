@@ -20,6 +20,7 @@ without regenerating. Fitting uses scikit-learn; run-time scoring only numpy
 
 from __future__ import annotations
 
+import base64
 import json
 import random
 import re
@@ -31,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from edgeai.engine.hidden import States, layer_index
 from edgeai.errors import InvalidInput
 from edgeai.options import GenerationOptions
 from edgeai.routing import confidence
@@ -169,9 +171,19 @@ def is_correct(item: Item, text: str) -> bool:
 # -- generation ---------------------------------------------------------------------------
 
 
+# Decoder layers whose hidden states eval records (depth fractions), for the probe to choose
+# from: the middle-to-upper layers carry the most of what a model "knows" (SAPLMA, SEP).
+PROBE_DEPTHS = (0.5, 0.625, 0.75, 0.875, 1.0)
+
+
+def probe_layers(n_layers: int) -> list[int]:
+    return sorted({layer_index(f, n_layers) for f in PROBE_DEPTHS})
+
+
 def record(item: Item, answer: Answer) -> dict[str, Any]:
-    """A JSON-able record of one generation, enough to recompute every signal."""
-    return {
+    """A JSON-able record of one generation, enough to recompute every signal (and the
+    probe's input: the tapped layers' hidden states, float16, base64)."""
+    rec = {
         "question": item.question,
         "kind": item.kind,
         "gold": item.gold,
@@ -183,8 +195,22 @@ def record(item: Item, answer: Answer) -> dict[str, Any]:
         "entropies": answer.entropies,
         "top_logprobs": [list(map(list, t)) for t in answer.top_logprobs],
         "generation_tokens": answer.stats.generation_tokens,
+        "seconds": round(answer.stats.prompt_seconds + answer.stats.generation_seconds, 4),
         "correct": is_correct(item, answer.text),
     }
+    if answer.hidden is not None:
+        rec["hidden_layers"] = list(answer.hidden.layers)
+        rec["hidden"] = base64.b64encode(answer.hidden.values.astype(np.float16).tobytes()).decode()
+    return rec
+
+
+def hidden_of(rec: dict[str, Any]) -> States | None:
+    """A record's hidden states (None if it has none)."""
+    if "hidden" not in rec:
+        return None
+    layers = list(rec["hidden_layers"])
+    h = np.frombuffer(base64.b64decode(rec["hidden"]), dtype=np.float16).astype(np.float32)
+    return States(layers, h.reshape(2, len(layers), -1))
 
 
 def answer_of(rec: dict[str, Any]) -> Answer:
@@ -198,6 +224,7 @@ def answer_of(rec: dict[str, Any]) -> Answer:
         entropies=rec["entropies"],
         top_logprobs=[tuple(tuple(p) for p in t) for t in rec["top_logprobs"]],
         stats=Stats(generation_tokens=rec.get("generation_tokens", len(rec["tokens"]))),
+        hidden=hidden_of(rec),
     )
 
 
@@ -219,6 +246,8 @@ def generate_records(
             if line.strip():
                 r = json.loads(line)
                 seen[r["question"]] = r
+    layers = probe_layers(engine.layer_count)
+    engine.tap_hidden(layers)
     fh = out.open("a") if out is not None else None
     try:
         for i, item in enumerate(items):
@@ -303,285 +332,3 @@ def threshold_table(
             }
         )
     return rows
-
-
-def features(records: list[dict], names: Iterable[str] = confidence.FEATURES) -> np.ndarray:
-    names = list(names)
-    rows = []
-    for r in records:
-        sig = confidence.signals(answer_of(r))
-        rows.append([sig[n] for n in names])
-    return np.asarray(rows, dtype=np.float64)
-
-
-def fit_scorer(
-    records: list[dict],
-    names: Iterable[str] = confidence.FEATURES,
-    method: str = "platt",
-    C: float | None = None,
-    seed: int = 0,
-) -> confidence.Scorer:
-    """Logistic regression on standardized signals, then a calibration map fitted on
-    out-of-fold logits (so the map does not learn the regression's own overfit)."""
-    from sklearn.isotonic import IsotonicRegression
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import cross_val_predict
-
-    names = list(names)
-    X = features(records, names)
-    y = np.array([bool(r["correct"]) for r in records])
-    if y.all() or not y.any():
-        raise InvalidInput(
-            "calibration needs both correct and wrong answers in the fit split",
-            "use more (or more varied) questions",
-        )
-    mean, scale = X.mean(axis=0), X.std(axis=0)
-    scale[scale < 1e-9] = 1.0
-    Z = (X - mean) / scale
-    from sklearn.model_selection import StratifiedKFold, cross_val_score
-
-    folds = max(2, min(5, int(min(y.sum(), (~y).sum()))))
-    # Shuffled folds: records arrive grouped by kind, and unshuffled folds would hide whole kinds.
-    cv = StratifiedKFold(folds, shuffle=True, random_state=seed)
-    if C is None and len(names) > 1:
-        # Few positives overfit easily: choose the regularization by cross-validated AUROC.
-        grid = [0.01, 0.03, 0.1, 0.3, 1.0, 3.0]
-        auc = [
-            cross_val_score(
-                LogisticRegression(C=c, max_iter=1000), Z, y, cv=cv, scoring="roc_auc"
-            ).mean()
-            for c in grid
-        ]
-        C = grid[int(np.argmax(auc))]
-    lr = LogisticRegression(C=C or 1.0, max_iter=1000)
-    oof = cross_val_predict(lr, Z, y, cv=cv, method="decision_function")
-    lr.fit(Z, y)
-    if method == "isotonic":
-        iso = IsotonicRegression(out_of_bounds="clip", y_min=0.0, y_max=1.0).fit(
-            1 / (1 + np.exp(-oof)), y
-        )
-        cal = {
-            "method": "isotonic",
-            "x": [float(v) for v in iso.X_thresholds_],
-            "y": [float(v) for v in iso.y_thresholds_],
-        }
-    elif method == "platt":
-        platt = LogisticRegression(C=1e6).fit(oof.reshape(-1, 1), y)
-        a, b = float(platt.coef_[0, 0]), float(platt.intercept_[0])
-        # A calibration map must not reverse the ranking: a ≤ 0 means the fit has no signal.
-        cal = {"method": "platt", "a": a, "b": b} if a > 0 else {"method": "none"}
-    else:
-        cal = {"method": "none"}
-    return confidence.Scorer(
-        features=names,
-        mean=mean.tolist(),
-        scale=scale.tolist(),
-        coef=lr.coef_[0].tolist(),
-        intercept=float(lr.intercept_[0]),
-        calibration=cal,
-        meta={"C": C},
-    )
-
-
-def scores_of(scorer: confidence.Scorer, records: list[dict]) -> np.ndarray:
-    X = features(records, scorer.features)
-    z = ((X - np.asarray(scorer.mean)) / np.asarray(scorer.scale)) @ np.asarray(
-        scorer.coef
-    ) + scorer.intercept
-    # A tiny tie-break by the raw logit keeps isotonic plateaus ordered (AUROC, coverage).
-    return scorer.calibrate(z) + 1e-6 * (1 / (1 + np.exp(-z)))
-
-
-def pick_threshold(
-    scores: np.ndarray,
-    labels: np.ndarray,
-    target_accuracy: float | None = None,
-    budget: float | None = None,
-) -> float:
-    """The lowest threshold whose kept answers reach `target_accuracy`, or the threshold that
-    escalates at most `budget` (a share) of the questions."""
-    scores, labels = np.asarray(scores), np.asarray(labels, dtype=float)
-    if budget is not None:
-        return float(np.quantile(scores, budget)) if len(scores) else 0.5
-    target = 0.9 if target_accuracy is None else target_accuracy
-    best = float(scores.max()) + 1e-9 if len(scores) else 1.0  # keep nothing if unreachable
-    for t in np.unique(scores)[::-1]:
-        keep = scores >= t
-        if labels[keep].mean() >= target:
-            best = float(t)
-    return best
-
-
-def split(records: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Stratified by item kind and correctness, so both halves see every kind."""
-    rng = random.Random(seed)
-    groups: dict[tuple, list[dict]] = {}
-    for r in records:
-        groups.setdefault((r["kind"], bool(r["correct"])), []).append(r)
-    fit, held = [], []
-    for g in groups.values():
-        rng.shuffle(g)
-        k = int(round(len(g) * fraction))
-        fit += g[:k]
-        held += g[k:]
-    return fit, held
-
-
-def summarize(
-    records: list[dict],
-    scores: np.ndarray,
-    threshold: float | None,
-    baseline: np.ndarray | None = None,
-) -> dict:
-    """Accuracy, AUROC, risk–coverage, per-threshold table and the operating point."""
-    y = np.array([bool(r["correct"]) for r in records])
-    answerable = np.array([r["kind"] != "unanswerable" for r in records])
-    cov, acc = risk_coverage(scores, y)
-    out: dict[str, Any] = {
-        "items": len(records),
-        "accuracy": float(y.mean()) if len(y) else None,
-        "auroc": auroc(scores, y),
-        "auroc_ci95": auroc_ci(scores, y),
-        "auroc_answerable": auroc(np.asarray(scores)[answerable], y[answerable]),
-        "by_kind": {
-            k: {
-                "items": int(sum(r["kind"] == k for r in records)),
-                "accuracy": float(np.mean([r["correct"] for r in records if r["kind"] == k])),
-            }
-            for k in sorted({r["kind"] for r in records})
-        },
-        "risk_coverage": {"coverage": cov.round(4).tolist(), "accuracy": acc.round(4).tolist()},
-        # Thresholds at coverage steps: calibrated scores of a weak model crowd near its accuracy.
-        "thresholds": threshold_table(
-            scores,
-            y,
-            sorted({float(np.quantile(scores, q)) for q in np.linspace(0, 0.95, 20)}, reverse=True),
-        ),
-    }
-    if baseline is not None:
-        bcov, bacc = risk_coverage(baseline, y)
-        out["baseline_length"] = {
-            "auroc": auroc(baseline, y),
-            "risk_coverage": {
-                "coverage": bcov.round(4).tolist(),
-                "accuracy": bacc.round(4).tolist(),
-            },
-        }
-    if threshold is not None:
-        keep = scores >= threshold
-        out["operating_point"] = {
-            "threshold": float(threshold),
-            "kept_local": float(keep.mean()),
-            "kept_accuracy": float(y[keep].mean()) if keep.any() else None,
-            "answerable_kept_local": float(keep[answerable].mean()) if answerable.any() else None,
-        }
-    return out
-
-
-# -- the whole evaluation -----------------------------------------------------------------
-
-
-def evaluate(
-    records: list[dict],
-    model: str,
-    *,
-    calibrate: bool = False,
-    target_accuracy: float | None = None,
-    budget: float | None = None,
-    fit_fraction: float = 0.5,
-    seed: int = 0,
-    method: str = "platt",
-) -> tuple[dict, confidence.Scorer | None]:
-    """Judge the model's current scorer on `records`; with `calibrate`, fit a new one on a
-    split, pick its threshold there, and report on the held-out rest.
-
-    Returns:
-        (report dict, the fitted scorer or None).
-    """
-    if calibrate:
-        fit, held = split(records, fit_fraction, seed)
-        scorer = fit_scorer(fit, method=method, seed=seed)
-        fit_scores = scores_of(scorer, fit)
-        scorer.threshold = pick_threshold(
-            fit_scores, [r["correct"] for r in fit], target_accuracy, budget
-        )
-        base = fit_scorer(fit, names=["log_len"], method="none")
-        report = summarize(held, scores_of(scorer, held), scorer.threshold, scores_of(base, held))
-        report["fit"] = summarize(fit, fit_scores, scorer.threshold)
-        for k in ("risk_coverage", "thresholds"):
-            report["fit"].pop(k)
-        report["split"] = {"fit": len(fit), "held_out": len(held), "seed": seed}
-        scorer.meta = {
-            **scorer.meta,
-            "model": model,
-            "items": len(records),
-            "fit_items": len(fit),
-            "target": {"accuracy": target_accuracy}
-            if budget is None
-            else {"escalation_budget": budget},
-            "held_out": {k: report.get(k) for k in ("auroc", "accuracy", "operating_point")},
-            "baseline_length_auroc": report["baseline_length"]["auroc"],
-        }
-    else:
-        scorer_now = confidence.load_scorer(model)
-        base = np.array([-confidence.signals(answer_of(r))["log_len"] for r in records])
-        report = summarize(records, scores_of(scorer_now, records), scorer_now.threshold, base)
-        scorer = None
-    report["model"] = model
-    report["target"] = (
-        {"accuracy": target_accuracy} if budget is None else {"escalation_budget": budget}
-    )
-    return report, scorer
-
-
-def plot(report: dict, path: str | Path) -> Path:
-    """Risk–coverage (score vs length-only baseline) and kept share/accuracy per threshold."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
-    rc = report["risk_coverage"]
-    a.plot(rc["coverage"], rc["accuracy"], label=f"confidence (AUROC {_fmt(report['auroc'])})")
-    if "baseline_length" in report:
-        bl = report["baseline_length"]
-        a.plot(
-            bl["risk_coverage"]["coverage"],
-            bl["risk_coverage"]["accuracy"],
-            "--",
-            label=f"length only (AUROC {_fmt(bl['auroc'])})",
-        )
-    op = report.get("operating_point")
-    if op and op.get("kept_accuracy") is not None:
-        a.plot(
-            [op["kept_local"]], [op["kept_accuracy"]], "o", label=f"threshold {op['threshold']:.2f}"
-        )
-    a.set(
-        xlabel="share kept local (coverage)",
-        ylabel="accuracy of kept answers",
-        title="risk–coverage",
-        ylim=(0, 1.02),
-    )
-    a.legend(loc="upper right", fontsize=8)
-    t = report["thresholds"]
-    xs = [r["threshold"] for r in t]
-    b.plot(xs, [r["kept_local"] for r in t], label="share kept local")
-    b.plot(
-        xs,
-        [r["kept_accuracy"] if r["kept_accuracy"] is not None else np.nan for r in t],
-        label="accuracy of kept",
-    )
-    b.set(xlabel="threshold on P(correct)", title="per threshold", ylim=(0, 1.02))
-    b.legend(fontsize=8)
-    fig.suptitle(f"edgeai eval · {report.get('model', '')} · {report['items']} items")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def _fmt(v: float | None) -> str:
-    return "n/a" if v is None else f"{v:.3f}"

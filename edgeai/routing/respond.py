@@ -134,10 +134,14 @@ class _Context:
 
     def scorer(self) -> confidence.Scorer:
         if self._scorer is None:
-            self._scorer = confidence.load_scorer(self.engine().name)
+            eng = self.engine()
+            # A real engine is tapped for the probe here; the server's taps at model load.
+            tap = getattr(eng, "tap_hidden", None)
+            self._scorer = confidence.tap_for_gate(eng) if tap else confidence.load_scorer(eng.name)
         return self._scorer
 
     def local(self) -> Iterator[Event]:
+        self.scorer()  # before generating: the scorer decides what the decode loop records
         # Two alternatives per token give the first-token margin signal.
         opts = self.options.model_copy(update={"top_logprobs": max(self.options.top_logprobs, 2)})
         extra = {"adapter": self.adapter} if self.adapter else {}
@@ -245,7 +249,8 @@ def _scored(
 ) -> Answer:
     eng = ctx.engine()
     ans = Answer.from_events(events, eng.name)
-    why = confidence.score_answer(ans, ctx.scorer(), ctx.threshold)
+    adapter = ctx.adapter or getattr(eng, "adapter", None)  # the server's engine carries it
+    why = confidence.score_answer(ans, ctx.scorer(), ctx.threshold, adapter=adapter)
     ans.route, ans.decision = d.route, decision
     ans.reasons = list(reasons) + why
     return ans
@@ -267,6 +272,7 @@ def _finish(
             local.threshold,
             local.signals,
         )
+        ans.explanation = list(local.explanation)
     return ans
 
 

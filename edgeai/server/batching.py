@@ -8,6 +8,9 @@ and `tests/test_batching.py::test_mlx_lm_contract` fails if a new mlx-lm breaks 
   running `GenerationBatch` afterwards; both call `self.model(inputs, cache=...)` with the
   rows in the order of their `uids` list.
 
+Every `GenerationBatch` call yields one token per row (its first call for a row runs the
+prompt's last token), which is how `RowStates` matches hidden states to tokens.
+
 Here prompt batches call the model under the kernels' prompt context (float32 where decoding
 uses int8 activations, as `Engine.generate` runs a prompt), so a batched answer starts with
 the same token as the single-stream one; and every call gets each row's LoRA adapter from
@@ -20,6 +23,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from edgeai.engine.hidden import RowStates
+
 CONTRACT = {  # what this module reads or overrides in mlx_lm.generate (checked by the test)
     "BatchGenerator": ("_prompt_batch", "_make_batch", "insert", "remove", "next"),
     "PromptProcessingBatch": ("uids", "model"),
@@ -27,28 +32,54 @@ CONTRACT = {  # what this module reads or overrides in mlx_lm.generate (checked 
 }
 
 
-def for_engine(engine: Any, adapter_of: Callable[[int], Any], **kwargs: Any) -> Any:
+def for_engine(
+    engine: Any,
+    adapter_of: Callable[[int], Any],
+    states: RowStates | None = None,
+    **kwargs: Any,
+) -> Any:
     """The server's BatchGenerator for an Engine.
 
     Args:
         engine: an edgeai Engine.
         adapter_of: a batch uid -> its adapter (a LoadedAdapter, or None).
+        states: where each decoding call's hidden states go (when the engine has a tap).
         kwargs: BatchGenerator's keyword arguments.
     """
 
     def rows(n: int) -> list:
-        return [adapter_of(u) for u in calling_batch_uids(n)]
+        return [adapter_of(u) for u in calling_batch(n)[1]]
 
     hooks = engine.hooks
     model = engine.adapters.routed(rows)
     prompt_model = (
         engine.adapters.routed(rows, hooks.prompt_context) if hooks.int8_decode else model
     )
+    if states is not None:
+        model, prompt_model = _Recording(model, states), _Recording(prompt_model, states)
     return batch_generator(model, prompt_model, **kwargs)
 
 
-def calling_batch_uids(n: int) -> list[int]:
-    """The request uids, in row order, of the mlx-lm batch object whose call is under way.
+class _Recording:
+    """The model, queueing each decoding call's hidden states per row (`RowStates`)."""
+
+    def __init__(self, model: Callable, states: RowStates):
+        self._model, self._states = model, states
+
+    def __getattr__(self, name: str):
+        return getattr(self._model, name)
+
+    def __call__(self, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+        out = self._model(inputs, *args, **kwargs)
+        kind, uids = calling_batch(inputs.shape[0])
+        if kind == "GenerationBatch":  # prompt batches only fill caches; they yield no token
+            self._states.record(uids)
+        return out
+
+
+def calling_batch(n: int) -> tuple[str, list[int]]:
+    """The kind and the request uids (in row order) of the mlx-lm batch object whose call is
+    under way: ("PromptProcessingBatch" or "GenerationBatch", uids).
 
     mlx-lm passes no request ids to the model: the batch (`self` of the frame that called
     the model) holds them in `uids`. Raises if that is not what is found.
@@ -57,12 +88,11 @@ def calling_batch_uids(n: int) -> list[int]:
     while frame is not None:
         owner = frame.f_locals.get("self")
         uids = getattr(owner, "uids", None)
-        if type(owner).__name__ in ("PromptProcessingBatch", "GenerationBatch") and isinstance(
-            uids, list
-        ):
+        kind = type(owner).__name__
+        if kind in ("PromptProcessingBatch", "GenerationBatch") and isinstance(uids, list):
             if len(uids) != n:
                 break
-            return uids
+            return kind, uids
         frame = frame.f_back
     raise RuntimeError("cannot tell which request each batch row belongs to (mlx-lm changed?)")
 

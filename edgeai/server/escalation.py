@@ -239,7 +239,9 @@ class Escalation:
 
         def answer() -> Answer:
             ans = Answer.from_events(events, engine.name)
-            why = confidence.score_answer(ans, confidence.load_scorer(engine.name))
+            why = confidence.score_answer(
+                ans, confidence.load_scorer(engine.name), adapter=engine.adapter
+            )
             why_local = "completions" if isinstance(prompt, (str, list)) else "tool conversations"
             if engine.constraint is not None:
                 why_local = "constrained answers"

@@ -39,8 +39,10 @@ from edgeai.engine.decode import (
     token_signals_batch,
 )
 from edgeai.engine.engine import cache_scope
+from edgeai.engine.hidden import RowStates
 from edgeai.errors import EdgeAIError
 from edgeai.options import GenerationOptions
+from edgeai.routing.confidence import tap_for_gate
 from edgeai.server import batching
 from edgeai.types import Event
 
@@ -185,6 +187,8 @@ class Scheduler:
         self._solo: tuple[Job, Generation] | None = None  # the job decoding alone
         self.lanes = {"alone": 0, "batched": 0}  # jobs admitted to each lane, for `edgeai ps`
         self._loaded: _Loaded | None = None
+        # Hidden states of batched rows, for a confidence probe (when the model has a tap).
+        self._states = RowStates(lambda: self._loaded.engine.tap if self._loaded else None)
         self._idle_since = time.monotonic()
         self._stopping = False
         self._stopped = threading.Event()
@@ -505,6 +509,7 @@ class Scheduler:
             return
         self._loaded.generator.remove(gone)
         for uid in gone:
+            self._states.drop(uid)
             job, dec = self._active.pop(uid)
             job.push(dec.finish("cancelled"))
             if self.metrics is not None:
@@ -532,6 +537,7 @@ class Scheduler:
         done = []
         for r, sig in zip(responses, signals):
             job, dec = self._active[r.uid]
+            self._states.token(r.uid)
             if dec.t_first is None:  # its prompt is all in the cache now: keep it for reuse
                 self._keep_prompt(r.uid, job)
             try:
@@ -543,13 +549,16 @@ class Scheduler:
             for ev in events:
                 job.push(ev)
             if finish is not None:
-                job.push(dec.finish(finish))
+                end = dec.finish(finish)
+                end.hidden = self._states.states(r.uid)
+                job.push(end)
                 done.append((r.uid, r.finish_reason is None))
         still_in_batch = [uid for uid, inside in done if inside]
         if still_in_batch:
             gen.remove(still_in_batch)
         for uid, _ in done:
             self._active.pop(uid, None)
+            self._states.drop(uid)
         if done:
             self._mark_idle()
 
@@ -565,14 +574,15 @@ class Scheduler:
         engine.prompt_cache.put(cache_scope(job.lora), job.encoded, cache, cached)
 
     def _fail_all(self, error: Exception) -> None:
-        for job, _ in self._active.values():
+        for uid, (job, _) in self._active.items():
+            self._states.drop(uid)
             job.push(error)
         self._active.clear()
         if self._solo is not None:
             self._solo[0].push(error)
             self._solo = None
         if self._loaded is not None:
-            self._loaded.generator = self._new_generator(self._loaded.engine)
+            self._loaded.generator = self._new_generator(self._loaded.engine, self._states)
         self._mark_idle()
 
     def _mark_idle(self) -> None:
@@ -609,8 +619,9 @@ class Scheduler:
             )
             engine = Engine.load(job.path, job.model, kernel="builtin")
             engine.kernel.reason = f"custom kernel failed batched decoding: {problem}"
+        tap_for_gate(engine)  # after any layer swaps are undone: the tap wraps the final class
         self._loaded = _Loaded(
-            job.model, job.path, engine, self._new_generator(engine), time.monotonic()
+            job.model, job.path, engine, self._new_generator(engine, self._states), time.monotonic()
         )
         if self.metrics is not None:
             self.metrics.model_loads.inc()
@@ -627,11 +638,12 @@ class Scheduler:
             return f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
         return None
 
-    def _new_generator(self, engine: Any) -> Any:
+    def _new_generator(self, engine: Any, states: RowStates | None = None) -> Any:
         eos = [[int(t)] for t in engine.tokenizer.eos_token_ids]
         return batching.for_engine(
             engine,
             self._lora_of,
+            states,
             stop_tokens=eos,
             completion_batch_size=self.max_batch,
             prefill_batch_size=min(self.max_batch, 8),

