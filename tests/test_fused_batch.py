@@ -20,6 +20,9 @@ def _isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("EDGEAI_HOME", str(tmp_path / "home"))
 
 
+TOL = 1e-4  # float32 rounding (summation orders differ by instruction set); a wrong row is O(1)
+
+
 def rel_err(y: mx.array, ref: mx.array) -> float:
     return (mx.max(mx.abs(y - ref)) / mx.max(mx.abs(ref))).item()
 
@@ -85,16 +88,16 @@ def test_fused_batch_matches_per_op_path_and_solo(tiny_model, monkeypatch, lengt
     finally:
         for b in eng.model.layers:
             b.__class__ = cls
-    assert calls and rel_err(fused, per_op) < 1e-5
+    assert calls and rel_err(fused, per_op) < TOL
     for i, p in enumerate(prompts):  # each row is its own single-stream run, cache included
         logits, solo_cache = _solo(eng, p, steps)
-        assert rel_err(fused[:, i], logits) < 1e-5
+        assert rel_err(fused[:, i], logits) < TOL
         # keys at each row's own positions (RoPE): what the prompt cache hands a later request
         for c, s in zip(cache, solo_cache):
             row = c.extract(i)
             assert row.offset == s.offset == len(p) + steps
-            assert rel_err(row.keys, s.keys[..., : s.offset, :]) < 1e-5
-            assert rel_err(row.values, s.values[..., : s.offset, :]) < 1e-5
+            assert rel_err(row.keys, s.keys[..., : s.offset, :]) < TOL
+            assert rel_err(row.values, s.values[..., : s.offset, :]) < TOL
 
 
 def test_verification_refuses_a_batch_path_that_ignores_padding(tiny_model, monkeypatch):
