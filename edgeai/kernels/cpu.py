@@ -280,7 +280,7 @@ def _block_bases() -> list[type]:
 def _llama_block_class(base: type | None = None):
     """The fused form of `base` (one of _block_bases(); default: llama's layer)."""
     from mlx_lm.models import llama
-    from mlx_lm.models.cache import KVCache
+    from mlx_lm.models.cache import BatchKVCache, KVCache
 
     ext = extension()
     base = base or llama.TransformerBlock
@@ -290,9 +290,11 @@ def _llama_block_class(base: type | None = None):
 
         norm_qkv (RMSNorm, q/k/v projections, RoPE; with a FusedKVCache it also writes k, v
         into the cache, otherwise mlx-lm's KVCache update follows), attn_out (attention,
-        o_proj, residual) and norm_mlp (RMSNorm, SwiGLU MLP, residual). Any call that is not the
-        plain case (LoRA-wrapped projections, biases, per-row batch offsets, masks other than
-        causal, quantized or rotating caches, non-float32 activations) runs mlx-lm's code with
+        o_proj, residual) and norm_mlp (RMSNorm, SwiGLU MLP, residual). A batch of left-padded
+        rows (mlx-lm's BatchKVCache, as the server's batches decode) takes the same three nodes,
+        each row at its own positions and attending to its own keys only. Any call that is not
+        the plain case (LoRA-wrapped projections, masks other than causal or the batch cache's
+        own, quantized or rotating caches, non-float32 activations) runs mlx-lm's code with
         edgeai's per-op kernels instead.
         """
 
@@ -365,6 +367,8 @@ def _llama_block_class(base: type | None = None):
             )
 
         def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
+            if type(cache) is BatchKVCache:
+                return self._batch_call(x, mask, cache)
             layer = self._layer()
             if (
                 layer is None
@@ -390,6 +394,30 @@ def _llama_block_class(base: type | None = None):
             if cache is not None:
                 k, v = cache.update_and_fetch(k, v)
             return layer.mlp(layer.attend(q, k, v, x, scale, causal))
+
+        def _batch_call(self, x: mx.array, mask, cache) -> mx.array:
+            """Rows left-padded in a BatchKVCache: row b's token l sits at buffer position
+            cache._idx + l and model position cache._idx + l - left_padding[b], and sees the
+            keys from left_padding[b] to its own position, which is exactly the mask mlx-lm's
+            model makes from this cache (`mask`, not read), so any mask is taken as that one.
+            k and v are written into the cache's buffers in place, as update_and_fetch would."""
+            layer = self._layer()
+            if (
+                layer is None
+                or x.dtype != mx.float32
+                or x.ndim != 3
+                or getattr(self, "use_sliding", False)
+                or (cache.keys is not None and cache.keys.dtype != mx.float32)
+            ):
+                return super().__call__(x, mask, cache)
+            a, n = self["self_attn"], x.shape[1]
+            _reserve_batch(cache, x.shape[0], a.n_kv_heads, n, self.__dict__["_head_dim"])
+            pad = cache.left_padding
+            q, cache.keys, cache.values = layer.qkv(x, cache._idx, [cache.keys, cache.values], pad)
+            cache.offset = cache.offset + n
+            cache._idx += n
+            h = layer.attend(q, cache.keys, cache.values, x, a.scale, True, cache._idx, pad)
+            return layer.mlp(h)
 
     if base is not llama.TransformerBlock:
         name = f"Cpu{base.__module__.rsplit('.', 1)[-1].title()}Block"  # CpuQwen2Block
@@ -426,6 +454,24 @@ def _fused_kv_cache_class():
 
 
 FusedKVCache = _fused_kv_cache_class()
+
+
+def _reserve_batch(cache, batch: int, heads: int, length: int, head_dim: int) -> None:
+    """Grow a BatchKVCache's buffers for `length` more positions as its update_and_fetch
+    does (steps of 256, dropping the unused tail first), without writing them."""
+    prev = cache._idx
+    if cache.keys is not None and prev + length <= cache.keys.shape[2]:
+        return
+    steps = (cache.step + length - 1) // cache.step
+    shape = (batch, heads, steps * cache.step, head_dim)
+    new_k, new_v = mx.zeros(shape, mx.float32), mx.zeros(shape, mx.float32)
+    if cache.keys is None:
+        cache.keys, cache.values = new_k, new_v
+        return
+    if prev % cache.step != 0:
+        cache.keys, cache.values = cache.keys[..., :prev, :], cache.values[..., :prev, :]
+    cache.keys = mx.concatenate([cache.keys, new_k], axis=2)
+    cache.values = mx.concatenate([cache.values, new_v], axis=2)
 
 
 def make_cache(model: nn.Module) -> list:

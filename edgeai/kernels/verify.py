@@ -65,16 +65,26 @@ def check_log_softmax() -> float:
 
 def check_block(block: nn.Module, fused_cls: type) -> float:
     """Max relative error of a decoder layer run as `fused_cls` vs its own class: a 5-token
-    causal prefill, then one decode step, each on a fresh KV cache of its own."""
-    from mlx_lm.models.cache import KVCache
+    causal prefill, then one decode step, each on a fresh KV cache of its own; and the same
+    for a batch of two rows, one left-padded by 3 (mlx-lm's BatchKVCache, as the server's
+    batches run: each row at its own positions)."""
+    from mlx_lm.models.base import create_attention_mask
+    from mlx_lm.models.cache import BatchKVCache, KVCache
 
     dims = block.hidden_size
-    kx, ky = mx.random.split(mx.random.key(dims))
+    kx, ky, kb = mx.random.split(mx.random.key(dims), 3)
     xs = (mx.random.normal((1, 5, dims), key=kx), mx.random.normal((1, 1, dims), key=ky))
+    xb = mx.random.normal((2, 6, dims), key=kb)
 
     def run() -> list[mx.array]:
         cache = KVCache()
-        return [block(xs[0], "causal", cache), block(xs[1], None, cache)]
+        out = [block(xs[0], "causal", cache), block(xs[1], None, cache)]
+        batch = BatchKVCache([3, 0])
+        for x in (xb[:, :5], xb[:, 5:]):  # as mlx-lm's model calls it, with the cache's mask
+            y = block(x, create_attention_mask(x, batch), batch)
+            # the padded row's first 3 prompt positions are padding: their output is unused
+            out += [y[1:], y[:1, 3:]] if x.shape[1] == 5 else [y]
+        return out
 
     own = block.__class__
     ref = run()

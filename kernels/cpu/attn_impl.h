@@ -3,7 +3,8 @@
 //
 // One task = one (batch, query head, block of query rows). Grouped-query attention:
 // query head h reads key/value head h / (Hq / Hkv). With causal masking the L queries
-// are the last L of the S positions: query i sees keys j <= S - L + i.
+// are the last L of the S positions: query i sees keys j <= S - L + i. A batch of left-padded
+// rows (`start`) has row b's keys begin at start[b]: the positions before are padding.
 
 template <class V>
 struct Attention {
@@ -23,25 +24,26 @@ struct Attention {
     const float* v = a.v + bi * a.vs[0] + kvh * a.vs[1];
     float* out = a.out + ((long(bi) * a.L + i) * a.Hq + h) * a.D;  // [B, L, Hq, D]
     const int lim = a.causal ? a.S - a.L + i + 1 : a.S;
+    const int j0 = a.start ? a.start[bi] : 0;
     float mx = -3.0e38f;
-    for (int j = 0; j < lim; j++) {
+    for (int j = j0; j < lim; j++) {
       float s = dot(q, k + long(j) * a.ks[2], a.D) * a.scale;
       scores[j] = s;
       mx = s > mx ? s : mx;
     }
     float total = 0.f;
-    for (int j = 0; j < lim; j++) {
+    for (int j = j0; j < lim; j++) {
       float p = expf(scores[j] - mx);  // libm call: no inline code shared across ISA units
       scores[j] = p;
       total += p;
     }
     for (int d = 0; d < a.D; d += W) V::store(out + d, V::zero());
-    for (int j = 0; j < lim; j++) {
+    for (int j = j0; j < lim; j++) {
       R p = V::set1(scores[j]);
       const float* vr = v + long(j) * a.vs[2];
       for (int d = 0; d < a.D; d += W) V::store(out + d, V::fma(p, V::load(vr + d), V::load(out + d)));
     }
-    R inv = V::set1(lim > 0 ? 1.f / total : 0.f);
+    R inv = V::set1(lim > j0 ? 1.f / total : 0.f);  // a padding query sees no key: zeros
     for (int d = 0; d < a.D; d += W) V::store(out + d, V::mul(V::load(out + d), inv));
   }
 

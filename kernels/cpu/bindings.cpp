@@ -1,5 +1,6 @@
 // Python bindings (nanobind, domain "mlx" so mx.array crosses over).
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
@@ -23,12 +24,15 @@ NB_MODULE(_edgeai_kernels, m) {
   m.def("norm_qkv", &edgeai::norm_qkv, "x"_a, "norm_weight"_a, "eps"_a, "qkv"_a, "n_heads"_a, "n_kv_heads"_a,
         "rope_dims"_a, "traditional"_a, "base"_a, "scale"_a, "offset"_a, "group_size"_a, "bits"_a, "fast"_a,
         "cache"_a = std::vector<mlx::core::array>{}, "qkv_bias"_a = std::vector<mlx::core::array>{},
+        "pad"_a = nb::none(),
         "rms_norm, q/k/v projections (+ optional float32 biases) and RoPE in one node: returns q [B, Hq, L, hd], "
         "k, v [B, Hkv, L, hd]; with cache=[keys, values] buffers [B, Hkv, capacity, hd], k and v are written "
-        "into them at offset and the buffers are returned. group_size = bits = 0: each layer's own format.");
+        "into them at offset and the buffers are returned. group_size = bits = 0: each layer's own format. "
+        "pad: each batch row's left padding [B]; row b's tokens sit at positions offset + l - pad[b].");
   m.def("attn_out", &edgeai::attn_out, "q"_a, "k"_a, "v"_a, "x"_a, "o_proj"_a, "scale"_a, "causal"_a, "group_size"_a,
-        "bits"_a, "fast"_a, "length"_a = -1,
-        "x + o_proj(attention(q, k[:, :, :length], v[:, :, :length])) in one node; float32.");
+        "bits"_a, "fast"_a, "length"_a = -1, "pad"_a = nb::none(),
+        "x + o_proj(attention(q, k[:, :, :length], v[:, :, :length])) in one node; float32. pad: each batch "
+        "row's left padding [B]: row b attends to keys pad[b] .. length - 1.");
   m.def("norm_mlp", &edgeai::norm_mlp, "h"_a, "norm_weight"_a, "eps"_a, "gate_up_down"_a, "group_size"_a, "bits"_a,
         "fast"_a, "h + down(silu(gate(n)) * up(n)), n = rms_norm(h), in one node; float32.");
   nb::class_<edgeai::FusedLlamaLayer>(m, "FusedLlamaLayer",
@@ -39,9 +43,10 @@ NB_MODULE(_edgeai_kernels, m) {
            "norm1"_a, "qkv"_a, "o_proj"_a, "norm2"_a, "mlp"_a, "eps1"_a, "eps2"_a, "n_heads"_a, "n_kv_heads"_a,
            "rope_dims"_a, "traditional"_a, "base"_a, "scale"_a, "group_size"_a, "bits"_a, "fast"_a,
            "qkv_bias"_a = std::vector<mlx::core::array>{})
-      .def("qkv", &edgeai::FusedLlamaLayer::qkv, "x"_a, "offset"_a, "cache"_a = std::vector<mlx::core::array>{})
+      .def("qkv", &edgeai::FusedLlamaLayer::qkv, "x"_a, "offset"_a, "cache"_a = std::vector<mlx::core::array>{},
+           "pad"_a = nb::none())
       .def("attend", &edgeai::FusedLlamaLayer::attend, "q"_a, "k"_a, "v"_a, "x"_a, "scale"_a, "causal"_a,
-           "length"_a = -1)
+           "length"_a = -1, "pad"_a = nb::none())
       .def("mlp", &edgeai::FusedLlamaLayer::mlp, "h"_a);
   m.def("log_softmax", &edgeai::log_softmax, "x"_a,
         "log_softmax over the last axis and each row's entropy (nats), float32: returns [logprobs, entropy].");

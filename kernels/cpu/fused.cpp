@@ -10,6 +10,7 @@
 // MLX slicing. Everything is float32 with float32 (or float16) scales.
 #include <algorithm>
 #include <cmath>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -45,37 +46,44 @@ struct Rope {
   float base, scale;
 };
 
-// cos and sin of each rotated pair at positions offset .. offset + L - 1, [L][dims / 2].
-// Every layer of a step asks for the same table: the last one is kept.
-const std::vector<float>& rope_table(const Rope& r, int offset, int L, bool sine) {
+// cos and sin of each rotated pair at the positions of a step, [rows][dims / 2]: one row per
+// l = 0 .. L - 1 at offset + l, or with per-row left padding `pad` one per (b, l), at
+// offset + l - pad[b] (a batch row's own position). Every layer of a step asks for the same
+// table: the last one is kept.
+const float* rope_table(const Rope& r, int B, int L, int offset, const int* pad, bool sine) {
   thread_local std::vector<float> cos_t, sin_t;
+  thread_local std::vector<int> last_pos, pos;
   thread_local Rope last{0, false, 0.f, 0.f};
-  thread_local int last_offset = -1, last_len = -1;
-  if (!(last.dims == r.dims && last.base == r.base && last.scale == r.scale && last_offset == offset && last_len == L)) {
+  const int rows = pad ? B * L : L;
+  pos.resize(rows);
+  for (int i = 0; i < rows; i++) pos[i] = offset + i % L - (pad ? pad[i / L] : 0);
+  if (!(last.dims == r.dims && last.base == r.base && last.scale == r.scale && last_pos == pos)) {
     const int half = r.dims / 2;
-    cos_t.resize(size_t(L) * half);
-    sin_t.resize(size_t(L) * half);
+    cos_t.resize(size_t(rows) * half);
+    sin_t.resize(size_t(rows) * half);
     for (int i = 0; i < half; i++) {
       const float inv_freq = std::pow(r.base, -float(2 * i) / float(r.dims));
-      for (int l = 0; l < L; l++) {
-        const float th = float(offset + l) * r.scale * inv_freq;
+      for (int l = 0; l < rows; l++) {
+        const float th = float(pos[l]) * r.scale * inv_freq;
         cos_t[size_t(l) * half + i] = std::cos(th);
         sin_t[size_t(l) * half + i] = std::sin(th);
       }
     }
-    last = r, last_offset = offset, last_len = L;
+    last = r, last_pos = pos;
   }
-  return sine ? sin_t : cos_t;
+  return sine ? sin_t.data() : cos_t.data();
 }
 
 // y [M = B*L, H*D] rows -> out [B, H, cap, D] at positions pos0 + l, rotating the first
-// dims of each head at position offset + l (as mx.fast.rope).
-void to_heads(const float* y, int B, int L, int H, int D, const Rope* rope, int offset, float* out, int cap, int pos0) {
-  const float* ct = rope ? rope_table(*rope, offset, L, false).data() : nullptr;
-  const float* st = rope ? rope_table(*rope, offset, L, true).data() : nullptr;
+// dims of each head at position offset + l (- pad[b]: see rope_table), as mx.fast.rope.
+void to_heads(const float* y, int B, int L, int H, int D, const Rope* rope, int offset, const int* pad, float* out,
+              int cap, int pos0) {
+  const float* ct = rope ? rope_table(*rope, B, L, offset, pad, false) : nullptr;
+  const float* st = rope ? rope_table(*rope, B, L, offset, pad, true) : nullptr;
   for (int b = 0; b < B; b++)
     for (int l = 0; l < L; l++) {
       const float* src = y + (long(b) * L + l) * H * D;
+      const size_t row = pad ? size_t(b) * L + l : size_t(l);
       for (int h = 0; h < H; h++) {
         const float* xr = src + long(h) * D;
         float* o = out + ((long(b) * H + h) * cap + pos0 + l) * D;
@@ -84,8 +92,8 @@ void to_heads(const float* y, int B, int L, int H, int D, const Rope* rope, int 
           continue;
         }
         const int half = rope->dims / 2;
-        const float* c = ct + size_t(l) * half;
-        const float* sn = st + size_t(l) * half;
+        const float* c = ct + row * half;
+        const float* sn = st + row * half;
         for (int i = 0; i < half; i++) {
           const int a = rope->traditional ? 2 * i : i, e = rope->traditional ? 2 * i + 1 : i + half;
           const float x1 = xr[a], x2 = xr[e];
@@ -99,13 +107,15 @@ void to_heads(const float* y, int B, int L, int H, int D, const Rope* rope, int 
 
 class NormQKV : public mx::Primitive {
  public:
-  NormQKV(mx::Stream s, float eps, int hq, int hkv, Rope rope, int offset, bool fast, bool into, bool bias)
+  NormQKV(mx::Stream s, float eps, int hq, int hkv, Rope rope, int offset, bool fast, bool into, bool bias,
+          bool padded)
       : mx::Primitive(s), eps_(eps), hq_(hq), hkv_(hkv), rope_(rope), offset_(offset), fast_(fast), into_(into),
-        bias_(bias) {}
+        bias_(bias), padded_(padded) {}
 
   // inputs: x [B, L, D], norm weight [D], (w, scales, biases) for q, k, v, and in `into`
   // mode the KV cache's key and value buffers [B, Hkv, cap, hd], then with `bias` the q, k, v
-  // projections' float32 biases (qwen2). Outputs q, k, v; in `into`
+  // projections' float32 biases (qwen2), then with `padded` each batch row's left padding
+  // (int32 [B]: row b's tokens are at positions offset + l - pad[b]). Outputs q, k, v; in `into`
   // mode k and v are the cache buffers themselves with this step's rows written at
   // [offset, offset + L): positions below offset are untouched, so no earlier reader of the
   // buffer sees a change, and nothing else reads positions at or above offset.
@@ -128,7 +138,9 @@ class NormQKV : public mx::Primitive {
     for (auto& a : in) enc.set_input_array(a);
     for (auto& o : outs) enc.set_output_array(o);
     enc.dispatch([in, outs, eps = eps_, hq = hq_, hkv = hkv_, rope = rope_, offset = offset_, fast = fast_,
-                  into = into_, bias = bias_]() mutable { run(in, outs, eps, hq, hkv, rope, offset, fast, into, bias); });
+                  into = into_, bias = bias_, padded = padded_]() mutable {
+      run(in, outs, eps, hq, hkv, rope, offset, fast, into, bias, padded);
+    });
   }
 
   static void copy_dense(const mx::array& a, float* dst) {
@@ -138,7 +150,7 @@ class NormQKV : public mx::Primitive {
   }
 
   static void run(const std::vector<mx::array>& in, std::vector<mx::array>& outs, float eps_, int hq_, int hkv_,
-                  Rope rope_, int offset_, bool fast_, bool into_, bool bias_) {
+                  Rope rope_, int offset_, bool fast_, bool into_, bool bias_, bool padded_) {
     thread_local std::vector<float> xt, wt, n, y;
     const int B = in[0].shape(0), L = in[0].shape(1), D = in[0].shape(2);
     const long M = long(B) * L;
@@ -148,16 +160,18 @@ class NormQKV : public mx::Primitive {
     y.resize(M * (ls[0].N + ls[1].N + ls[2].N));
     float* ys[3] = {y.data(), y.data() + M * ls[0].N, y.data() + M * (ls[0].N + ls[1].N)};
     qmm_rows(n.data(), M, D, ls, 3, ys, fast_);
+    const size_t at_bias = into_ ? 13 : 11, at_pad = at_bias + (bias_ ? 3 : 0);
     for (int i = 0; bias_ && i < 3; i++) {
-      const float* b = in[in.size() - 3 + i].data<float>();
+      const float* b = in[at_bias + i].data<float>();
       for (long m = 0; m < M; m++)
         for (int j = 0; j < ls[i].N; j++) ys[i][m * ls[i].N + j] += b[j];
     }
     const int hd = ls[0].N / hq_;
-    to_heads(ys[0], B, L, hq_, hd, &rope_, offset_, outs[0].data<float>(), L, 0);
+    const int* pad = padded_ ? in[at_pad].data<int>() : nullptr;
+    to_heads(ys[0], B, L, hq_, hd, &rope_, offset_, pad, outs[0].data<float>(), L, 0);
     const int cap = into_ ? outs[1].shape(2) : L, pos0 = into_ ? offset_ : 0;
-    to_heads(ys[1], B, L, hkv_, hd, &rope_, offset_, outs[1].data<float>(), cap, pos0);
-    to_heads(ys[2], B, L, hkv_, hd, nullptr, 0, outs[2].data<float>(), cap, pos0);
+    to_heads(ys[1], B, L, hkv_, hd, &rope_, offset_, pad, outs[1].data<float>(), cap, pos0);
+    to_heads(ys[2], B, L, hkv_, hd, nullptr, 0, nullptr, outs[2].data<float>(), cap, pos0);
   }
 
   void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
@@ -168,7 +182,7 @@ class NormQKV : public mx::Primitive {
     auto& o = static_cast<const NormQKV&>(other);
     return eps_ == o.eps_ && hq_ == o.hq_ && hkv_ == o.hkv_ && rope_.dims == o.rope_.dims &&
            rope_.traditional == o.rope_.traditional && rope_.base == o.rope_.base && rope_.scale == o.rope_.scale &&
-           offset_ == o.offset_ && fast_ == o.fast_ && into_ == o.into_ && bias_ == o.bias_;
+           offset_ == o.offset_ && fast_ == o.fast_ && into_ == o.into_ && bias_ == o.bias_ && padded_ == o.padded_;
   }
 
  private:
@@ -176,28 +190,28 @@ class NormQKV : public mx::Primitive {
   int hq_, hkv_;
   Rope rope_;
   int offset_;
-  bool fast_, into_, bias_;
+  bool fast_, into_, bias_, padded_;
 };
 
 class AttnOut : public mx::UnaryPrimitive {
  public:
-  AttnOut(mx::Stream s, float scale, bool causal, bool fast, int length)
-      : mx::UnaryPrimitive(s), scale_(scale), causal_(causal), fast_(fast), length_(length) {}
+  AttnOut(mx::Stream s, float scale, bool causal, bool fast, int length, bool padded)
+      : mx::UnaryPrimitive(s), scale_(scale), causal_(causal), fast_(fast), length_(length), padded_(padded) {}
 
-  // inputs: q [B, Hq, L, hd], k, v [B, Hkv, S, hd] (strided cache views), x [B, L, D], o_proj (w, s, b).
+  // inputs: q [B, Hq, L, hd], k, v [B, Hkv, S, hd] (strided cache views), x [B, L, D], o_proj (w, s, b),
+  // then with `padded` each row's left padding (int32 [B]): row b attends to keys from pad[b] on.
   void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
     out.set_data(mx::allocator::malloc(out.nbytes()));
     auto& enc = mx::cpu::get_command_encoder(stream());
     for (auto& a : in) enc.set_input_array(a);
     enc.set_output_array(out);
-    enc.dispatch([in, out, scale = scale_, causal = causal_, fast = fast_, length = length_]() mutable {
-      run(in, out, scale, causal, fast, length);
-    });
+    enc.dispatch([in, out, scale = scale_, causal = causal_, fast = fast_, length = length_,
+                  padded = padded_]() mutable { run(in, out, scale, causal, fast, length, padded); });
   }
 
   // length: how many key/value positions to attend to (the cache's fill), or -1 for all.
   static void run(const std::vector<mx::array>& in, mx::array& out, float scale_, bool causal_, bool fast_,
-                  int length) {
+                  int length, bool padded) {
     thread_local std::vector<float> att, xt;
     const mx::array &q = in[0], &k = in[1], &v = in[2];
     const int B = q.shape(0), Hq = q.shape(1), L = q.shape(2), hd = q.shape(3);
@@ -209,6 +223,7 @@ class AttnOut : public mx::UnaryPrimitive {
     a.B = B, a.Hq = Hq, a.L = L, a.D = hd, a.Hkv = k.shape(1), a.S = length < 0 ? k.shape(2) : length;
     a.scale = scale_, a.causal = causal_;
     a.block = L > 64 ? 16 : (L > 8 ? 4 : 1);
+    a.start = padded ? in[7].data<int>() : nullptr;
     const QmmIsa isa = active_isa();
     const int tasks = B * Hq * ((L + a.block - 1) / a.block);
     if (double(B) * Hq * L * a.S * hd < 100000) {
@@ -229,7 +244,8 @@ class AttnOut : public mx::UnaryPrimitive {
   const char* name() const override { return "EdgeaiAttnOut"; }
   bool is_equivalent(const mx::Primitive& other) const override {
     auto& o = static_cast<const AttnOut&>(other);
-    return scale_ == o.scale_ && causal_ == o.causal_ && fast_ == o.fast_ && length_ == o.length_;
+    return scale_ == o.scale_ && causal_ == o.causal_ && fast_ == o.fast_ && length_ == o.length_ &&
+           padded_ == o.padded_;
   }
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& in) override { return {in[3].shape()}; }
 
@@ -238,6 +254,7 @@ class AttnOut : public mx::UnaryPrimitive {
   bool causal_;
   bool fast_;
   int length_;
+  bool padded_;
 };
 
 class NormMLP : public mx::UnaryPrimitive {
@@ -322,12 +339,22 @@ void add_layers(const char* op, std::vector<mx::array>& in, const std::vector<mx
   }
 }
 
+// Each batch row's left padding as an int32 [B] input (the BatchKVCache keeps it as an array:
+// no wait for its values while the graph is built).
+void add_padding(const char* op, std::vector<mx::array>& in, const std::optional<mx::array>& pad, int B) {
+  if (!pad) return;
+  if (pad->ndim() != 1 || pad->shape(0) != B || !mx::issubdtype(pad->dtype(), mx::integer))
+    fail(op, "left padding must be integers [B], one per batch row");
+  const mx::array p = pad->dtype() == mx::int32 ? *pad : mx::astype(*pad, mx::int32, cpu_stream());
+  in.push_back(p.is_available() && p.flags().row_contiguous ? p : mx::contiguous(p, false, cpu_stream()));
+}
+
 }  // namespace
 
 std::vector<mx::array> norm_qkv(const mx::array& x, const mx::array& norm_w, float eps, const std::vector<mx::array>& qkv,
                                 int n_heads, int n_kv_heads, int rope_dims, bool traditional, float base, float scale,
                                 int offset, int group_size, int bits, bool fast, const std::vector<mx::array>& cache,
-                                const std::vector<mx::array>& qkv_bias) {
+                                const std::vector<mx::array>& qkv_bias, const std::optional<mx::array>& pad) {
   const char* op = "norm_qkv";
   if (x.ndim() != 3 || x.dtype() != mx::float32) fail(op, "x must be float32 [B, L, D]");
   const int D = x.shape(2);
@@ -363,17 +390,18 @@ std::vector<mx::array> norm_qkv(const mx::array& x, const mx::array& norm_w, flo
       in.push_back(b.is_available() && b.flags().row_contiguous ? b : mx::contiguous(b, false, cpu_stream()));
     }
   }
+  add_padding(op, in, pad, B);
   const mx::Shape kv = into ? cache[0].shape() : mx::Shape{B, n_kv_heads, L, hd};
   return mx::array::make_arrays(
       {{B, n_heads, L, hd}, kv, kv}, {mx::float32, mx::float32, mx::float32},
       std::make_shared<NormQKV>(cpu_stream(), eps, n_heads, n_kv_heads, Rope{rope_dims, traditional, base, scale}, offset,
-                                fast, into, bias),
+                                fast, into, bias, pad.has_value()),
       in);
 }
 
 mx::array attn_out(const mx::array& q, const mx::array& k, const mx::array& v, const mx::array& x,
                    const std::vector<mx::array>& o_proj, float scale, bool causal, int group_size, int bits, bool fast,
-                   int length) {
+                   int length, const std::optional<mx::array>& pad) {
   const char* op = "attn_out";
   if (q.ndim() != 4 || k.ndim() != 4 || v.ndim() != 4) fail(op, "expected q, k, v of shape [B, H, L, D]");
   for (const mx::array* a : {&q, &k, &v, &x})
@@ -390,8 +418,9 @@ mx::array attn_out(const mx::array& q, const mx::array& k, const mx::array& v, c
   std::vector<mx::array> in = {q, k, v, x};
   add_layers(op, in, o_proj, q.shape(1) * q.shape(3), group_size, bits);
   if (o_proj.size() != 3 || o_proj[0].shape(0) != x.shape(2)) fail(op, "o_proj must map to x's size");
+  add_padding(op, in, pad, q.shape(0));
   return mx::array(x.shape(), mx::float32,
-                   std::make_shared<AttnOut>(cpu_stream(), scale, causal, fast, length), in);
+                   std::make_shared<AttnOut>(cpu_stream(), scale, causal, fast, length, pad.has_value()), in);
 }
 
 mx::array norm_mlp(const mx::array& h, const mx::array& norm_w, float eps, const std::vector<mx::array>& gate_up_down,
@@ -427,14 +456,15 @@ FusedLlamaLayer::FusedLlamaLayer(mx::array norm1, std::vector<mx::array> qkv, st
   norm_mlp(x, norm2_, eps2_, mlp_, gs_, bits_, fast_);
 }
 
-std::vector<mx::array> FusedLlamaLayer::qkv(const mx::array& x, int offset, const std::vector<mx::array>& cache) const {
+std::vector<mx::array> FusedLlamaLayer::qkv(const mx::array& x, int offset, const std::vector<mx::array>& cache,
+                                            const std::optional<mx::array>& pad) const {
   return norm_qkv(x, norm1_, eps1_, qkv_, hq_, hkv_, rope_dims_, traditional_, base_, scale_, offset, gs_, bits_, fast_,
-                  cache, qkv_bias_);
+                  cache, qkv_bias_, pad);
 }
 
 mx::array FusedLlamaLayer::attend(const mx::array& q, const mx::array& k, const mx::array& v, const mx::array& x,
-                                  float scale, bool causal, int length) const {
-  return attn_out(q, k, v, x, o_, scale, causal, gs_, bits_, fast_, length);
+                                  float scale, bool causal, int length, const std::optional<mx::array>& pad) const {
+  return attn_out(q, k, v, x, o_, scale, causal, gs_, bits_, fast_, length, pad);
 }
 
 mx::array FusedLlamaLayer::mlp(const mx::array& h) const { return norm_mlp(h, norm2_, eps2_, mlp_, gs_, bits_, fast_); }

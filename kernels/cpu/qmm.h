@@ -1,6 +1,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -45,10 +46,14 @@ std::vector<mlx::core::array> norm_qkv(const mlx::core::array& x, const mlx::cor
                                        int rope_dims, bool traditional, float base, float scale, int offset,
                                        int group_size, int bits, bool fast,
                                        const std::vector<mlx::core::array>& cache = {},
-                                       const std::vector<mlx::core::array>& qkv_bias = {});
+                                       const std::vector<mlx::core::array>& qkv_bias = {},
+                                       const std::optional<mlx::core::array>& pad = std::nullopt);
+// pad: each batch row's left padding (a BatchKVCache's rows): positions, and the keys a row
+// attends to, start there.
 mlx::core::array attn_out(const mlx::core::array& q, const mlx::core::array& k, const mlx::core::array& v,
                           const mlx::core::array& x, const std::vector<mlx::core::array>& o_proj, float scale,
-                          bool causal, int group_size, int bits, bool fast, int length = -1);
+                          bool causal, int group_size, int bits, bool fast, int length = -1,
+                          const std::optional<mlx::core::array>& pad = std::nullopt);
 mlx::core::array norm_mlp(const mlx::core::array& h, const mlx::core::array& norm_w, float eps,
                           const std::vector<mlx::core::array>& gate_up_down, int group_size, int bits, bool fast);
 // One llama (or qwen2: q/k/v biases) decoder layer's weights, checked once, for the three fused calls of each step
@@ -60,10 +65,13 @@ class FusedLlamaLayer {
                   int n_kv_heads, int rope_dims, bool traditional, float base, float scale, int group_size, int bits,
                   bool fast, std::vector<mlx::core::array> qkv_bias = {});
   // cache: optional [keys, values] buffers to write this step's k, v into at `offset`.
+  // pad: optional left padding per batch row (see norm_qkv).
   std::vector<mlx::core::array> qkv(const mlx::core::array& x, int offset,
-                                    const std::vector<mlx::core::array>& cache = {}) const;
+                                    const std::vector<mlx::core::array>& cache = {},
+                                    const std::optional<mlx::core::array>& pad = std::nullopt) const;
   mlx::core::array attend(const mlx::core::array& q, const mlx::core::array& k, const mlx::core::array& v,
-                          const mlx::core::array& x, float scale, bool causal, int length = -1) const;
+                          const mlx::core::array& x, float scale, bool causal, int length = -1,
+                          const std::optional<mlx::core::array>& pad = std::nullopt) const;
   mlx::core::array mlp(const mlx::core::array& h) const;
 
  private:

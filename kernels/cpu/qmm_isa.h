@@ -69,6 +69,7 @@ struct AttnArgs {
   float scale;
   bool causal;
   int block;  // query rows per task
+  const int* start;  // per batch row: its first valid key (left padding), or nullptr: 0
 };
 
 using AttnTaskFn = void (*)(const AttnArgs&, int task);
