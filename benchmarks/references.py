@@ -15,7 +15,6 @@ for the 27B.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -24,7 +23,6 @@ import numpy as np
 
 def hf_logits(gguf: Path, ids: list[int], threads: int) -> np.ndarray:
     """(positions, vocab) float32 logits of transformers' model of `gguf`, fed `ids`."""
-    os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF reader's progress bar
     try:
         import torch
         import transformers
@@ -34,6 +32,10 @@ def hf_logits(gguf: Path, ids: list[int], threads: int) -> np.ndarray:
     torch.set_num_threads(threads)
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    if hasattr(gguf_utils, "tqdm"):  # its own per-tensor progress bar, on stderr
+        gguf_utils.tqdm = lambda tensors, **_: tensors
     model = AutoModelForCausalLM.from_pretrained(
         str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
     ).eval()
