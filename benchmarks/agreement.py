@@ -9,6 +9,12 @@ with; stock mlx-lm in float32 on the same MLX weights is printed as the yardstic
 "agreeing with llama.cpp" looks like for an independent, correct implementation.
 
     python benchmarks/agreement.py smollm2-135m [--gguf FILE] [--tokens 300] [--threads 2]
+        [--reference hf] [--llama-f32]
+
+`--reference hf` adds a second table against an independent float reference, Hugging Face
+transformers on the same file (benchmarks/references.py): it settles who is right where
+edgeai and llama.cpp differ. `--llama-f32` adds llama.cpp on a float32 copy of the file:
+its own graph without the 8-bit activation rounding of its quantized matmuls.
 
 MODEL is a store name (or an MLX directory, with --gguf). Without --gguf the GGUF comes
 from where the store got the model: an imported file, or the pinned wheel(s) in the wheel
@@ -27,6 +33,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from references import float_gguf, hf_logits
+
+HF = "HF transformers float32"
+LLAMA_F32 = "llama.cpp on a float32 copy"
 
 # Fixed so numbers compare across commits: prose, a command list and a little code.
 TEXT = """\
@@ -149,6 +159,18 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=300, help="positions compared (text is cut)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--skip-stock", action="store_true", help="no stock mlx-lm reference line")
+    ap.add_argument(
+        "--reference",
+        choices=("hf",),
+        action="append",
+        default=[],
+        help="also compare everything with Hugging Face transformers in float32 (a second table)",
+    )
+    ap.add_argument(
+        "--llama-f32",
+        action="store_true",
+        help="add llama.cpp on a float32 copy of the file (written to a temporary directory)",
+    )
     args = ap.parse_args()
     os.environ["EDGEAI_THREADS"] = str(args.threads)  # before the kernels load
 
@@ -160,6 +182,8 @@ def main() -> None:
     from edgeai import store
     from edgeai.engine import Engine
 
+    # refs: the distributions others are compared with; tables: {reference: {runtime: row}}
+    refs: dict[str, np.ndarray] = {}
     with tempfile.TemporaryDirectory(prefix="edgeai-agree-") as scratch:
         path = store.resolve(args.model)
         gguf = args.gguf or find_gguf(args.model, Path(scratch))
@@ -168,15 +192,35 @@ def main() -> None:
         theirs = llama.tokenize(TEXT)[: len(ids)]  # type: ignore[attr-defined]
         same = sum(a == b for a, b in zip(ids, theirs))
         t = time.perf_counter()
-        ref = llama(ids)
+        refs["llama.cpp"] = llama(ids)
         print(
             f"llama.cpp: {len(ids)} positions in {time.perf_counter() - t:.1f} s; tokenizers "
             f"agree on {same}/{len(ids)} ids (edgeai's are fed to both)",
             file=sys.stderr,
         )
         del llama
+        if args.llama_f32:
+            f32 = float_gguf(gguf, Path(scratch) / "float32.gguf")
+            refs[LLAMA_F32] = llama_cpp_logits(f32, args.threads, len(ids) + 8)(ids)
+            f32.unlink()
+        if "hf" in args.reference:
+            t = time.perf_counter()
+            refs[HF] = hf_logits(gguf, ids, args.threads)
+            print(f"{HF}: {time.perf_counter() - t:.1f} s", file=sys.stderr)
 
-    rows: dict[str, dict[str, float]] = {}
+    tables: dict[str, dict[str, dict[str, float]]] = {"llama.cpp": {}}
+    if HF in refs:
+        tables[HF] = {}
+
+    def add(label: str, logits: np.ndarray) -> None:
+        for ref_name, rows in tables.items():
+            if ref_name != label:
+                rows[label] = agreement(refs[ref_name], logits)
+
+    for name in refs:
+        if name != "llama.cpp":
+            add(name, refs[name])
+    add("llama.cpp", refs["llama.cpp"])
     for precision in ("accurate", "fast"):
         eng = Engine.load(path, kernel="custom", precision=precision)
         k, label = eng.kernel, f"edgeai {precision}"
@@ -184,7 +228,7 @@ def main() -> None:
             label += f" (builtin kernel: {k.reason})"
         make_cache = eng.hooks.make_cache
         t = time.perf_counter()
-        rows[label] = agreement(ref, mlx_logits(eng.model, make_cache)(ids))
+        add(label, mlx_logits(eng.model, make_cache)(ids))
         print(
             f"{label}: {k.name} {k.isa or ''} {k.precision or ''}, {k.threads} threads, "
             f"{time.perf_counter() - t:.1f} s",
@@ -197,7 +241,7 @@ def main() -> None:
         stock, _ = mlx_load(str(path))
         stock.set_dtype(mx.float32)  # float scales, biases and norms; weights stay 4-bit
         t = time.perf_counter()
-        rows["mlx-lm float32 (stock)"] = agreement(ref, mlx_logits(stock, make_prompt_cache)(ids))
+        add("mlx-lm float32 (stock)", mlx_logits(stock, make_prompt_cache)(ids))
         print(f"mlx-lm float32: {time.perf_counter() - t:.1f} s", file=sys.stderr)
 
     import llama_cpp
@@ -207,12 +251,16 @@ def main() -> None:
         f" | threads: {args.threads} | llama-cpp-python {llama_cpp.__version__}"
         f" | mlx {mx.__version__}"
     )
-    print()
-    print("| runtime | top-1 agreement | mean KL(llama.cpp ‖ runtime) | p99 KL | max KL |")
-    print("|---|---|---|---|---|")
-    for name, r in rows.items():
-        cells = [f"{r['top1']:.3f}"] + [f"{r[k]:.4f}" for k in ("kl_mean", "kl_p99", "kl_max")]
-        print(f"| {name} | {' | '.join(cells)} |")
+    for ref_name, rows in tables.items():
+        print()
+        if len(tables) > 1:
+            print(f"### against {ref_name}")
+            print()
+        print(f"| runtime | top-1 agreement | mean KL({ref_name} ‖ runtime) | p99 KL | max KL |")
+        print("|---|---|---|---|---|")
+        for name, r in rows.items():
+            cells = [f"{r['top1']:.3f}"] + [f"{r[k]:.4f}" for k in ("kl_mean", "kl_p99", "kl_max")]
+            print(f"| {name} | {' | '.join(cells)} |")
 
 
 if __name__ == "__main__":

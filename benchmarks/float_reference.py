@@ -10,6 +10,9 @@ extreme in Qwen2 models and which llama.cpp's 8-bit activation rounding moves mo
     python benchmarks/float_reference.py MODEL FILE.gguf [--tokens 120] [--threads 2]
 
 MODEL is an installed store name made from FILE.gguf (`edgeai pull` / `edgeai import`).
+The model code is mlx-lm's, as in edgeai: a misreading of the architecture shared by both
+would not show here. `agreement.py --reference hf --llama-f32` checks against Hugging Face
+transformers and llama.cpp's own float graph instead.
 """
 
 from __future__ import annotations
