@@ -214,9 +214,10 @@ def test_aliases_and_renamed_imports_get_the_models_scorer(tmp_path, monkeypatch
     monkeypatch.setenv("EDGEAI_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("EDGEAI_CONFIG_DIR", str(tmp_path / "config"))
     assert store.calibration_name("smollm2") == "smollm2-135m"
-    assert confidence.load_scorer("smollm2").to_dict() == confidence.load_scorer(
-        "smollm2-135m"
-    ).to_dict()
+    assert (
+        confidence.load_scorer("smollm2").to_dict()
+        == confidence.load_scorer("smollm2-135m").to_dict()
+    )
     # The file the catalog's pip wheel holds, imported under a name of the user's choosing.
     gguf = tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"
     make_gguf(gguf)
