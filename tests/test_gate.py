@@ -227,3 +227,49 @@ def test_aliases_and_renamed_imports_get_the_models_scorer(tmp_path, monkeypatch
     make_gguf(tmp_path / "something-else.gguf")
     store.import_gguf(tmp_path / "something-else.gguf", name="theirs")
     assert store.calibration_name("theirs") == "theirs"
+
+
+def test_both_server_lanes_answer_with_the_probes_states(tiny_model, tmp_path, monkeypatch):
+    import queue
+    import threading
+    import time
+
+    from edgeai.server.scheduler import ADMITTED, Scheduler
+
+    monkeypatch.setenv("EDGEAI_CONFIG_DIR", str(tmp_path / "config"))
+    base = confidence.load_scorer("tinyprobe")
+    probe = confidence.Probe([1], np.ones(128, dtype=np.float32), 0.0, 2)
+    confidence.save_user_scorer(
+        "tinyprobe",
+        confidence.Scorer(**{**base.__dict__, "probe": probe, "fallback": base}),
+    )
+    sched = Scheduler(max_batch=4, max_queue=8, keep_alive=-1)
+    sched.start()
+
+    def ask(prompt: str, n: int, cancel=None) -> queue.Queue:
+        q: queue.Queue = queue.Queue()
+        opts = GenerationOptions(max_tokens=n)
+        sched.submit(prompt, opts, "tinyprobe", tiny_model, q.put, cancel=cancel)
+        return q
+
+    def last(q: queue.Queue):
+        while True:
+            item = q.get(timeout=120)
+            if item is not ADMITTED and getattr(item, "finish_reason", None) is not None:
+                return item
+
+    try:
+        alone = last(ask(PROMPTS[0], 5))
+        stop = threading.Event()
+        blocker = ask(PROMPTS[1], 2000, cancel=stop)
+        while sched.status()["lanes"]["alone"] < 2:
+            time.sleep(0.005)
+        batched = last(ask(PROMPTS[0], 5))
+        stop.set()
+        last(blocker)
+        assert sched.status()["lanes"]["batched"] >= 1
+    finally:
+        sched.stop()
+    for end in (alone, batched):
+        assert end.hidden is not None and end.hidden.layers == [1]
+    np.testing.assert_allclose(batched.hidden.values, alone.hidden.values, rtol=1e-2, atol=1e-2)

@@ -272,7 +272,9 @@ def generate_records(
 
 
 def load_records(path: str | Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The records in a file, one per question (a question written twice keeps its last)."""
+    recs = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return list({r["question"]: r for r in recs}.values())
 
 
 # -- metrics ------------------------------------------------------------------------------
