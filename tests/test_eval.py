@@ -74,7 +74,9 @@ def test_metrics():
     assert cov[-1] == 1 and acc[0] == 1 and acc[-1] == pytest.approx(0.5)
     t = ev.threshold_table(s, y, [0.5])[0]
     assert t["kept_local"] == pytest.approx(4 / 6) and t["kept_accuracy"] == pytest.approx(0.75)
-    assert cal.pick_threshold(s, y, target_accuracy=1.0) == pytest.approx(0.8)
+    assert cal.pick_threshold(s, y, target_accuracy=1.0, min_kept=2) == pytest.approx(0.8)
+    # Two right answers are not evidence enough by default: keep nothing.
+    assert cal.pick_threshold(s, y, target_accuracy=1.0, min_kept=3) == cal.KEEP_NOTHING
     assert cal.pick_threshold(s, y, budget=0.5) == pytest.approx(np.quantile(s, 0.5))
 
 

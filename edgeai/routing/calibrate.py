@@ -265,22 +265,28 @@ def fit_gate(
 # -- the operating point ------------------------------------------------------------------
 
 
+MIN_KEPT = 10  # a threshold must keep at least this many fit answers: fewer is luck, not evidence
+KEEP_NOTHING = 1.001  # above any P(correct): the threshold of a target no share reaches
+
+
 def pick_threshold(
     scores: np.ndarray,
     labels: np.ndarray,
     target_accuracy: float | None = None,
     budget: float | None = None,
+    min_kept: int = MIN_KEPT,
 ) -> float:
-    """The lowest threshold whose kept answers reach `target_accuracy`, or the threshold that
-    escalates at most `budget` (a share) of the questions."""
+    """The lowest threshold whose kept answers (at least `min_kept` of them) reach
+    `target_accuracy`, or the threshold that escalates at most `budget` (a share) of the
+    questions. When no threshold reaches the target, one above every score: keep nothing."""
     scores, labels = np.asarray(scores), np.asarray(labels, dtype=float)
     if budget is not None:
         return float(np.quantile(scores, budget)) if len(scores) else 0.5
     target = 0.9 if target_accuracy is None else target_accuracy
-    best = float(scores.max()) + 1e-9 if len(scores) else 1.0  # keep nothing if unreachable
+    best = KEEP_NOTHING
     for t in np.unique(scores)[::-1]:
         keep = scores >= t
-        if labels[keep].mean() >= target:
+        if keep.sum() >= min(min_kept, len(scores)) and labels[keep].mean() >= target:
             best = float(t)
     return best
 
