@@ -8,9 +8,10 @@ and `tests/test_batching.py::test_mlx_lm_contract` fails if a new mlx-lm breaks 
   running `GenerationBatch` afterwards; both call `self.model(inputs, cache=...)` with the
   rows in the order of their `uids` list.
 
-Here prompt batches call the model under the kernels' prompt context (float32 where decoding
-uses int8 activations, as `Engine.generate` runs a prompt), so a batched answer starts with
-the same token as the single-stream one; and every call gets each row's LoRA adapter from
+Here each prompt's first generation step calls the model under the kernels' prompt context
+(float32 where decoding uses int8 activations), and the prompt tokens before it fill the cache
+in the layers' own precision, as `Engine.generate` runs a prompt, so a batched answer starts
+with the same token as the single-stream one; and every call gets each row's LoRA adapter from
 the uids of the batch object that makes it.
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 CONTRACT = {  # what this module reads or overrides in mlx_lm.generate (checked by the test)
@@ -40,11 +42,27 @@ def for_engine(engine: Any, adapter_of: Callable[[int], Any], **kwargs: Any) -> 
         return [adapter_of(u) for u in calling_batch_uids(n)]
 
     hooks = engine.hooks
+
+    def first_step_context() -> AbstractContextManager:
+        # As decode_steps: prompt tokens fill the cache in the layers' own precision, the
+        # step that yields each row's first token runs under the prompt context.
+        return nullcontext() if _filling_prompt() else hooks.prompt_context()
+
     model = engine.adapters.routed(rows)
-    prompt_model = (
-        engine.adapters.routed(rows, hooks.prompt_context) if hooks.int8_decode else model
-    )
+    prompt_model = engine.adapters.routed(rows, first_step_context) if hooks.int8_decode else model
     return batch_generator(model, prompt_model, **kwargs)
+
+
+def _filling_prompt() -> bool:
+    """Whether the model call under way is a PromptProcessingBatch filling its cache with
+    prompt tokens (rather than a batch's generation step)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        kind = type(frame.f_locals.get("self")).__name__
+        if kind in ("PromptProcessingBatch", "GenerationBatch"):
+            return kind == "PromptProcessingBatch"
+        frame = frame.f_back
+    return False
 
 
 def calling_batch_uids(n: int) -> list[int]:
