@@ -13,6 +13,8 @@ import pytest
 from edgeai import kernels
 from edgeai.errors import InvalidInput
 
+PRECISIONS = ("fast", "accurate")
+
 kc = pytest.importorskip("edgeai.kernels.cpu")
 try:
     EXT = kc.extension()
@@ -117,9 +119,9 @@ def test_5_and_6_bit_match_float32_reference(isa, bits, half, gs, k):
         y = EXT.quantized_matmul(x, wq, s, b, gs, bits)  # accurate: float32 everywhere
         assert y.shape == (m, n) and nmse(y, x @ ref_w) < 1e-10
         err = nmse(EXT.quantized_matmul(x, qw, qs, qb, gs, bits, True), x @ qref_w)
-        if m <= 3:  # int8 activations: above float32 rounding, well inside the tolerance
+        if m <= 3 or EXT.int8_gemm():  # int8: above float32 rounding, well inside the tolerance
             assert 1e-8 < err < kernels.FAST_NMSE_TOL / 5
-        else:  # more rows than the int8 path takes: float32
+        else:  # more rows than the int8 tile takes, and no int8 GEMM: float32
             assert err < 1e-10
 
 
@@ -173,12 +175,17 @@ def test_fast_path_rows_do_not_depend_on_the_batch(bits):
 
 
 @needs_ext
-def test_fast_flag_past_3_rows_is_float32():
+@pytest.mark.parametrize("isa", ISAS)
+def test_fast_flag_past_3_rows_is_the_int8_gemm_or_float32(isa):
+    EXT.set_isa(isa)
     wq, s, b = quantized(64, 256, 32, 4)
-    x = mx.random.normal((4, 256), key=mx.random.key(13))  # a prompt: float32 prefill
-    assert (
-        nmse(EXT.quantized_matmul(x, wq, s, b, 32, 4, True), reference(x, wq, s, b, 32, 4)) < 1e-10
-    )
+    x = mx.random.normal((4, 256), key=mx.random.key(13))  # a prompt's rows
+    err = nmse(EXT.quantized_matmul(x, wq, s, b, 32, 4, True), reference(x, wq, s, b, 32, 4))
+    assert EXT.int8_gemm() == (isa == "avx512vnni")
+    if EXT.int8_gemm():
+        assert 1e-8 < err < kernels.FAST_NMSE_TOL / 5
+    else:
+        assert err < 1e-10
 
 
 @needs_ext
@@ -207,22 +214,33 @@ def test_fast_precision_is_reported_and_close_to_builtin(tiny_model):
 
 
 @needs_ext
-def test_fast_mode_runs_the_prompt_in_float32(tiny_model):
+def test_fast_mode_fills_the_prompt_in_int8_and_runs_its_last_token_in_float32(tiny_model):
+    import contextlib
+    import dataclasses
+
     from edgeai.engine import Engine
     from edgeai.engine.decode import decode_steps
 
-    def steps(precision: str, prompt_len: int) -> list[tuple[int, float]]:
-        eng = Engine.load(tiny_model, kernel="custom", precision=precision)
+    engines = {p: Engine.load(tiny_model, kernel="custom", precision=p) for p in PRECISIONS}
+
+    def first(precision: str, prompt_len: int, float32_step: bool = True) -> float:
+        eng = engines[precision]
+        hooks = eng.hooks
+        if not float32_step:  # the first token's own step in int8 too
+            hooks = dataclasses.replace(hooks, prompt_context=contextlib.nullcontext)
         prompt = mx.array([(7 * i + 3) % 200 for i in range(prompt_len)])
         greedy = lambda lp: mx.argmax(lp, axis=-1)  # noqa: E731
-        return [
-            (t, lp) for t, lp, _, _ in decode_steps(eng.model, prompt, greedy, 6, hooks=eng.hooks)
-        ]
+        return next(decode_steps(eng.model, prompt, greedy, 1, hooks=hooks))[1]
 
-    for prompt_len in (3, 40):  # a short prompt's rows would otherwise fit the int8 path
-        fast, accurate = steps("fast", prompt_len), steps("accurate", prompt_len)
-        assert fast[0] == accurate[0]  # bit for bit: the prompt and first token in float32
-        assert [lp for _, lp in fast[1:]] != [lp for _, lp in accurate[1:]]  # then int8 decoding
+    # 1: nothing to fill; 3: two rows (the int8 tile); 40: the int8 GEMM (float32 without one)
+    for prompt_len in (1, 3, 40):
+        fast, accurate = first("fast", prompt_len), first("accurate", prompt_len)
+        filled_int8 = prompt_len > 1 and (prompt_len - 1 <= 3 or EXT.int8_gemm())
+        if filled_int8:  # the cache holds int8-computed keys and values: close, not equal
+            assert fast != accurate and abs(fast - accurate) < 0.5  # the tiny model: ~0.1
+        else:
+            assert fast == accurate  # bit for bit: the last token's step in float32
+        assert fast != first("fast", prompt_len, float32_step=False)
 
 
 @needs_ext

@@ -162,16 +162,16 @@ def decode_steps(
         return outs
 
     # All but the last prompt token only fill the cache (in chunks): their logits are never
-    # evaluated, which skips the LM head, a fifth of a 512-token prefill. The last token then
-    # gives the first generated one. Both run under the kernels' prompt context (float32 even
-    # where decoding uses int8 activations): computed once, and the first token sets the
-    # answer's course.
+    # evaluated, which skips the LM head, a fifth of a 512-token prefill. They run in the
+    # layers' own precision (fast mode: int8 activations, the int8 GEMM). The last token then
+    # gives the first generated one under the kernels' prompt context (float32 even where
+    # decoding uses int8 activations): one row, and the first token sets the answer's course.
+    while prompt.size > 1:
+        n = min(prefill_step, prompt.size - 1)
+        model(prompt[None, :n], cache=cache)
+        mx.eval([c.state for c in cache])
+        prompt = prompt[n:]
     with hooks.prompt_context():
-        while prompt.size > 1:
-            n = min(prefill_step, prompt.size - 1)
-            model(prompt[None, :n], cache=cache)
-            mx.eval([c.state for c in cache])
-            prompt = prompt[n:]
         outs = step(prompt[None], generated=False)
     mx.async_eval(outs)
     for n in range(max_tokens):

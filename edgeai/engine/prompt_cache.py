@@ -4,10 +4,11 @@ An app sends the same long system prompt and a growing conversation; each turn's
 starts with the previous turn's. The KV cache of a finished prompt is kept (LRU, bounded by
 bytes, per adapter), and the next prompt that shares its beginning prefills only the rest.
 
-Only the prompt's own positions are kept, never the generated ones: prompts run under the
-kernels' prompt context (float32) while decoding may use int8 activations, so a kept
-generated position would differ from the same position prefilled later, and an answer with
-reuse would no longer equal the answer without.
+Only the positions a prompt fill computed are kept: never the generated ones, nor the
+prompt's last (its step gives the first token and runs under the kernels' prompt context,
+float32, while fills and decoding may use int8 activations), so a kept position is what
+prefilling the same tokens later computes, and an answer with reuse equals the answer
+without.
 """
 
 from __future__ import annotations
@@ -85,15 +86,17 @@ class PromptCache:
         return entry.cache, best_n
 
     def put(self, scope: Hashable, ids: Sequence[int], cache: list, cached: int) -> None:
-        """Keep `cache` as the prompt `ids`; it holds `cached` positions (prompt + generated).
+        """Keep `cache` as the prompt `ids` but its last id; it holds `cached` positions
+        (prompt + generated).
 
         A cache holding fewer positions than the prompt (a generation stopped during its
-        prefill), or one that cannot be cut back to the prompt, is dropped.
+        prefill), or one that cannot be cut back, is dropped.
         """
-        extra = cached - len(ids)
-        if extra < 0 or len(ids) < MIN_REUSE:
+        if cached < len(ids) or len(ids) - 1 < MIN_REUSE:
             return
-        if extra and (not can_trim_prompt_cache(cache) or trim_prompt_cache(cache, extra) != extra):
+        ids = ids[:-1]  # the last position came from the first token's step: see the module
+        extra = cached - len(ids)
+        if not can_trim_prompt_cache(cache) or trim_prompt_cache(cache, extra) != extra:
             return
         tokens = tuple(ids)
         nbytes = _nbytes(cache)

@@ -109,8 +109,9 @@ class Hooks:
         make_cache: model -> its KV cache (fused layers write theirs in place).
         log_softmax: (1, vocab) float32 logits -> (log-probabilities, entropy), as one node
             where a kernel fuses it.
-        prompt_context: a context manager that prompts (and each prompt's first generated
-            token) run under: float32 activations where decoding uses int8 ones.
+        prompt_context: a context manager that the step giving a prompt's first generated
+            token runs under: float32 activations where decoding uses int8 ones (the prompt
+            tokens before it fill the cache in the layers' own precision).
     """
 
     make_cache: Callable[[nn.Module], list] = _mlx_cache
@@ -215,10 +216,12 @@ def apply(model: nn.Module, mode: str = "auto", precision: str | None = None) ->
     if fast:
         fv = verify(cand, shapes, fast=True)
         if fv["ok"]:
-            accuracy = (
-                f"int8 activations at decode (NMSE {fv['nmse']:.1e}), "
-                "float32 for prompts and batches over 3 rows"
+            rest = (
+                "and for prompt tokens (int8 GEMM), float32 for each prompt's last"
+                if be == "cpu" and kc.extension().int8_gemm()
+                else "float32 for prompts and batches over 3 rows"
             )
+            accuracy = f"int8 activations at decode (NMSE {fv['nmse']:.1e}) {rest}"
         else:  # the accurate kernel passed: keep it, say why the fast one is not used
             fast = False
             _warn_once(
@@ -236,7 +239,7 @@ def apply(model: nn.Module, mode: str = "auto", precision: str | None = None) ->
         if fused:  # fused layers write k/v into a cache of their own, in place
             layer_note = f"{layer_note}, fused layers {fused}"
             hook["make_cache"] = kc.make_cache
-        if fast:  # a prompt and its first generated token are built in float32
+        if fast:  # a prompt's first generated token is built in float32
             hook["prompt_context"] = kc.full_precision
         if _verdict(f"log_softmax|{cand.build_id}|{cand.isa()}", check_log_softmax):
             hook["log_softmax"] = kc.extension().log_softmax

@@ -69,11 +69,12 @@ _FULL_PRECISION: ContextVar[bool] = ContextVar("edgeai_full_precision", default=
 def full_precision() -> Iterator[None]:
     """Build graphs with float32 activations even where the layers are in fast mode.
 
-    The engine (and the server's prompt batches, server.batching) builds a prompt and the
-    step of its first generated token under it: computed once per prompt, so the fidelity
-    costs about one step, and greedy answers keep float32's first token (with int8
-    activations SmolLM2 opens "What is the capital of France?" with "L'", as llama.cpp
-    does, where float32 says "The", 0.09 nats ahead).
+    The engine (and the server's prompt batches, server.batching) builds the step of a
+    prompt's first generated token under it: one row per prompt, so the fidelity costs about
+    one step, and that step's own activations stay float32 (with int8 activations
+    throughout, SmolLM2 opens "What is the capital of France?" with "L'", as llama.cpp does,
+    where float32 says "The", 0.09 nats ahead). The prompt tokens before it fill the KV cache
+    in the layers' own precision: in fast mode the int8 GEMM, ~2.3x the float32 GEMM's speed.
     """
     token = _FULL_PRECISION.set(True)
     try:

@@ -42,7 +42,7 @@ NMSE_TOL = 1e-7  # float32 accumulation: anything above this is a wrong answer, 
 MAX_REL_TOL = 1e-3
 FAST_NMSE_TOL = 5e-4  # int8 activations: rounding error ~5e-5; a wrong kernel is far above
 FAST_MAX_REL_TOL = 5e-2
-FAST_ROWS = (1, 3)
+FAST_ROWS = (1, 3, 41)  # the int8 decode tile; a prompt chunk (int8 GEMM, 6 x 6 + 5 rows)
 VERIFY_ROWS = (1, 7)  # decode path and prefill (tiled) path with a ragged tail
 
 
@@ -243,7 +243,8 @@ def verify(cand: Candidate, shapes: list[tuple], fast: bool = False) -> dict:
     """Check every (bits, group_size, N, K[, scale dtype]) for M in VERIFY_ROWS, using cached
     verdicts.
 
-    fast: check the candidate's int8-activation path (decode rows, `FAST_*` tolerances) instead.
+    fast: check the candidate's int8-activation path (decode rows and a prompt chunk, `FAST_*`
+        tolerances) instead.
     """
     cache = _read_cache()
     prefix = f"{cand.name}|{cand.build_id}|{cand.isa()}|{mx.__version__}|{_machine_id()}" + (

@@ -11,9 +11,10 @@ and `tests/test_batching.py::test_mlx_lm_contract` fails if a new mlx-lm breaks 
 Every `GenerationBatch` call yields one token per row (its first call for a row runs the
 prompt's last token), which is how `RowStates` matches hidden states to tokens.
 
-Here prompt batches call the model under the kernels' prompt context (float32 where decoding
-uses int8 activations, as `Engine.generate` runs a prompt), so a batched answer starts with
-the same token as the single-stream one; and every call gets each row's LoRA adapter from
+Here each prompt's first generation step calls the model under the kernels' prompt context
+(float32 where decoding uses int8 activations), and the prompt tokens before it fill the cache
+in the layers' own precision, as `Engine.generate` runs a prompt, so a batched answer starts
+with the same token as the single-stream one; and every call gets each row's LoRA adapter from
 the uids of the batch object that makes it.
 """
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 from edgeai.engine.hidden import RowStates
@@ -51,10 +53,14 @@ def for_engine(
         return [adapter_of(u) for u in calling_batch(n)[1]]
 
     hooks = engine.hooks
+
+    def first_step_context() -> AbstractContextManager:
+        # As decode_steps: prompt tokens fill the cache in the layers' own precision, the
+        # step that yields each row's first token runs under the prompt context.
+        return nullcontext() if _filling_prompt() else hooks.prompt_context()
+
     model = engine.adapters.routed(rows)
-    prompt_model = (
-        engine.adapters.routed(rows, hooks.prompt_context) if hooks.int8_decode else model
-    )
+    prompt_model = engine.adapters.routed(rows, first_step_context) if hooks.int8_decode else model
     if states is not None:
         model, prompt_model = _Recording(model, states), _Recording(prompt_model, states)
     return batch_generator(model, prompt_model, **kwargs)
@@ -77,6 +83,23 @@ class _Recording:
         return out
 
 
+def _filling_prompt() -> bool:
+    """Whether the model call under way is a PromptProcessingBatch filling its cache with
+    prompt tokens (rather than a batch's generation step)."""
+    owner = _batch_owner(sys._getframe(1))
+    return type(owner).__name__ == "PromptProcessingBatch"
+
+
+def _batch_owner(frame: Any) -> Any:
+    """The nearest mlx-lm batch object up the stack from `frame` (None if there is none)."""
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        if type(owner).__name__ in ("PromptProcessingBatch", "GenerationBatch"):
+            return owner
+        frame = frame.f_back
+    return None
+
+
 def calling_batch(n: int) -> tuple[str, list[int]]:
     """The kind and the request uids (in row order) of the mlx-lm batch object whose call is
     under way: ("PromptProcessingBatch" or "GenerationBatch", uids).
@@ -84,16 +107,10 @@ def calling_batch(n: int) -> tuple[str, list[int]]:
     mlx-lm passes no request ids to the model: the batch (`self` of the frame that called
     the model) holds them in `uids`. Raises if that is not what is found.
     """
-    frame = sys._getframe(1)
-    while frame is not None:
-        owner = frame.f_locals.get("self")
-        uids = getattr(owner, "uids", None)
-        kind = type(owner).__name__
-        if kind in ("PromptProcessingBatch", "GenerationBatch") and isinstance(uids, list):
-            if len(uids) != n:
-                break
-            return kind, uids
-        frame = frame.f_back
+    owner = _batch_owner(sys._getframe(1))
+    uids = getattr(owner, "uids", None)
+    if isinstance(uids, list) and len(uids) == n:
+        return type(owner).__name__, uids
     raise RuntimeError("cannot tell which request each batch row belongs to (mlx-lm changed?)")
 
 

@@ -2,7 +2,7 @@
 
 Every tensor becomes MLX's affine quantized layout with group size 32 (see `gguf_quants`):
 Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 exactly, Q4_K/Q5_K with their scales d·sc rounded to float16, and
-Q6_K re-quantized to 8 bits; F16/BF16/F32 tensors stay float. One file mixes types freely,
+Q6_K re-quantized to 6 bits; F16/BF16/F32 tensors stay float. One file mixes types freely,
 so the config names each layer's bits (mlx-lm's per-layer quantization). The tokenizer is
 rebuilt from the GGUF vocabulary as a Hugging Face `tokenizer.json`.
 """
@@ -177,13 +177,17 @@ def _converted_bytes(t: TensorInfo, arch: str) -> int:
 
 
 def convert(
-    src: str | Path, dst: str | Path, *, scale_dtype=np.float16, q6_bits: int = 8
+    src: str | Path,
+    dst: str | Path,
+    *,
+    scale_dtype=np.float16,
+    q6_bits: int = gguf_quants.Q6_BITS,
 ) -> dict[str, Any]:
     """Write an MLX model directory for the GGUF file `src` into `dst` (created).
 
     Args:
         scale_dtype: dtype of the quantization scales and biases (float16; float32 to measure).
-        q6_bits: bits Q6_K tensors are re-quantized to (8; 6 to measure).
+        q6_bits: bits Q6_K tensors are re-quantized to (6; 8 to measure: see gguf_quants).
 
     Returns:
         A summary: architecture, tensor types, parameter count, name from the metadata.

@@ -14,7 +14,8 @@ NB_MODULE(_edgeai_kernels, m) {
   m.def("quantized_matmul", &edgeai::quantized_matmul, "x"_a, "w"_a, "scales"_a, "biases"_a, "group_size"_a,
         "bits"_a, "fast"_a = false,
         "y = x @ dequantize(w, scales, biases).T (CPU). fast: int8 activations per block of 32 "
-        "for at most 3 rows (decode); otherwise float32 activations and accumulation.");
+        "(at most 3 rows: the decode tile; more: the int8 GEMM where int8_gemm(), else float32); "
+        "otherwise float32 activations and accumulation.");
   m.def("attention", &edgeai::attention, "q"_a, "k"_a, "v"_a, "scale"_a, "causal"_a,
         "softmax(q @ k.T * scale, causal mask aligned to the end) @ v for q [B, Hq, L, D], k/v [B, Hkv, S, D]; "
         "returns [B, L, Hq, D]. float32, grouped-query heads.");
@@ -51,6 +52,9 @@ NB_MODULE(_edgeai_kernels, m) {
   m.def("log_softmax", &edgeai::log_softmax, "x"_a,
         "log_softmax over the last axis and each row's entropy (nats), float32: returns [logprobs, entropy].");
   m.def("isa", &edgeai::isa_name, "The instruction set the kernels use now.");
+  m.def("int8_gemm", &edgeai::has_int8_gemm,
+        "Whether fast-mode matmuls of 4 or more rows run as the int8 GEMM on the current instruction set "
+        "(else float32).");
   m.def("available_isas", &edgeai::available_isas, "Instruction sets this CPU can run, best first.");
   m.def("set_isa", &edgeai::set_isa, "name"_a, "Force an instruction set (tests), or 'auto'.");
   m.def("threads", &edgeai::threads, "Threads the kernels use (the caller's included).");

@@ -3,10 +3,11 @@
 // MLX's affine packing (bits 4, 5, 6 or 8, group size 32/64/128): one little-endian bit
 // stream per row, element j at bits [j*bits, (j+1)*bits) (so 5- and 6-bit elements straddle
 // bytes and words: see qmm_unpack.h), w = scale * q + bias.
-// Two modes. Accurate: float32 activations and accumulation. Fast (at most kMaxQ8Rows
-// rows: decode, small batches): activations quantized to int8 per block of 32, integer dot
-// products per block, float32 across blocks (normalized MSE ~5e-5 vs float32). Scales and
-// biases are float32 or float16 (converted to float32 in registers).
+// Two modes. Accurate: float32 activations and accumulation. Fast: activations quantized to
+// int8 per block of 32, integer dot products per block, float32 across blocks (normalized MSE
+// ~5e-5 vs float32): at most kMaxQ8Rows rows (decode, small batches) by the per-row int8
+// tile, more (prompts) by the int8 GEMM where the ISA has one (qmm_gemm_q8.cpp), else in
+// float32. Scales and biases are float32 or float16 (converted to float32 in registers).
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -180,6 +181,29 @@ void prepare_row_q8(const float* x, int K, int gs, int bits, int8_t* xq, float* 
   }
 }
 
+// Fast mode's GEMM (many rows, QmmIsa::gemm_q8): a row as int8 blocks of 32 in the GEMM's
+// order (4-bit: each block's 16 even-indexed elements, then its 16 odd ones; otherwise
+// natural), block scales xd, and per-block sums xd * sum(q) of the quantized row (see
+// prepare_row_q8 for why of the quantized one).
+void prepare_row_q8_gemm(const float* x, int K, int bits, int8_t* xq, float* xd, float* xs) {
+  for (int k = 0; k < K / 32; k++) {
+    const float* xk = x + 32 * k;
+    int8_t* qk = xq + 32 * k;
+    float amax = 0;
+    for (int i = 0; i < 32; i++) amax = std::max(amax, std::fabs(xk[i]));
+    const float id = amax > 0 ? 127.f / amax : 0.f;
+    xd[k] = amax / 127.f;
+    auto q = [id](float v) { const float r = v * id; return int8_t(r + (r >= 0.f ? 0.5f : -0.5f)); };
+    int sum = 0;
+    if (bits != 4) {
+      for (int i = 0; i < 32; i++) sum += qk[i] = q(xk[i]);
+    } else {
+      for (int i = 0; i < 16; i++) sum += (qk[i] = q(xk[2 * i])) + (qk[16 + i] = q(xk[2 * i + 1]));
+    }
+    xs[k] = xd[k] * float(sum);
+  }
+}
+
 void store_out(mx::array& out, const float* y, long n) {
   switch (out.dtype()) {
     case mx::float32: return;  // computed in place
@@ -249,6 +273,7 @@ QLinear qlinear(const mx::array& w, const mx::array& s, const mx::array& b, int 
 void qmm_rows(const float* x, long M, int K, const QLinear* ls, int n, float* const* ys, bool fast) {
   const QmmIsa isa = current_isa();
   const bool q8 = fast && M <= kMaxQ8Rows && isa.tile_q8 != nullptr;
+  const bool q8g = fast && !q8 && M >= kQ8GemmRows && isa.gemm_q8 != nullptr;
   thread_local std::vector<Prepared> preps(4);
   std::vector<int> prep_of(n);
   int np = 0;
@@ -262,7 +287,20 @@ void qmm_rows(const float* x, long M, int K, const QLinear* ls, int n, float* co
       p.bits = ls[i].bits, p.gs = ls[i].gs;
       const int G = K / p.gs;
       p.xs.resize(M * G);
-      if (q8) {
+      if (q8g) {
+        p.xq.resize(M * K);
+        p.xd.resize(M * K / 32);
+        p.xs.resize(M * K / 32);
+        // Many rows: quantize them on every thread (a 512-token prompt's MLP input is 4.6M values).
+        const int chunk = 16, tasks = int((M + chunk - 1) / chunk);
+        auto rows = [&](int t) {
+          for (long m = long(t) * chunk; m < std::min<long>(M, long(t + 1) * chunk); m++)
+            prepare_row_q8_gemm(x + m * K, K, p.bits, p.xq.data() + m * K, p.xd.data() + m * K / 32,
+                                p.xs.data() + m * K / 32);
+        };
+        if (tasks > 1) Pool::get().run(tasks, rows);
+        else rows(0);
+      } else if (q8) {
         p.xq.resize(M * K);
         p.xd.resize(M * K / 32);
         for (long m = 0; m < M; m++)
@@ -282,12 +320,12 @@ void qmm_rows(const float* x, long M, int K, const QLinear* ls, int n, float* co
   // Decode (row by row): split N only, into few long runs of rows per thread, so each
   // thread streams its weights sequentially (short tasks interleave the threads' rows and
   // defeat the hardware prefetcher). Prefill: 16 weight rows x 64 activation rows per task.
-  const bool by_row = q8 || M < 4;
+  const bool by_row = q8 || (M < 4 && !q8g);
   int total_n = 0;
   for (int i = 0; i < n; i++) total_n += ls[i].N;
   // Prompts (Kernel::gemm): wider tasks, weight panels of 2W rows, up to 256 x rows.
   const int threads = Pool::get().threads(), nr = 2 * isa.width;
-  const bool gemm = !by_row && isa.width > 1 && M >= kGemmRows;
+  const bool gemm = q8g || (!by_row && isa.width > 1 && M >= kGemmRows);
   const int nb = by_row ? std::max(32, (total_n / (threads * kDecodeTasksPerThread)) / 4 * 4)
                  : gemm ? std::max(nr, (total_n / (threads * 4)) / nr * nr) : 16;
   const int mb = by_row ? int(M) : gemm ? 256 : 64;
@@ -296,12 +334,13 @@ void qmm_rows(const float* x, long M, int K, const QLinear* ls, int n, float* co
   for (int i = 0; i < n; i++) {
     Prepared& p = preps[prep_of[i]];
     const QLinear& l = ls[i];
-    args[i] = QmmArgs{q8 ? nullptr : p.xp.data(), p.xs.data(), l.w, l.s, l.b, ys[i], int(M), l.N, K, l.gs, l.bits,
-                      l.half, q8 ? p.xq.data() : nullptr, q8 ? p.xd.data() : nullptr};
+    const bool i8 = q8 || q8g;
+    args[i] = QmmArgs{i8 ? nullptr : p.xp.data(), p.xs.data(), l.w, l.s, l.b, ys[i], int(M), l.N, K, l.gs, l.bits,
+                      l.half, i8 ? p.xq.data() : nullptr, i8 ? p.xd.data() : nullptr};
     first[i + 1] = first[i] + tm * ((l.N + nb - 1) / nb);
     work += double(M) * l.N * K;
   }
-  const QmmTileFn tile = q8 ? isa.tile_q8 : isa.tile;
+  const QmmTileFn tile = q8g ? isa.gemm_q8 : q8 ? isa.tile_q8 : isa.tile;
   auto task = [&](int t) {
     int i = 0;
     while (t >= first[i + 1]) i++;
@@ -390,6 +429,8 @@ mx::array quantized_matmul(const mx::array& x, const mx::array& w, const mx::arr
 }
 
 std::string isa_name() { return current_isa().name; }
+
+bool has_int8_gemm() { return current_isa().gemm_q8 != nullptr; }
 
 QmmIsa active_isa() { return current_isa(); }
 

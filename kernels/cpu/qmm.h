@@ -87,6 +87,7 @@ class FusedLlamaLayer {
 };
 
 std::string isa_name();
+bool has_int8_gemm();  // the current ISA runs fast-mode matmuls of many rows in int8
 std::vector<std::string> available_isas();
 void set_isa(const std::string& name);
 int threads();

@@ -25,6 +25,11 @@ constexpr int kMaxQ8Rows = 3;
 // the tile 0.85x at M = 16, 1.1x at 32, 1.3x at 64, 1.5x at 128, 1.65x at 512.
 constexpr int kGemmRows = 32;
 
+// Rows from which fast-mode (int8) matmuls run as the int8 GEMM (QmmIsa::gemm_q8, where the
+// CPU has one) rather than the float32 tile or GEMM. Below kMaxQ8Rows + 1 the per-row int8
+// tile reads each weight once per row, which is what decode wants.
+constexpr int kQ8GemmRows = 4;
+
 // One call's operands, already prepared by the driver.
 //
 // `xp` holds the activations as float32, reordered for 4-bit weights so that a block
@@ -80,12 +85,16 @@ struct QmmIsa {
   QmmTileFn tile;
   AttnTaskFn attention;
   QmmTileFn tile_q8;  // int8-activation tile (fast mode), or nullptr
+  // int8 GEMM for fast mode's many-row calls (prompts), or nullptr: xq in its block order
+  // (see qmm_gemm_q8.cpp), xs per block of 32.
+  QmmTileFn gemm_q8 = nullptr;
 };
 
 // The AVX2 int8 tile, shared by the AVX-512 unit (every AVX-512 CPU has AVX2), and the same
 // tile with AVX-512 VNNI dot products (qmm_vnni.cpp, where the build has it).
 void tile_q8_avx2(const QmmArgs& a, int m0, int m1, int n0, int n1);
 void tile_q8_vnni(const QmmArgs& a, int m0, int m1, int n0, int n1);
+void gemm_q8_vnni(const QmmArgs& a, int m0, int m1, int n0, int n1);
 
 QmmIsa isa_avx512();
 QmmIsa isa_avx512_vnni();  // AVX-512 float32 tile + the VNNI int8 tile

@@ -127,7 +127,20 @@ EDGEAI_INLINE __m256i block_dot(const uint8_t* w, const int8_t* x) {
 template <int BITS>
 EDGEAI_INLINE __m256i q8_dots8(const uint8_t* w, const int8_t* xq, int j) {
   __m256i d[8];
+#if defined(EDGEAI_Q8_VNNI)
+  // Two blocks per 512-bit vpdpbusd (and per unpack): [A's 8 partial sums | B's 8].
+  for (int b = 0; b < 8; b += 2) {
+    const uint8_t* wb = w + 4 * BITS * (j + b);
+    __m512i u;
+    if constexpr (BITS == 8) u = _mm512_loadu_si512(wb);
+    else u = unpack64<BITS>(wb);
+    const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, _mm512_loadu_si512(xq + 32 * (j + b)));
+    d[b] = _mm512_castsi512_si256(p);
+    d[b + 1] = _mm512_extracti64x4_epi64(p, 1);
+  }
+#else
   for (int b = 0; b < 8; b++) d[b] = block_dot<BITS>(w + 4 * BITS * (j + b), xq + 32 * (j + b));
+#endif
   // Per 128-bit lane, [b0 b1 b2 b3] and [b4 b5 b6 b7] partial sums; then the lanes added.
   const __m256i lo = _mm256_hadd_epi32(_mm256_hadd_epi32(d[0], d[1]), _mm256_hadd_epi32(d[2], d[3]));
   const __m256i hi = _mm256_hadd_epi32(_mm256_hadd_epi32(d[4], d[5]), _mm256_hadd_epi32(d[6], d[7]));

@@ -72,6 +72,24 @@ inline __attribute__((always_inline)) __m256i unpack32(const uint8_t* blk) {
   const __m256i q = _mm256_multishift_epi64_epi8(sh, _mm256_permutexvar_epi8(idx, v));
   return _mm256_and_si256(q, _mm256_set1_epi8(char((1 << BITS) - 1)));
 }
+
+// Two consecutive blocks (64 elements, 8 * BITS bytes) as 64 uint8 in element order: the same
+// three instructions on 512-bit registers, half the work per block.
+template <int BITS>
+inline __attribute__((always_inline)) __m512i unpack64(const uint8_t* pair) {
+  alignas(64) static constexpr auto tables = [] {
+    struct { char idx[64], sh[64]; } t{};
+    for (int i = 0; i < 64; i++) {
+      t.idx[i] = char(BITS * (i / 8) + (i % 8 < BITS ? i % 8 : BITS - 1));
+      t.sh[i] = char(BITS * (i % 8));
+    }
+    return t;
+  }();
+  const __m512i idx = _mm512_load_si512(tables.idx), sh = _mm512_load_si512(tables.sh);
+  const __m512i v = _mm512_maskz_loadu_epi8((1ull << (8 * BITS)) - 1, pair);
+  const __m512i q = _mm512_multishift_epi64_epi8(sh, _mm512_permutexvar_epi8(idx, v));
+  return _mm512_and_si512(q, _mm512_set1_epi8(char((1 << BITS) - 1)));
+}
 #else
 template <int BITS>
 inline __attribute__((always_inline)) __m256i unpack32(const uint8_t* blk) {
