@@ -127,14 +127,24 @@ def test_user_calibration_takes_precedence(tmp_path, monkeypatch):
     ).features != ["log_len"]
 
 
-def test_shipped_coefficients_cover_the_default_model():
-    from edgeai.options import DEFAULT_MODEL
+@pytest.mark.parametrize("model", ["smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"])
+def test_shipped_calibrations_cover_the_catalog_chat_models(model):
+    from edgeai.routing.calibrate import KEEP_NOTHING
 
     sc = confidence._shipped()["models"]
-    assert "default" in sc and DEFAULT_MODEL in sc
-    s = confidence.Scorer.from_dict(sc[DEFAULT_MODEL])
+    assert "default" in sc and model in sc
+    s = confidence.Scorer.from_dict(sc[model])
     assert len(s.coef) == len(s.features) == len(s.mean) == len(s.scale)
-    assert 0 < s.threshold < 1 and s.meta.get("items", 0) > 0
+    assert s.features[-1] == "probe" and s.probe is not None and s.fallback is not None
+    assert s.probe.weights.size % 2 == 0 and s.probe.fits(s.probe.n_layers)
+    held = s.meta["held_out"]
+    assert s.meta["items"] > 0 and 0.5 < held["auroc"] <= 1
+    # A threshold that keeps nothing says so in words; any other keeps something.
+    if s.threshold == KEEP_NOTHING:
+        assert held["operating_point"]["kept_local"] == 0
+        assert "keeps 0% local" in confidence.gate_note(s)
+    else:
+        assert 0 < s.threshold < 1 and held["operating_point"]["kept_local"] > 0
 
 
 @pytest.mark.slow

@@ -79,22 +79,14 @@ def fit_scorer(
     C: float | None = None,
     seed: int = 0,
     probe_values: np.ndarray | None = None,
-) -> confidence.Scorer:
-    """Logistic regression on standardized signals, then a calibration map fitted on
-    out-of-fold logits (so the map does not learn the regression's own overfit)."""
-    return fit_scorer_oof(records, names, method, C, seed, probe_values)[0]
-
-
-def fit_scorer_oof(
-    records: Sequence[dict],
-    names: Iterable[str] = confidence.FEATURES,
-    method: str = "platt",
-    C: float | None = None,
-    seed: int = 0,
-    probe_values: np.ndarray | None = None,
 ) -> tuple[confidence.Scorer, np.ndarray]:
-    """`fit_scorer`, and its calibrated out-of-fold P(correct) of each record: scores that
-    did not see their own record, for choosing a threshold that holds on new questions."""
+    """Logistic regression on standardized signals, then a calibration map fitted on
+    out-of-fold logits (so the map does not learn the regression's own overfit).
+
+    Returns:
+        (the scorer, its calibrated out-of-fold P(correct) of each record: scores that did
+        not see their own record, for choosing a threshold that holds on new questions)
+    """
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import cross_val_predict, cross_val_score
 
@@ -246,12 +238,12 @@ def fit_gate(
         (scorer, details: "oof" scores per estimator on `records`, the probe search)
     """
     y = labels(records)
-    fallback, oof_tokens = fit_scorer_oof(records, method=method, seed=seed)
+    fallback, oof_tokens = fit_scorer(records, method=method, seed=seed)
     fallback.threshold = pick_threshold(oof_tokens, y, target_accuracy, budget)
     if not has_hidden(records):
         return fallback, {"oof": {"token signals": oof_tokens}}
     probe, oof_probe, search = fit_probe(records, seed)
-    scorer, oof = fit_scorer_oof(
+    scorer, oof = fit_scorer(
         records, [*confidence.FEATURES, "probe"], method=method, seed=seed, probe_values=oof_probe
     )
     scorer.threshold = pick_threshold(oof, y, target_accuracy, budget)

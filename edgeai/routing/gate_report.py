@@ -187,7 +187,7 @@ def evaluate(
         fit, held = cal.split(records, fit_fraction, seed)
         scorer, details = cal.fit_gate(fit, method, seed, target_accuracy, budget)
         scores = cal.scores_of(scorer, held)
-        base = cal.fit_scorer(fit, names=["log_len"], method="none")
+        base, _ = cal.fit_scorer(fit, names=["log_len"], method="none")
         report = summarize(held, scores, scorer.threshold, cal.scores_of(base, held))
         report["estimators"] = estimators(fit, held, scorer, details, target_accuracy, budget)
         report["by_dataset"] = by_dataset(held, scores, scorer.threshold)
