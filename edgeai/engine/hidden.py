@@ -20,8 +20,6 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-POSITIONS = ("prompt_end", "answer_end")
-
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The model's decoder layers, in order (mlx-lm's `model.model.layers` or `model.layers`)."""
