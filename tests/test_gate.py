@@ -273,3 +273,10 @@ def test_both_server_lanes_answer_with_the_probes_states(tiny_model, tmp_path, m
     for end in (alone, batched):
         assert end.hidden is not None and end.hidden.layers == [1]
     np.testing.assert_allclose(batched.hidden.values, alone.hidden.values, rtol=1e-2, atol=1e-2)
+
+
+def test_explain_never_contradicts_its_direction():
+    # A probe logit below zero that is still above the calibration average raised the score.
+    sc = confidence.Scorer(features=["probe"], mean=[-2.0], scale=[1.0], coef=[1.0], intercept=0.0)
+    (line,) = confidence.explain({"probe": -0.3}, sc)
+    assert line.startswith("raised confidence:") and "wrong" not in line and "-0.30" in line

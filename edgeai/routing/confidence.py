@@ -382,10 +382,9 @@ _WORDS = {
     "repetition": lambda v: "repeats itself" if v else "no repetition loop",
     "refusal": lambda v: "refused" if v else "did not refuse",
     "idk": lambda v: "said it does not know" if v else "gave an answer",
-    "probe": lambda v: (
-        "the model's hidden state at the question and the answer "
-        + ("looks like its right answers" if v > 0 else "looks like its wrong answers")
-    ),
+    # The probe's logit is relative to the calibration data's average; the raised/lowered
+    # prefix says which way it pointed, so the words must not claim a direction of their own.
+    "probe": lambda v: f"the model's hidden state at the question and its answer (probe {v:+.2f})",
 }
 
 
