@@ -280,3 +280,16 @@ def test_explain_never_contradicts_its_direction():
     sc = confidence.Scorer(features=["probe"], mean=[-2.0], scale=[1.0], coef=[1.0], intercept=0.0)
     (line,) = confidence.explain({"probe": -0.3}, sc)
     assert line.startswith("raised confidence:") and "wrong" not in line and "-0.30" in line
+
+
+def test_judging_records_without_states_uses_the_fallback_and_its_threshold(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGEAI_CONFIG_DIR", str(tmp_path / "config"))
+    recs = _records(200, seed=4)
+    _, scorer = gate_report.evaluate(recs, "syn4", calibrate=True)
+    scorer.fallback.threshold = 0.37  # tell the two thresholds apart
+    confidence.save_user_scorer("syn4", scorer)
+    bare = [{k: v for k, v in r.items() if k not in ("hidden", "hidden_layers")} for r in recs]
+    report, _ = gate_report.evaluate(bare, "syn4")
+    assert report["operating_point"]["threshold"] == 0.37
+    report, _ = gate_report.evaluate(recs, "syn4")
+    assert report["operating_point"]["threshold"] == scorer.threshold

@@ -173,11 +173,6 @@ class Scorer:
     probe: Probe | None = None
     fallback: Scorer | None = None
 
-    @property
-    def hidden_layers(self) -> list[int]:
-        """The decoder layers whose hidden states this scorer reads ([] when none)."""
-        return list(self.probe.layers) if self.probe is not None else []
-
     def for_answer(self, answer: Answer) -> Scorer:
         """The scorer that can score `answer`: this one, or its fallback when the answer
         carries no hidden states for the probe."""
@@ -442,8 +437,8 @@ def explain(sig: dict[str, float], scorer: Scorer, top: int = 3) -> list[str]:
 
 
 def assess(answer: Answer, scorer: Scorer) -> tuple[float, dict[str, float], list[str]]:
-    """Score a local answer: (P(correct), signals, reasons that lower trust)."""
-    scorer = scorer.for_answer(answer)
+    """Score a local answer with `scorer` as given (`score_answer` picks it with
+    `Scorer.for_answer`): (P(correct), signals, reasons that lower trust)."""
     sig = scorer.inputs(answer)
     p = scorer.score(sig)
     reasons = []

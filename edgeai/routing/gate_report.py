@@ -223,35 +223,20 @@ def evaluate(
             "baseline_length_auroc": report["baseline_length"]["auroc"],
         }
     else:
-        scorer_now = confidence.load_scorer(model)
-        y = cal.labels(records)
-        scores = (
-            cal.scores_of(scorer_now, records)
-            if _scorable(scorer_now, records)
-            else (cal.scores_of(scorer_now.fallback, records))
-        )
+        # Records of one eval run all carry the same hidden states (or none): the first one
+        # says whether the probe can read them, as it does for a live answer.
+        used = confidence.load_scorer(model).for_answer(answer_of(records[0]))
+        scores = cal.scores_of(used, records)
         base = np.array([-confidence.signals(answer_of(r))["log_len"] for r in records])
-        report = summarize(records, scores, scorer_now.threshold, base)
-        report["by_dataset"] = by_dataset(records, scores, scorer_now.threshold)
+        report = summarize(records, scores, used.threshold, base)
+        report["by_dataset"] = by_dataset(records, scores, used.threshold)
         report["verdict"] = verdict(report.get("operating_point"), target, model)
-        del y
         scorer = None
     report["model"] = model
     report["target"] = (
         {"accuracy": target_accuracy} if budget is None else {"escalation_budget": budget}
     )
     return report, scorer
-
-
-def _scorable(scorer: confidence.Scorer, records: Sequence[dict]) -> bool:
-    return (
-        scorer.probe is None
-        or scorer.fallback is None
-        or (
-            cal.has_hidden(records)
-            and all(i in records[0]["hidden_layers"] for i in scorer.hidden_layers)
-        )
-    )
 
 
 def plot(report: dict, path: str | Path) -> Path:
