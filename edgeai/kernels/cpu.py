@@ -439,17 +439,7 @@ def _fused_kv_cache_class():
 
         def reserve(self, batch: int, heads: int, length: int, head_dim: int) -> None:
             """Make room for `length` more positions, growing as KVCache does (steps of 256)."""
-            prev = self.offset
-            if self.keys is not None and prev + length <= self.keys.shape[2]:
-                return
-            steps = (self.step + length - 1) // self.step
-            shape = (batch, heads, steps * self.step, head_dim)
-            new_k, new_v = mx.zeros(shape, mx.float32), mx.zeros(shape, mx.float32)
-            if self.keys is None:
-                self.keys, self.values = new_k, new_v
-                return
-            self.keys = mx.concatenate([self.keys[..., :prev, :], new_k], axis=2)
-            self.values = mx.concatenate([self.values[..., :prev, :], new_v], axis=2)
+            _grow(self, self.offset, batch, heads, length, head_dim)
 
     return FusedKVCache
 
@@ -459,8 +449,14 @@ FusedKVCache = _fused_kv_cache_class()
 
 def _reserve_batch(cache, batch: int, heads: int, length: int, head_dim: int) -> None:
     """Grow a BatchKVCache's buffers for `length` more positions as its update_and_fetch
-    does (steps of 256, dropping the unused tail first), without writing them."""
-    prev = cache._idx
+    does, without writing them."""
+    _grow(cache, cache._idx, batch, heads, length, head_dim)
+
+
+def _grow(cache, prev: int, batch: int, heads: int, length: int, head_dim: int) -> None:
+    """Grow a cache's float32 k/v buffers, holding `prev` positions, for `length` more, as
+    mlx-lm's caches grow theirs in update_and_fetch: steps of `cache.step`, the unused tail
+    dropped first unless `prev` ends on a step."""
     if cache.keys is not None and prev + length <= cache.keys.shape[2]:
         return
     steps = (cache.step + length - 1) // cache.step
