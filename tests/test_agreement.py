@@ -17,12 +17,9 @@ from ggufmaker import make_gguf  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_agreement_script_lines_up_positions_with_llama_cpp(tmp_path):
-    pytest.importorskip("llama_cpp", reason="llama-cpp-python is the bench extra")
-    from gguf import GGMLQuantizationType as T
-
-    gguf = tmp_path / "tiny.gguf"
-    make_gguf(gguf, qtype=T.Q4_0)
+def _import_tiny(gguf: Path, tmp_path: Path) -> dict:
+    """`edgeai import GGUF --name tiny` into a store of its own; the subprocess.run keywords
+    that reach that store, for the benchmark runs that follow."""
     env = dict(
         os.environ,
         EDGEAI_HOME=str(tmp_path / "home"),
@@ -33,6 +30,16 @@ def test_agreement_script_lines_up_positions_with_llama_cpp(tmp_path):
     cmd = [sys.executable, "-m", "edgeai", "import", str(gguf), "--name", "tiny", "-q"]
     r = subprocess.run(cmd, **run)
     assert r.returncode == 0, r.stderr
+    return run
+
+
+def test_agreement_script_lines_up_positions_with_llama_cpp(tmp_path):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is the bench extra")
+    from gguf import GGMLQuantizationType as T
+
+    gguf = tmp_path / "tiny.gguf"
+    make_gguf(gguf, qtype=T.Q4_0)
+    run = _import_tiny(gguf, tmp_path)
     r = subprocess.run(
         [
             sys.executable,
@@ -73,16 +80,7 @@ def test_gemma3_matches_transformers_and_llama_cpp_float_graph(tmp_path):
     make_gguf(
         gguf, arch="gemma3", qtype=T.Q8_0, hidden=256, heads=1, kv_heads=1, layers=6, tied=False
     )
-    env = dict(
-        os.environ,
-        EDGEAI_HOME=str(tmp_path / "home"),
-        EDGEAI_CONFIG_DIR=str(tmp_path / "cfg"),
-        PYTHONPATH=str(ROOT),
-    )
-    run = dict(cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    cmd = [sys.executable, "-m", "edgeai", "import", str(gguf), "--name", "tiny", "-q"]
-    r = subprocess.run(cmd, **run)
-    assert r.returncode == 0, r.stderr
+    run = _import_tiny(gguf, tmp_path)
     args = ["--gguf", str(gguf), "--tokens", "60", "--threads", "1", "--skip-stock"]
     cmd = [sys.executable, "benchmarks/agreement.py", "tiny", *args]
     r = subprocess.run([*cmd, "--reference", "hf", "--llama-f32"], **run)
