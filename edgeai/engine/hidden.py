@@ -134,6 +134,11 @@ class RowStates:
         self._queued: dict[int, deque[tuple[mx.array, int]]] = {}
         self._kept: dict[int, list[tuple[mx.array, int]]] = {}
 
+    @property
+    def active(self) -> bool:
+        """Whether the model is tapped (otherwise there is nothing to record)."""
+        return self._tap_of() is not None
+
     def record(self, uids: Sequence[int]) -> None:
         """After a decoding call whose rows are `uids`: queue each row's tapped state."""
         tap = self._tap_of()

@@ -77,9 +77,10 @@ class _Recording:
 
     def __call__(self, inputs: Any, *args: Any, **kwargs: Any) -> Any:
         out = self._model(inputs, *args, **kwargs)
-        kind, uids = calling_batch(inputs.shape[0])
-        if kind == "GenerationBatch":  # prompt batches only fill caches; they yield no token
-            self._states.record(uids)
+        if self._states.active:  # no probe, no frame walk on the decode path
+            kind, uids = calling_batch(inputs.shape[0])
+            if kind == "GenerationBatch":  # prompt batches only fill caches; yield no token
+                self._states.record(uids)
         return out
 
 
