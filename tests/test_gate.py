@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import random
+import re
 
 import mlx.core as mx
 import numpy as np
@@ -293,3 +294,30 @@ def test_judging_records_without_states_uses_the_fallback_and_its_threshold(tmp_
     assert report["operating_point"]["threshold"] == 0.37
     report, _ = gate_report.evaluate(recs, "syn4")
     assert report["operating_point"]["threshold"] == scorer.threshold
+
+
+def test_bad_records_and_bad_calibration_files_are_one_line_errors(tmp_path, monkeypatch):
+    from edgeai.errors import InvalidInput
+    from edgeai.routing import evaluate as ev
+
+    rec = _records(1)[0]
+    cases = {
+        "not json\n": "line 1: not JSON",
+        json.dumps({"question": "q"}) + "\n": "not an eval record (no 'kind')",
+        json.dumps({**rec, "hidden": "@@@"}) + "\n": "unreadable hidden states",
+    }
+    for i, (text, message) in enumerate(cases.items()):
+        f = tmp_path / f"r{i}.jsonl"
+        f.write_text(text)
+        with pytest.raises(InvalidInput, match=re.escape(message)):
+            [cal.hidden_of(r) for r in ev.load_records(f)]
+    monkeypatch.setenv("EDGEAI_CONFIG_DIR", str(tmp_path / "config"))
+    (tmp_path / "config").mkdir()
+    for text, message in (
+        ("{bad", "is not valid JSON"),
+        ("[1, 2]", "no 'models' table"),
+        ('{"models": {"smollm2-135m": {"features": 3}}}', "is not a calibration"),
+    ):
+        confidence.user_calibration_path().write_text(text)
+        with pytest.raises(InvalidInput, match=re.escape(message)):
+            confidence.load_scorer("smollm2-135m")

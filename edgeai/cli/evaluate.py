@@ -99,6 +99,8 @@ def register(app: typer.Typer) -> None:
 
             name = model or default_model()  # the records were made earlier; no model is loaded
             recs = evaluate.load_records(records)
+            if not recs:
+                raise InvalidInput(f"{records} holds no records", "run `edgeai eval DATA…` first")
         else:
             raise InvalidInput(
                 "no questions to evaluate", "give DATA files, or --records FILE from an earlier run"

@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from edgeai.config import config_dir
+from edgeai.errors import InvalidInput
 from edgeai.store import calibration_name
 from edgeai.types import Answer
 
@@ -299,17 +300,41 @@ def _shipped() -> dict[str, Any]:
     )
 
 
+def _user_calibrations() -> dict[str, Any]:
+    """The user's calibration file ({} when there is none)."""
+    path = user_calibration_path()
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InvalidInput(
+            f"{path} is not valid JSON ({e})",
+            "fix it, or delete it to use the shipped calibrations",
+        ) from None
+    if not isinstance(data, dict) or not isinstance(data.get("models", {}), dict):
+        raise InvalidInput(
+            f"{path} is not a calibration file (no 'models' table)",
+            "delete it; `edgeai eval --calibrate` writes a new one",
+        )
+    return data
+
+
 def load_scorer(model: str) -> Scorer:
     """The scorer for `model`: the user's calibration if any, else the shipped one, else the
     shipped "default" entry. An alias, or the same weights installed under another name,
     gets the calibration of the catalog model it is (`store.calibration_name`)."""
     names = list(dict.fromkeys([model, calibration_name(model)]))
-    user = user_calibration_path()
-    if user.exists():
-        mine = json.loads(user.read_text()).get("models", {})
-        entry = next((mine[n] for n in names if mine.get(n)), None)
-        if entry:
-            return Scorer.from_dict(entry)
+    mine = _user_calibrations().get("models", {})
+    name = next((n for n in names if mine.get(n)), None)
+    if name is not None:
+        try:
+            return Scorer.from_dict(mine[name])
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise InvalidInput(
+                f"{user_calibration_path()}: the entry for {name!r} is not a calibration ({e})",
+                "delete that entry, or run `edgeai eval --calibrate` again",
+            ) from None
     models = _shipped()["models"]
     return Scorer.from_dict(next((models[n] for n in names if n in models), models["default"]))
 
@@ -327,7 +352,7 @@ def tap_for_gate(engine: Any) -> Scorer:
 def save_user_scorer(model: str, scorer: Scorer) -> Path:
     """Store `scorer` as the user's calibration for `model`; returns the file written."""
     path = user_calibration_path()
-    data = json.loads(path.read_text()) if path.exists() else {"version": 1, "models": {}}
+    data = _user_calibrations() or {"version": 1, "models": {}}
     data.setdefault("models", {})[model] = scorer.to_dict()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2))

@@ -208,9 +208,16 @@ def hidden_of(rec: dict[str, Any]) -> States | None:
     """A record's hidden states (None if it has none)."""
     if "hidden" not in rec:
         return None
-    layers = list(rec["hidden_layers"])
-    h = np.frombuffer(base64.b64decode(rec["hidden"]), dtype=np.float16).astype(np.float32)
-    return States(layers, h.reshape(2, len(layers), -1))
+    try:
+        layers = [int(i) for i in rec["hidden_layers"]]
+        raw = base64.b64decode(rec["hidden"], validate=True)
+        h = np.frombuffer(raw, dtype=np.float16).astype(np.float32)
+        return States(layers, h.reshape(2, len(layers), -1))
+    except (KeyError, TypeError, ValueError) as e:  # binascii.Error is a ValueError
+        raise InvalidInput(
+            f"the record of {rec.get('question', '?')!r} has unreadable hidden states ({e})",
+            "regenerate it: delete the line and run `edgeai eval` again",
+        ) from None
 
 
 def answer_of(rec: dict[str, Any]) -> Answer:
@@ -240,12 +247,7 @@ def generate_records(
 
     Records already in `out` for the same question are reused, so an interrupted run resumes.
     """
-    seen: dict[str, dict] = {}
-    if out is not None and out.exists():
-        for line in out.read_text().splitlines():
-            if line.strip():
-                r = json.loads(line)
-                seen[r["question"]] = r
+    seen = {r["question"]: r for r in load_records(out)} if out and out.exists() else {}
     layers = probe_layers(engine.layer_count)
     engine.tap_hidden(layers)
     fh = out.open("a") if out is not None else None
@@ -271,9 +273,41 @@ def generate_records(
             fh.close()
 
 
+# What calibration reads of a record (`record` writes these and more).
+RECORD_KEYS = (
+    "question",
+    "kind",
+    "source",
+    "text",
+    "finish_reason",
+    "tokens",
+    "logprobs",
+    "entropies",
+    "top_logprobs",
+    "correct",
+)
+
+
 def load_records(path: str | Path) -> list[dict]:
-    """The records in a file, one per question (a question written twice keeps its last)."""
-    recs = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The records in a file, one per question (a question written twice keeps its last).
+
+    Raises:
+        InvalidInput: a line that is not JSON, or not a record `edgeai eval` wrote.
+    """
+    path = Path(path)
+    hint = "give a --records file written by `edgeai eval`"
+    recs = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InvalidInput(f"{path}, line {n}: not JSON ({e.msg})", hint) from None
+        missing = [k for k in RECORD_KEYS if not isinstance(rec, dict) or k not in rec]
+        if missing:
+            raise InvalidInput(f"{path}, line {n}: not an eval record (no {missing[0]!r})", hint)
+        recs.append(rec)
     return list({r["question"]: r for r in recs}.values())
 
 
