@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -355,7 +356,9 @@ def save_user_scorer(model: str, scorer: Scorer) -> Path:
     data = _user_calibrations() or {"version": 1, "models": {}}
     data.setdefault("models", {})[model] = scorer.to_dict()
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2))
+    tmp = path.with_name(path.name + ".tmp")  # a write cut short must not cost the old file
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
     return path
 
 
