@@ -29,7 +29,9 @@ def socket_path() -> Path:
 def client(sock: Path) -> openai.OpenAI:
     # The base URL's host is ignored: every request goes through the socket.
     http = httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)), timeout=120)
-    return openai.OpenAI(base_url="http://localhost/v1", api_key="not-needed-on-the-socket", http_client=http)
+    return openai.OpenAI(
+        base_url="http://localhost/v1", api_key="not-needed-on-the-socket", http_client=http
+    )
 
 
 def main() -> None:
@@ -54,7 +56,10 @@ def main() -> None:
     if info:
         conf = info.get("confidence")
         tokens = usage.completion_tokens if usage else "?"
-        print(f"[{info['tier']}, confidence {conf if conf is not None else 'n/a'}, {tokens} tokens]", file=sys.stderr)
+        print(
+            f"[{info['tier']}, confidence {conf if conf is not None else 'n/a'}, {tokens} tokens]",
+            file=sys.stderr,
+        )
 
 
 if __name__ == "__main__":

@@ -77,6 +77,14 @@ def register(app: typer.Typer) -> None:
             help="Also score each answer by P(True) self-evaluation (one more pass each), "
             "to compare estimators",
         ),
+        samples: int = typer.Option(
+            0,
+            "--samples",
+            min=0,
+            max=20,
+            help="Also score each answer by the agreement of this many sampled answers with "
+            "it (that many more generations each), to compare estimators",
+        ),
     ) -> None:
         """Label answers, report accuracy, AUROC and risk–coverage; --calibrate fits the escalation score."""  # noqa: E501
         # One line on purpose: Typer (rich markup) keeps docstring line breaks in `edgeai --help`.
@@ -105,12 +113,30 @@ def register(app: typer.Typer) -> None:
             raise InvalidInput(
                 "no questions to evaluate", "give DATA files, or --records FILE from an earlier run"
             )
-        if p_true:
-            from edgeai.routing.ptrue import add_p_true
+        if p_true or samples:
+            from edgeai.routing import selfcheck
 
             engine = engine or load_engine(name)
+        if p_true:
             with _bar("judging (P(True))", len(recs), json_out) as done:
-                recs = add_p_true(engine, recs, records, done)
+                recs = selfcheck.add_estimate(
+                    recs,
+                    "p_true",
+                    lambda r: selfcheck.p_true(engine, r["question"], r["text"]),
+                    records,
+                    done,
+                )
+        if samples:
+            with _bar(f"sampling ({samples} per answer)", len(recs), json_out) as done:
+                recs = selfcheck.add_estimate(
+                    recs,
+                    "agreement",
+                    lambda r: selfcheck.sample_agreement(
+                        engine, r, samples, max_tokens, max_tokens_math
+                    ),
+                    records,
+                    done,
+                )
         report, scorer = gate_report.evaluate(
             recs,
             name,
@@ -208,6 +234,8 @@ def _render(report: dict) -> None:
                 t.add_row(f"best single signal ({v['name']})", _f(v["auroc"]), "", "", "", "none")
                 continue
             cost = f"{v['extra_ms']:.0f} ms" if v.get("extra_ms") else v["cost"]
+            if "items" in v:  # scored on the held-out items that carry it
+                name += f" ({v['items']} items; gate there {_f(v['shipped_auroc_same_items'])})"
             t.add_row(
                 name,
                 _f(v["auroc"]),

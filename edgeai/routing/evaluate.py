@@ -118,7 +118,7 @@ def _item(r: dict, source: str) -> Item:
         return Item(q, "alias", [str(a) for a in ans], src)
     ans = str(ans)
     if "####" in ans:
-        return Item(q, "number", [_number(ans.split("####")[-1]) or ans], src)
+        return Item(q, "number", [number_in(ans.split("####")[-1]) or ans], src)
     return Item(q, "alias", [ans], src)
 
 
@@ -146,7 +146,8 @@ def normalize(s: str) -> str:
     return " ".join(s.split())
 
 
-def _number(s: str) -> str | None:
+def number_in(s: str) -> str | None:
+    """The last number in `s`, without thousands separators or a trailing ".0"."""
     nums = re.findall(r"-?\d[\d,]*(?:\.\d+)?", s)
     if not nums:
         return None
@@ -160,7 +161,7 @@ def is_correct(item: Item, text: str) -> bool:
         sig = confidence.signals(Answer(text=text, model=""))
         return bool(sig["idk"] or sig["refusal"])
     if item.kind == "number":
-        return _number(text) == item.gold[0]
+        return number_in(text) == item.gold[0]
     if item.kind == "choice":
         m = re.search(r"\b([A-J])\b", text)
         return bool(m) and m.group(1) == item.gold[0]
@@ -198,6 +199,8 @@ def record(item: Item, answer: Answer) -> dict[str, Any]:
         "seconds": round(answer.stats.prompt_seconds + answer.stats.generation_seconds, 4),
         "correct": is_correct(item, answer.text),
     }
+    if item.choices:
+        rec["choices"] = item.choices
     if answer.hidden is not None:
         rec["hidden_layers"] = list(answer.hidden.layers)
         rec["hidden"] = base64.b64encode(answer.hidden.values.astype(np.float16).tobytes()).decode()
@@ -235,6 +238,23 @@ def answer_of(rec: dict[str, Any]) -> Answer:
     )
 
 
+def answer_options(
+    item: Item, max_tokens: int, max_tokens_math: int, **sampling: Any
+) -> GenerationOptions:
+    """How an eval question is answered (greedy unless `sampling` says otherwise)."""
+    n = max_tokens_math if item.kind == "number" else max_tokens
+    # Short answers end at the first line break; maths needs several lines.
+    stop = [] if item.kind == "number" else ["\n"]
+    return GenerationOptions(max_tokens=n, stop=stop, **{"temperature": 0.0, **sampling})
+
+
+def item_of(rec: dict[str, Any]) -> Item:
+    """The question a record answered."""
+    return Item(
+        rec["question"], rec["kind"], list(rec["gold"]), rec["source"], rec.get("choices", [])
+    )
+
+
 def generate_records(
     engine,
     items: list[Item],
@@ -256,10 +276,7 @@ def generate_records(
             if item.question in seen:
                 rec = seen[item.question]
             else:
-                n = max_tokens_math if item.kind == "number" else max_tokens
-                # Short answers end at the first line break; maths needs several lines.
-                stop = [] if item.kind == "number" else ["\n"]
-                opts = GenerationOptions(max_tokens=n, temperature=0.0, top_logprobs=5, stop=stop)
+                opts = answer_options(item, max_tokens, max_tokens_math, top_logprobs=5)
                 ans = Answer.from_events(engine.generate(item.messages(), opts), engine.name)
                 rec = record(item, ans)
                 if fh is not None:

@@ -21,7 +21,11 @@ COST = {
     "probe": "a slice of one layer's output per step, one dot product per answer",
     "probe + token signals": "as the probe",
     "P(True)": "one more pass over question + answer",
+    "sample agreement": "k more answers, sampled",
 }
+# Estimators that ask the model again (`edgeai.routing.selfcheck`): the record field each fills.
+EXTRA = {"P(True)": "p_true", "sample agreement": "agreement"}
+MIN_COMPARED = 20  # held-out items an extra estimator needs before its AUROC is reported
 
 
 def summarize(
@@ -148,9 +152,6 @@ def estimators(
     fit_scores = dict(details["oof"])
     if "probe" in fit_scores:
         fit_scores["probe"] = _sigmoid(fit_scores["probe"])
-    if all("p_true" in r for r in (*fit, *held)):
-        fit_scores["P(True)"] = np.array([r["p_true"] for r in fit])
-        held_scores["P(True)"] = np.array([r["p_true"] for r in held])
     for name, scores in held_scores.items():
         t = cal.pick_threshold(fit_scores[name], y_fit, target_accuracy, budget)
         out[name] = {
@@ -159,10 +160,47 @@ def estimators(
             "cost": COST[name],
             **operating_point(scores, y, t),
         }
-    if "P(True)" in out:
-        seconds = [r["p_true_seconds"] for r in held if "p_true_seconds" in r]
-        out["P(True)"]["extra_ms"] = round(1000 * float(np.mean(seconds)), 1) if seconds else None
+    shipped = held_scores["probe + token signals" if scorer.probe else "token signals"]
+    for name, key in EXTRA.items():
+        if (extra := _extra(name, key, fit, held, shipped, target_accuracy, budget)) is not None:
+            out[name] = extra
     return out
+
+
+def _extra(
+    name: str,
+    key: str,
+    fit: Sequence[dict],
+    held: Sequence[dict],
+    shipped: np.ndarray,
+    target_accuracy: float | None,
+    budget: float | None,
+) -> dict[str, Any] | None:
+    """An estimator that only some records may carry (it costs whole passes): scored on the
+    held-out items that have it, beside the shipped scorer on those same items."""
+    have = np.array([key in r for r in held])
+    y = cal.labels(held)[have]
+    if have.sum() < MIN_COMPARED or y.all() or not y.any():
+        return None
+    scores = np.array([r[key] for r in held if key in r])
+    fit_have = [r for r in fit if key in r]
+    fit_scores = np.array([r[key] for r in fit_have])
+    # Without fit items of its own it gets no threshold: keep nothing rather than guess one.
+    t = (
+        cal.pick_threshold(fit_scores, cal.labels(fit_have), target_accuracy, budget)
+        if fit_have
+        else cal.KEEP_NOTHING
+    )
+    seconds = [r[f"{key}_seconds"] for r in held if f"{key}_seconds" in r]
+    return {
+        "auroc": auroc(scores, y),
+        "auroc_ci95": auroc_ci(scores, y),
+        "cost": COST[name],
+        "extra_ms": round(1000 * float(np.mean(seconds)), 1) if seconds else None,
+        "items": int(have.sum()),
+        "shipped_auroc_same_items": auroc(shipped[have], y),
+        **operating_point(scores, y, t),
+    }
 
 
 def evaluate(
