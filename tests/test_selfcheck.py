@@ -67,37 +67,39 @@ def test_p_true_is_the_yes_share_of_the_first_tokens_top_20(float_engine):
 
 
 @pytest.mark.parametrize(
-    "a, b, kind, same",
+    "a, b, kind, want",
     [
-        ("Paris", "It is Paris.", "alias", True),
-        ("the Eiffel Tower", "Eiffel tower", "alias", True),
-        ("Paris", "Parisian food", "alias", False),  # whole words only
-        ("Paris", "Lyon", "alias", False),
-        ("", "", "alias", True),
-        ("Paris", "", "alias", False),
-        ("so 3 + 4 = 7.0", "The answer is 7", "number", True),
-        ("The answer is 1,200", "it makes 1200.", "number", True),
-        ("The answer is 7", "The answer is 8", "number", False),
-        ("no number", "no number either", "number", False),
+        ("Paris", "It is Paris.", "alias", 2 * (1 / 1) * (1 / 3) / (1 + 1 / 3)),  # "it is paris"
+        ("the Eiffel Tower", "Eiffel tower", "alias", 1.0),  # articles and case normalized away
+        ("Las Vegas", "It is in Las Vegas, Nevada", "alias", 2 * 1 * (2 / 6) / (1 + 2 / 6)),
+        ("Paris", "Lyon", "alias", 0.0),
+        ("", "", "alias", 1.0),
+        ("Paris", "", "alias", 0.0),
+        ("so 3 + 4 = 7.0", "The answer is 7", "number", 1.0),
+        ("The answer is 1,200", "it makes 1200.", "number", 1.0),
+        ("The answer is 7", "The answer is 8", "number", 0.0),
+        ("no number", "no number either", "number", 0.0),
     ],
 )
-def test_same_answer(a, b, kind, same):
-    assert selfcheck.same_answer(a, b, kind) is same
-    assert selfcheck.same_answer(b, a, kind) is same
+def test_similarity(a, b, kind, want):
+    assert selfcheck.similarity(a, b, kind) == pytest.approx(want)
+    assert selfcheck.similarity(b, a, kind) == pytest.approx(want)
 
 
-def test_sample_agreement_is_the_share_of_seeded_samples_that_agree(float_engine):
+def test_sample_agreement_is_the_mean_similarity_of_seeded_samples(float_engine):
     eng = float_engine
     item = ev.Item("the cat sat on", "alias", ["mat"], "t")
     k, n = 5, 3
     samples = []
     for seed in range(k):
-        opts = GenerationOptions(max_tokens=n, temperature=1.0, seed=seed, stop=["\n"])
+        opts = GenerationOptions(
+            max_tokens=n, temperature=selfcheck.SAMPLE_TEMPERATURE, seed=seed, stop=["\n"]
+        )
         samples.append("".join(e.text for e in eng.generate(item.messages(), opts)))
-    assert len(set(samples)) > 1  # a random model at temperature 1 does not repeat itself
+    assert len(set(samples)) > 1  # a random model sampled does not repeat itself
     for text in (samples[1], samples[3], "no sample says this"):
         rec = {"question": item.question, "kind": "alias", "gold": ["mat"], "source": "t"}
-        want = sum(selfcheck.same_answer(s, text, "alias") for s in samples) / k
+        want = sum(selfcheck.similarity(s, text, "alias") for s in samples) / k
         got = selfcheck.sample_agreement(eng, {**rec, "text": text}, k, n, n)
         assert got == pytest.approx(want)
     assert want == 0.0
@@ -121,7 +123,7 @@ def test_eval_adds_both_estimators_and_keeps_the_files_other_records(tmp_path, t
     saved = ev.load_records(path)
     assert len(saved) == 61 and saved[-1]["question"] == "a record of another run"
     mine = saved[:60]
-    assert all(0 <= r["p_true"] <= 1 and r["agreement"] in (0, 0.5, 1) for r in mine)
+    assert all(0 <= r["p_true"] <= 1 and 0 <= r["agreement"] <= 1 for r in mine)
     assert all(r["p_true_seconds"] > 0 and r["agreement_seconds"] > 0 for r in mine)
     held = report["split"]["held_out"]
     for name in ("P(True)", "sample agreement"):

@@ -3,9 +3,9 @@
 - P(True) self-evaluation (Kadavath et al. 2022, arXiv 2207.05221): the model is shown the
   question and its own answer and asked whether it is correct; the score is the probability
   it puts on "Yes" against "No" for the first token. One more pass over question + answer.
-- Sample agreement (self-consistency; SelfCheckGPT, arXiv 2303.08896; semantic entropy,
-  Nature 2024): k answers sampled at temperature 1 from the same prompt; the score is the
-  share that give the greedy answer's answer. k more generations.
+- Sample agreement (self-consistency; SelfCheckGPT, arXiv 2303.08896; the lexical-similarity
+  baseline of arXiv 2305.19187): k answers sampled from the same prompt; the score is their
+  mean word-overlap F1 with the greedy answer. k more generations.
 
 Both cost whole extra passes, which is why the shipped gate reads the hidden-state probe
 from the answer's own decode steps instead; `edgeai eval --p-true / --samples K` measures
@@ -18,6 +18,7 @@ import json
 import math
 import os
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,8 @@ ASK = (
     "Question: {question}\nProposed answer: {answer}\n"
     "Is the proposed answer correct? Reply with Yes or No only."
 )
-SAMPLE_TEMPERATURE = 1.0  # the semantic-entropy papers' setting: the model's own distribution
+# Below 1: at 1 a small model's samples wander off even when its greedy answer is right.
+SAMPLE_TEMPERATURE = 0.7
 
 
 YES, NO = ("yes", "true"), ("no", "false")
@@ -53,32 +55,36 @@ def p_true(
     return p_yes / (p_yes + p_no) if p_yes + p_no > 0 else 0.5
 
 
-def same_answer(a: str, b: str, kind: str) -> bool:
-    """Whether two answers to one question say the same: the last number for maths, else
-    one normalized answer inside the other as whole words ("Paris" = "It is Paris.")."""
+def similarity(a: str, b: str, kind: str) -> float:
+    """How far two answers to one question say the same, 0–1: for maths whether the last
+    numbers are equal; else the word-overlap F1 of the normalized answers (SQuAD's), which
+    credits "Las Vegas" = "It is in Las Vegas, Nevada" in part, where exact match would not."""
     if kind == "number":
         n = number_in(a)
-        return n is not None and n == number_in(b)
-    x, y = normalize(a), normalize(b)
+        return float(n is not None and n == number_in(b))
+    x, y = normalize(a).split(), normalize(b).split()
     if not x or not y:
-        return x == y
-    return f" {x} " in f" {y} " or f" {y} " in f" {x} "
+        return float(x == y)
+    common = sum((Counter(x) & Counter(y)).values())
+    if not common:
+        return 0.0
+    precision, recall = common / len(x), common / len(y)
+    return 2 * precision * recall / (precision + recall)
 
 
 def sample_agreement(
     engine: Any, record: dict, k: int, max_tokens: int, max_tokens_math: int
 ) -> float:
-    """Share of `k` answers sampled (temperature 1, seeds 0…k−1) that agree with the
-    record's greedy answer."""
+    """Mean `similarity` of `k` answers sampled (seeds 0…k−1) to the record's greedy answer."""
     item = item_of(record)
-    agree = 0
+    total = 0.0
     for seed in range(k):
         opts = answer_options(
             item, max_tokens, max_tokens_math, temperature=SAMPLE_TEMPERATURE, seed=seed
         )
         text = "".join(ev.text for ev in engine.generate(item.messages(), opts))
-        agree += same_answer(text, record["text"], item.kind)
-    return agree / k
+        total += similarity(text, record["text"], item.kind)
+    return total / k
 
 
 def add_estimate(
