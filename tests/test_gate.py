@@ -10,10 +10,12 @@ import base64
 import json
 import random
 import re
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
+from conftest import run_cli
 
 from edgeai.engine import Engine
 from edgeai.engine.hidden import RowStates, States
@@ -321,3 +323,32 @@ def test_bad_records_and_bad_calibration_files_are_one_line_errors(tmp_path, mon
         confidence.user_calibration_path().write_text(text)
         with pytest.raises(InvalidInput, match=re.escape(message)):
             confidence.load_scorer("smollm2-135m")
+
+
+STORED_15B = Path.home() / ".local/share/edgeai/models/qwen2.5-coder-1.5b/model"
+
+
+@pytest.mark.skipif(not STORED_15B.exists(), reason="needs `edgeai pull qwen2.5-coder-1.5b`")
+def test_the_15b_keeps_an_easy_answer_local_and_escalates_arithmetic(edgeai_env, tmp_path):
+    """The issue's end-to-end case, on the real model and its shipped calibration, with a
+    remote tier configured (a stand-in on loopback)."""
+    from fakeproviders import FakeProvider
+
+    with FakeProvider("openai", reply="remote answer") as fp:
+        cfg = Path(edgeai_env["EDGEAI_CONFIG_DIR"])
+        cfg.mkdir(parents=True, exist_ok=True)
+        (cfg / "config.toml").write_text(
+            f'[tiers.cloud]\nkind = "openai"\nbase_url = "{fp.base_url}"\nmodel = "big"\n'
+            '[policy]\nmode = "auto"\nremote_tier = "cloud"\n'
+        )
+        env = {**edgeai_env, "EDGEAI_HOME": str(STORED_15B.parents[2])}
+        answers = {}
+        for q in ("What is the capital of Japan?", "What is 4817 times 293?"):
+            r = run_cli(["run", "-m", "qwen2.5-coder-1.5b", "--json", q], env)
+            assert r.returncode == 0, r.stderr
+            answers[q] = json.loads(r.stdout)
+    easy = answers["What is the capital of Japan?"]
+    assert "Tokyo" in easy["text"] and easy["tier"] == "local"
+    # No route claims it: the gate's own score kept it.
+    assert easy["route"] is None and easy["confidence"] >= easy["threshold"]
+    assert answers["What is 4817 times 293?"]["text"] == "remote answer"
