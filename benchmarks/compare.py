@@ -289,7 +289,7 @@ def report(
         )
     print()
     print(
-        f"roofline: read bandwidth {bw / 1e9:.1f} GB/s ({args.threads} threads) "
+        f"roofline: read bandwidth {bw / 1e9:.1f} GB/s ({args.threads} threads, numpy sum) "
         f"/ {per_token / 1e6:.1f} MB per token "
         f"(edgeai's weights, scales, biases) = {bw / per_token:.0f} tok/s "
         "upper bound for generation; "
