@@ -234,6 +234,9 @@ def apply(model: nn.Module, mode: str = "auto", precision: str | None = None) ->
     hooks = Hooks()
     if be == "cpu":
         _float32_params(model)
+        huge = _hugepages(model)
+        if huge:
+            layer_note = f"{layer_note}, huge pages {huge >> 20} MiB"
         hook: dict = {}
         fused = _fuse_blocks(model, cand, fast)
         if fused:  # fused layers write k/v into a cache of their own, in place
@@ -384,6 +387,20 @@ def _float32_params(model: nn.Module) -> None:
     if halves:
         model.update(tree_unflatten([(k, v.astype(mx.float32)) for k, v in halves]), strict=False)
     mx.eval(model.parameters())
+
+
+def _hugepages(model: nn.Module) -> int:
+    """Back the weights decode streams with transparent huge pages (Linux; EDGEAI_HUGEPAGES=0
+    turns it off) and return the bytes moved. Every weight is read once per token: with 4 KB
+    pages that is a TLB miss every 4 KB, and the hardware prefetcher stops at each page
+    boundary (kernels/cpu/hugepages.cpp has the measurements). An embedding table that is not
+    also the LM head is only looked up a row at a time: it stays as it is."""
+    if os.environ.get("EDGEAI_HUGEPAGES", "1") == "0":
+        return 0
+    params = tree_flatten(model.parameters())
+    untied = any(k.startswith("lm_head.") for k, _ in params)
+    arrays = [v for k, v in params if not (untied and "embed_tokens." in k)]
+    return int(kc.extension().hugepages(arrays))
 
 
 def _cpu_layer_kernels(model: nn.Module, cand: Candidate) -> str:

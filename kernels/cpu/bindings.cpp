@@ -49,6 +49,9 @@ NB_MODULE(_edgeai_kernels, m) {
       .def("attend", &edgeai::FusedLlamaLayer::attend, "q"_a, "k"_a, "v"_a, "x"_a, "scale"_a, "causal"_a,
            "length"_a = -1, "pad"_a = nb::none())
       .def("mlp", &edgeai::FusedLlamaLayer::mlp, "h"_a);
+  m.def("hugepages", &edgeai::hugepages, "arrays"_a,
+        "Back the (evaluated) arrays' buffers with transparent huge pages where Linux allows (MADV_COLLAPSE): "
+        "decode streams them every token. Returns the bytes moved into huge pages.");
   m.def("log_softmax", &edgeai::log_softmax, "x"_a,
         "log_softmax over the last axis and each row's entropy (nats), float32: returns [logprobs, entropy].");
   m.def("isa", &edgeai::isa_name, "The instruction set the kernels use now.");

@@ -86,6 +86,10 @@ class FusedLlamaLayer {
   std::vector<mlx::core::array> qkv_bias_;  // empty, or float32 q, k, v biases (qwen2)
 };
 
+// Backs the arrays' buffers with transparent huge pages where Linux allows (hugepages.cpp);
+// returns the bytes moved into huge pages.
+long hugepages(const std::vector<mlx::core::array>& arrays);
+
 std::string isa_name();
 bool has_int8_gemm();  // the current ISA runs fast-mode matmuls of many rows in int8
 std::vector<std::string> available_isas();
