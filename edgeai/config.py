@@ -8,6 +8,7 @@
 | EDGEAI_KERNEL     | auto                                      | auto / builtin / custom    |
 | EDGEAI_KERNEL_PRECISION | fast                                | fast (int8 activations at decode) / accurate (float32); edgeai/kernels |
 | EDGEAI_THREADS    | all CPU cores                             | threads of the C++ CPU kernels (edgeai/kernels/cpu.py) |
+| EDGEAI_HUGEPAGES  | 1                                         | 0: keep weights in 4 KB pages (Linux; edgeai/kernels/__init__.py) |
 | EDGEAI_NO_KERNELS | (unset)                                   | set during install: skip building the C++ kernels (setup.py) |
 | EDGEAI_SOCKET     | $XDG_RUNTIME_DIR/edgeai/edgeai.sock       | server socket (else /tmp/edgeai-$UID/edgeai.sock; edgeai/server/transport.py) |
 | EDGEAI_SERVER_TOKEN | (none)                                  | bearer token TCP clients of `edgeai serve` must send |
