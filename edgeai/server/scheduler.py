@@ -624,6 +624,9 @@ class Scheduler:
         self._loaded = _Loaded(
             job.model, job.path, engine, self._new_generator(engine, self._states), time.monotonic()
         )
+        # The model's and tokenizer's objects live until the unload: keep them out of the
+        # cyclic GC's passes, which walked all of them (~9% of a 16-row batch's CPU time).
+        gc.freeze()
         if self.metrics is not None:
             self.metrics.model_loads.inc()
         return self._loaded
@@ -668,6 +671,7 @@ class Scheduler:
         if self._loaded is None:
             return
         self._loaded = None
+        gc.unfreeze()  # the model's cycles are garbage now: let the collector see them
         gc.collect()
         import mlx.core as mx
 
