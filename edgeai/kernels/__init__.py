@@ -17,8 +17,10 @@ MLX's `mx.quantized_matmul` runs instead, with a one-line warning.
 Precision of the CPU kernel (`EDGEAI_KERNEL_PRECISION`, or `precision=`):
 - "fast" (default): at decode (at most 3 rows: one stream, or a small batch) layers quantize
   the activations to int8 per block of 32 and use integer dot products, as llama.cpp does;
-  measured normalized MSE vs the float32 reference ~5e-5 (tolerance `FAST_NMSE_TOL`). Longer
-  prompts (more than 3 tokens) are processed in float32. Greedy text can differ from MLX's
+  measured normalized MSE vs the float32 reference ~5e-5 (tolerance `FAST_NMSE_TOL`). More
+  rows (prompts, batches) run the int8 GEMM where the CPU has AVX-512 VNNI, else float32;
+  batches read weights repacked for it when the caller prepared them (`Hooks.prepare_batches`,
+  the server), verified on first use at `PACKED_ROWS`. Greedy text can differ from MLX's
   kernel at near-ties.
 - "accurate": float32 activations and accumulation everywhere; NMSE ~1e-13 (tolerance
   `NMSE_TOL`), greedy generations identical to MLX's kernel.

@@ -185,7 +185,7 @@ def panels_of(layer: nn.Module, weight: mx.array) -> list[mx.array]:
 def pack_panels(model: nn.Module) -> int:
     """Repack the weights of every fast-mode kernel layer into the int8 GEMM's panels, which
     batched decoding (from 4 rows) then reads without unpacking anything per step (SmolLM2-135M,
-    CPU ms a step: 4 rows 31 -> 13, 16 rows 45 -> 31). The panels take the weights' size again
+    CPU ms a step: 4 rows 29 -> 12, 16 rows 43 -> 29). The panels take the weights' size again
     (8 bits a value for 5 and 6-bit layers), so only the server, whose batches use them, packs.
     Returns how many layers were packed (0 where the CPU has no int8 GEMM)."""
     ext = extension()
