@@ -66,6 +66,7 @@ def test_real_model_batched_equals_single_in_fast_mode(smollm_dir):
 
 def test_mlx_lm_contract():
     """What edgeai.server.batching relies on in mlx-lm beyond its public API is still there."""
+    import hashlib
     import importlib
     import inspect
 
@@ -78,6 +79,9 @@ def test_mlx_lm_contract():
             assert hasattr(klass, name) or f"self.{name} =" in src, (
                 f"mlx_lm.generate.{cls}.{name} is gone"
             )
+    # batching._step is a copy of this one: a changed original must be read again.
+    step = inspect.getsource(g.GenerationBatch._step).encode()
+    assert hashlib.sha256(step).hexdigest() == batching.STEP_SOURCE_SHA256
     # Both batch kinds call the model as `self.model(...)` (the row owner is `self`).
     for cls in ("PromptProcessingBatch", "GenerationBatch"):
         assert "self.model(" in inspect.getsource(getattr(g, cls))

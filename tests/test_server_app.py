@@ -254,3 +254,36 @@ def test_a_long_embeddings_request_does_not_stall_generation(api_app):
     assert emb.status_code == 200 and len(emb.json()["data"]) == 6
     assert answer.status_code == 200
     assert done["chat"] < done["embeddings"], done
+
+
+def test_a_stream_sends_the_tokens_that_arrived_together_as_one_chunk():
+    """Run.groups (what the SSE writer reads): every Event already queued comes at once, in
+    order; an error after some Events comes after them."""
+    import threading
+
+    from edgeai.server.escalation import _END, Run
+    from edgeai.types import Event
+
+    async def read(items: list) -> list:
+        run = Run(engine=None, cancel=threading.Event())
+        for it in items[:2]:
+            run._q.put_nowait(it)
+
+        async def later() -> None:
+            await asyncio.sleep(0.01)
+            for it in items[2:]:
+                run._q.put_nowait(it)
+
+        task = asyncio.create_task(later())
+        got = []
+        try:
+            async for group in run.groups():
+                got.append("".join(ev.text for ev in group))
+        except ValueError as e:
+            got.append(f"error {e}")
+        await task
+        return got
+
+    abc = [Event(text=c, token=i) for i, c in enumerate("abc")]
+    assert asyncio.run(read([*abc, _END])) == ["ab", "c"]
+    assert asyncio.run(read([abc[0], ValueError("boom"), _END])) == ["a", "error boom"]

@@ -17,8 +17,10 @@ MLX's `mx.quantized_matmul` runs instead, with a one-line warning.
 Precision of the CPU kernel (`EDGEAI_KERNEL_PRECISION`, or `precision=`):
 - "fast" (default): at decode (at most 3 rows: one stream, or a small batch) layers quantize
   the activations to int8 per block of 32 and use integer dot products, as llama.cpp does;
-  measured normalized MSE vs the float32 reference ~5e-5 (tolerance `FAST_NMSE_TOL`). Longer
-  prompts (more than 3 tokens) are processed in float32. Greedy text can differ from MLX's
+  measured normalized MSE vs the float32 reference ~5e-5 (tolerance `FAST_NMSE_TOL`). More
+  rows (prompts, batches) run the int8 GEMM where the CPU has AVX-512 VNNI, else float32;
+  batches read weights repacked for it when the caller prepared them (`Hooks.prepare_batches`,
+  the server), verified on first use at `PACKED_ROWS`. Greedy text can differ from MLX's
   kernel at near-ties.
 - "accurate": float32 activations and accumulation everywhere; NMSE ~1e-13 (tolerance
   `NMSE_TOL`), greedy generations identical to MLX's kernel.
@@ -44,6 +46,7 @@ from edgeai.kernels.verify import (
     FUSED_FAST_TOL,
     MAX_REL_TOL,
     NMSE_TOL,
+    PACKED_ROWS,
     VERIFY_ROWS,
     _cache_path,
     _file_id,
@@ -64,6 +67,7 @@ __all__ = [  # the public API; verification's names are re-exported from kernels
     "FAST_MAX_REL_TOL",
     "FAST_NMSE_TOL",
     "FAST_ROWS",
+    "PACKED_ROWS",
     "MAX_REL_TOL",
     "MODES",
     "NMSE_TOL",
@@ -112,11 +116,15 @@ class Hooks:
         prompt_context: a context manager that the step giving a prompt's first generated
             token runs under: float32 activations where decoding uses int8 ones (the prompt
             tokens before it fill the cache in the layers' own precision).
+        prepare_batches: model -> None, called by whoever decodes batches of several rows
+            (the server) before the first: the CPU kernel repacks the weights for its int8
+            GEMM there (memory: the weights' size again).
     """
 
     make_cache: Callable[[nn.Module], list] = _mlx_cache
     log_softmax: Callable[[mx.array], tuple[mx.array, mx.array]] = _mlx_log_softmax
     prompt_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    prepare_batches: Callable[[nn.Module], object] = lambda model: None
 
     @property
     def int8_decode(self) -> bool:
@@ -213,6 +221,7 @@ def apply(model: nn.Module, mode: str = "auto", precision: str | None = None) ->
         return _fallback(mode, be, f"{cand.name} kernel failed verification: {verdict['detail']}")
     fast = precision == "fast" and cand.fast_matmul is not None
     accuracy = "float32 accumulation"
+    batches = False  # batched decoding reads weights repacked for the int8 GEMM
     if fast:
         fv = verify(cand, shapes, fast=True)
         if fv["ok"]:
@@ -222,6 +231,14 @@ def apply(model: nn.Module, mode: str = "auto", precision: str | None = None) ->
                 else "float32 for prompts and batches over 3 rows"
             )
             accuracy = f"int8 activations at decode (NMSE {fv['nmse']:.1e}) {rest}"
+            if be == "cpu" and kc.extension().int8_gemm():
+                packed = verify(cand, shapes, fast=True, packed=True)
+                batches = packed["ok"]
+                if not batches:
+                    _warn_once(
+                        f"{cand.name} int8 GEMM on repacked weights failed verification: "
+                        f"{packed['detail']}; batches unpack the weights at every step"
+                    )
         else:  # the accurate kernel passed: keep it, say why the fast one is not used
             fast = False
             _warn_once(
@@ -244,6 +261,8 @@ def apply(model: nn.Module, mode: str = "auto", precision: str | None = None) ->
             hook["make_cache"] = kc.make_cache
         if fast:  # a prompt's first generated token is built in float32
             hook["prompt_context"] = kc.full_precision
+        if fast and batches:
+            hook["prepare_batches"] = kc.pack_panels
         if _verdict(f"log_softmax|{cand.build_id}|{cand.isa()}", check_log_softmax):
             hook["log_softmax"] = kc.extension().log_softmax
             layer_note = f"{layer_note}, log_softmax"
@@ -301,6 +320,7 @@ class Candidate:
     threads: Callable[[], int | None] = lambda: None
     build_id: str = ""
     fast_matmul: Callable | None = None  # the int8-activation path, where the kernel has one
+    packed_matmul: Callable | None = None  # the same on weights repacked for batches (CPU)
 
 
 def _candidate(be: str) -> Candidate:
@@ -315,10 +335,10 @@ def _candidate(be: str) -> Candidate:
             )
             return cls.from_quantized(m, fast)
 
-        def matmul(x, w, s, b, gs, bits, fast=False):
-            return ext.quantized_matmul(
-                x, w, s.astype(kc.scale_dtype(s)), b.astype(kc.scale_dtype(s)), gs, bits, fast
-            )
+        def matmul(x, w, s, b, gs, bits, fast=False, packed=False):
+            s, b = s.astype(kc.scale_dtype(s)), b.astype(kc.scale_dtype(s))
+            panels = ext.pack_q8(w, s, b, gs, bits) if packed else []
+            return ext.quantized_matmul(x, w, s, b, gs, bits, fast, panels)
 
         return Candidate(
             "edgeai-cpu",
@@ -329,6 +349,7 @@ def _candidate(be: str) -> Candidate:
             ext.threads,
             _file_id(ext.__file__),
             fast_matmul=lambda *a: matmul(*a, fast=True),
+            packed_matmul=lambda *a: matmul(*a, fast=True, packed=True),
         )
     if be == "metal":
         return Candidate(

@@ -43,6 +43,9 @@ MAX_REL_TOL = 1e-3
 FAST_NMSE_TOL = 5e-4  # int8 activations: rounding error ~5e-5; a wrong kernel is far above
 FAST_MAX_REL_TOL = 5e-2
 FAST_ROWS = (1, 3, 41)  # the int8 decode tile; a prompt chunk (int8 GEMM, 6 x 6 + 5 rows)
+# Batched decoding on repacked weights (`kernels.cpu.pack_panels`): its fewest rows, a batch
+# of 16 (micro-kernel 6 + 6 + 4), and 6 x 6 + 5.
+PACKED_ROWS = (4, 16, 41)
 VERIFY_ROWS = (1, 7)  # decode path and prefill (tiled) path with a ragged tail
 
 
@@ -239,18 +242,24 @@ def check(
     return worst
 
 
-def verify(cand: Candidate, shapes: list[tuple], fast: bool = False) -> dict:
+def verify(cand: Candidate, shapes: list[tuple], fast: bool = False, packed: bool = False) -> dict:
     """Check every (bits, group_size, N, K[, scale dtype]) for M in VERIFY_ROWS, using cached
     verdicts.
 
     fast: check the candidate's int8-activation path (decode rows and a prompt chunk, `FAST_*`
         tolerances) instead.
+    packed: with fast, that path on weights repacked for batches (`cand.packed_matmul`, at
+        `PACKED_ROWS`).
     """
     cache = _read_cache()
-    prefix = f"{cand.name}|{cand.build_id}|{cand.isa()}|{mx.__version__}|{_machine_id()}" + (
-        "|fast" if fast else ""
+    prefix = (
+        f"{cand.name}|{cand.build_id}|{cand.isa()}|{mx.__version__}|{_machine_id()}"
+        + ("|fast" if fast else "")
+        + ("|packed" if packed else "")
     )
     matmul, rows = (cand.fast_matmul, FAST_ROWS) if fast else (cand.matmul, VERIFY_ROWS)
+    if packed:
+        matmul, rows = cand.packed_matmul, PACKED_ROWS
     nmse_tol, rel_tol = (FAST_NMSE_TOL, FAST_MAX_REL_TOL) if fast else (NMSE_TOL, MAX_REL_TOL)
     worst, cached = 0.0, True
     for bits, gs, n, k, *rest in shapes:

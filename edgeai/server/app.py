@@ -266,18 +266,26 @@ class Server:
         calls = CallStream() if nreq.tool_calls else None
         try:
             yield oa.chunk(nreq, None, tok, first=True)
-            async for ev in run:
-                events.append(ev)
-                if calls is not None:  # text around tool calls streams; each call comes whole
+            # Tokens that arrived while the last chunk was being written go out as one chunk:
+            # on a small machine the writer, the client and the model share the cores.
+            async for group in run.groups():
+                events += group
+                if calls is None:
+                    send = [
+                        ev
+                        for ev in group
+                        if ev.finish_reason is None
+                        and (ev.text or (nreq.logprobs is not None and ev.token is not None))
+                    ]
+                    if send:
+                        yield oa.chunk(nreq, send, tok)
+                    continue
+                for ev in group:  # text around tool calls streams; each call comes whole
                     for item in calls.feed(ev.text) if ev.text else []:
                         yield self._tool_item(nreq, item, calls)
                     if ev.finish_reason is not None:
                         for item in calls.flush():
                             yield self._tool_item(nreq, item, calls)
-                elif ev.finish_reason is None and (
-                    ev.text or (nreq.logprobs is not None and ev.token is not None)
-                ):
-                    yield oa.chunk(nreq, ev, tok)
             ans = self._answer(nreq, run, events)
             finish = ans.finish_reason
             if calls is not None and calls.calls and finish == "stop":

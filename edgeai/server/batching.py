@@ -11,6 +11,11 @@ and `tests/test_batching.py::test_mlx_lm_contract` fails if a new mlx-lm breaks 
 Every `GenerationBatch` call yields one token per row (its first call for a row runs the
 prompt's last token), which is how `RowStates` matches hidden states to tokens.
 
+The running batch's step (`GenerationBatch._step`, copied from mlx-lm 0.32.2 in `_step`
+below; the contract test pins its source) normalizes the logits with the kernels'
+log-softmax instead of `mx.logsumexp`: MLX's CPU exp is scalar on x86, and 16 rows x 49152
+logits were ~11% of a 16-client server's CPU time.
+
 Here each prompt's first generation step calls the model under the kernels' prompt context
 (float32 where decoding uses int8 activations), and the prompt tokens before it fill the cache
 in the layers' own precision, as `Engine.generate` runs a prompt, so a batched answer starts
@@ -25,13 +30,18 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
+import mlx.core as mx
+
 from edgeai.engine.hidden import RowStates
 
 CONTRACT = {  # what this module reads or overrides in mlx_lm.generate (checked by the test)
-    "BatchGenerator": ("_prompt_batch", "_make_batch", "insert", "remove", "next"),
+    "BatchGenerator": ("_prompt_batch", "_make_batch", "_generation_batch", "insert", "remove"),
     "PromptProcessingBatch": ("uids", "model"),
-    "GenerationBatch": ("uids", "model"),
+    "GenerationBatch": ("uids", "model", "_step"),
 }
+# sha256 of mlx-lm's GenerationBatch._step source, which `_step` below copies (and the test
+# compares): a new mlx-lm must be read again before this module runs on it.
+STEP_SOURCE_SHA256 = "d7513c5031029194ca3820ae81d8966b792e66a90c39c1d7ad61d30bc9e8c5ad"
 
 
 def for_engine(
@@ -63,7 +73,7 @@ def for_engine(
     prompt_model = engine.adapters.routed(rows, first_step_context) if hooks.int8_decode else model
     if states is not None:
         model, prompt_model = _Recording(model, states), _Recording(prompt_model, states)
-    return batch_generator(model, prompt_model, **kwargs)
+    return batch_generator(model, prompt_model, hooks.log_softmax, **kwargs)
 
 
 class _Recording:
@@ -115,27 +125,89 @@ def calling_batch(n: int) -> tuple[str, list[int]]:
     raise RuntimeError("cannot tell which request each batch row belongs to (mlx-lm changed?)")
 
 
-def batch_generator(model: Callable, prompt_model: Callable, **kwargs: Any) -> Any:
+def batch_generator(
+    model: Callable, prompt_model: Callable, log_softmax: Callable | None = None, **kwargs: Any
+) -> Any:
     """A `mlx_lm.generate.BatchGenerator` over `model` whose prompts run through `prompt_model`.
 
     Args:
         model: what decoding steps call (the model, or a wrapper such as lora.RoutedModel).
         prompt_model: what prompt processing and each prompt's first step call.
+        log_softmax: (rows, vocab) logits -> (log-probabilities, entropy) for the running
+            batch's steps (`kernels.Hooks.log_softmax`); None: mlx-lm's own.
         kwargs: BatchGenerator's keyword arguments.
     """
-    return _generator_class()(model, prompt_model, **kwargs)
+    return _generator_class()(model, prompt_model, log_softmax, **kwargs)
 
 
 def _generator_class() -> type:
-    from mlx_lm.generate import BatchGenerator
+    import importlib
 
-    class PromptModelBatchGenerator(BatchGenerator):
-        def __init__(self, model: Callable, prompt_model: Callable, **kwargs: Any):
+    g = importlib.import_module("mlx_lm.generate")  # the attribute `generate` is a function
+
+    class GenerationBatch(g.GenerationBatch):  # the name the row lookups above look for
+        """mlx-lm's running batch, its logits normalized by `self.log_softmax`."""
+
+        log_softmax: Callable = staticmethod(lambda x: (x - mx.logsumexp(x, -1, True), None))
+
+        def _step(self) -> tuple[list[int], list[mx.array]]:
+            # mlx-lm 0.32.2's GenerationBatch._step; only the normalization differs.
+            self._current_tokens = self._next_tokens
+            self._current_logprobs = self._next_logprobs
+            inputs = self._current_tokens
+            logits = self.model(inputs[:, None], cache=self.prompt_cache)
+            logits = logits[:, -1, :]
+            token_context = []
+            if any(self.logits_processors):
+                processed_logits = []
+                for e in range(len(self.uids)):
+                    sample_logits = logits[e : e + 1]
+                    processors = self.logits_processors[e] or ()
+                    if processors:
+                        context = self._token_context[e].update_and_fetch(inputs[e : e + 1])
+                        token_context.append(context)
+                        for processor in processors:
+                            sample_logits = processor(context, sample_logits)
+                    processed_logits.append(sample_logits)
+                logits = mx.concatenate(processed_logits, axis=0)
+            logprobs = self.log_softmax(logits.astype(mx.float32))[0]
+            samplers = [
+                self.fallback_sampler if s is None else s
+                for s in (self.samplers or [None] * len(self.uids))
+            ]
+            if not samplers or all(s is samplers[0] for s in samplers):
+                sampled = (samplers[0] if samplers else self.fallback_sampler)(logprobs)
+            else:
+                sampled = mx.concatenate(
+                    [s(logprobs[e : e + 1]) for e, s in enumerate(samplers)], axis=0
+                )
+            self._next_tokens = sampled
+            self._next_logprobs = list(logprobs)
+            mx.async_eval(self._next_tokens, self._next_logprobs, token_context)
+            mx.eval(inputs, self._current_logprobs)
+            inputs = inputs.tolist()
+            for sti, ti in zip(self.tokens, inputs):
+                sti.append(ti)
+            return inputs, self._current_logprobs
+
+    class PromptModelBatchGenerator(g.BatchGenerator):
+        def __init__(
+            self,
+            model: Callable,
+            prompt_model: Callable,
+            log_softmax: Callable | None = None,
+            **kwargs: Any,
+        ):
             super().__init__(model, **kwargs)
             self._prompt_model = prompt_model
             # New prompts join this batch (`extend` keeps its model); `split` copies it, and
             # the split-off part makes the rows' first generation step with it.
             self._prompt_batch.model = prompt_model
+            # Every row decodes in this batch once its first step is made (`extend` moves
+            # the rows in): its steps are the ones worth the kernels' log-softmax.
+            self._generation_batch.__class__ = GenerationBatch
+            if log_softmax is not None:
+                self._generation_batch.log_softmax = log_softmax
 
         def _make_batch(self, n: int):
             batch = super()._make_batch(n)

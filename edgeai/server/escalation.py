@@ -135,6 +135,26 @@ class Run:
         if isinstance(self._first, BaseException):
             raise self._first
 
+    async def groups(self) -> AsyncIterator[list[Event]]:
+        """The Events in order, each time every one that has arrived (at least one): a writer
+        that fell behind the tokens catches up in one write."""
+        item = self._first if self._first is not None else await self._q.get()
+        while True:
+            group = []
+            while item is not _END and not isinstance(item, BaseException):
+                group.append(item)
+                if self._q.empty():
+                    break
+                item = self._q.get_nowait()
+            else:  # the end, or an error, after `group`
+                if group:
+                    yield group
+                if item is _END:
+                    return
+                raise item
+            yield group
+            item = await self._q.get()
+
     async def __aiter__(self) -> AsyncIterator[Event]:
         item = self._first if self._first is not None else await self._q.get()
         while item is not _END:

@@ -324,16 +324,17 @@ DONE = b"data: [DONE]\n\n"
 
 def chunk(
     nreq: NativeRequest,
-    ev: Event | None,
+    ev: Event | list[Event] | None,
     tokenizer: Any,
     *,
     first: bool = False,
     finish: str | None = None,
     ans: Answer | None = None,
 ) -> bytes:
-    """One streamed chunk: a token's text (or the role on the first), or the finish."""
-    events = [ev] if ev is not None else []
-    text = ev.text if ev is not None else ""
+    """One streamed chunk: the text of a token, or of several in a row (and their logprobs when
+    asked for), or the role on the first, or the finish."""
+    events = ev if isinstance(ev, list) else [ev] if ev is not None else []
+    text = "".join(e.text for e in events if e.text)
     extra = info(ans, nreq.policy) if ans is not None else None
     if nreq.kind == "chat":
         lp = (

@@ -12,10 +12,15 @@ using namespace nb::literals;
 NB_MODULE(_edgeai_kernels, m) {
   m.doc() = "edgeai CPU kernels: affine-quantized matmul for MLX";
   m.def("quantized_matmul", &edgeai::quantized_matmul, "x"_a, "w"_a, "scales"_a, "biases"_a, "group_size"_a,
-        "bits"_a, "fast"_a = false,
+        "bits"_a, "fast"_a = false, "panels"_a = std::vector<mlx::core::array>{},
         "y = x @ dequantize(w, scales, biases).T (CPU). fast: int8 activations per block of 32 "
         "(at most 3 rows: the decode tile; more: the int8 GEMM where int8_gemm(), else float32); "
-        "otherwise float32 activations and accumulation.");
+        "otherwise float32 activations and accumulation. panels: pack_q8(w, scales, biases, ...), "
+        "which fast mode reads from 4 rows on (no unpacking per call).");
+  m.def("pack_q8", &edgeai::pack_q8, "w"_a, "scales"_a, "biases"_a, "group_size"_a, "bits"_a,
+        "The weights repacked once into the int8 GEMM's panels (needs int8_gemm()): [weights, scales, "
+        "biases], to pass as panels= (batched decoding: costs the weights' size again, 8 bits a value "
+        "for 5 and 6-bit weights).");
   m.def("attention", &edgeai::attention, "q"_a, "k"_a, "v"_a, "scale"_a, "causal"_a,
         "softmax(q @ k.T * scale, causal mask aligned to the end) @ v for q [B, Hq, L, D], k/v [B, Hkv, S, D]; "
         "returns [B, L, Hq, D]. float32, grouped-query heads.");
@@ -25,25 +30,25 @@ NB_MODULE(_edgeai_kernels, m) {
   m.def("norm_qkv", &edgeai::norm_qkv, "x"_a, "norm_weight"_a, "eps"_a, "qkv"_a, "n_heads"_a, "n_kv_heads"_a,
         "rope_dims"_a, "traditional"_a, "base"_a, "scale"_a, "offset"_a, "group_size"_a, "bits"_a, "fast"_a,
         "cache"_a = std::vector<mlx::core::array>{}, "qkv_bias"_a = std::vector<mlx::core::array>{},
-        "pad"_a = nb::none(),
+        "pad"_a = nb::none(), "panels"_a = std::vector<mlx::core::array>{},
         "rms_norm, q/k/v projections (+ optional float32 biases) and RoPE in one node: returns q [B, Hq, L, hd], "
         "k, v [B, Hkv, L, hd]; with cache=[keys, values] buffers [B, Hkv, capacity, hd], k and v are written "
         "into them at offset and the buffers are returned. group_size = bits = 0: each layer's own format. "
         "pad: each batch row's left padding [B]; row b's tokens sit at positions offset + l - pad[b].");
   m.def("attn_out", &edgeai::attn_out, "q"_a, "k"_a, "v"_a, "x"_a, "o_proj"_a, "scale"_a, "causal"_a, "group_size"_a,
-        "bits"_a, "fast"_a, "length"_a = -1, "pad"_a = nb::none(),
+        "bits"_a, "fast"_a, "length"_a = -1, "pad"_a = nb::none(), "panels"_a = std::vector<mlx::core::array>{},
         "x + o_proj(attention(q, k[:, :, :length], v[:, :, :length])) in one node; float32. pad: each batch "
         "row's left padding [B]: row b attends to keys pad[b] .. length - 1.");
   m.def("norm_mlp", &edgeai::norm_mlp, "h"_a, "norm_weight"_a, "eps"_a, "gate_up_down"_a, "group_size"_a, "bits"_a,
-        "fast"_a, "h + down(silu(gate(n)) * up(n)), n = rms_norm(h), in one node; float32.");
+        "fast"_a, "panels"_a = std::vector<mlx::core::array>{}, "h + down(silu(gate(n)) * up(n)), n = rms_norm(h), in one node; float32.");
   nb::class_<edgeai::FusedLlamaLayer>(m, "FusedLlamaLayer",
                                       "A llama or qwen2 decoder layer's weights for the fused calls (checked once).")
       .def(nb::init<mlx::core::array, std::vector<mlx::core::array>, std::vector<mlx::core::array>, mlx::core::array,
                     std::vector<mlx::core::array>, float, float, int, int, int, bool, float, float, int, int, bool,
-                    std::vector<mlx::core::array>>(),
+                    std::vector<mlx::core::array>, std::vector<mlx::core::array>>(),
            "norm1"_a, "qkv"_a, "o_proj"_a, "norm2"_a, "mlp"_a, "eps1"_a, "eps2"_a, "n_heads"_a, "n_kv_heads"_a,
            "rope_dims"_a, "traditional"_a, "base"_a, "scale"_a, "group_size"_a, "bits"_a, "fast"_a,
-           "qkv_bias"_a = std::vector<mlx::core::array>{})
+           "qkv_bias"_a = std::vector<mlx::core::array>{}, "panels"_a = std::vector<mlx::core::array>{})
       .def("qkv", &edgeai::FusedLlamaLayer::qkv, "x"_a, "offset"_a, "cache"_a = std::vector<mlx::core::array>{},
            "pad"_a = nb::none())
       .def("attend", &edgeai::FusedLlamaLayer::attend, "q"_a, "k"_a, "v"_a, "x"_a, "scale"_a, "causal"_a,

@@ -36,8 +36,14 @@ mx::Stream cpu_stream() { return mx::default_stream(mx::Device(mx::Device::cpu))
 // A quantized layer given as 3 arrays (weight, scales, biases) from `at`, of input size K.
 // Its format comes from the shapes (checked by add_layers): the projections of one decoder
 // layer may differ in bits and group size (mlx-lm's per-layer quantization, GGUF K-quant mixes).
-QLinear layer(const std::vector<mx::array>& in, int at, int K) {
-  return qlinear(in[at], in[at + 1], in[at + 2], K / in[at + 1].shape(1), in[at].shape(1) * 32 / K);
+// With panels: `pan` points at its pack_q8 triple among the inputs (nullptr: none).
+QLinear layer(const std::vector<mx::array>& in, int at, int K, const mx::array* pan = nullptr) {
+  return with_panels(qlinear(in[at], in[at + 1], in[at + 2], K / in[at + 1].shape(1), in[at].shape(1) * 32 / K), pan);
+}
+
+// The panels of a primitive's layers: the last 3 * layers inputs, when it has them.
+const mx::array* panels_of(const std::vector<mx::array>& in, bool has, int layers) {
+  return has ? &in[in.size() - 3 * layers] : nullptr;
 }
 
 struct Rope {
@@ -108,14 +114,15 @@ void to_heads(const float* y, int B, int L, int H, int D, const Rope* rope, int 
 class NormQKV : public mx::Primitive {
  public:
   NormQKV(mx::Stream s, float eps, int hq, int hkv, Rope rope, int offset, bool fast, bool into, bool bias,
-          bool padded)
+          bool padded, bool panels)
       : mx::Primitive(s), eps_(eps), hq_(hq), hkv_(hkv), rope_(rope), offset_(offset), fast_(fast), into_(into),
-        bias_(bias), padded_(padded) {}
+        bias_(bias), padded_(padded), panels_(panels) {}
 
   // inputs: x [B, L, D], norm weight [D], (w, scales, biases) for q, k, v, and in `into`
   // mode the KV cache's key and value buffers [B, Hkv, cap, hd], then with `bias` the q, k, v
   // projections' float32 biases (qwen2), then with `padded` each batch row's left padding
-  // (int32 [B]: row b's tokens are at positions offset + l - pad[b]). Outputs q, k, v; in `into`
+  // (int32 [B]: row b's tokens are at positions offset + l - pad[b]), then with `panels` the q, k,
+  // v projections' pack_q8 triples. Outputs q, k, v; in `into`
   // mode k and v are the cache buffers themselves with this step's rows written at
   // [offset, offset + L): positions below offset are untouched, so no earlier reader of the
   // buffer sees a change, and nothing else reads positions at or above offset.
@@ -138,8 +145,8 @@ class NormQKV : public mx::Primitive {
     for (auto& a : in) enc.set_input_array(a);
     for (auto& o : outs) enc.set_output_array(o);
     enc.dispatch([in, outs, eps = eps_, hq = hq_, hkv = hkv_, rope = rope_, offset = offset_, fast = fast_,
-                  into = into_, bias = bias_, padded = padded_]() mutable {
-      run(in, outs, eps, hq, hkv, rope, offset, fast, into, bias, padded);
+                  into = into_, bias = bias_, padded = padded_, panels = panels_]() mutable {
+      run(in, outs, eps, hq, hkv, rope, offset, fast, into, bias, padded, panels);
     });
   }
 
@@ -150,11 +157,13 @@ class NormQKV : public mx::Primitive {
   }
 
   static void run(const std::vector<mx::array>& in, std::vector<mx::array>& outs, float eps_, int hq_, int hkv_,
-                  Rope rope_, int offset_, bool fast_, bool into_, bool bias_, bool padded_) {
+                  Rope rope_, int offset_, bool fast_, bool into_, bool bias_, bool padded_, bool panels_) {
     thread_local std::vector<float> xt, wt, n, y;
     const int B = in[0].shape(0), L = in[0].shape(1), D = in[0].shape(2);
     const long M = long(B) * L;
-    const QLinear ls[3] = {layer(in, 2, D), layer(in, 5, D), layer(in, 8, D)};
+    const mx::array* pan = panels_of(in, panels_, 3);
+    const QLinear ls[3] = {layer(in, 2, D, pan), layer(in, 5, D, pan ? pan + 3 : nullptr),
+                           layer(in, 8, D, pan ? pan + 6 : nullptr)};
     n.resize(M * D);
     rms_norm_rows(float_rows(in[0], xt), M, D, float_rows(in[1], wt), eps_, n.data());
     y.resize(M * (ls[0].N + ls[1].N + ls[2].N));
@@ -182,7 +191,8 @@ class NormQKV : public mx::Primitive {
     auto& o = static_cast<const NormQKV&>(other);
     return eps_ == o.eps_ && hq_ == o.hq_ && hkv_ == o.hkv_ && rope_.dims == o.rope_.dims &&
            rope_.traditional == o.rope_.traditional && rope_.base == o.rope_.base && rope_.scale == o.rope_.scale &&
-           offset_ == o.offset_ && fast_ == o.fast_ && into_ == o.into_ && bias_ == o.bias_ && padded_ == o.padded_;
+           offset_ == o.offset_ && fast_ == o.fast_ && into_ == o.into_ && bias_ == o.bias_ && padded_ == o.padded_ &&
+           panels_ == o.panels_;
   }
 
  private:
@@ -190,28 +200,30 @@ class NormQKV : public mx::Primitive {
   int hq_, hkv_;
   Rope rope_;
   int offset_;
-  bool fast_, into_, bias_, padded_;
+  bool fast_, into_, bias_, padded_, panels_;
 };
 
 class AttnOut : public mx::UnaryPrimitive {
  public:
-  AttnOut(mx::Stream s, float scale, bool causal, bool fast, int length, bool padded)
-      : mx::UnaryPrimitive(s), scale_(scale), causal_(causal), fast_(fast), length_(length), padded_(padded) {}
+  AttnOut(mx::Stream s, float scale, bool causal, bool fast, int length, bool padded, bool panels)
+      : mx::UnaryPrimitive(s), scale_(scale), causal_(causal), fast_(fast), length_(length), padded_(padded),
+        panels_(panels) {}
 
   // inputs: q [B, Hq, L, hd], k, v [B, Hkv, S, hd] (strided cache views), x [B, L, D], o_proj (w, s, b),
-  // then with `padded` each row's left padding (int32 [B]): row b attends to keys from pad[b] on.
+  // then with `padded` each row's left padding (int32 [B]): row b attends to keys from pad[b] on,
+  // then with `panels` o_proj's pack_q8 triple.
   void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
     out.set_data(mx::allocator::malloc(out.nbytes()));
     auto& enc = mx::cpu::get_command_encoder(stream());
     for (auto& a : in) enc.set_input_array(a);
     enc.set_output_array(out);
-    enc.dispatch([in, out, scale = scale_, causal = causal_, fast = fast_, length = length_,
-                  padded = padded_]() mutable { run(in, out, scale, causal, fast, length, padded); });
+    enc.dispatch([in, out, scale = scale_, causal = causal_, fast = fast_, length = length_, padded = padded_,
+                  panels = panels_]() mutable { run(in, out, scale, causal, fast, length, padded, panels); });
   }
 
   // length: how many key/value positions to attend to (the cache's fill), or -1 for all.
   static void run(const std::vector<mx::array>& in, mx::array& out, float scale_, bool causal_, bool fast_,
-                  int length, bool padded) {
+                  int length, bool padded, bool panels) {
     thread_local std::vector<float> att, xt;
     const mx::array &q = in[0], &k = in[1], &v = in[2];
     const int B = q.shape(0), Hq = q.shape(1), L = q.shape(2), hd = q.shape(3);
@@ -231,7 +243,7 @@ class AttnOut : public mx::UnaryPrimitive {
     } else {
       Pool::get().run(tasks, [&](int t) { isa.attention(a, t); });
     }
-    const QLinear o = layer(in, 4, Hq * hd);
+    const QLinear o = layer(in, 4, Hq * hd, panels_of(in, panels, 1));
     float* y = out.data<float>();
     qmm_rows(att.data(), M, Hq * hd, &o, 1, &y, fast_);
     const float* x = float_rows(in[3], xt);
@@ -245,7 +257,7 @@ class AttnOut : public mx::UnaryPrimitive {
   bool is_equivalent(const mx::Primitive& other) const override {
     auto& o = static_cast<const AttnOut&>(other);
     return scale_ == o.scale_ && causal_ == o.causal_ && fast_ == o.fast_ && length_ == o.length_ &&
-           padded_ == o.padded_;
+           padded_ == o.padded_ && panels_ == o.panels_;
   }
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& in) override { return {in[3].shape()}; }
 
@@ -254,38 +266,52 @@ class AttnOut : public mx::UnaryPrimitive {
   bool causal_;
   bool fast_;
   int length_;
-  bool padded_;
+  bool padded_, panels_;
 };
 
 class NormMLP : public mx::UnaryPrimitive {
  public:
-  NormMLP(mx::Stream s, float eps, bool fast) : mx::UnaryPrimitive(s), eps_(eps), fast_(fast) {}
+  NormMLP(mx::Stream s, float eps, bool fast, bool panels)
+      : mx::UnaryPrimitive(s), eps_(eps), fast_(fast), panels_(panels) {}
 
-  // inputs: h [..., D], norm weight [D], then (w, scales, biases) for gate, up, down.
+  // inputs: h [..., D], norm weight [D], then (w, scales, biases) for gate, up, down, then with
+  // `panels` their pack_q8 triples.
   void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
     out.set_data(mx::allocator::malloc(out.nbytes()));
     auto& enc = mx::cpu::get_command_encoder(stream());
     for (auto& a : in) enc.set_input_array(a);
     enc.set_output_array(out);
-    enc.dispatch([in, out, eps = eps_, fast = fast_]() mutable { run(in, out, eps, fast); });
+    enc.dispatch([in, out, eps = eps_, fast = fast_, panels = panels_]() mutable { run(in, out, eps, fast, panels); });
   }
 
-  static void run(const std::vector<mx::array>& in, mx::array& out, float eps_, bool fast_) {
+  static void run(const std::vector<mx::array>& in, mx::array& out, float eps_, bool fast_, bool panels) {
     thread_local std::vector<float> ht, wt, n, gu;
     const int D = in[0].shape(-1);
     const long M = in[0].size() / D;
     const float* h = float_rows(in[0], ht);
-    const QLinear gate_up[2] = {layer(in, 2, D), layer(in, 5, D)};
+    const mx::array* pan = panels_of(in, panels, 3);
+    const QLinear gate_up[2] = {layer(in, 2, D, pan), layer(in, 5, D, pan ? pan + 3 : nullptr)};
     const int F = gate_up[0].N;
-    const QLinear down = layer(in, 8, F);
+    const QLinear down = layer(in, 8, F, pan ? pan + 6 : nullptr);
     n.resize(M * D);
     rms_norm_rows(h, M, D, float_rows(in[1], wt), eps_, n.data());
     gu.resize(2 * M * F);
     float* ys[2] = {gu.data(), gu.data() + M * F};
     qmm_rows(n.data(), M, D, gate_up, 2, ys, fast_);
-    for (long i = 0; i < M * F; i++) {  // silu(gate) * up, in place
-      const float g = ys[0][i];
-      ys[0][i] = g / (1.f + std::exp(-g)) * ys[1][i];
+    // silu(gate) * up, in place: a libm exp per value, so a batch's rows go on every thread
+    // (16 rows of SmolLM2-135M: 24.6k exps a layer, ~3 ms a step on one thread).
+    auto silu = [&](long i0, long i1) {
+      for (long i = i0; i < i1; i++) {
+        const float g = ys[0][i];
+        ys[0][i] = g / (1.f + std::exp(-g)) * ys[1][i];
+      }
+    };
+    const long total = M * F, chunk = 4096;
+    if (total <= chunk) {
+      silu(0, total);
+    } else {
+      Pool::get().run(int((total + chunk - 1) / chunk),
+                      [&](int t) { silu(long(t) * chunk, std::min(total, long(t + 1) * chunk)); });
     }
     float* y = out.data<float>();
     qmm_rows(ys[0], M, F, &down, 1, &y, fast_);
@@ -298,13 +324,13 @@ class NormMLP : public mx::UnaryPrimitive {
   const char* name() const override { return "EdgeaiNormMLP"; }
   bool is_equivalent(const mx::Primitive& other) const override {
     auto& o = static_cast<const NormMLP&>(other);
-    return eps_ == o.eps_ && fast_ == o.fast_;
+    return eps_ == o.eps_ && fast_ == o.fast_ && panels_ == o.panels_;
   }
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& in) override { return {in[0].shape()}; }
 
  private:
   float eps_;
-  bool fast_;
+  bool fast_, panels_;
 };
 
 [[noreturn]] void fail(const char* op, const std::string& m) {
@@ -349,12 +375,27 @@ void add_padding(const char* op, std::vector<mx::array>& in, const std::optional
   in.push_back(p.is_available() && p.flags().row_contiguous ? p : mx::contiguous(p, false, cpu_stream()));
 }
 
+// The layers' pack_q8 triples (`panels`, 3 per layer of `ws`, or none) as the last inputs.
+bool add_panels(const char* op, std::vector<mx::array>& in, const std::vector<mx::array>& ws,
+                const std::vector<mx::array>& panels, int K) {
+  if (panels.empty()) return false;
+  if (panels.size() != ws.size()) fail(op, "give pack_q8's three panels for every layer, or none");
+  for (size_t i = 0; i < ws.size(); i += 3) {
+    const int bits = int(long(ws[i].shape(1)) * 32 / K), gs = K / ws[i + 1].shape(1);
+    check_panels(op, ws[i], ws[i + 1], gs, bits, {panels.begin() + i, panels.begin() + i + 3});
+  }
+  for (const mx::array& p : panels)
+    in.push_back(p.is_available() && p.flags().row_contiguous ? p : mx::contiguous(p, false, cpu_stream()));
+  return true;
+}
+
 }  // namespace
 
 std::vector<mx::array> norm_qkv(const mx::array& x, const mx::array& norm_w, float eps, const std::vector<mx::array>& qkv,
                                 int n_heads, int n_kv_heads, int rope_dims, bool traditional, float base, float scale,
                                 int offset, int group_size, int bits, bool fast, const std::vector<mx::array>& cache,
-                                const std::vector<mx::array>& qkv_bias, const std::optional<mx::array>& pad) {
+                                const std::vector<mx::array>& qkv_bias, const std::optional<mx::array>& pad,
+                                const std::vector<mx::array>& panels) {
   const char* op = "norm_qkv";
   if (x.ndim() != 3 || x.dtype() != mx::float32) fail(op, "x must be float32 [B, L, D]");
   const int D = x.shape(2);
@@ -391,17 +432,18 @@ std::vector<mx::array> norm_qkv(const mx::array& x, const mx::array& norm_w, flo
     }
   }
   add_padding(op, in, pad, B);
+  const bool packed = add_panels(op, in, qkv, panels, D);
   const mx::Shape kv = into ? cache[0].shape() : mx::Shape{B, n_kv_heads, L, hd};
   return mx::array::make_arrays(
       {{B, n_heads, L, hd}, kv, kv}, {mx::float32, mx::float32, mx::float32},
       std::make_shared<NormQKV>(cpu_stream(), eps, n_heads, n_kv_heads, Rope{rope_dims, traditional, base, scale}, offset,
-                                fast, into, bias, pad.has_value()),
+                                fast, into, bias, pad.has_value(), packed),
       in);
 }
 
 mx::array attn_out(const mx::array& q, const mx::array& k, const mx::array& v, const mx::array& x,
                    const std::vector<mx::array>& o_proj, float scale, bool causal, int group_size, int bits, bool fast,
-                   int length, const std::optional<mx::array>& pad) {
+                   int length, const std::optional<mx::array>& pad, const std::vector<mx::array>& panels) {
   const char* op = "attn_out";
   if (q.ndim() != 4 || k.ndim() != 4 || v.ndim() != 4) fail(op, "expected q, k, v of shape [B, H, L, D]");
   for (const mx::array* a : {&q, &k, &v, &x})
@@ -419,12 +461,13 @@ mx::array attn_out(const mx::array& q, const mx::array& k, const mx::array& v, c
   add_layers(op, in, o_proj, q.shape(1) * q.shape(3), group_size, bits);
   if (o_proj.size() != 3 || o_proj[0].shape(0) != x.shape(2)) fail(op, "o_proj must map to x's size");
   add_padding(op, in, pad, q.shape(0));
+  const bool packed = add_panels(op, in, o_proj, panels, q.shape(1) * q.shape(3));
   return mx::array(x.shape(), mx::float32,
-                   std::make_shared<AttnOut>(cpu_stream(), scale, causal, fast, length, pad.has_value()), in);
+                   std::make_shared<AttnOut>(cpu_stream(), scale, causal, fast, length, pad.has_value(), packed), in);
 }
 
 mx::array norm_mlp(const mx::array& h, const mx::array& norm_w, float eps, const std::vector<mx::array>& gate_up_down,
-                   int group_size, int bits, bool fast) {
+                   int group_size, int bits, bool fast, const std::vector<mx::array>& panels) {
   const char* op = "norm_mlp";
   if (h.ndim() < 1 || h.dtype() != mx::float32) fail(op, "h must be float32");
   const int D = h.shape(-1);
@@ -436,37 +479,53 @@ mx::array norm_mlp(const mx::array& h, const mx::array& norm_w, float eps, const
   if (gate_up_down[3].shape(0) != F) fail(op, "gate and up sizes differ");
   add_layers(op, in, {gate_up_down.begin() + 6, gate_up_down.end()}, F, group_size, bits);
   if (gate_up_down[6].shape(0) != D) fail(op, "down must map back to h's size");
-  return mx::array(h.shape(), mx::float32, std::make_shared<NormMLP>(cpu_stream(), eps, fast), in);
+  bool packed = false;
+  if (!panels.empty()) {
+    if (panels.size() != 9) fail(op, "give pack_q8's three panels for gate, up and down, or none");
+    add_panels(op, in, {gate_up_down.begin(), gate_up_down.begin() + 6}, {panels.begin(), panels.begin() + 6}, D);
+    packed = add_panels(op, in, {gate_up_down.begin() + 6, gate_up_down.end()}, {panels.begin() + 6, panels.end()}, F);
+  }
+  return mx::array(h.shape(), mx::float32, std::make_shared<NormMLP>(cpu_stream(), eps, fast, packed), in);
 }
 
 FusedLlamaLayer::FusedLlamaLayer(mx::array norm1, std::vector<mx::array> qkv, std::vector<mx::array> o_proj,
                                  mx::array norm2, std::vector<mx::array> mlp, float eps1, float eps2, int n_heads,
                                  int n_kv_heads, int rope_dims, bool traditional, float base, float scale,
-                                 int group_size, int bits, bool fast, std::vector<mx::array> qkv_bias)
+                                 int group_size, int bits, bool fast, std::vector<mx::array> qkv_bias,
+                                 std::vector<mx::array> panels)
     : norm1_(std::move(norm1)), norm2_(std::move(norm2)), qkv_(std::move(qkv)), o_(std::move(o_proj)),
       mlp_(std::move(mlp)), eps1_(eps1), eps2_(eps2), hq_(n_heads), hkv_(n_kv_heads), rope_dims_(rope_dims),
       traditional_(traditional), base_(base), scale_(scale), gs_(group_size), bits_(bits), fast_(fast),
       qkv_bias_(std::move(qkv_bias)) {
+  if (!panels.empty() && panels.size() != 21)
+    fail("FusedLlamaLayer", "give pack_q8's panels for all seven projections (q, k, v, o, gate, up, down), or none");
+  if (!panels.empty()) {
+    pqkv_.assign(panels.begin(), panels.begin() + 9);
+    po_.assign(panels.begin() + 9, panels.begin() + 12);
+    pmlp_.assign(panels.begin() + 12, panels.end());
+  }
   // Check everything once, on a one-token input, so later calls fail only on bad activations.
   const int D = norm1_.shape(0);
   auto x = mx::zeros({1, 1, D}, mx::float32, cpu_stream());
   auto q = norm_qkv(x, norm1_, eps1_, qkv_, hq_, hkv_, rope_dims_, traditional_, base_, scale_, 0, gs_, bits_, fast_, {},
-                    qkv_bias_);
-  attn_out(q[0], q[1], q[2], x, o_, 1.f, false, gs_, bits_, fast_, -1);
-  norm_mlp(x, norm2_, eps2_, mlp_, gs_, bits_, fast_);
+                    qkv_bias_, std::nullopt, pqkv_);
+  attn_out(q[0], q[1], q[2], x, o_, 1.f, false, gs_, bits_, fast_, -1, std::nullopt, po_);
+  norm_mlp(x, norm2_, eps2_, mlp_, gs_, bits_, fast_, pmlp_);
 }
 
 std::vector<mx::array> FusedLlamaLayer::qkv(const mx::array& x, int offset, const std::vector<mx::array>& cache,
                                             const std::optional<mx::array>& pad) const {
   return norm_qkv(x, norm1_, eps1_, qkv_, hq_, hkv_, rope_dims_, traditional_, base_, scale_, offset, gs_, bits_, fast_,
-                  cache, qkv_bias_, pad);
+                  cache, qkv_bias_, pad, pqkv_);
 }
 
 mx::array FusedLlamaLayer::attend(const mx::array& q, const mx::array& k, const mx::array& v, const mx::array& x,
                                   float scale, bool causal, int length, const std::optional<mx::array>& pad) const {
-  return attn_out(q, k, v, x, o_, scale, causal, gs_, bits_, fast_, length, pad);
+  return attn_out(q, k, v, x, o_, scale, causal, gs_, bits_, fast_, length, pad, po_);
 }
 
-mx::array FusedLlamaLayer::mlp(const mx::array& h) const { return norm_mlp(h, norm2_, eps2_, mlp_, gs_, bits_, fast_); }
+mx::array FusedLlamaLayer::mlp(const mx::array& h) const {
+  return norm_mlp(h, norm2_, eps2_, mlp_, gs_, bits_, fast_, pmlp_);
+}
 
 }  // namespace edgeai

@@ -19,6 +19,7 @@
 #include "mlx/backend/cpu/encoder.h"
 #include "mlx/ops.h"
 #include "mlx/primitives.h"
+#include "mlx/transforms.h"
 #include "mlx/utils.h"
 #include "pool.h"
 #include "qmm.h"
@@ -231,13 +232,13 @@ struct Prepared {
 };
 
 void run_qmm(const mx::array& x, const mx::array& w, const mx::array& s, const mx::array& b, mx::array& out,
-             int gs, int bits, bool fast) {
+             int gs, int bits, bool fast, const mx::array* panels) {
   thread_local std::vector<float> x_buf, y_buf;
   const int K = x.shape(-1), N = w.shape(0);
   const long M = x.size() / K;
   const float* xr = float_rows(x, x_buf);
   float* y = out.dtype() == mx::float32 ? out.data<float>() : (y_buf.resize(M * N), y_buf.data());
-  const QLinear l = qlinear(w, s, b, gs, bits);
+  const QLinear l = with_panels(qlinear(w, s, b, gs, bits), panels);
   qmm_rows(xr, M, K, &l, 1, &y, fast);
   store_out(out, y, M * N);
 }
@@ -270,10 +271,50 @@ QLinear qlinear(const mx::array& w, const mx::array& s, const mx::array& b, int 
           s.dtype() == mx::float16};
 }
 
+QLinear with_panels(QLinear l, const mx::array* panels) {
+  if (panels != nullptr) l.wp = panels[0].data<uint8_t>(), l.sp = panels[1].data<void>(), l.bp = panels[2].data<void>();
+  return l;
+}
+
+void check_panels(const char* op, const mx::array& w, const mx::array& s, int gs, int bits,
+                  const std::vector<mx::array>& panels) {
+  auto fail = [op](const std::string& m) { throw std::invalid_argument(std::string("edgeai ") + op + ": " + m); };
+  if (panels.size() != 3) fail("give a layer's panels as pack_q8 returns them: [weights, scales, biases]");
+  const int N = w.shape(0), K = int(long(w.shape(1)) * 32 / bits);
+  const long scales = long(panels_q8_scales(N, K, gs));
+  if (panels[0].dtype() != mx::uint8 || panels[0].ndim() != 1 || panels[0].size() != panels_q8_bytes(N, K, bits) ||
+      panels[1].dtype() != s.dtype() || panels[2].dtype() != s.dtype() || panels[1].ndim() != 1 ||
+      panels[2].ndim() != 1 || long(panels[1].size()) != scales || long(panels[2].size()) != scales)
+    fail("panels do not belong to these weights (made by pack_q8 for another layer or format?)");
+}
+
+std::vector<mx::array> pack_q8(const mx::array& w, const mx::array& scales, const mx::array& biases, int group_size,
+                               int bits) {
+  if (!has_int8_gemm()) throw std::invalid_argument("edgeai pack_q8: this CPU has no int8 GEMM (int8_gemm())");
+  // Same checks as the matmul itself (shapes, dtypes, formats).
+  auto x = mx::zeros({1, int(long(w.shape(1)) * 32 / bits)}, mx::float32);
+  quantized_matmul(x, w, scales, biases, group_size, bits, true);
+  auto wc = mx::contiguous(w), sc = mx::contiguous(scales), bc = mx::contiguous(biases);
+  mx::eval({wc, sc, bc});
+  const int N = w.shape(0), K = int(long(w.shape(1)) * 32 / bits);
+  const size_t nw = panels_q8_bytes(N, K, bits), ns = panels_q8_scales(N, K, group_size);
+  const size_t es = mx::size_of(scales.dtype());
+  mx::array wp(mx::allocator::malloc(nw), {int(nw)}, mx::uint8);
+  mx::array sp(mx::allocator::malloc(ns * es), {int(ns)}, scales.dtype());
+  mx::array bp(mx::allocator::malloc(ns * es), {int(ns)}, scales.dtype());
+  pack_panels_q8(wc.data<uint8_t>(), sc.data<void>(), bc.data<void>(), scales.dtype() == mx::float16, N, K, group_size,
+                 bits, wp.data<uint8_t>(), sp.data<void>(), bp.data<void>());
+  return {wp, sp, bp};
+}
+
 void qmm_rows(const float* x, long M, int K, const QLinear* ls, int n, float* const* ys, bool fast) {
   const QmmIsa isa = current_isa();
-  const bool q8 = fast && M <= kMaxQ8Rows && isa.tile_q8 != nullptr;
-  const bool q8g = fast && !q8 && M >= kQ8GemmRows && isa.gemm_q8 != nullptr;
+  bool panels = isa.gemm_q8_panels != nullptr;
+  for (int i = 0; i < n; i++) panels = panels && ls[i].wp != nullptr;
+  const bool q8p = fast && panels && M >= kQ8PanelRows;
+  const bool q8 = fast && !q8p && M <= kMaxQ8Rows && isa.tile_q8 != nullptr;
+  // The int8 GEMM: over the layers' panels (q8p), or unpacking the weights as it goes.
+  const bool q8g = fast && !q8 && (q8p || (M >= kQ8GemmRows && isa.gemm_q8 != nullptr));
   thread_local std::vector<Prepared> preps(4);
   std::vector<int> prep_of(n);
   int np = 0;
@@ -336,11 +377,11 @@ void qmm_rows(const float* x, long M, int K, const QLinear* ls, int n, float* co
     const QLinear& l = ls[i];
     const bool i8 = q8 || q8g;
     args[i] = QmmArgs{i8 ? nullptr : p.xp.data(), p.xs.data(), l.w, l.s, l.b, ys[i], int(M), l.N, K, l.gs, l.bits,
-                      l.half, i8 ? p.xq.data() : nullptr, i8 ? p.xd.data() : nullptr};
+                      l.half, i8 ? p.xq.data() : nullptr, i8 ? p.xd.data() : nullptr, l.wp, l.sp, l.bp};
     first[i + 1] = first[i] + tm * ((l.N + nb - 1) / nb);
     work += double(M) * l.N * K;
   }
-  const QmmTileFn tile = q8g ? isa.gemm_q8 : q8 ? isa.tile_q8 : isa.tile;
+  const QmmTileFn tile = q8p ? isa.gemm_q8_panels : q8g ? isa.gemm_q8 : q8 ? isa.tile_q8 : isa.tile;
   auto task = [&](int t) {
     int i = 0;
     while (t >= first[i + 1]) i++;
@@ -368,8 +409,10 @@ class QuantMatmul : public mx::UnaryPrimitive {
     auto& enc = mx::cpu::get_command_encoder(stream());
     for (auto& in : inputs) enc.set_input_array(in);
     enc.set_output_array(out);
-    enc.dispatch([x = inputs[0], w = inputs[1], s = inputs[2], b = inputs[3], out = out, gs = group_size_,
-                  bits = bits_, fast = fast_]() mutable { run_qmm(x, w, s, b, out, gs, bits, fast); });
+    // inputs: x, w, scales, biases, then optionally the layer's panels (pack_q8).
+    enc.dispatch([in = inputs, out = out, gs = group_size_, bits = bits_, fast = fast_]() mutable {
+      run_qmm(in[0], in[1], in[2], in[3], out, gs, bits, fast, in.size() == 7 ? &in[4] : nullptr);
+    });
   }
 
   void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
@@ -397,7 +440,8 @@ class QuantMatmul : public mx::UnaryPrimitive {
 }  // namespace
 
 mx::array quantized_matmul(const mx::array& x, const mx::array& w, const mx::array& scales,
-                           const mx::array& biases, int group_size, int bits, bool fast) {
+                           const mx::array& biases, int group_size, int bits, bool fast,
+                           const std::vector<mx::array>& panels) {
   auto fail = [](const std::string& m) { throw std::invalid_argument("edgeai quantized_matmul: " + m); };
   if (bits != 4 && bits != 5 && bits != 6 && bits != 8)
     fail("bits must be 4, 5, 6 or 8, got " + std::to_string(bits));
@@ -425,7 +469,12 @@ mx::array quantized_matmul(const mx::array& x, const mx::array& w, const mx::arr
     return a.is_available() && a.flags().row_contiguous ? a : mx::contiguous(a, false, stream);
   };
   auto wc = contig(w), sc = contig(scales), bc = contig(biases);
-  return mx::array(shape, x.dtype(), std::make_shared<QuantMatmul>(stream, group_size, bits, fast), {x, wc, sc, bc});
+  std::vector<mx::array> in = {x, wc, sc, bc};
+  if (!panels.empty()) {
+    check_panels("quantized_matmul", w, scales, group_size, bits, panels);
+    for (const auto& p : panels) in.push_back(contig(p));
+  }
+  return mx::array(shape, x.dtype(), std::make_shared<QuantMatmul>(stream, group_size, bits, fast), in);
 }
 
 std::string isa_name() { return current_isa().name; }

@@ -23,9 +23,22 @@ struct QLinear {
   const void* b;
   int N, K, gs, bits;
   bool half;  // float16 scales and biases
+  // The same weights repacked into panels (pack_q8), or nullptr.
+  const uint8_t* wp = nullptr;
+  const void* sp = nullptr;
+  const void* bp = nullptr;
 };
 
 QLinear qlinear(const mlx::core::array& w, const mlx::core::array& s, const mlx::core::array& b, int gs, int bits);
+// `l` with the panels [wp, sp, bp] that pack_q8 made of its weights (checked by check_panels).
+QLinear with_panels(QLinear l, const mlx::core::array* panels);
+// Throws unless `panels` are pack_q8's output for weights w of `bits` and group size `gs`.
+void check_panels(const char* op, const mlx::core::array& w, const mlx::core::array& s, int gs, int bits,
+                  const std::vector<mlx::core::array>& panels);
+// The weights (w, scales, biases) repacked once for the int8 GEMM of batched decoding (needs
+// has_int8_gemm()): [weight panels (uint8), scales, biases (the scales' dtype)].
+std::vector<mlx::core::array> pack_q8(const mlx::core::array& w, const mlx::core::array& scales,
+                                      const mlx::core::array& biases, int group_size, int bits);
 
 // ys[i][M, N_i] = x[M, K] @ dequant(ls[i]).T for contiguous float32 rows x: layers that read
 // the same input share its preparation and one run of the thread pool.
@@ -33,7 +46,8 @@ void qmm_rows(const float* x, long M, int K, const QLinear* ls, int n, float* co
 
 mlx::core::array quantized_matmul(const mlx::core::array& x, const mlx::core::array& w,
                                   const mlx::core::array& scales, const mlx::core::array& biases,
-                                  int group_size, int bits, bool fast = false);
+                                  int group_size, int bits, bool fast = false,
+                                  const std::vector<mlx::core::array>& panels = {});
 mlx::core::array attention(const mlx::core::array& q, const mlx::core::array& k, const mlx::core::array& v,
                            float scale, bool causal);
 mlx::core::array rms_norm(const mlx::core::array& x, const mlx::core::array& weight, float eps);
@@ -47,15 +61,19 @@ std::vector<mlx::core::array> norm_qkv(const mlx::core::array& x, const mlx::cor
                                        int group_size, int bits, bool fast,
                                        const std::vector<mlx::core::array>& cache = {},
                                        const std::vector<mlx::core::array>& qkv_bias = {},
-                                       const std::optional<mlx::core::array>& pad = std::nullopt);
+                                       const std::optional<mlx::core::array>& pad = std::nullopt,
+                                       const std::vector<mlx::core::array>& panels = {});
+// panels: the layers' pack_q8 triples (batched decoding), or none.
 // pad: each batch row's left padding (a BatchKVCache's rows): positions, and the keys a row
 // attends to, start there.
 mlx::core::array attn_out(const mlx::core::array& q, const mlx::core::array& k, const mlx::core::array& v,
                           const mlx::core::array& x, const std::vector<mlx::core::array>& o_proj, float scale,
                           bool causal, int group_size, int bits, bool fast, int length = -1,
-                          const std::optional<mlx::core::array>& pad = std::nullopt);
+                          const std::optional<mlx::core::array>& pad = std::nullopt,
+                          const std::vector<mlx::core::array>& panels = {});
 mlx::core::array norm_mlp(const mlx::core::array& h, const mlx::core::array& norm_w, float eps,
-                          const std::vector<mlx::core::array>& gate_up_down, int group_size, int bits, bool fast);
+                          const std::vector<mlx::core::array>& gate_up_down, int group_size, int bits, bool fast,
+                          const std::vector<mlx::core::array>& panels = {});
 // One llama (or qwen2: q/k/v biases) decoder layer's weights, checked once, for the three fused calls of each step
 // (saves converting nine arrays per call from Python at every layer of every token).
 class FusedLlamaLayer {
@@ -63,7 +81,9 @@ class FusedLlamaLayer {
   FusedLlamaLayer(mlx::core::array norm1, std::vector<mlx::core::array> qkv, std::vector<mlx::core::array> o_proj,
                   mlx::core::array norm2, std::vector<mlx::core::array> mlp, float eps1, float eps2, int n_heads,
                   int n_kv_heads, int rope_dims, bool traditional, float base, float scale, int group_size, int bits,
-                  bool fast, std::vector<mlx::core::array> qkv_bias = {});
+                  bool fast, std::vector<mlx::core::array> qkv_bias = {},
+                  std::vector<mlx::core::array> panels = {});
+  // panels: pack_q8's triples of q, k, v, o, gate, up, down (21 arrays), or none.
   // cache: optional [keys, values] buffers to write this step's k, v into at `offset`.
   // pad: optional left padding per batch row (see norm_qkv).
   std::vector<mlx::core::array> qkv(const mlx::core::array& x, int offset,
@@ -84,6 +104,7 @@ class FusedLlamaLayer {
   int gs_, bits_;
   bool fast_;
   std::vector<mlx::core::array> qkv_bias_;  // empty, or float32 q, k, v biases (qwen2)
+  std::vector<mlx::core::array> pqkv_, po_, pmlp_;  // the projections' panels, or empty
 };
 
 // Backs the arrays' buffers with transparent huge pages where Linux allows (hugepages.cpp);

@@ -81,7 +81,9 @@ void attn(const AttnArgs& a, int t) { Attention<V512>::task(a, t); }
 QmmIsa isa_avx512() { return {"avx512", 16, tile, attn, tile_q8_avx2}; }
 
 #if defined(EDGEAI_HAVE_VNNI)
-QmmIsa isa_avx512_vnni() { return {"avx512vnni", 16, tile, attn, tile_q8_vnni, gemm_q8_vnni}; }
+QmmIsa isa_avx512_vnni() {
+  return {"avx512vnni", 16, tile, attn, tile_q8_vnni, gemm_q8_vnni, gemm_q8_panels_vnni};
+}
 #endif
 
 }  // namespace edgeai

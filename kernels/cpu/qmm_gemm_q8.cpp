@@ -179,7 +179,170 @@ void gemm(const QmmArgs& a, int m0, int m1, int n0, int n1) {
   }
 }
 
+// -- weights repacked once: panels read straight by the micro-kernel -----------------------
+//
+// For batched decoding (4 to a few dozen rows) the unpack + transpose above costs as much as
+// the dot products: it is redone for every step and amortized over only the batch's rows.
+// pack_panels_q8 does it once, at load: per panel of NR rows, per block of 32 k (in the block
+// order above), per 4 consecutive k (a "step"), the 16 + 16 rows x 4 values that the two
+// vpdpbusd of a step read. 4-bit: 64 bytes a step, row r's values in the low nibbles and row
+// 16 + r's in the high ones (the same bytes as the MLX matrix: one AND and one shift unpack a
+// step); 5, 6 and 8-bit: 128 bytes, one per value. Scales and biases go per panel and group
+// as NR values in their own dtype. Rows past N are zero.
+
+constexpr int kStep4 = 64, kStep8 = 128;  // bytes per step of 4 k, 4-bit and wider
+
+long step_bytes(int bits) { return bits == 4 ? kStep4 : kStep8; }
+
+template <int BITS>
+void pack(const uint8_t* w, const void* s, const void* b, bool half, int N, int K, int G, uint8_t* wp, void* sp,
+          void* bp) {
+  const long rb = (long)K * BITS / 8;
+  const int kcp = (K + 63) / 64 * 64, steps = K / 4, es = half ? 2 : 4;
+  std::vector<uint8_t> rows((size_t)NR * kcp), panel((size_t)NR * kcp);
+  for (int n = 0, p = 0; n < N; n += NR, p++) {
+    const int nr = std::min(NR, N - n);
+    for (int r = 0; r < NR; r++) {
+      uint8_t* dst = rows.data() + (size_t)r * kcp;
+      if (r < nr) unpack_row<BITS>(w + (n + r) * rb, 0, K, dst);
+      std::memset(dst + (r < nr ? K : 0), 0, kcp - (r < nr ? K : 0));
+    }
+    transpose_panel(rows.data(), kcp, panel.data());  // panel[k / 4][NR][4]
+    uint8_t* out = wp + (size_t)p * steps * step_bytes(BITS);
+    for (int q = 0; q < steps; q++) {
+      const uint8_t* src = panel.data() + (size_t)q * NR * 4;
+      if constexpr (BITS == 4) {
+        for (int j = 0; j < kStep4; j++) out[(size_t)q * kStep4 + j] = uint8_t(src[j] | src[kStep4 + j] << 4);
+      } else {
+        std::memcpy(out + (size_t)q * kStep8, src, kStep8);
+      }
+    }
+    for (int g = 0; g < G; g++)
+      for (int r = 0; r < NR; r++) {
+        const size_t at = ((size_t)p * G + g) * NR + r, from = (size_t)(n + r) * G + g;
+        const bool in = r < nr;
+        std::memset(static_cast<uint8_t*>(sp) + at * es, 0, es);
+        std::memset(static_cast<uint8_t*>(bp) + at * es, 0, es);
+        if (in) {
+          std::memcpy(static_cast<uint8_t*>(sp) + at * es, static_cast<const uint8_t*>(s) + from * es, es);
+          std::memcpy(static_cast<uint8_t*>(bp) + at * es, static_cast<const uint8_t*>(b) + from * es, es);
+        }
+      }
+  }
+}
+
+// NR scales or biases of one panel and group as float32 (two registers).
+EDGEAI_INLINE void load_nr(const void* p, bool half, size_t at, __m512& lo, __m512& hi) {
+  if (half) {
+    const auto* h = static_cast<const uint16_t*>(p) + at;
+    lo = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(h)));
+    hi = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(h + 16)));
+  } else {
+    const float* f = static_cast<const float*>(p) + at;
+    lo = _mm512_loadu_ps(f);
+    hi = _mm512_loadu_ps(f + 16);
+  }
+}
+
+// y[M rows][NR columns] = one packed panel's product with M int8 rows over all nblk blocks of K.
+template <int M, bool NIB>
+void micro_packed(const int8_t* x, long ldx, const float* xd, const float* xs, long ldb, const uint8_t* panel,
+                  const void* sp, const void* bp, bool half, int nblk, int bpg, float* y, long ldy, __mmask16 k0,
+                  __mmask16 k1) {
+  constexpr int SB = NIB ? kStep4 : kStep8;
+  const __m512i low4 = _mm512_set1_epi8(0x0f);
+  __m512 c[M][2];
+  for (int i = 0; i < M; i++) c[i][0] = c[i][1] = _mm512_setzero_ps();
+  __m512 s0, s1, b0, b1;
+  for (int blk = 0; blk < nblk; blk++) {
+    __m512i acc[M][2];
+    for (int i = 0; i < M; i++) acc[i][0] = acc[i][1] = _mm512_setzero_si512();
+    const uint8_t* p = panel + (size_t)blk * 8 * SB;
+    const int8_t* xb = x + 32 * blk;
+    for (int s = 0; s < 8; s++) {
+      __m512i w0, w1;
+      if constexpr (NIB) {
+        const __m512i v = _mm512_loadu_si512(p + s * SB);
+        w0 = _mm512_and_si512(v, low4);
+        w1 = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+      } else {
+        w0 = _mm512_loadu_si512(p + s * SB);
+        w1 = _mm512_loadu_si512(p + s * SB + 64);
+      }
+      for (int i = 0; i < M; i++) {
+        int32_t q4;
+        std::memcpy(&q4, xb + i * ldx + 4 * s, 4);
+        const __m512i xv = _mm512_set1_epi32(q4);
+        acc[i][0] = _mm512_dpbusd_epi32(acc[i][0], w0, xv);
+        acc[i][1] = _mm512_dpbusd_epi32(acc[i][1], w1, xv);
+      }
+    }
+    if (blk % bpg == 0) {  // a new group: its scales and biases
+      load_nr(sp, half, (size_t)(blk / bpg) * NR, s0, s1);
+      load_nr(bp, half, (size_t)(blk / bpg) * NR, b0, b1);
+    }
+    for (int i = 0; i < M; i++) {
+      const __m512 d = _mm512_set1_ps(xd[i * ldb + blk]), e = _mm512_set1_ps(xs[i * ldb + blk]);
+      c[i][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i][0]), _mm512_mul_ps(s0, d), c[i][0]);
+      c[i][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i][1]), _mm512_mul_ps(s1, d), c[i][1]);
+      c[i][0] = _mm512_fmadd_ps(b0, e, c[i][0]);
+      c[i][1] = _mm512_fmadd_ps(b1, e, c[i][1]);
+    }
+  }
+  for (int i = 0; i < M; i++) {
+    _mm512_mask_storeu_ps(y + i * ldy, k0, c[i][0]);
+    _mm512_mask_storeu_ps(y + i * ldy + 16, k1, c[i][1]);
+  }
+}
+
+template <bool NIB>
+void gemm_packed(const QmmArgs& a, int m0, int m1, int n0, int n1) {
+  const int K = a.K, nbk = K / 32, G = K / a.gs, bpg = a.gs / 32, es = a.half_scales ? 2 : 4;
+  const long panel_bytes = (long)(K / 4) * (NIB ? kStep4 : kStep8);
+  for (int n = n0; n < n1; n += NR) {  // n0 is a multiple of NR (the driver's tiles are)
+    const int nr = std::min(NR, n1 - n), p = n / NR;
+    const uint8_t* panel = a.wp + (size_t)p * panel_bytes;
+    const void* sp = static_cast<const uint8_t*>(a.sp) + (size_t)p * G * NR * es;
+    const void* bp = static_cast<const uint8_t*>(a.bp) + (size_t)p * G * NR * es;
+    const __mmask16 km0 = nr >= 16 ? 0xffff : __mmask16((1u << nr) - 1);
+    const __mmask16 km1 = nr >= 32 ? 0xffff : nr > 16 ? __mmask16((1u << (nr - 16)) - 1) : 0;
+    int m = m0;
+    auto call = [&](auto mr) {
+      constexpr int R = decltype(mr)::value;
+      micro_packed<R, NIB>(a.xq + (long)m * K, K, a.xd + (long)m * nbk, a.xs + (long)m * nbk, nbk, panel, sp, bp,
+                           a.half_scales, nbk, bpg, a.y + (long)m * a.N + n, a.N, km0, km1);
+    };
+    for (; m + MR <= m1; m += MR) call(std::integral_constant<int, MR>());
+    switch (m1 - m) {
+      case 5: call(std::integral_constant<int, 5>()); break;
+      case 4: call(std::integral_constant<int, 4>()); break;
+      case 3: call(std::integral_constant<int, 3>()); break;
+      case 2: call(std::integral_constant<int, 2>()); break;
+      case 1: call(std::integral_constant<int, 1>()); break;
+    }
+  }
+}
+
 }  // namespace
+
+size_t panels_q8_bytes(int N, int K, int bits) { return (size_t)((N + NR - 1) / NR) * (K / 4) * step_bytes(bits); }
+
+size_t panels_q8_scales(int N, int K, int gs) { return (size_t)((N + NR - 1) / NR) * (K / gs) * NR; }
+
+void pack_panels_q8(const uint8_t* w, const void* s, const void* b, bool half, int N, int K, int gs, int bits,
+                    uint8_t* wp, void* sp, void* bp) {
+  switch (bits) {
+    case 4: return pack<4>(w, s, b, half, N, K, K / gs, wp, sp, bp);
+    case 5: return pack<5>(w, s, b, half, N, K, K / gs, wp, sp, bp);
+    case 6: return pack<6>(w, s, b, half, N, K, K / gs, wp, sp, bp);
+    default: return pack<8>(w, s, b, half, N, K, K / gs, wp, sp, bp);
+  }
+}
+
+void gemm_q8_panels_vnni(const QmmArgs& a, int m0, int m1, int n0, int n1) {
+  if (a.bits == 4) gemm_packed<true>(a, m0, m1, n0, n1);
+  else gemm_packed<false>(a, m0, m1, n0, n1);
+}
 
 void gemm_q8_vnni(const QmmArgs& a, int m0, int m1, int n0, int n1) {
   switch (a.bits) {

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cstddef>
 #include <cstdint>
 #include <type_traits>
 #include <vector>
@@ -30,6 +31,13 @@ constexpr int kGemmRows = 32;
 // tile reads each weight once per row, which is what decode wants.
 constexpr int kQ8GemmRows = 4;
 
+// Rows from which fast-mode matmuls of layers whose weights were repacked into panels
+// (pack_panels_q8: the server's batches) run as the panel GEMM, QmmIsa::gemm_q8_panels,
+// instead of the unpacking one. It would beat the per-row tile from 2 rows (SmolLM2-135M
+// step, CPU ms: 2 rows 10.6 vs 12.3, 3 rows 12.8 vs 15.9) but sums in another order, and up
+// to kMaxQ8Rows a batched row must give its single-stream answer bit for bit.
+constexpr int kQ8PanelRows = kMaxQ8Rows + 1;
+
 // One call's operands, already prepared by the driver.
 //
 // `xp` holds the activations as float32, reordered for 4-bit weights so that a block
@@ -50,6 +58,10 @@ struct QmmArgs {
   // quantized row (see prepare_row_q8).
   const int8_t* xq = nullptr;  // M x K
   const float* xd = nullptr;   // M x K/32
+  // Weights repacked into panels (pack_panels_q8), or nullptr: gemm_q8_panels reads these.
+  const uint8_t* wp = nullptr;
+  const void* sp = nullptr;  // scales per panel and group (dtype of s)
+  const void* bp = nullptr;  // biases, likewise
 };
 
 // 4-bit fast mode: where block k's 16 even-indexed int8 activations start in a row of nb
@@ -88,6 +100,8 @@ struct QmmIsa {
   // int8 GEMM for fast mode's many-row calls (prompts), or nullptr: xq in its block order
   // (see qmm_gemm_q8.cpp), xs per block of 32.
   QmmTileFn gemm_q8 = nullptr;
+  // The same GEMM over weights repacked once into panels (QmmArgs::wp, sp, bp), or nullptr.
+  QmmTileFn gemm_q8_panels = nullptr;
 };
 
 // The AVX2 int8 tile, shared by the AVX-512 unit (every AVX-512 CPU has AVX2), and the same
@@ -95,6 +109,13 @@ struct QmmIsa {
 void tile_q8_avx2(const QmmArgs& a, int m0, int m1, int n0, int n1);
 void tile_q8_vnni(const QmmArgs& a, int m0, int m1, int n0, int n1);
 void gemm_q8_vnni(const QmmArgs& a, int m0, int m1, int n0, int n1);
+void gemm_q8_panels_vnni(const QmmArgs& a, int m0, int m1, int n0, int n1);
+// Panels of 32 weight rows for gemm_q8_panels: bytes of the weights, and values (of the
+// scales' dtype) of the scales and of the biases each.
+size_t panels_q8_bytes(int N, int K, int bits);
+size_t panels_q8_scales(int N, int K, int gs);
+void pack_panels_q8(const uint8_t* w, const void* s, const void* b, bool half, int N, int K, int gs, int bits,
+                    uint8_t* wp, void* sp, void* bp);
 
 QmmIsa isa_avx512();
 QmmIsa isa_avx512_vnni();  // AVX-512 float32 tile + the VNNI int8 tile
