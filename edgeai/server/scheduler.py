@@ -46,6 +46,10 @@ from edgeai.routing.confidence import tap_for_gate
 from edgeai.server import batching
 from edgeai.types import Event
 
+# Batches of this many rows use the int8 GEMM (kernels/cpu/qmm_isa.h, kQ8GemmRows), which reads
+# the repacked weights (`Hooks.prepare_batches`) when the server made them.
+PANEL_ROWS = 4
+
 log = logging.getLogger("edgeai.server")
 ADMITTED = object()  # first item a job gets once its prompt is accepted
 
@@ -187,6 +191,7 @@ class Scheduler:
         self._solo: tuple[Job, Generation] | None = None  # the job decoding alone
         self.lanes = {"alone": 0, "batched": 0}  # jobs admitted to each lane, for `edgeai ps`
         self._loaded: _Loaded | None = None
+        self._pack_need = 0  # the loaded weights' bytes, until batches get repacked ones
         # Hidden states of batched rows, for a confidence probe (when the model has a tap).
         self._states = RowStates(lambda: self._loaded.engine.tap if self._loaded else None)
         self._idle_since = time.monotonic()
@@ -426,6 +431,11 @@ class Scheduler:
             engine = loaded.engine
             max_tokens = engine.max_new_tokens(ids, job.options)
             job.encoded = ids
+            if self._pack_need and len(self._active) + 1 >= PANEL_ROWS:
+                # Only now: the panels cost the weights' size again, and a server that sees
+                # one client at a time (a desktop app) never needs them.
+                self._prepare_batches(engine, self._pack_need)
+                self._pack_need = 0
             cache, reused = engine.prompt_cache.take(cache_scope(job.lora), ids)
             try:
                 (uid,) = loaded.generator.insert(
@@ -620,7 +630,7 @@ class Scheduler:
             engine = Engine.load(job.path, job.model, kernel="builtin")
             engine.kernel.reason = f"custom kernel failed batched decoding: {problem}"
         tap_for_gate(engine)  # after any layer swaps are undone: the tap wraps the final class
-        self._prepare_batches(engine, need)
+        self._pack_need = need  # repacked when batches first reach PANEL_ROWS (_admit)
         self._loaded = _Loaded(
             job.model, job.path, engine, self._new_generator(engine, self._states), time.monotonic()
         )
@@ -671,6 +681,7 @@ class Scheduler:
         if self._loaded is None:
             return
         self._loaded = None
+        self._pack_need = 0
         gc.unfreeze()  # the model's cycles are garbage now: let the collector see them
         gc.collect()
         import mlx.core as mx
