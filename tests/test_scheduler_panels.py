@@ -22,6 +22,17 @@ def engine(tiny_model):
     return Engine.load(tiny_model)
 
 
+def _drain(q) -> None:
+    from edgeai.errors import EdgeAIError
+
+    while True:
+        item = q.get(timeout=60)
+        if isinstance(item, EdgeAIError):
+            raise item
+        if getattr(item, "finish_reason", None) is not None:
+            return
+
+
 def test_weights_are_repacked_only_once_batches_reach_the_gemms_rows(engine, tiny_model):
     from edgeai.kernels import cpu as kc
     from edgeai.server.scheduler import PANEL_ROWS
@@ -52,6 +63,17 @@ def test_weights_are_repacked_only_once_batches_reach_the_gemms_rows(engine, tin
         assert not packed()  # a server below the GEMM's rows keeps one copy of the weights
         join()
         assert packed()
+        # While batches decode, the kernel's idle workers spin briefly (the Python thread
+        # building each step needs the core); a lone stream gets them back at hand.
+        assert kc.extension().pool_spin() == kc.SPIN_US[True]
+        for ev in stops:
+            ev.set()
+        while s._active or s._solo is not None:
+            time.sleep(0.01)
+        alone = _lanes(s)["alone"]
+        _drain(_submit(s, tiny_model, PROMPTS[2], GenerationOptions(max_tokens=4)))
+        assert _lanes(s)["alone"] == alone + 1
+        assert kc.extension().pool_spin() == kc.SPIN_US[False]
     finally:
         for ev in stops:
             ev.set()

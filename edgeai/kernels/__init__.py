@@ -119,12 +119,16 @@ class Hooks:
         prepare_batches: model -> None, called by whoever decodes batches of several rows
             (the server) before the first: the CPU kernel repacks the weights for its int8
             GEMM there (memory: the weights' size again).
+        batching: on -> None, told whether the steps that follow decode a batch of several
+            rows (True) or one stream (False): the CPU kernel's idle workers then spin less,
+            leaving the core to the Python thread that builds each batch step.
     """
 
     make_cache: Callable[[nn.Module], list] = _mlx_cache
     log_softmax: Callable[[mx.array], tuple[mx.array, mx.array]] = _mlx_log_softmax
     prompt_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     prepare_batches: Callable[[nn.Module], object] = lambda model: None
+    batching: Callable[[bool], None] = lambda on: None
 
     @property
     def int8_decode(self) -> bool:
@@ -263,6 +267,7 @@ def apply(model: nn.Module, mode: str = "auto", precision: str | None = None) ->
             hook["prompt_context"] = kc.full_precision
         if fast and batches:
             hook["prepare_batches"] = kc.pack_panels
+        hook["batching"] = kc.batch_mode
         if _verdict(f"log_softmax|{cand.build_id}|{cand.isa()}", check_log_softmax):
             hook["log_softmax"] = kc.extension().log_softmax
             layer_note = f"{layer_note}, log_softmax"

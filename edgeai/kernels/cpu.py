@@ -182,6 +182,17 @@ def panels_of(layer: nn.Module, weight: mx.array) -> list[mx.array]:
     return packed[1] if packed is not None and packed[0] is weight else []
 
 
+# How long the kernel's idle workers spin before sleeping (kernels/cpu/pool.cpp): one stream
+# wants them at hand; batch steps spend longer in Python between kernel calls, and on 2 cores
+# a spinning worker takes the core that Python needs.
+SPIN_US = {False: 200, True: 30}
+
+
+def batch_mode(on: bool) -> None:
+    """Tune the kernel's thread pool for batched decoding (on) or a single stream (off)."""
+    extension().set_pool_spin(SPIN_US[on])
+
+
 def pack_panels(model: nn.Module) -> int:
     """Repack the weights of every fast-mode kernel layer into the int8 GEMM's panels, which
     batched decoding (from 4 rows) then reads without unpacking anything per step (SmolLM2-135M,

@@ -487,6 +487,8 @@ class Scheduler:
     def _solo_step(self) -> None:
         """One token of the job decoding alone (its first step also processes the prompt)."""
         job, gen = self._solo
+        if self._loaded is not None:  # alone, or taking turns with a batch
+            self._loaded.engine.hooks.batching(bool(self._active))
         if job.cancel.is_set():
             events = [gen.end("cancelled")]
             if self.metrics is not None:
@@ -529,6 +531,7 @@ class Scheduler:
     def _step(self) -> None:
         """One batched decoding step; each sampled token becomes an Event for its job."""
         gen = self._loaded.generator
+        self._loaded.engine.hooks.batching(True)
         try:
             _, responses = gen.next()
             signals = (

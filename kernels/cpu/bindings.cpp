@@ -4,6 +4,7 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
+#include "pool.h"
 #include "qmm.h"
 
 namespace nb = nanobind;
@@ -54,6 +55,9 @@ NB_MODULE(_edgeai_kernels, m) {
       .def("attend", &edgeai::FusedLlamaLayer::attend, "q"_a, "k"_a, "v"_a, "x"_a, "scale"_a, "causal"_a,
            "length"_a = -1, "pad"_a = nb::none())
       .def("mlp", &edgeai::FusedLlamaLayer::mlp, "h"_a);
+  m.def("set_pool_spin", [](int us) { edgeai::Pool::get().set_spin_us(us); }, "us"_a,
+        "How long (microseconds) the kernel's idle workers spin before sleeping");
+  m.def("pool_spin", [] { return edgeai::Pool::get().spin_us(); }, "set_pool_spin's value");
   m.def("hugepages", &edgeai::hugepages, "arrays"_a,
         "Back the (evaluated) arrays' buffers with transparent huge pages where Linux allows (MADV_COLLAPSE): "
         "decode streams them every token. Returns the bytes moved into huge pages.");

@@ -22,12 +22,12 @@ int default_threads() {
   unsigned n = std::thread::hardware_concurrency();
   return n ? int(n) : 1;
 }
-// Workers spin this long after a run before sleeping: decode issues a matmul every few
-// tens of microseconds, and a futex wake-up costs about as much as a small matmul. Not
-// longer: on 2 cores a spinning worker takes the core the Python thread needs to build the
-// next step (SmolLM2-135M, 2 threads: 200 us -> 30 us took a 16-request server batch from
-// 3.4 to 2.7 CPU ms a token, and single-stream decode from 203-206 to 210-227 tok/s).
-constexpr auto kSpin = std::chrono::microseconds(30);
+// Workers spin a while after a run before sleeping (Pool::spin_us_): decode issues a matmul
+// every few tens of microseconds, and a futex wake-up costs about as much as a small matmul.
+// 200 us by default (one stream: Qwen2.5-Coder-1.5B decode 42-44 tok/s, 38-42 at 30 us); a
+// server decoding batches asks for 30 (kernels.cpu.batch_mode): on 2 cores a spinning worker
+// takes the core the Python thread needs to build the next step (SmolLM2-135M, a 16-request
+// batch 3.4 -> 2.7 CPU ms a token).
 }  // namespace
 
 Pool& Pool::get() {
@@ -76,7 +76,8 @@ void Pool::worker(uint32_t seen) {
     int spins = 0;
     while (gen_.load(std::memory_order_acquire) == seen) {
       cpu_relax();
-      if (++spins % 64 == 0 && std::chrono::steady_clock::now() - t0 > kSpin) {
+      if (++spins % 64 == 0 && std::chrono::steady_clock::now() - t0 >
+                                    std::chrono::microseconds(spin_us_.load(std::memory_order_relaxed))) {
         // Idle long enough: sleep until the next run.
         std::unique_lock<std::mutex> lk(mu_);
         cv_.wait(lk, [&] { return stop_ || gen_.load() != seen; });

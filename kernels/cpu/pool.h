@@ -21,6 +21,9 @@ class Pool {
   void resize(int n);
   // Run f(0..n-1) across the pool and the calling thread; returns when all are done.
   void run(int n, const std::function<void(int)>& f);
+  // How long idle workers spin before sleeping (see pool.cpp).
+  void set_spin_us(int us) { spin_us_.store(us, std::memory_order_relaxed); }
+  int spin_us() const { return spin_us_.load(std::memory_order_relaxed); }
 
  private:
   void stop_workers();
@@ -28,6 +31,7 @@ class Pool {
   void work();
 
   int nthreads_ = 1;
+  std::atomic<int> spin_us_{200};
   std::vector<std::thread> workers_;
   std::mutex mu_, run_mu_;
   std::condition_variable cv_;
