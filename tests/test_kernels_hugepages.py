@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import platform
 import re
 from pathlib import Path
@@ -37,6 +38,10 @@ def _anon_huge_kb() -> int:
 @needs_ext
 @pytest.mark.skipif(not _collapse_possible(), reason="needs Linux 6.1+ with THP not 'never'")
 def test_large_buffers_move_into_huge_pages_with_their_values():
+    # Fresh buffers: MLX's cache could hand back an earlier test's weights, already in huge
+    # pages (collapsing those succeeds without adding any), or free them mid-count.
+    gc.collect()
+    mx.clear_cache()
     rng = np.random.default_rng(0)
     # Three 6 MiB 4-bit weight matrices (K = 8192) and their scales and biases.
     w = [mx.array(rng.integers(0, 2**32, (1536, 1024), dtype=np.uint32)) for _ in range(3)]
