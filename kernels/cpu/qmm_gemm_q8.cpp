@@ -85,6 +85,33 @@ void transpose_panel(const uint8_t* rows, int kcp, uint8_t* panel) {
     }
 }
 
+// One 4-byte step of a block for M rows: acc[i] += w0/w1 (two 16-column halves of a panel,
+// uint8) . row i's 4 int8 values at x (stride ldx).
+template <int M>
+EDGEAI_INLINE void dot_rows(__m512i (&acc)[M][2], __m512i w0, __m512i w1, const int8_t* x, long ldx) {
+  for (int i = 0; i < M; i++) {
+    int32_t q4;
+    std::memcpy(&q4, x + i * ldx, 4);
+    const __m512i xv = _mm512_set1_epi32(q4);
+    acc[i][0] = _mm512_dpbusd_epi32(acc[i][0], w0, xv);
+    acc[i][1] = _mm512_dpbusd_epi32(acc[i][1], w1, xv);
+  }
+}
+
+// A finished block into the M rows' sums: c += dot * scale * xd + bias * xs, with row i's
+// block factors at xd[i * ldb], xs[i * ldb].
+template <int M>
+EDGEAI_INLINE void scale_rows(__m512 (&c)[M][2], const __m512i (&acc)[M][2], __m512 s0, __m512 s1, __m512 b0,
+                              __m512 b1, const float* xd, const float* xs, long ldb) {
+  for (int i = 0; i < M; i++) {
+    const __m512 d = _mm512_set1_ps(xd[i * ldb]), e = _mm512_set1_ps(xs[i * ldb]);
+    c[i][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i][0]), _mm512_mul_ps(s0, d), c[i][0]);
+    c[i][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i][1]), _mm512_mul_ps(s1, d), c[i][1]);
+    c[i][0] = _mm512_fmadd_ps(b0, e, c[i][0]);
+    c[i][1] = _mm512_fmadd_ps(b1, e, c[i][1]);
+  }
+}
+
 // y[M rows][32 columns] (+)= the panel's product with M int8 rows over nblk blocks.
 // x: the rows' int8 at this chunk (stride ldx); xd, xs: their per-block factors (stride ldb).
 template <int M>
@@ -99,23 +126,11 @@ void micro(const int8_t* x, long ldx, const float* xd, const float* xs, long ldb
     const int8_t* xb = x + 32 * b;
     for (int s = 0; s < 8; s++) {
       const __m512i w0 = _mm512_loadu_si512(p + s * NR * 4), w1 = _mm512_loadu_si512(p + s * NR * 4 + 64);
-      for (int i = 0; i < M; i++) {
-        int32_t q4;
-        std::memcpy(&q4, xb + i * ldx + 4 * s, 4);
-        const __m512i xv = _mm512_set1_epi32(q4);
-        acc[i][0] = _mm512_dpbusd_epi32(acc[i][0], w0, xv);
-        acc[i][1] = _mm512_dpbusd_epi32(acc[i][1], w1, xv);
-      }
+      dot_rows<M>(acc, w0, w1, xb + 4 * s, ldx);
     }
     const __m512 s0 = _mm512_loadu_ps(sp + NR * b), s1 = _mm512_loadu_ps(sp + NR * b + 16);
     const __m512 b0 = _mm512_loadu_ps(bp + NR * b), b1 = _mm512_loadu_ps(bp + NR * b + 16);
-    for (int i = 0; i < M; i++) {
-      const __m512 d = _mm512_set1_ps(xd[i * ldb + b]), e = _mm512_set1_ps(xs[i * ldb + b]);
-      c[i][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i][0]), _mm512_mul_ps(s0, d), c[i][0]);
-      c[i][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i][1]), _mm512_mul_ps(s1, d), c[i][1]);
-      c[i][0] = _mm512_fmadd_ps(b0, e, c[i][0]);
-      c[i][1] = _mm512_fmadd_ps(b1, e, c[i][1]);
-    }
+    scale_rows<M>(c, acc, s0, s1, b0, b1, xd + b, xs + b, ldb);
   }
   for (int i = 0; i < M; i++) {
     float* o = y + i * ldy;
@@ -269,25 +284,13 @@ void micro_packed(const int8_t* x, long ldx, const float* xd, const float* xs, l
         w0 = _mm512_loadu_si512(p + s * SB);
         w1 = _mm512_loadu_si512(p + s * SB + 64);
       }
-      for (int i = 0; i < M; i++) {
-        int32_t q4;
-        std::memcpy(&q4, xb + i * ldx + 4 * s, 4);
-        const __m512i xv = _mm512_set1_epi32(q4);
-        acc[i][0] = _mm512_dpbusd_epi32(acc[i][0], w0, xv);
-        acc[i][1] = _mm512_dpbusd_epi32(acc[i][1], w1, xv);
-      }
+      dot_rows<M>(acc, w0, w1, xb + 4 * s, ldx);
     }
     if (blk % bpg == 0) {  // a new group: its scales and biases
       load_nr(sp, half, (size_t)(blk / bpg) * NR, s0, s1);
       load_nr(bp, half, (size_t)(blk / bpg) * NR, b0, b1);
     }
-    for (int i = 0; i < M; i++) {
-      const __m512 d = _mm512_set1_ps(xd[i * ldb + blk]), e = _mm512_set1_ps(xs[i * ldb + blk]);
-      c[i][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i][0]), _mm512_mul_ps(s0, d), c[i][0]);
-      c[i][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i][1]), _mm512_mul_ps(s1, d), c[i][1]);
-      c[i][0] = _mm512_fmadd_ps(b0, e, c[i][0]);
-      c[i][1] = _mm512_fmadd_ps(b1, e, c[i][1]);
-    }
+    scale_rows<M>(c, acc, s0, s1, b0, b1, xd + blk, xs + blk, ldb);
   }
   for (int i = 0; i < M; i++) {
     _mm512_mask_storeu_ps(y + i * ldy, k0, c[i][0]);
