@@ -77,18 +77,36 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("bits", [4, 5, 6, 8])
-@pytest.mark.parametrize("half", [False, True])
-@pytest.mark.parametrize("m, n, k, gs", CASES)
-def test_int8_gemm_is_the_exact_int8_arithmetic(bits, half, m, n, k, gs):
+def exact_case(m: int, n: int, k: int, gs: int, bits: int, half: bool, packed: bool = False):
+    """Run the int8 GEMM (on weights repacked into panels when `packed`) on random operands
+    with an outlier block, check it against `_emulated`; returns (x, y, (wq, s, b))."""
     wq, s, b = _operands(n, k, gs, bits, half, seed=m * n + k + bits)
     x = np.random.default_rng(m + k).standard_normal((m, k)).astype(np.float32)
     x[:, :32] *= 20  # an outlier block, as real activations have
-    y = np.array(EXT.quantized_matmul(mx.array(x), wq, s, b, gs, bits, True), np.float64)
+    panels = [EXT.pack_q8(wq, s, b, gs, bits)] if packed else []
+    y = np.array(EXT.quantized_matmul(mx.array(x), wq, s, b, gs, bits, True, *panels), np.float64)
     ref = _emulated(x, wq, s, b, gs, bits)
     assert y.shape == (m, n)
     # float32 accumulation of exact integer dot products: only rounding differs
     assert np.abs(y - ref).max() / np.abs(ref).max() < 2e-6
+    return x, y, (wq, s, b)
+
+
+def rows_alone_equal_the_whole(x, ops, spans, *panels) -> None:
+    """Each row is quantized on its own and each output sums its blocks in one order: rows
+    computed apart equal the same rows computed in one call, bit for bit."""
+    whole = EXT.quantized_matmul(x, *ops, 32, 4, True, *panels)
+    for lo, hi in spans:
+        assert mx.array_equal(
+            EXT.quantized_matmul(x[lo:hi], *ops, 32, 4, True, *panels), whole[lo:hi]
+        )
+
+
+@pytest.mark.parametrize("bits", [4, 5, 6, 8])
+@pytest.mark.parametrize("half", [False, True])
+@pytest.mark.parametrize("m, n, k, gs", CASES)
+def test_int8_gemm_is_the_exact_int8_arithmetic(bits, half, m, n, k, gs):
+    x, y, (wq, s, b) = exact_case(m, n, k, gs, bits, half)
     # and it is the int8 path (the float32 one is ~1e-4 away from this emulation)
     w = np.array(mx.dequantize(wq, s.astype(mx.float32), b.astype(mx.float32), gs, bits))
     f32 = x.astype(np.float64) @ w.T.astype(np.float64)
@@ -97,13 +115,10 @@ def test_int8_gemm_is_the_exact_int8_arithmetic(bits, half, m, n, k, gs):
 
 
 def test_a_rows_result_does_not_depend_on_the_rows_beside_it():
-    """Each row is quantized on its own and each output sums its blocks in one order, so a
-    batch of prompts fills each row's cache as that prompt alone would, bit for bit."""
-    wq, s, b = _operands(100, 640, 32, 4, True, seed=5)
+    """So a batch of prompts fills each row's cache as that prompt alone would."""
+    ops = _operands(100, 640, 32, 4, True, seed=5)
     x = mx.random.normal((300, 640), key=mx.random.key(5))
-    whole = EXT.quantized_matmul(x, wq, s, b, 32, 4, True)
-    for lo, hi in ((0, 4), (5, 12), (250, 300), (37, 291)):
-        assert mx.array_equal(EXT.quantized_matmul(x[lo:hi], wq, s, b, 32, 4, True), whole[lo:hi])
+    rows_alone_equal_the_whole(x, ops, ((0, 4), (5, 12), (250, 300), (37, 291)))
 
 
 def test_thread_count_does_not_change_a_bit():

@@ -11,7 +11,7 @@ import dataclasses
 import mlx.core as mx
 import numpy as np
 import pytest
-from test_kernels_int8_gemm import _emulated, _operands
+from test_kernels_int8_gemm import _operands, exact_case, rows_alone_equal_the_whole
 
 from edgeai import kernels
 
@@ -58,14 +58,7 @@ CASES = [
 @pytest.mark.parametrize("half", [False, True])
 @pytest.mark.parametrize("m, n, k, gs", CASES)
 def test_panel_gemm_is_the_exact_int8_arithmetic(bits, half, m, n, k, gs):
-    wq, s, b = _operands(n, k, gs, bits, half, seed=m * n + k + bits)
-    x = np.random.default_rng(m + k).standard_normal((m, k)).astype(np.float32)
-    x[:, :32] *= 20  # an outlier block, as real activations have
-    panels = EXT.pack_q8(wq, s, b, gs, bits)
-    y = np.array(EXT.quantized_matmul(mx.array(x), wq, s, b, gs, bits, True, panels), np.float64)
-    ref = _emulated(x, wq, s, b, gs, bits)
-    assert y.shape == (m, n)
-    assert np.abs(y - ref).max() / np.abs(ref).max() < 2e-6
+    exact_case(m, n, k, gs, bits, half, packed=True)
 
 
 @pytest.mark.parametrize("bits", [4, 6, 8])
@@ -79,14 +72,11 @@ def test_panels_give_the_unpacking_gemms_bits(bits):
 
 
 def test_a_rows_result_does_not_depend_on_the_rows_beside_it():
-    """Each row is quantized on its own: a request's tokens do not depend on its batch."""
-    wq, s, b = _operands(100, 640, 32, 4, True, seed=5)
-    panels = EXT.pack_q8(wq, s, b, 32, 4)
+    """A request's tokens do not depend on its batch."""
+    ops = _operands(100, 640, 32, 4, True, seed=5)
     x = mx.random.normal((40, 640), key=mx.random.key(5))
-    whole = EXT.quantized_matmul(x, wq, s, b, 32, 4, True, panels)
-    for lo, hi in ((0, 4), (5, 12), (20, 40), (3, 37)):
-        part = EXT.quantized_matmul(x[lo:hi], wq, s, b, 32, 4, True, panels)
-        assert mx.array_equal(part, whole[lo:hi])
+    spans = ((0, 4), (5, 12), (20, 40), (3, 37))
+    rows_alone_equal_the_whole(x, ops, spans, EXT.pack_q8(*ops, 32, 4))
 
 
 def test_panels_of_another_layer_are_refused():
