@@ -154,6 +154,26 @@ void prepare_row(const float* x, int K, int bits, int W, float* xp) {
     }
 }
 
+// One block of 32 values as int8 with its scale (*xd): in natural order at `even` when
+// `natural`, else (4-bit) the 16 even-indexed values at `even` and the 16 odd ones at `odd`.
+// Returns the sum of the int8 values.
+inline int quantize_block(const float* xk, bool natural, int8_t* even, int8_t* odd, float* xd) {
+  float amax = 0;
+  for (int i = 0; i < 32; i++) amax = std::max(amax, std::fabs(xk[i]));
+  const float id = amax > 0 ? 127.f / amax : 0.f;
+  *xd = amax / 127.f;
+  // Round half away from zero (as llama.cpp's roundf) in plain arithmetic: the compiler
+  // vectorizes it, where nearbyint is a libm call per element on baseline x86-64.
+  auto q = [id](float v) { const float r = v * id; return int8_t(r + (r >= 0.f ? 0.5f : -0.5f)); };
+  int sum = 0;
+  if (natural) {
+    for (int i = 0; i < 32; i++) sum += even[i] = q(xk[i]);
+  } else {
+    for (int i = 0; i < 16; i++) sum += (even[i] = q(xk[2 * i])) + (odd[i] = q(xk[2 * i + 1]));
+  }
+  return sum;
+}
+
 // Fast mode: a row as int8 blocks of 32 (QmmArgs::xq order for `bits`), block scales, and
 // group sums of the *quantized* row. With the exact sums the bias term would not carry the
 // rounding error that the scale term does; as w = s*q + b with |b| >> |w|, the two errors
@@ -162,22 +182,8 @@ void prepare_row_q8(const float* x, int K, int gs, int bits, int8_t* xq, float* 
   const int nb = K / 32;
   for (int g = 0; g < K / gs; g++) xs[g] = 0.f;
   for (int k = 0; k < nb; k++) {
-    const float* xk = x + 32 * k;
-    float amax = 0;
-    for (int i = 0; i < 32; i++) amax = std::max(amax, std::fabs(xk[i]));
-    const float id = amax > 0 ? 127.f / amax : 0.f;
-    xd[k] = amax / 127.f;
-    // Round half away from zero (as llama.cpp's roundf) in plain arithmetic: the compiler
-    // vectorizes it, where nearbyint is a libm call per element on baseline x86-64.
-    auto q = [id](float v) { const float r = v * id; return int8_t(r + (r >= 0.f ? 0.5f : -0.5f)); };
-    int sum = 0;
-    if (bits != 4) {  // natural order
-      for (int i = 0; i < 32; i++) sum += xq[32 * k + i] = q(xk[i]);
-    } else {
-      int8_t* even = xq + q4_even_at(k, nb);
-      int8_t* odd = even + q4_odd_gap(k, nb);
-      for (int i = 0; i < 16; i++) sum += (even[i] = q(xk[2 * i])) + (odd[i] = q(xk[2 * i + 1]));
-    }
+    int8_t* even = bits != 4 ? xq + 32 * k : xq + q4_even_at(k, nb);
+    const int sum = quantize_block(x + 32 * k, bits != 4, even, even + q4_odd_gap(k, nb), xd + k);
     xs[32 * k / gs] += xd[k] * float(sum);
   }
 }
@@ -188,19 +194,8 @@ void prepare_row_q8(const float* x, int K, int gs, int bits, int8_t* xq, float* 
 // prepare_row_q8 for why of the quantized one).
 void prepare_row_q8_gemm(const float* x, int K, int bits, int8_t* xq, float* xd, float* xs) {
   for (int k = 0; k < K / 32; k++) {
-    const float* xk = x + 32 * k;
     int8_t* qk = xq + 32 * k;
-    float amax = 0;
-    for (int i = 0; i < 32; i++) amax = std::max(amax, std::fabs(xk[i]));
-    const float id = amax > 0 ? 127.f / amax : 0.f;
-    xd[k] = amax / 127.f;
-    auto q = [id](float v) { const float r = v * id; return int8_t(r + (r >= 0.f ? 0.5f : -0.5f)); };
-    int sum = 0;
-    if (bits != 4) {
-      for (int i = 0; i < 32; i++) sum += qk[i] = q(xk[i]);
-    } else {
-      for (int i = 0; i < 16; i++) sum += (qk[i] = q(xk[2 * i])) + (qk[16 + i] = q(xk[2 * i + 1]));
-    }
+    const int sum = quantize_block(x + 32 * k, bits != 4, qk, qk + 16, xd + k);
     xs[k] = xd[k] * float(sum);
   }
 }
