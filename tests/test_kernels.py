@@ -165,10 +165,14 @@ def test_vnni_int8_tile_is_picked_where_the_cpu_has_it():
 @needs_ext
 @pytest.mark.parametrize("bits", [4, 5, 6, 8])
 def test_fast_path_rows_do_not_depend_on_the_batch(bits):
+    """Up to the tile's limit (3 rows beside an int8 GEMM, 31 on AVX2): a batched decode row
+    (one token of its sequence) gets its single-stream answer."""
     wq, s, b = quantized(96, 256, 32, bits)
-    x = mx.random.normal((3, 256), key=mx.random.key(12))
+    m = EXT.int8_rows()
+    x = mx.random.normal((m, 1, 256), key=mx.random.key(12))
     together = EXT.quantized_matmul(x, wq, s, b, 32, bits, True)
-    for i in range(3):  # each row is quantized on its own: the same bits alone or in a batch
+    assert nmse(together, reference(x, wq, s, b, 32, bits)) > 1e-8  # the int8 path ran
+    for i in range(m):  # each row is quantized on its own: the same bits alone or in a batch
         assert mx.array_equal(
             EXT.quantized_matmul(x[i : i + 1], wq, s, b, 32, bits, True), together[i : i + 1]
         )
@@ -176,16 +180,25 @@ def test_fast_path_rows_do_not_depend_on_the_batch(bits):
 
 @needs_ext
 @pytest.mark.parametrize("isa", ISAS)
-def test_fast_flag_past_3_rows_is_the_int8_gemm_or_float32(isa):
+def test_fast_flag_past_the_int8_tile_is_the_int8_gemm_or_float32(isa):
     EXT.set_isa(isa)
-    wq, s, b = quantized(64, 256, 32, 4)
-    x = mx.random.normal((4, 256), key=mx.random.key(13))  # a prompt's rows
-    err = nmse(EXT.quantized_matmul(x, wq, s, b, 32, 4, True), reference(x, wq, s, b, 32, 4))
     assert EXT.int8_gemm() == (isa == "avx512vnni")
-    if EXT.int8_gemm():
-        assert 1e-8 < err < kernels.FAST_NMSE_TOL / 5
-    else:
-        assert err < 1e-10
+    # the tile's row limit: 3, and for a decode step 31 where float32 is what would come next
+    assert EXT.int8_rows(decode=False) == 3
+    assert EXT.int8_rows() == (3 if EXT.int8_gemm() else 31)
+    wq, s, b = quantized(64, 256, 32, 4)
+
+    def err(shape: tuple[int, ...], seed: int) -> float:
+        x = mx.random.normal((*shape, 256), key=mx.random.key(seed))
+        return nmse(EXT.quantized_matmul(x, wq, s, b, 32, 4, True), reference(x, wq, s, b, 32, 4))
+
+    # a prompt's 4 tokens (2-D, or one sequence); a batch's step one past the tile's limit
+    for shape in ((4,), (1, 4), (EXT.int8_rows() + 1, 1)):
+        if EXT.int8_gemm():
+            assert 1e-8 < err(shape, 13) < kernels.FAST_NMSE_TOL / 5
+        else:
+            assert err(shape, 13) < 1e-10
+    assert 1e-8 < err((EXT.int8_rows(), 1), 14) < kernels.FAST_NMSE_TOL / 5  # the tile's last
 
 
 @needs_ext

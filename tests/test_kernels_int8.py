@@ -1,6 +1,7 @@
 """The int8-activation ("fast") path, the default at decode: at least one row and at most 3
-(`kMaxQ8Rows`), at the real model's sizes and thread count, and how verification judges it
-right at its tolerances (`FAST_NMSE_TOL`, `FAST_MAX_REL_TOL`)."""
+(`kMaxQ8Rows`; for a batch's decode step 31 where the CPU has no int8 GEMM), at the real model's
+sizes and thread count, and how verification judges it right at its tolerances (`FAST_NMSE_TOL`,
+`FAST_MAX_REL_TOL`)."""
 
 from __future__ import annotations
 
@@ -63,21 +64,22 @@ def test_int8_path_at_the_model_sizes_on_two_threads(two_threads, n, k, sdtype):
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-def test_int8_rows_stop_at_three(bits):
-    """M <= 3 rows take the int8 tile; a fourth row turns the same call into the int8 GEMM,
-    or float32 where the instruction set has no int8 GEMM."""
+def test_int8_rows_stop_at_the_tiles_limit(bits):
+    """Up to int8_rows() rows take the int8 tile; one more turns the same call into the int8
+    GEMM, or float32 where the instruction set has no int8 GEMM."""
     rng = np.random.default_rng(bits)
     w, s, b = mx.quantize(mx.array(rng.standard_normal((256, 576)).astype(np.float32)), 32, bits)
-    x = mx.array(rng.standard_normal((4, 576)).astype(np.float32))
+    last = EXT.int8_rows()  # rows of one token each: a batch's decode step
+    x = mx.array(rng.standard_normal((last + 1, 1, 576)).astype(np.float32))
     ref = x @ mx.dequantize(w, s, b, 32, bits).T
 
     def nmse(y, r):
         return (mx.mean((y - r) ** 2) / mx.mean(r * r)).item()
 
-    for m in (1, 2, 3):
+    for m in (1, 2, last):
         assert 1e-8 < nmse(_fast(x[:m], w, s, b, 32, bits), ref[:m]) < kernels.FAST_NMSE_TOL / 5
-    four = nmse(_fast(x, w, s, b, 32, bits), ref)
-    assert 1e-8 < four < kernels.FAST_NMSE_TOL / 5 if EXT.int8_gemm() else four < FLOAT32_NMSE
+    past = nmse(_fast(x, w, s, b, 32, bits), ref)
+    assert 1e-8 < past < kernels.FAST_NMSE_TOL / 5 if EXT.int8_gemm() else past < FLOAT32_NMSE
 
 
 # -- verification at its tolerances -------------------------------------------------------------
@@ -179,13 +181,17 @@ def _q8(bits: int):
     return lambda x, t: EXT.quantized_matmul(x, *t, 32, bits, True)
 
 
-# (batch, sequence): one decode row, three rows of a batch, a 3-token step; then 4 rows (the
-# int8 GEMM, or float32 where the instruction set has none: see _int8)
-ROWS = [((1, 1), True), ((3, 1), True), ((1, 3), True), ((2, 2), None)]
+# (batch, sequence): one decode row, three rows of a batch, a 3-token step; then 4 prompt rows
+# and an 8-row decode step (the int8 GEMM where the instruction set has one; else float32, and
+# the int8 tile for the step: see _int8)
+ROWS = [((1, 1), True), ((3, 1), True), ((1, 3), True), ((2, 2), None), ((8, 1), None)]
 
 
-def _int8(expected: bool | None) -> bool:
-    return EXT.int8_gemm() if expected is None else expected
+def _int8(shape: tuple[int, int], expected: bool | None) -> bool:
+    rows, seq = shape[0] * shape[1], shape[1]
+    if expected is not None:
+        return expected
+    return EXT.int8_gemm() or rows <= EXT.int8_rows(decode=seq == 1)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -200,7 +206,7 @@ def test_fused_norm_mlp_int8_at_decode_rows(bits, shape, int8):
     fast = EXT.norm_mlp(h, nw, EPS, g + u + dn, 32, bits, True)
     accurate = EXT.norm_mlp(h, nw, EPS, g + u + dn, 32, bits, False)
     assert _rel(accurate, ref) < 1e-5
-    if _int8(int8):
+    if _int8(shape, int8):
         q = _q8(bits)
         a, b = q(n, g), q(n, u)
         assert _rel(fast, h + q(a * mx.sigmoid(a) * b, dn)) < 1e-5
@@ -235,7 +241,7 @@ def test_fused_norm_qkv_int8_at_decode_rows(shape, int8):
     fast, accurate = EXT.norm_qkv(*args, True), EXT.norm_qkv(*args, False)
     for y, y32, ref, comp in zip(fast, accurate, refs, composed):
         assert y.shape == ref.shape and _rel(y32, ref) < 1e-5
-        if _int8(int8):
+        if _int8(shape, int8):
             assert _rel(y, comp) < 1e-5
             assert 1e-8 < _nmse(y, ref) < kernels.FAST_NMSE_TOL / 2
         else:

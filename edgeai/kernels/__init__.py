@@ -15,10 +15,12 @@ under `config.cache_dir()`. Anything that fails to load or disagrees is not used
 MLX's `mx.quantized_matmul` runs instead, with a one-line warning.
 
 Precision of the CPU kernel (`EDGEAI_KERNEL_PRECISION`, or `precision=`):
-- "fast" (default): at decode (at most 3 rows: one stream, or a small batch) layers quantize
-  the activations to int8 per block of 32 and use integer dot products, as llama.cpp does;
-  measured normalized MSE vs the float32 reference ~5e-5 (tolerance `FAST_NMSE_TOL`). More
-  rows (prompts, batches) run the int8 GEMM where the CPU has AVX-512 VNNI, else float32;
+- "fast" (default): at decode (one stream, or a batch) layers quantize the activations to
+  int8 per block of 32 and use integer dot products, as llama.cpp does; measured normalized
+  MSE vs the float32 reference ~5e-5 (tolerance `FAST_NMSE_TOL`). A per-row tile takes up to
+  3 rows; more rows (prompts, larger batches) run the int8 GEMM where the CPU has AVX-512
+  VNNI. Without it (AVX2) the tile also takes a batch's decode step of up to 31 rows (the
+  step rate at 16 rows nearly doubles over float32) and the rest runs in float32;
   batches read weights repacked for it when the caller prepared them (`Hooks.prepare_batches`,
   the server), verified on first use at `PACKED_ROWS`. Greedy text can differ from MLX's
   kernel at near-ties.
@@ -229,11 +231,16 @@ def apply(model: nn.Module, mode: str = "auto", precision: str | None = None) ->
     if fast:
         fv = verify(cand, shapes, fast=True)
         if fv["ok"]:
-            rest = (
-                "and for prompt tokens (int8 GEMM), float32 for each prompt's last"
-                if be == "cpu" and kc.extension().int8_gemm()
-                else "float32 for prompts and batches over 3 rows"
-            )
+            if be == "cpu" and kc.extension().int8_gemm():
+                rest = "and for prompt tokens (int8 GEMM), float32 for each prompt's last"
+            elif be == "cpu":
+                ext = kc.extension()
+                rest = (
+                    f"float32 for prompts over {ext.int8_rows(decode=False)} tokens and "
+                    f"batches over {ext.int8_rows()} rows"
+                )
+            else:
+                rest = "float32 for prompts and batches over 3 rows"
             accuracy = f"int8 activations at decode (NMSE {fv['nmse']:.1e}) {rest}"
             if be == "cpu" and kc.extension().int8_gemm():
                 packed = verify(cand, shapes, fast=True, packed=True)

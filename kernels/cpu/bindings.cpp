@@ -15,7 +15,7 @@ NB_MODULE(_edgeai_kernels, m) {
   m.def("quantized_matmul", &edgeai::quantized_matmul, "x"_a, "w"_a, "scales"_a, "biases"_a, "group_size"_a,
         "bits"_a, "fast"_a = false, "panels"_a = std::vector<mlx::core::array>{},
         "y = x @ dequantize(w, scales, biases).T (CPU). fast: int8 activations per block of 32 "
-        "(at most 3 rows: the decode tile; more: the int8 GEMM where int8_gemm(), else float32); "
+        "(up to int8_rows() rows: the per-row tile; more: the int8 GEMM where int8_gemm(), else float32); "
         "otherwise float32 activations and accumulation. panels: pack_q8(w, scales, biases, ...), "
         "which fast mode reads from 4 rows on (no unpacking per call).");
   m.def("pack_q8", &edgeai::pack_q8, "w"_a, "scales"_a, "biases"_a, "group_size"_a, "bits"_a,
@@ -65,8 +65,12 @@ NB_MODULE(_edgeai_kernels, m) {
         "log_softmax over the last axis and each row's entropy (nats), float32: returns [logprobs, entropy].");
   m.def("isa", &edgeai::isa_name, "The instruction set the kernels use now.");
   m.def("int8_gemm", &edgeai::has_int8_gemm,
-        "Whether fast-mode matmuls of 4 or more rows run as the int8 GEMM on the current instruction set "
-        "(else float32).");
+        "Whether fast-mode matmuls of more rows than int8_rows() run as the int8 GEMM on the current "
+        "instruction set (else float32).");
+  m.def("int8_rows", &edgeai::int8_tile_rows, "decode"_a = true,
+        "Most rows a fast-mode matmul runs by the per-row int8 tile on the current instruction set (each "
+        "row bit-equal to its single-row result; 0: no tile): 3, or for a decode step (x of shape (B, 1, K)) "
+        "31 where there is no int8 GEMM.");
   m.def("available_isas", &edgeai::available_isas, "Instruction sets this CPU can run, best first.");
   m.def("set_isa", &edgeai::set_isa, "name"_a, "Force an instruction set (tests), or 'auto'.");
   m.def("threads", &edgeai::threads, "Threads the kernels use (the caller's included).");

@@ -168,7 +168,7 @@ class NormQKV : public mx::Primitive {
     rms_norm_rows(float_rows(in[0], xt), M, D, float_rows(in[1], wt), eps_, n.data());
     y.resize(M * (ls[0].N + ls[1].N + ls[2].N));
     float* ys[3] = {y.data(), y.data() + M * ls[0].N, y.data() + M * (ls[0].N + ls[1].N)};
-    qmm_rows(n.data(), M, D, ls, 3, ys, fast_);
+    qmm_rows(n.data(), M, D, ls, 3, ys, fast_, L == 1);
     const size_t at_bias = into_ ? 13 : 11, at_pad = at_bias + (bias_ ? 3 : 0);
     for (int i = 0; bias_ && i < 3; i++) {
       const float* b = in[at_bias + i].data<float>();
@@ -245,7 +245,7 @@ class AttnOut : public mx::UnaryPrimitive {
     }
     const QLinear o = layer(in, 4, Hq * hd, panels_of(in, panels, 1));
     float* y = out.data<float>();
-    qmm_rows(att.data(), M, Hq * hd, &o, 1, &y, fast_);
+    qmm_rows(att.data(), M, Hq * hd, &o, 1, &y, fast_, L == 1);
     const float* x = float_rows(in[3], xt);
     for (long i = 0; i < M * o.N; i++) y[i] += x[i];
   }
@@ -297,7 +297,7 @@ class NormMLP : public mx::UnaryPrimitive {
     rms_norm_rows(h, M, D, float_rows(in[1], wt), eps_, n.data());
     gu.resize(2 * M * F);
     float* ys[2] = {gu.data(), gu.data() + M * F};
-    qmm_rows(n.data(), M, D, gate_up, 2, ys, fast_);
+    qmm_rows(n.data(), M, D, gate_up, 2, ys, fast_, is_decode_step(in[0]));
     // silu(gate) * up, in place: a libm exp per value, so a batch's rows go on every thread
     // (16 rows of SmolLM2-135M: 24.6k exps a layer, ~3 ms a step on one thread).
     auto silu = [&](long i0, long i1) {
@@ -314,7 +314,7 @@ class NormMLP : public mx::UnaryPrimitive {
                       [&](int t) { silu(long(t) * chunk, std::min(total, long(t + 1) * chunk)); });
     }
     float* y = out.data<float>();
-    qmm_rows(ys[0], M, F, &down, 1, &y, fast_);
+    qmm_rows(ys[0], M, F, &down, 1, &y, fast_, is_decode_step(in[0]));
     for (long i = 0; i < M * D; i++) y[i] += h[i];
   }
 

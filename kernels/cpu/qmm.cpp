@@ -5,8 +5,8 @@
 // bytes and words: see qmm_unpack.h), w = scale * q + bias.
 // Two modes. Accurate: float32 activations and accumulation. Fast: activations quantized to
 // int8 per block of 32, integer dot products per block, float32 across blocks (normalized MSE
-// ~5e-5 vs float32): at most kMaxQ8Rows rows (decode, small batches) by the per-row int8
-// tile, more (prompts) by the int8 GEMM where the ISA has one (qmm_gemm_q8.cpp), else in
+// ~5e-5 vs float32): few rows (decode, small batches) by the per-row int8 tile
+// (int8_tile_rows), more by the int8 GEMM where the ISA has one (qmm_gemm_q8.cpp), else in
 // float32. Scales and biases are float32 or float16 (converted to float32 in registers).
 #include <algorithm>
 #include <cmath>
@@ -234,7 +234,7 @@ void run_qmm(const mx::array& x, const mx::array& w, const mx::array& s, const m
   const float* xr = float_rows(x, x_buf);
   float* y = out.dtype() == mx::float32 ? out.data<float>() : (y_buf.resize(M * N), y_buf.data());
   const QLinear l = with_panels(qlinear(w, s, b, gs, bits), panels);
-  qmm_rows(xr, M, K, &l, 1, &y, fast);
+  qmm_rows(xr, M, K, &l, 1, &y, fast, is_decode_step(x));
   store_out(out, y, M * N);
 }
 
@@ -302,12 +302,12 @@ std::vector<mx::array> pack_q8(const mx::array& w, const mx::array& scales, cons
   return {wp, sp, bp};
 }
 
-void qmm_rows(const float* x, long M, int K, const QLinear* ls, int n, float* const* ys, bool fast) {
+void qmm_rows(const float* x, long M, int K, const QLinear* ls, int n, float* const* ys, bool fast, bool decode) {
   const QmmIsa isa = current_isa();
   bool panels = isa.gemm_q8_panels != nullptr;
   for (int i = 0; i < n; i++) panels = panels && ls[i].wp != nullptr;
   const bool q8p = fast && panels && M >= kQ8PanelRows;
-  const bool q8 = fast && !q8p && M <= kMaxQ8Rows && isa.tile_q8 != nullptr;
+  const bool q8 = fast && !q8p && M <= int8_tile_rows(decode);
   // The int8 GEMM: over the layers' panels (q8p), or unpacking the weights as it goes.
   const bool q8g = fast && !q8 && (q8p || (M >= kQ8GemmRows && isa.gemm_q8 != nullptr));
   thread_local std::vector<Prepared> preps(4);
@@ -475,6 +475,11 @@ mx::array quantized_matmul(const mx::array& x, const mx::array& w, const mx::arr
 std::string isa_name() { return current_isa().name; }
 
 bool has_int8_gemm() { return current_isa().gemm_q8 != nullptr; }
+
+int int8_tile_rows(bool decode) {
+  const QmmIsa isa = current_isa();
+  return isa.tile_q8 == nullptr ? 0 : decode && isa.gemm_q8 == nullptr ? kMaxQ8DecodeRows : kMaxQ8Rows;
+}
 
 QmmIsa active_isa() { return current_isa(); }
 

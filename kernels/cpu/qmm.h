@@ -41,8 +41,10 @@ std::vector<mlx::core::array> pack_q8(const mlx::core::array& w, const mlx::core
                                       const mlx::core::array& biases, int group_size, int bits);
 
 // ys[i][M, N_i] = x[M, K] @ dequant(ls[i]).T for contiguous float32 rows x: layers that read
-// the same input share its preparation and one run of the thread pool.
-void qmm_rows(const float* x, long M, int K, const QLinear* ls, int n, float* const* ys, bool fast);
+// the same input share its preparation and one run of the thread pool. decode: the rows are
+// one token each of as many sequences (see int8_tile_rows).
+void qmm_rows(const float* x, long M, int K, const QLinear* ls, int n, float* const* ys, bool fast,
+              bool decode = false);
 
 mlx::core::array quantized_matmul(const mlx::core::array& x, const mlx::core::array& w,
                                   const mlx::core::array& scales, const mlx::core::array& biases,
@@ -113,6 +115,11 @@ long hugepages(const std::vector<mlx::core::array>& arrays);
 
 std::string isa_name();
 bool has_int8_gemm();  // the current ISA runs fast-mode matmuls of many rows in int8
+// Most rows a fast-mode matmul runs by the per-row int8 tile (0: none): kMaxQ8Rows, or for a
+// decode step (rows of one token each) kMaxQ8DecodeRows where the ISA has no int8 GEMM.
+int int8_tile_rows(bool decode);
+// Whether x (..., L, K) holds one token per sequence (L = 1, at least 3 axes): a decode step.
+inline bool is_decode_step(const mlx::core::array& x) { return x.ndim() >= 3 && x.shape(-2) == 1; }
 std::vector<std::string> available_isas();
 void set_isa(const std::string& name);
 int threads();

@@ -20,6 +20,15 @@ namespace edgeai {
 // result does not depend on what else is in the batch.
 constexpr int kMaxQ8Rows = 3;
 
+// The limit for a batch's decode step (rows of one token each) where the CPU has no int8 GEMM
+// (AVX2): the float32 tile it would fall back to is half as wide there, so the int8 tile stays
+// ahead up to where the float32 GEMM takes over. SmolLM2-135M batched decode step (AVX2, 2
+// threads), tok/s at 4/8/16 rows: 124/149/181 with the float32 tile, 238/259/252 with the int8
+// one; and each row stays its single-stream self. Prompt tokens keep kMaxQ8Rows: a batch's
+// prompts fill their caches in one call, each prompt alone in another (Engine.generate), and
+// both calls must take the same path for a batched answer to equal the single-stream one.
+constexpr int kMaxQ8DecodeRows = 31;
+
 // Rows from which float32 (accurate, prompt) matmuls run as Kernel::gemm rather than the 4x4
 // tile: its weight panels cost a dequantization + transpose per weight row and m-block,
 // repaid from about 32 rows. Measured on the 1.5B's shapes (one AVX-512 core, CPU time): vs
