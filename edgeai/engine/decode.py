@@ -291,7 +291,10 @@ def _continue_from(fresh: list, kept: list) -> bool:
 
 
 def token_signals_batch(
-    logprobs: mx.array | Sequence[mx.array], tokens: Sequence[int], top_n: int | Sequence[int]
+    logprobs: mx.array | Sequence[mx.array],
+    tokens: Sequence[int],
+    top_n: int | Sequence[int],
+    entropy: Sequence[float | None] | None = None,
 ) -> list[Signals]:
     """Logprob of the sampled token, entropy and top alternatives of every row of a batch
     (the server's batches; single streams get them from `decode_steps`).
@@ -305,23 +308,47 @@ def token_signals_batch(
         logprobs: (batch, vocab) log-probabilities, or one row per sequence (evaluated).
         tokens: the sampled token of each row.
         top_n: alternatives to report, for all rows or per row.
+        entropy: each row's entropy where already known (the kernels' log-softmax makes it in
+            the same pass), None where it must be computed here.
     """
     parts = [logprobs] if isinstance(logprobs, mx.array) else list(logprobs)
     flat = [np.asarray(p if p.dtype == mx.float32 else p.astype(mx.float32)) for p in parts]
     rows = np.concatenate([f.reshape(-1) for f in flat]).reshape(len(tokens), -1)
     ns = [top_n] * len(tokens) if isinstance(top_n, int) else list(top_n)
     k = max(ns, default=0)
-    lp = rows[np.arange(len(tokens)), np.asarray(tokens, dtype=np.int64)]
-    ent = -(np.exp(rows) * rows).sum(axis=1)
+    lp = rows[np.arange(len(tokens)), np.asarray(tokens, dtype=np.int64)].tolist()
+    ent = list(entropy) if entropy is not None else [None] * len(tokens)
+    todo = [i for i, e in enumerate(ent) if e is None]
+    if todo:  # exp of the whole row: 2.5 ms for 16 x 49152 values, so only where not given
+        sub = rows[todo]
+        for i, e in zip(todo, (-(np.exp(sub) * sub).sum(axis=1)).tolist()):
+            ent[i] = e
     alts: list = [[] for _ in ns]
     if k:
-        idx = np.argpartition(-rows, k - 1, axis=1)[:, :k]
-        vals = np.take_along_axis(rows, idx, axis=1)
+        idx, vals = _top_k(rows, k)
         alts = [sorted(zip(i, v), key=lambda p: -p[1]) for i, v in zip(idx.tolist(), vals.tolist())]
     return [
         (float(a), float(e), tuple((int(i), float(v)) for i, v in pairs[:n]))
-        for a, e, pairs, n in zip(lp.tolist(), ent.tolist(), alts, ns)
+        for a, e, pairs, n in zip(lp, ent, alts, ns)
     ]
+
+
+def _top_k(rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices and values of each row's k largest entries (any order); `rows` is scratch.
+
+    A few alternatives (the gate asks for 2) by repeated argmax: 0.2 ms for 16 x 49152
+    values, where argpartition takes 4 ms."""
+    if k > 4:
+        idx = np.argpartition(-rows, k - 1, axis=1)[:, :k]
+        return idx, np.take_along_axis(rows, idx, axis=1)
+    at = np.arange(rows.shape[0])
+    idx = np.empty((rows.shape[0], k), dtype=np.int64)
+    vals = np.empty((rows.shape[0], k), dtype=rows.dtype)
+    for j in range(k):
+        idx[:, j] = rows.argmax(axis=1)
+        vals[:, j] = rows[at, idx[:, j]]
+        rows[at, idx[:, j]] = -np.inf
+    return idx, vals
 
 
 class StopMatcher:

@@ -14,7 +14,9 @@ prompt's last token), which is how `RowStates` matches hidden states to tokens.
 The running batch's step (`GenerationBatch._step`, copied from mlx-lm 0.32.2 in `_step`
 below; the contract test pins its source) normalizes the logits with the kernels'
 log-softmax instead of `mx.logsumexp`: MLX's CPU exp is scalar on x86, and 16 rows x 49152
-logits were ~11% of a 16-client server's CPU time.
+logits were ~11% of a 16-client server's CPU time. The entropy that log-softmax computes in the
+same pass is kept per row (`entropies`), so the server's token signals do not exp the logits
+a second time.
 
 Here each prompt's first generation step calls the model under the kernels' prompt context
 (float32 where decoding uses int8 activations), and the prompt tokens before it fill the cache
@@ -140,6 +142,13 @@ def batch_generator(
     return _generator_class()(model, prompt_model, log_softmax, **kwargs)
 
 
+def entropies(generator: Any, uids: list[int]) -> list[float | None]:
+    """The entropy of each row's token from the running batch's last step, as the kernels'
+    log-softmax computed it, or None where it did not (MLX's own, or a row's first token)."""
+    known = getattr(generator._generation_batch, "entropy", {})
+    return [known.get(u) for u in uids]
+
+
 def _generator_class() -> type:
     import importlib
 
@@ -149,9 +158,15 @@ def _generator_class() -> type:
         """mlx-lm's running batch, its logits normalized by `self.log_softmax`."""
 
         log_softmax: Callable = staticmethod(lambda x: (x - mx.logsumexp(x, -1, True), None))
+        # (uids, entropies) of the step in flight; uid -> entropy of the tokens just returned.
+        # Keyed by uid: rows may leave or join (`filter`, `extend`) between two steps.
+        _next_entropy: tuple[list[int], mx.array] | None = None
+        entropy: dict[int, float] = {}
 
         def _step(self) -> tuple[list[int], list[mx.array]]:
-            # mlx-lm 0.32.2's GenerationBatch._step; only the normalization differs.
+            # mlx-lm 0.32.2's GenerationBatch._step; only the normalization differs, and the
+            # log-softmax's entropies are kept per row (`entropy`).
+            pending = self._next_entropy
             self._current_tokens = self._next_tokens
             self._current_logprobs = self._next_logprobs
             inputs = self._current_tokens
@@ -170,7 +185,7 @@ def _generator_class() -> type:
                             sample_logits = processor(context, sample_logits)
                     processed_logits.append(sample_logits)
                 logits = mx.concatenate(processed_logits, axis=0)
-            logprobs = self.log_softmax(logits.astype(mx.float32))[0]
+            logprobs, entropy = self.log_softmax(logits.astype(mx.float32))
             samplers = [
                 self.fallback_sampler if s is None else s
                 for s in (self.samplers or [None] * len(self.uids))
@@ -183,8 +198,10 @@ def _generator_class() -> type:
                 )
             self._next_tokens = sampled
             self._next_logprobs = list(logprobs)
-            mx.async_eval(self._next_tokens, self._next_logprobs, token_context)
-            mx.eval(inputs, self._current_logprobs)
+            self._next_entropy = (list(self.uids), entropy) if entropy is not None else None
+            mx.async_eval(self._next_tokens, self._next_logprobs, token_context, entropy)
+            mx.eval(inputs, self._current_logprobs, pending[1] if pending else [])
+            self.entropy = dict(zip(pending[0], pending[1].tolist())) if pending else {}
             inputs = inputs.tolist()
             for sti, ti in zip(self.tokens, inputs):
                 sti.append(ti)

@@ -539,6 +539,7 @@ class Scheduler:
                     [r.logprobs for r in responses],
                     [r.token for r in responses],
                     [self._active[r.uid][1].top_n for r in responses],
+                    batching.entropies(gen, [r.uid for r in responses]),
                 )
                 if responses
                 else []
