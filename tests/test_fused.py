@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 import pytest
 
 from edgeai import kernels
@@ -254,8 +255,51 @@ def test_log_softmax_matches_mlx_and_is_what_decoding_uses(tiny_model):
     from edgeai.engine import Engine
 
     eng = Engine.load(tiny_model, kernel="custom")
-    assert eng.kernel.attention.endswith("log_softmax") and eng.hooks.log_softmax is EXT.log_softmax
+    assert "log_softmax" in eng.kernel.attention and eng.hooks.log_softmax is EXT.log_softmax
     assert Engine.load(tiny_model, kernel="builtin").hooks.log_softmax is not EXT.log_softmax
+
+
+def _top_k_reference(x: np.ndarray, k: int) -> list[list[int]]:
+    """Each row's k largest entries, largest first and the lower index first among equals,
+    NaNs last (the order the kernel promises)."""
+    return [sorted(range(len(r)), key=lambda j: (np.isnan(r[j]), -r[j], j))[:k] for r in x]
+
+
+@pytest.mark.parametrize("vocab", [5, 4097, 49157])
+def test_top_k_names_each_rows_largest_entries_and_is_what_decoding_uses(tiny_model, vocab):
+    rng = np.random.default_rng(vocab)
+    x = np.round(rng.normal(size=(3, vocab)) * 4, 1).astype(np.float32)  # many ties
+    x[1, : vocab // 2] = -np.inf  # masked logits
+    x[2, 1::2] = np.nan  # a broken row: NaNs are never chosen while numbers remain
+    for k in sorted({1, 2, 5, min(20, vocab), vocab}):
+        idx, vals = EXT.top_k(mx.array(x), k)
+        assert np.array(idx).tolist() == _top_k_reference(x, k)
+        want = np.take_along_axis(x, np.array(idx, dtype=np.int64), axis=1)
+        np.testing.assert_array_equal(np.array(vals), want)
+    # a batch of one-token rows, (B, 1, V), as the server's logits come
+    idx, _ = EXT.top_k(mx.array(x[:, None, :]), 2)
+    assert idx.shape == (3, 1, 2) and np.array(idx)[:, 0].tolist() == _top_k_reference(x, 2)
+    for bad, k in ((mx.array(x).astype(mx.float16), 2), (mx.array(x), 0), (mx.array(x), vocab + 1)):
+        with pytest.raises(ValueError, match="top_k"):
+            EXT.top_k(bad, k)
+    assert kernels.check_top_k() == 0.0
+
+    from edgeai.engine import Engine
+    from edgeai.options import GenerationOptions
+    from edgeai.types import Answer
+
+    eng = Engine.load(tiny_model, kernel="custom", precision="accurate")
+    assert eng.kernel.attention.endswith("top_k") and eng.hooks.top_k is EXT.top_k
+    builtin = Engine.load(tiny_model, kernel="builtin")
+    assert builtin.hooks.top_k is not EXT.top_k
+    # the alternatives decoding reports are the top of the token's distribution, either way
+    opts = GenerationOptions(max_tokens=4, top_logprobs=3)
+    for e in (eng, builtin):
+        ans = Answer.from_events(e.generate("hello", opts), e.name)
+        logits = e.model(mx.array([e.encode("hello")]))[0, -1]
+        lps = np.array(logits - mx.logsumexp(logits))
+        first = [t for t, _ in ans.top_logprobs[0]]
+        assert first == _top_k_reference(lps[None], 3)[0]
 
 
 def test_custom_engine_events_carry_true_logprobs_and_entropy(tiny_model):

@@ -368,7 +368,9 @@ def test_swaps_layers_and_tied_head(tiny_model):
     assert builtin.kernel.name == "builtin"
     rep = custom.kernel
     assert rep.name == "edgeai-cpu" and rep.isa in ISAS and rep.nmse < kernels.NMSE_TOL
-    assert rep.attention == "attention 2 layers (+RoPE), rms_norm 5, fused layers 2, log_softmax"
+    assert rep.attention == (
+        "attention 2 layers (+RoPE), rms_norm 5, fused layers 2, log_softmax, top_k"
+    )
     assert rep.precision == "accurate" and rep.accuracy == "float32 accumulation"
     mods = [m for _, m in custom.model.named_modules()]
     assert not any(type(m) in (nn.QuantizedLinear, nn.QuantizedEmbedding) for m in mods)

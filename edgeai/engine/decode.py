@@ -156,8 +156,7 @@ def decode_steps(
         tok = sampler(logprobs)
         outs = [tok, mx.take_along_axis(logprobs, tok[:, None], axis=-1), entropy.sum()]
         if top_n:
-            idx = mx.argpartition(-logprobs[0], top_n - 1)[:top_n]
-            outs += [idx, logprobs[0][idx]]
+            outs += [a[0] for a in hooks.top_k(logprobs, top_n)]
         if hidden is not None:
             outs.append(hidden.tap.read())
         return outs

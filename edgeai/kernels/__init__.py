@@ -61,6 +61,7 @@ from edgeai.kernels.verify import (
     check_log_softmax,
     check_rms_norm,
     check_rope,
+    check_top_k,
     verify,
 )
 
@@ -85,6 +86,7 @@ __all__ = [  # the public API; verification's names are re-exported from kernels
     "check_attention",
     "check_block",
     "check_log_softmax",
+    "check_top_k",
     "default_precision",
     "status",
     "verify",
@@ -107,6 +109,11 @@ def _mlx_log_softmax(logits: mx.array) -> tuple[mx.array, mx.array]:
     return logprobs, -(mx.exp(logprobs) * logprobs).sum(axis=-1)
 
 
+def _mlx_top_k(x: mx.array, k: int) -> tuple[mx.array, mx.array]:
+    idx = mx.argpartition(-x, k - 1, axis=-1)[..., :k]
+    return idx, mx.take_along_axis(x, idx, axis=-1)
+
+
 @dataclass(frozen=True)
 class Hooks:
     """What the chosen kernels change about running a model; the decode loop reads these.
@@ -115,6 +122,8 @@ class Hooks:
         make_cache: model -> its KV cache (fused layers write theirs in place).
         log_softmax: (1, vocab) float32 logits -> (log-probabilities, entropy), as one node
             where a kernel fuses it.
+        top_k: (..., vocab) float32 log-probabilities, k -> the indices and values of each
+            row's k largest, in any order (the kernel's come largest first).
         prompt_context: a context manager that the step giving a prompt's first generated
             token runs under: float32 activations where decoding uses int8 ones (the prompt
             tokens before it fill the cache in the layers' own precision).
@@ -128,6 +137,7 @@ class Hooks:
 
     make_cache: Callable[[nn.Module], list] = _mlx_cache
     log_softmax: Callable[[mx.array], tuple[mx.array, mx.array]] = _mlx_log_softmax
+    top_k: Callable[[mx.array, int], tuple[mx.array, mx.array]] = _mlx_top_k
     prompt_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     prepare_batches: Callable[[nn.Module], object] = lambda model: None
     batching: Callable[[bool], None] = lambda on: None
@@ -278,6 +288,9 @@ def apply(model: nn.Module, mode: str = "auto", precision: str | None = None) ->
         if _verdict(f"log_softmax|{cand.build_id}|{cand.isa()}", check_log_softmax):
             hook["log_softmax"] = kc.extension().log_softmax
             layer_note = f"{layer_note}, log_softmax"
+        if _verdict(f"top_k|{cand.build_id}|{cand.isa()}", check_top_k, tol=0.0):
+            hook["top_k"] = kc.extension().top_k
+            layer_note = f"{layer_note}, top_k"
         hooks = Hooks(**hook)
     return KernelReport(
         cand.name,

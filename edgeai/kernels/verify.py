@@ -66,6 +66,23 @@ def check_log_softmax() -> float:
     return float((err / scale).item())
 
 
+def check_top_k() -> float:
+    """0 when the CPU top_k names the same entries as a full sort on vocabulary-sized rows
+    with ties and -inf entries (largest first, the lower index first among equals), else
+    the largest difference of the values (inf where the indices differ)."""
+    x = mx.round(mx.random.normal((2, 49157), key=mx.random.key(5)) * 8.0)  # many ties
+    x[1, :40000] = -float("inf")
+    worst = 0.0
+    for k in (1, 2, 20):
+        idx, vals = kc.extension().top_k(x, k)
+        # a stable sort of -x puts the lower index first among equals
+        ref = mx.argsort(-x, axis=-1, stream=mx.cpu)[:, :k].astype(mx.int32)
+        if not mx.array_equal(idx, ref).item():
+            return float("inf")
+        worst = max(worst, mx.max(mx.abs(vals - mx.take_along_axis(x, ref, -1))).item())
+    return worst
+
+
 def check_block(block: nn.Module, fused_cls: type) -> float:
     """Max relative error of a decoder layer run as `fused_cls` vs its own class: a 5-token
     causal prefill, then one decode step, each on a fresh KV cache of its own; and the same

@@ -63,6 +63,9 @@ NB_MODULE(_edgeai_kernels, m) {
         "decode streams them every token. Returns the bytes moved into huge pages.");
   m.def("log_softmax", &edgeai::log_softmax, "x"_a,
         "log_softmax over the last axis and each row's entropy (nats), float32: returns [logprobs, entropy].");
+  m.def("top_k", &edgeai::top_k, "x"_a, "k"_a,
+        "The k largest entries of each row over the last axis, float32, largest first (ties: lower index "
+        "first): returns [indices (int32), values], each [..., k].");
   m.def("isa", &edgeai::isa_name, "The instruction set the kernels use now.");
   m.def("int8_gemm", &edgeai::has_int8_gemm,
         "Whether fast-mode matmuls of more rows than int8_rows() run as the int8 GEMM on the current "

@@ -179,6 +179,78 @@ class LogSoftmax : public mx::Primitive {
   bool is_equivalent(const mx::Primitive&) const override { return true; }
 };
 
+// The k largest entries of each row with their indices, largest first (ties: the lower
+// index first; NaNs never chosen while other entries remain), in one multi-threaded read.
+// A request's alternatives (the gate's top 2, top_logprobs <= 20) are a few of 49k logits:
+// MLX's argpartition sorts a copy of the row's indices on one thread, ~0.6 ms a step, a
+// tenth of a 135M model's decode step.
+void run_top_k(const mx::array& x, int k, mx::array& idx, mx::array& val) {
+  const int V = x.shape(-1);
+  const long rows = x.size() / V;
+  auto& pool = Pool::get();
+  const int chunks = std::max(1, std::min(pool.threads() * 2, V / 4096));
+  const int per = (V + chunks - 1) / chunks;
+  std::vector<float> cv(long(chunks) * k);
+  std::vector<int> ci(long(chunks) * k), cn(chunks);
+  for (long r = 0; r < rows; r++) {
+    const float* l = x.data<float>() + row_start(x, r);
+    pool.run(chunks, [&](int c) {
+      float* bv = cv.data() + long(c) * k;
+      int* bi = ci.data() + long(c) * k;
+      int n = 0;
+      float thr = -INFINITY;
+      for (int i = c * per; i < std::min(V, (c + 1) * per); i++) {
+        const float v = l[i];
+        if (!(v > thr) && (n == k || v != v)) continue;  // most entries: one compare
+        int j = n < k ? n++ : k - 1;
+        for (; j > 0 && bv[j - 1] < v; j--) bv[j] = bv[j - 1], bi[j] = bi[j - 1];
+        bv[j] = v, bi[j] = i;
+        if (n == k) thr = bv[k - 1];
+      }
+      cn[c] = n;
+    });
+    std::vector<std::pair<float, int>> all;
+    for (int c = 0; c < chunks; c++)
+      for (int j = 0; j < cn[c]; j++) all.emplace_back(cv[long(c) * k + j], ci[long(c) * k + j]);
+    // Rows of NaNs only (a broken model) still name k entries: the lowest indices.
+    for (int i = 0; int(all.size()) < k; i++)
+      if (std::none_of(all.begin(), all.end(), [i](auto& p) { return p.second == i; }))
+        all.emplace_back(l[i], i);
+    std::partial_sort(all.begin(), all.begin() + k, all.end(), [](auto& a, auto& b) {
+      const bool an = a.first != a.first, bn = b.first != b.first;
+      if (an != bn) return bn;  // numbers before NaNs
+      if (!an && a.first != b.first) return a.first > b.first;
+      return a.second < b.second;
+    });
+    for (int j = 0; j < k; j++) {
+      idx.data<int32_t>()[r * k + j] = all[j].second;
+      val.data<float>()[r * k + j] = all[j].first;
+    }
+  }
+}
+
+class TopK : public mx::Primitive {
+ public:
+  TopK(mx::Stream s, int k) : mx::Primitive(s), k_(k) {}
+  void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& outs) override {
+    for (auto& o : outs) o.set_data(mx::allocator::malloc(o.nbytes()));
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    enc.set_input_array(in[0]);
+    for (auto& o : outs) enc.set_output_array(o);
+    enc.dispatch([x = in[0], i = outs[0], v = outs[1], k = k_]() mutable { run_top_k(x, k, i, v); });
+  }
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("edgeai top_k runs on the CPU only");
+  }
+  const char* name() const override { return "EdgeaiTopK"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return k_ == static_cast<const TopK&>(other).k_;
+  }
+
+ private:
+  int k_;
+};
+
 mx::Stream cpu_stream() { return mx::default_stream(mx::Device(mx::Device::cpu)); }
 
 }  // namespace
@@ -201,6 +273,17 @@ std::vector<mx::array> log_softmax(const mx::array& x) {
   rows.pop_back();
   return mx::array::make_arrays({x.shape(), rows}, {mx::float32, mx::float32}, std::make_shared<LogSoftmax>(cpu_stream()),
                                 {x});
+}
+
+std::vector<mx::array> top_k(const mx::array& x, int k) {
+  if (x.dtype() != mx::float32) throw std::invalid_argument("edgeai top_k: float32 only");
+  if (x.ndim() < 1 || k < 1 || k > x.shape(-1))
+    throw std::invalid_argument("edgeai top_k: need x[..., V] and 1 <= k <= V");
+  if (x.strides().back() != 1) throw std::invalid_argument("edgeai top_k: the last axis must be contiguous");
+  auto shape = x.shape();
+  shape.back() = k;
+  return mx::array::make_arrays({shape, shape}, {mx::int32, mx::float32},
+                                std::make_shared<TopK>(cpu_stream(), k), {x});
 }
 
 mx::array rms_norm(const mx::array& x, const mx::array& weight, float eps) {

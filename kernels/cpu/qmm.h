@@ -55,6 +55,7 @@ mlx::core::array attention(const mlx::core::array& q, const mlx::core::array& k,
 mlx::core::array rms_norm(const mlx::core::array& x, const mlx::core::array& weight, float eps);
 mlx::core::array rope(const mlx::core::array& x, int dims, bool traditional, float base, float scale, int offset);
 std::vector<mlx::core::array> log_softmax(const mlx::core::array& x);
+std::vector<mlx::core::array> top_k(const mlx::core::array& x, int k);
 // Fused llama-layer pieces (fused.cpp); layers are flat (weight, scales, biases) triples.
 // group_size / bits: what every layer must have, or 0 to take each layer's from its shapes.
 std::vector<mlx::core::array> norm_qkv(const mlx::core::array& x, const mlx::core::array& norm_w, float eps,
