@@ -492,7 +492,10 @@ def test_float16_scales_match_reference(isa, bits):
 
 @needs_ext
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("n, s", [(1, 1), (1, 37), (7, 7), (19, 40), (70, 70)])
+# one query row: keys in chunks of 128 (one, exactly one, one and a bit, several), merged
+@pytest.mark.parametrize(
+    "n, s", [(1, 1), (1, 37), (1, 128), (1, 129), (1, 700), (7, 7), (19, 40), (70, 70)]
+)
 def test_attention_matches_mlx(isa, n, s):
     EXT.set_isa(isa)
     err = kernels.check_attention(kc.attention, 6, 2, 32, n, s, seed=n)

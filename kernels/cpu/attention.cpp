@@ -3,6 +3,8 @@
 // MLX's CPU scaled_dot_product_attention goes through generic matmuls (a reference BLAS
 // in the Linux wheel); this one is SIMD, multi-threaded, and reads the KV cache in place
 // through its strides (the cache hands out strided slices of a larger buffer).
+#include <algorithm>
+#include <cmath>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -40,6 +42,57 @@ const float* unit_stride(const mx::array& a, std::vector<float>& tmp, long* stri
   return tmp.data();
 }
 
+// Merges the decode tasks' partial softmaxes: out = sum_c e^(m_c - M) o_c / sum_c e^(m_c - M) s_c,
+// chunks in order (a row's chunks past its keys add exact zeros).
+void merge_chunks(const AttnArgs& a) {
+  const int G = a.Hq / a.Hkv, D = a.D;
+  for (int bi = 0; bi < a.B; bi++)
+    for (int h = 0; h < a.Hq; h++) {
+      const float* first = a.part + (long(bi * a.Hkv + h / G) * a.chunks * G + h % G) * (D + 2);
+      const long step = long(G) * (D + 2);  // to the same query head in the next chunk
+      float m = -INFINITY;
+      for (int c = 0; c < a.chunks; c++) m = std::max(m, first[c * step]);
+      float* out = a.out + (long(bi) * a.Hq + h) * D;
+      std::fill(out, out + D, 0.f);
+      if (m == -INFINITY) continue;  // a padding row sees no key: zeros
+      float total = 0.f;
+      for (int c = 0; c < a.chunks; c++) {
+        const float* p = first + c * step;
+        const float f = p[0] == -INFINITY ? 0.f : std::exp(p[0] - m);
+        total += f * p[1];
+        for (int d = 0; d < D; d++) out[d] += f * p[2 + d];
+      }
+      const float inv = 1.f / total;
+      for (int d = 0; d < D; d++) out[d] *= inv;
+    }
+}
+
+}  // namespace
+
+void run_attention_tasks(const QmmIsa& isa, AttnArgs& a) {
+  thread_local std::vector<float> part;
+  a.block = a.L > 64 ? 16 : (a.L > 8 ? 4 : 1);
+  a.part = nullptr;
+  int tasks = a.B * a.Hq * ((a.L + a.block - 1) / a.block);
+  if (a.L == 1) {
+    int longest = 0;
+    for (int bi = 0; bi < a.B; bi++) longest = std::max(longest, a.S - (a.start ? a.start[bi] : 0));
+    a.chunks = std::max(1, (longest + kDecodeKeys - 1) / kDecodeKeys);
+    tasks = a.B * a.Hkv * a.chunks;
+    part.resize(size_t(tasks) * (a.Hq / a.Hkv) * (a.D + 2));
+    a.part = part.data();
+  }
+  const double work = double(a.B) * a.Hq * a.L * a.S * a.D;
+  if (work < 100000) {
+    for (int t = 0; t < tasks; t++) isa.attention(a, t);
+  } else {
+    Pool::get().run(tasks, [&](int t) { isa.attention(a, t); });
+  }
+  if (a.part) merge_chunks(a);
+}
+
+namespace {
+
 void run_attention(const mx::array& q, const mx::array& k, const mx::array& v, mx::array& out, float scale,
                    bool causal) {
   const QmmIsa isa = active_isa();
@@ -52,14 +105,7 @@ void run_attention(const mx::array& q, const mx::array& k, const mx::array& v, m
   a.B = q.shape(0), a.Hq = q.shape(1), a.L = q.shape(2), a.D = q.shape(3);
   a.Hkv = k.shape(1), a.S = k.shape(2);
   a.scale = scale, a.causal = causal;
-  a.block = a.L > 64 ? 16 : (a.L > 8 ? 4 : 1);
-  const int tasks = a.B * a.Hq * ((a.L + a.block - 1) / a.block);
-  const double work = double(a.B) * a.Hq * a.L * a.S * a.D;
-  if (work < 100000) {
-    for (int t = 0; t < tasks; t++) isa.attention(a, t);
-  } else {
-    Pool::get().run(tasks, [&](int t) { isa.attention(a, t); });
-  }
+  run_attention_tasks(isa, a);
 }
 
 class Attention : public mx::UnaryPrimitive {

@@ -234,15 +234,8 @@ class AttnOut : public mx::UnaryPrimitive {
     for (int d = 0; d < 3; d++) a.qs[d] = q.strides()[d], a.ks[d] = k.strides()[d], a.vs[d] = v.strides()[d];
     a.B = B, a.Hq = Hq, a.L = L, a.D = hd, a.Hkv = k.shape(1), a.S = length < 0 ? k.shape(2) : length;
     a.scale = scale_, a.causal = causal_;
-    a.block = L > 64 ? 16 : (L > 8 ? 4 : 1);
     a.start = padded ? in[7].data<int>() : nullptr;
-    const QmmIsa isa = active_isa();
-    const int tasks = B * Hq * ((L + a.block - 1) / a.block);
-    if (double(B) * Hq * L * a.S * hd < 100000) {
-      for (int t = 0; t < tasks; t++) isa.attention(a, t);
-    } else {
-      Pool::get().run(tasks, [&](int t) { isa.attention(a, t); });
-    }
+    run_attention_tasks(active_isa(), a);
     const QLinear o = layer(in, 4, Hq * hd, panels_of(in, panels, 1));
     float* y = out.data<float>();
     qmm_rows(att.data(), M, Hq * hd, &o, 1, &y, fast_, L == 1);

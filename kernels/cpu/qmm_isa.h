@@ -96,7 +96,21 @@ struct AttnArgs {
   bool causal;
   int block;  // query rows per task
   const int* start;  // per batch row: its first valid key (left padding), or nullptr: 0
+  // One query row per batch row (decode): tasks are (batch row, key/value head, chunk of
+  // kDecodeKeys keys from the row's first valid key), each writing its partial softmax for
+  // the head's query heads here (see attn_impl.h); nullptr: tasks are query-row blocks.
+  float* part = nullptr;
+  int chunks = 0;  // key chunks per (batch row, key/value head)
 };
+
+// Keys per decode task: fixed (not sized to the batch or the thread count) so a row's sums
+// run in the same order alone and in a batch.
+constexpr int kDecodeKeys = 128;
+
+// Runs attention over the CPU pool: query-row blocks, or for one query row per batch row
+// the key chunks above, merged afterwards. `a.block`, `a.part` and `a.chunks` are set here.
+struct QmmIsa;
+void run_attention_tasks(const QmmIsa& isa, AttnArgs& a);
 
 using AttnTaskFn = void (*)(const AttnArgs&, int task);
 
