@@ -17,18 +17,13 @@ struct Attention {
     return V::sum(c);
   }
 
-  // sc[0, n) <- e^(sc - mx), W at a time; returns their sum.
+  // sc[0, n) <- e^(sc - mx); returns their sum. Scalar and in order on purpose: a W-wide
+  // polynomial exp (tried: ~7% of a 2,000-token context's decode) moves the int8 path's
+  // rounding enough to flip SmolLM2's near-tie first token ("L'Étoile..." for "The capital
+  // of France is Paris."), same fidelity on average (KL to float32 0.0038 either way).
   static float exp_sum(float* sc, int n, float mx) {
-    const R m = V::set1(-mx);
-    R tot = V::zero();
-    int j = 0;
-    for (; j + W <= n; j += W) {
-      const R e = V::expn(V::add(V::load(sc + j), m));
-      V::store(sc + j, e);
-      tot = V::add(tot, e);
-    }
-    float total = V::sum(tot);
-    for (; j < n; j++) {
+    float total = 0.f;
+    for (int j = 0; j < n; j++) {
       sc[j] = expf(sc[j] - mx);  // libm call: no inline code shared across ISA units
       total += sc[j];
     }

@@ -27,22 +27,6 @@ struct V512 {
     for (; i < n; i++) out[i] = _cvtsh_ss(p[i]);
   }
   static float sum(reg v) { return _mm512_reduce_add_ps(v); }
-  // e^x for x <= 0 (softmax weights, score - max): 2^n e^r, n = round(x log2 e), Cephes'
-  // expf polynomial on |r| <= ln2/2 (relative error ~1e-7); x below -87 gives ~1e-38, not 0.
-  static reg expn(reg x) {
-    x = _mm512_max_ps(x, set1(-87.f));
-    const reg n = _mm512_roundscale_ps(mul(x, set1(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    reg r = _mm512_fnmadd_ps(n, set1(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, set1(-2.12194440e-4f), r);
-    reg p = set1(1.9875691500e-4f);
-    p = fma(p, r, set1(1.3981999507e-3f));
-    p = fma(p, r, set1(8.3334519073e-3f));
-    p = fma(p, r, set1(4.1665795894e-2f));
-    p = fma(p, r, set1(1.6666665459e-1f));
-    p = fma(p, r, set1(5.0000001201e-1f));
-    p = fma(p, mul(r, r), add(r, set1(1.f)));
-    return _mm512_scalef_ps(p, n);
-  }
   // r[i][j] <- r[j][i] for 16 registers (the gemm's weight panels).
   static void transpose(reg* r) {
     reg t[16];

@@ -20,7 +20,6 @@ struct V1 {
   static reg add(reg a, reg b) { return a + b; }
   static reg fma(reg a, reg b, reg c) { return a * b + c; }
   static float sum(reg v) { return v; }
-  static reg expn(reg x) { return expf(x); }
   static void transpose(reg*) {}  // 1 x 1
   static void h2f_n(const uint16_t* p, float* out, int n) {
     for (int i = 0; i < n; i++) out[i] = h2f(p[i]);
