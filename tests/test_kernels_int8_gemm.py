@@ -1,7 +1,9 @@
-"""The int8 GEMM of fast-mode prompt fills (kernels/cpu/qmm_gemm_q8.cpp, AVX-512 VNNI): exact
-int8 arithmetic against a numpy emulation of it, at shapes that hit every tail of its tiling
-(6-row micro-kernel, 32-row weight panels, K chunks of 512, 256-row tasks). Skipped where the
-CPU has no AVX-512 VNNI; there fast rows past 3 run in float32 (tests/test_kernels.py)."""
+"""The int8 GEMMs of fast-mode prompt fills and batches (kernels/cpu/qmm_gemm_q8.cpp, AVX-512
+VNNI; qmm_gemm_q8_avx2.cpp, AVX2): exact int8 arithmetic against a numpy emulation of it, at
+shapes that hit every tail of their tiling (6 and 4-row micro-kernels, 32-row weight panels and
+their 8-row quarters, K chunks of 512, 256-row tasks), on every instruction set of this CPU that
+has one. Skipped where none has (the portable build): there fast rows past 3 run in float32
+(tests/test_kernels.py)."""
 
 from __future__ import annotations
 
@@ -16,20 +18,19 @@ try:
     EXT = kc.extension()
 except kc.KernelUnavailable:
     EXT = None
+GEMM_ISAS = ("avx512vnni", "avx512", "avx2")  # the instruction sets with an int8 GEMM
+ISAS = [i for i in (EXT.available_isas() if EXT is not None else []) if i in GEMM_ISAS]
 pytestmark = [
     pytest.mark.skipif(EXT is None, reason="C++ kernels not built"),
-    pytest.mark.skipif(
-        EXT is not None and "avx512vnni" not in EXT.available_isas(),
-        reason="no AVX-512 VNNI on this CPU: no int8 GEMM",
-    ),
+    pytest.mark.skipif(EXT is not None and not ISAS, reason="no AVX2 on this CPU: no int8 GEMM"),
 ]
 
 
-@pytest.fixture(autouse=True)
-def _vnni():
-    EXT.set_isa("avx512vnni")
+@pytest.fixture(autouse=True, params=ISAS or ["none"])
+def gemm_isa(request):
+    EXT.set_isa(request.param)
     assert EXT.int8_gemm()
-    yield
+    yield request.param
     EXT.set_isa("auto")
 
 

@@ -360,7 +360,8 @@ void qmm_rows(const float* x, long M, int K, const QLinear* ls, int n, float* co
   int total_n = 0;
   for (int i = 0; i < n; i++) total_n += ls[i].N;
   // Prompts (Kernel::gemm): wider tasks, weight panels of 2W rows, up to 256 x rows.
-  const int threads = Pool::get().threads(), nr = 2 * isa.width;
+  // The int8 GEMMs' tiles start on their 32-row panels.
+  const int threads = Pool::get().threads(), nr = q8g ? std::max(32, 2 * isa.width) : 2 * isa.width;
   const bool gemm = q8g || (!by_row && isa.width > 1 && M >= kGemmRows);
   const int nb = by_row ? std::max(32, (total_n / (threads * kDecodeTasksPerThread)) / 4 * 4)
                  : gemm ? std::max(nr, (total_n / (threads * 4)) / nr * nr) : 16;
@@ -478,7 +479,7 @@ bool has_int8_gemm() { return current_isa().gemm_q8 != nullptr; }
 
 int int8_tile_rows(bool decode) {
   const QmmIsa isa = current_isa();
-  return isa.tile_q8 == nullptr ? 0 : decode && isa.gemm_q8 == nullptr ? kMaxQ8DecodeRows : kMaxQ8Rows;
+  return isa.tile_q8 == nullptr ? 0 : decode ? isa.q8_decode_rows : kMaxQ8Rows;
 }
 
 QmmIsa active_isa() { return current_isa(); }

@@ -198,7 +198,7 @@ void gemm(const QmmArgs& a, int m0, int m1, int n0, int n1) {
 //
 // For batched decoding (4 to a few dozen rows) the unpack + transpose above costs as much as
 // the dot products: it is redone for every step and amortized over only the batch's rows.
-// pack_panels_q8 does it once, at load: per panel of NR rows, per block of 32 k (in the block
+// pack_panels_q8 (qmm_gemm_q8_avx2.cpp, shared with the AVX2 GEMM) does it once: per panel of NR rows, per block of 32 k (in the block
 // order above), per 4 consecutive k (a "step"), the 16 + 16 rows x 4 values that the two
 // vpdpbusd of a step read. 4-bit: 64 bytes a step, row r's values in the low nibbles and row
 // 16 + r's in the high ones (the same bytes as the MLX matrix: one AND and one shift unpack a
@@ -206,45 +206,6 @@ void gemm(const QmmArgs& a, int m0, int m1, int n0, int n1) {
 // as NR values in their own dtype. Rows past N are zero.
 
 constexpr int kStep4 = 64, kStep8 = 128;  // bytes per step of 4 k, 4-bit and wider
-
-long step_bytes(int bits) { return bits == 4 ? kStep4 : kStep8; }
-
-template <int BITS>
-void pack(const uint8_t* w, const void* s, const void* b, bool half, int N, int K, int G, uint8_t* wp, void* sp,
-          void* bp) {
-  const long rb = (long)K * BITS / 8;
-  const int kcp = (K + 63) / 64 * 64, steps = K / 4, es = half ? 2 : 4;
-  std::vector<uint8_t> rows((size_t)NR * kcp), panel((size_t)NR * kcp);
-  for (int n = 0, p = 0; n < N; n += NR, p++) {
-    const int nr = std::min(NR, N - n);
-    for (int r = 0; r < NR; r++) {
-      uint8_t* dst = rows.data() + (size_t)r * kcp;
-      if (r < nr) unpack_row<BITS>(w + (n + r) * rb, 0, K, dst);
-      std::memset(dst + (r < nr ? K : 0), 0, kcp - (r < nr ? K : 0));
-    }
-    transpose_panel(rows.data(), kcp, panel.data());  // panel[k / 4][NR][4]
-    uint8_t* out = wp + (size_t)p * steps * step_bytes(BITS);
-    for (int q = 0; q < steps; q++) {
-      const uint8_t* src = panel.data() + (size_t)q * NR * 4;
-      if constexpr (BITS == 4) {
-        for (int j = 0; j < kStep4; j++) out[(size_t)q * kStep4 + j] = uint8_t(src[j] | src[kStep4 + j] << 4);
-      } else {
-        std::memcpy(out + (size_t)q * kStep8, src, kStep8);
-      }
-    }
-    for (int g = 0; g < G; g++)
-      for (int r = 0; r < NR; r++) {
-        const size_t at = ((size_t)p * G + g) * NR + r, from = (size_t)(n + r) * G + g;
-        const bool in = r < nr;
-        std::memset(static_cast<uint8_t*>(sp) + at * es, 0, es);
-        std::memset(static_cast<uint8_t*>(bp) + at * es, 0, es);
-        if (in) {
-          std::memcpy(static_cast<uint8_t*>(sp) + at * es, static_cast<const uint8_t*>(s) + from * es, es);
-          std::memcpy(static_cast<uint8_t*>(bp) + at * es, static_cast<const uint8_t*>(b) + from * es, es);
-        }
-      }
-  }
-}
 
 // NR scales or biases of one panel and group as float32 (two registers).
 EDGEAI_INLINE void load_nr(const void* p, bool half, size_t at, __m512& lo, __m512& hi) {
@@ -327,20 +288,6 @@ void gemm_packed(const QmmArgs& a, int m0, int m1, int n0, int n1) {
 }
 
 }  // namespace
-
-size_t panels_q8_bytes(int N, int K, int bits) { return (size_t)((N + NR - 1) / NR) * (K / 4) * step_bytes(bits); }
-
-size_t panels_q8_scales(int N, int K, int gs) { return (size_t)((N + NR - 1) / NR) * (K / gs) * NR; }
-
-void pack_panels_q8(const uint8_t* w, const void* s, const void* b, bool half, int N, int K, int gs, int bits,
-                    uint8_t* wp, void* sp, void* bp) {
-  switch (bits) {
-    case 4: return pack<4>(w, s, b, half, N, K, K / gs, wp, sp, bp);
-    case 5: return pack<5>(w, s, b, half, N, K, K / gs, wp, sp, bp);
-    case 6: return pack<6>(w, s, b, half, N, K, K / gs, wp, sp, bp);
-    default: return pack<8>(w, s, b, half, N, K, K / gs, wp, sp, bp);
-  }
-}
 
 void gemm_q8_panels_vnni(const QmmArgs& a, int m0, int m1, int n0, int n1) {
   if (a.bits == 4) gemm_packed<true>(a, m0, m1, n0, n1);

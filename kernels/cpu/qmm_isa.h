@@ -125,6 +125,9 @@ struct QmmIsa {
   QmmTileFn gemm_q8 = nullptr;
   // The same GEMM over weights repacked once into panels (QmmArgs::wp, sp, bp), or nullptr.
   QmmTileFn gemm_q8_panels = nullptr;
+  // Rows of one token each (a batch's decode step) that take the per-row tile when the layer
+  // has no panels: unpacking the weights every step costs the GEMM more than it gains.
+  int q8_decode_rows = kMaxQ8DecodeRows;
 };
 
 // The AVX2 int8 tile, shared by the AVX-512 unit (every AVX-512 CPU has AVX2), and the same
@@ -133,6 +136,9 @@ void tile_q8_avx2(const QmmArgs& a, int m0, int m1, int n0, int n1);
 void tile_q8_vnni(const QmmArgs& a, int m0, int m1, int n0, int n1);
 void gemm_q8_vnni(const QmmArgs& a, int m0, int m1, int n0, int n1);
 void gemm_q8_panels_vnni(const QmmArgs& a, int m0, int m1, int n0, int n1);
+// The same two GEMMs with AVX2 dot products (qmm_gemm_q8_avx2.cpp): bit for bit the VNNI ones.
+void gemm_q8_avx2(const QmmArgs& a, int m0, int m1, int n0, int n1);
+void gemm_q8_panels_avx2(const QmmArgs& a, int m0, int m1, int n0, int n1);
 // Panels of 32 weight rows for gemm_q8_panels: bytes of the weights, and values (of the
 // scales' dtype) of the scales and of the biases each.
 size_t panels_q8_bytes(int N, int K, int bits);
