@@ -182,8 +182,9 @@ def test_fast_path_rows_do_not_depend_on_the_batch(bits):
 @pytest.mark.parametrize("isa", ISAS)
 def test_fast_flag_past_the_int8_tile_is_the_int8_gemm_or_float32(isa):
     EXT.set_isa(isa)
-    # every x86 instruction set has an int8 GEMM (AVX2: maddubs; VNNI: vpdpbusd); portable not
-    assert EXT.int8_gemm() == (isa != "generic")
+    assert EXT.int8_gemm() == (isa == "avx512vnni")
+    # panels for batches: every x86 instruction set (AVX2: maddubs; VNNI: vpdpbusd)
+    assert EXT.int8_panels() == (isa != "generic")
     # the tile's row limit: 3, and for a decode step without panels 31 but on VNNI, whose
     # GEMM beats the tile even unpacking the weights every step
     assert EXT.int8_rows(decode=False) == 3

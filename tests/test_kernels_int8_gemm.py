@@ -1,9 +1,8 @@
-"""The int8 GEMMs of fast-mode prompt fills and batches (kernels/cpu/qmm_gemm_q8.cpp, AVX-512
-VNNI; qmm_gemm_q8_avx2.cpp, AVX2): exact int8 arithmetic against a numpy emulation of it, at
-shapes that hit every tail of their tiling (6 and 4-row micro-kernels, 32-row weight panels and
-their 8-row quarters, K chunks of 512, 256-row tasks), on every instruction set of this CPU that
-has one. Skipped where none has (the portable build): there fast rows past 3 run in float32
-(tests/test_kernels.py)."""
+"""The int8 GEMM of fast-mode prompt fills (kernels/cpu/qmm_gemm_q8.cpp, AVX-512 VNNI): exact
+int8 arithmetic against a numpy emulation of it, at shapes that hit every tail of its tiling
+(6-row micro-kernel, 32-row weight panels, K chunks of 512, 256-row tasks). Skipped where the
+CPU has no AVX-512 VNNI; there fast rows past 3 run in float32 (tests/test_kernels.py), and
+batches on AVX2 read panels (tests/test_kernels_panels.py, which reuses `exact_case`)."""
 
 from __future__ import annotations
 
@@ -18,19 +17,20 @@ try:
     EXT = kc.extension()
 except kc.KernelUnavailable:
     EXT = None
-GEMM_ISAS = ("avx512vnni", "avx512", "avx2")  # the instruction sets with an int8 GEMM
-ISAS = [i for i in (EXT.available_isas() if EXT is not None else []) if i in GEMM_ISAS]
+AVAILABLE = EXT.available_isas() if EXT is not None else []
+ISAS = [i for i in AVAILABLE if i == "avx512vnni"]  # int8 GEMM for prompts
+PANEL_ISAS = [i for i in AVAILABLE if i in ("avx512vnni", "avx512", "avx2")]  # and for batches
 pytestmark = [
     pytest.mark.skipif(EXT is None, reason="C++ kernels not built"),
-    pytest.mark.skipif(EXT is not None and not ISAS, reason="no AVX2 on this CPU: no int8 GEMM"),
+    pytest.mark.skipif(EXT is not None and not ISAS, reason="no AVX-512 VNNI: no int8 GEMM"),
 ]
 
 
-@pytest.fixture(autouse=True, params=ISAS or ["none"])
-def gemm_isa(request):
-    EXT.set_isa(request.param)
+@pytest.fixture(autouse=True)
+def _vnni():
+    EXT.set_isa("avx512vnni")
     assert EXT.int8_gemm()
-    yield request.param
+    yield
     EXT.set_isa("auto")
 
 
@@ -79,13 +79,16 @@ CASES = [
 
 
 def exact_case(m: int, n: int, k: int, gs: int, bits: int, half: bool, packed: bool = False):
-    """Run the int8 GEMM (on weights repacked into panels when `packed`) on random operands
-    with an outlier block, check it against `_emulated`; returns (x, y, (wq, s, b))."""
+    """Run the int8 GEMM (on weights repacked into panels when `packed`, as a batch's decode
+    step: m rows of one token) on random operands with an outlier block, check it against
+    `_emulated`; returns (x, y, (wq, s, b))."""
     wq, s, b = _operands(n, k, gs, bits, half, seed=m * n + k + bits)
     x = np.random.default_rng(m + k).standard_normal((m, k)).astype(np.float32)
     x[:, :32] *= 20  # an outlier block, as real activations have
     panels = [EXT.pack_q8(wq, s, b, gs, bits)] if packed else []
-    y = np.array(EXT.quantized_matmul(mx.array(x), wq, s, b, gs, bits, True, *panels), np.float64)
+    xs = mx.array(x[:, None] if packed else x)
+    y = np.array(EXT.quantized_matmul(xs, wq, s, b, gs, bits, True, *panels), np.float64)
+    y = y.reshape(m, n)
     ref = _emulated(x, wq, s, b, gs, bits)
     assert y.shape == (m, n)
     # float32 accumulation of exact integer dot products: only rounding differs
@@ -95,7 +98,8 @@ def exact_case(m: int, n: int, k: int, gs: int, bits: int, half: bool, packed: b
 
 def rows_alone_equal_the_whole(x, ops, spans, *panels) -> None:
     """Each row is quantized on its own and each output sums its blocks in one order: rows
-    computed apart equal the same rows computed in one call, bit for bit."""
+    computed apart equal the same rows computed in one call, bit for bit (x: (rows, K), or
+    (rows, 1, K) for a decode step)."""
     whole = EXT.quantized_matmul(x, *ops, 32, 4, True, *panels)
     for lo, hi in spans:
         assert mx.array_equal(

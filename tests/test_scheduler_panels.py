@@ -37,8 +37,8 @@ def test_weights_are_repacked_only_once_batches_reach_the_gemms_rows(engine, tin
     from edgeai.kernels import cpu as kc
     from edgeai.server.scheduler import PANEL_ROWS
 
-    if not kc.extension().int8_gemm():
-        pytest.skip("no int8 GEMM on this CPU: nothing is repacked")
+    if not kc.extension().int8_panels():
+        pytest.skip("no int8 GEMM on panels on this CPU: nothing is repacked")
     s = Scheduler(max_batch=8, max_queue=16, keep_alive=-1)  # its own: nothing packed yet
     s.start()
     stops = []

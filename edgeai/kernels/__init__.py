@@ -245,14 +245,15 @@ def apply(model: nn.Module, mode: str = "auto", precision: str | None = None) ->
                 rest = "and for prompt tokens (int8 GEMM), float32 for each prompt's last"
             elif be == "cpu":
                 ext = kc.extension()
-                rest = (
-                    f"float32 for prompts over {ext.int8_rows(decode=False)} tokens and "
-                    f"batches over {ext.int8_rows()} rows"
+                rest = f"float32 for prompts over {ext.int8_rows(decode=False)} tokens" + (
+                    ", int8 GEMM for the server's batches"
+                    if ext.int8_panels()
+                    else f" and batches over {ext.int8_rows()} rows"
                 )
             else:
                 rest = "float32 for prompts and batches over 3 rows"
             accuracy = f"int8 activations at decode (NMSE {fv['nmse']:.1e}) {rest}"
-            if be == "cpu" and kc.extension().int8_gemm():
+            if be == "cpu" and kc.extension().int8_panels():
                 packed = verify(cand, shapes, fast=True, packed=True)
                 batches = packed["ok"]
                 if not batches:
@@ -374,7 +375,8 @@ def _candidate(be: str) -> Candidate:
             ext.threads,
             _file_id(ext.__file__),
             fast_matmul=lambda *a: matmul(*a, fast=True),
-            packed_matmul=lambda *a: matmul(*a, fast=True, packed=True),
+            # as batches use them: decode steps, one token a row
+            packed_matmul=lambda x, *a: matmul(x[:, None], *a, fast=True, packed=True)[:, 0],
         )
     if be == "metal":
         return Candidate(

@@ -198,9 +198,9 @@ def pack_panels(model: nn.Module) -> int:
     batched decoding (from 4 rows) then reads without unpacking anything per step (SmolLM2-135M,
     CPU ms a step: 4 rows 29 -> 12, 16 rows 43 -> 29). The panels take the weights' size again
     (8 bits a value for 5 and 6-bit layers), so only the server, whose batches use them, packs.
-    Returns how many layers were packed (0 where the CPU has no int8 GEMM)."""
+    Returns how many layers were packed (0 where the CPU has no int8 GEMM on panels)."""
     ext = extension()
-    if not ext.int8_gemm():
+    if not ext.int8_panels():
         return 0
     n = 0
     for _, m in model.named_modules():

@@ -19,7 +19,7 @@ NB_MODULE(_edgeai_kernels, m) {
         "otherwise float32 activations and accumulation. panels: pack_q8(w, scales, biases, ...), "
         "which fast mode reads from 4 rows on (no unpacking per call).");
   m.def("pack_q8", &edgeai::pack_q8, "w"_a, "scales"_a, "biases"_a, "group_size"_a, "bits"_a,
-        "The weights repacked once into the int8 GEMM's panels (needs int8_gemm()): [weights, scales, "
+        "The weights repacked once into the int8 GEMM's panels (needs int8_panels()): [weights, scales, "
         "biases], to pass as panels= (batched decoding: costs the weights' size again, 8 bits a value "
         "for 5 and 6-bit weights).");
   m.def("attention", &edgeai::attention, "q"_a, "k"_a, "v"_a, "scale"_a, "causal"_a,
@@ -70,6 +70,9 @@ NB_MODULE(_edgeai_kernels, m) {
   m.def("int8_gemm", &edgeai::has_int8_gemm,
         "Whether fast-mode matmuls of more rows than int8_rows() run as the int8 GEMM on the current "
         "instruction set (else float32).");
+  m.def("int8_panels", &edgeai::has_int8_panels,
+        "Whether pack_q8 can repack weights into panels that fast-mode batches read (decode steps of "
+        "4 rows or more; on AVX-512 VNNI also prompts) on the current instruction set.");
   m.def("int8_rows", &edgeai::int8_tile_rows, "decode"_a = true,
         "Most rows a fast-mode matmul runs by the per-row int8 tile on the current instruction set (each "
         "row bit-equal to its single-row result; 0: no tile): 3, or for a decode step (x of shape (B, 1, K)) "

@@ -285,7 +285,7 @@ void check_panels(const char* op, const mx::array& w, const mx::array& s, int gs
 
 std::vector<mx::array> pack_q8(const mx::array& w, const mx::array& scales, const mx::array& biases, int group_size,
                                int bits) {
-  if (!has_int8_gemm()) throw std::invalid_argument("edgeai pack_q8: this CPU has no int8 GEMM (int8_gemm())");
+  if (!has_int8_panels()) throw std::invalid_argument("edgeai pack_q8: this CPU has no int8 GEMM on panels (int8_panels())");
   // Same checks as the matmul itself (shapes, dtypes, formats).
   auto x = mx::zeros({1, int(long(w.shape(1)) * 32 / bits)}, mx::float32);
   quantized_matmul(x, w, scales, biases, group_size, bits, true);
@@ -306,7 +306,8 @@ void qmm_rows(const float* x, long M, int K, const QLinear* ls, int n, float* co
   const QmmIsa isa = current_isa();
   bool panels = isa.gemm_q8_panels != nullptr;
   for (int i = 0; i < n; i++) panels = panels && ls[i].wp != nullptr;
-  const bool q8p = fast && panels && M >= kQ8PanelRows;
+  // AVX2 has panels only for batches' decode steps: its prompts keep float32 (see isa_avx2).
+  const bool q8p = fast && panels && M >= kQ8PanelRows && (decode || isa.gemm_q8 != nullptr);
   const bool q8 = fast && !q8p && M <= int8_tile_rows(decode);
   // The int8 GEMM: over the layers' panels (q8p), or unpacking the weights as it goes.
   const bool q8g = fast && !q8 && (q8p || (M >= kQ8GemmRows && isa.gemm_q8 != nullptr));
@@ -476,6 +477,7 @@ mx::array quantized_matmul(const mx::array& x, const mx::array& w, const mx::arr
 std::string isa_name() { return current_isa().name; }
 
 bool has_int8_gemm() { return current_isa().gemm_q8 != nullptr; }
+bool has_int8_panels() { return current_isa().gemm_q8_panels != nullptr; }
 
 int int8_tile_rows(bool decode) {
   const QmmIsa isa = current_isa();

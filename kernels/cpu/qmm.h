@@ -116,6 +116,7 @@ long hugepages(const std::vector<mlx::core::array>& arrays);
 
 std::string isa_name();
 bool has_int8_gemm();  // the current ISA runs fast-mode matmuls of many rows in int8
+bool has_int8_panels();  // ... and batches' decode steps over packed panels (pack_q8)
 // Most rows a fast-mode matmul runs by the per-row int8 tile (0: none): kMaxQ8Rows, or for a
 // decode step (rows of one token each) kMaxQ8DecodeRows where the ISA has no int8 GEMM.
 int int8_tile_rows(bool decode);

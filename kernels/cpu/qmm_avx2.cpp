@@ -85,6 +85,9 @@ void attn(const AttnArgs& a, int t) { Attention<V256>::task(a, t); }
 
 void tile_q8_avx2(const QmmArgs& a, int m0, int m1, int n0, int n1) { q8_tile_bits(a, m0, m1, n0, n1); }
 
-QmmIsa isa_avx2() { return {"avx2", 8, tile, attn, tile_q8_avx2, gemm_q8_avx2, gemm_q8_panels_avx2}; }
+// No int8 GEMM for prompts: filling SmolLM2's cache in int8 here flips its near-tie first answer
+// to "What is the capital of France?" ("L'Etoile", 0.09 nats from "The"); the float32 GEMM
+// keeps it. Batches' decode steps read packed panels (qmm_gemm_q8_avx2.cpp).
+QmmIsa isa_avx2() { return {"avx2", 8, tile, attn, tile_q8_avx2, nullptr, gemm_q8_panels_avx2}; }
 
 }  // namespace edgeai

@@ -78,7 +78,7 @@ void attn(const AttnArgs& a, int t) { Attention<V512>::task(a, t); }
 
 }  // namespace
 
-QmmIsa isa_avx512() { return {"avx512", 16, tile, attn, tile_q8_avx2, gemm_q8_avx2, gemm_q8_panels_avx2}; }
+QmmIsa isa_avx512() { return {"avx512", 16, tile, attn, tile_q8_avx2, nullptr, gemm_q8_panels_avx2}; }
 
 #if defined(EDGEAI_HAVE_VNNI)
 QmmIsa isa_avx512_vnni() {

@@ -1,4 +1,4 @@
-// Fast mode's int8 GEMM with AVX2 (maddubs), and the panels both int8 GEMMs read.
+// Batched decoding's int8 GEMM with AVX2 (maddubs), and the panels both int8 GEMMs read.
 //
 // Compiled with -mavx2 -mfma -mf16c; called only where the CPU has them (every AVX-512 CPU
 // too). The panel layout is qmm_gemm_q8.cpp's (made for vpdpbusd): per panel of NR = 32 weight
@@ -229,24 +229,6 @@ void gemm_packed(const QmmArgs& a, int m0, int m1, int n0, int n1) {
   }
 }
 
-// Packing each panel as it goes (prompts: the packing is repaid over up to 256 rows).
-template <int BITS>
-void gemm_unpacking(const QmmArgs& a, int m0, int m1, int n0, int n1) {
-  thread_local std::vector<uint8_t> rows, panel, sp, bp;
-  const int G = a.K / a.gs, es = a.half_scales ? 2 : 4;
-  rows.resize((size_t)NR * a.K);
-  panel.resize((size_t)(a.K / 4) * step_bytes(BITS));
-  sp.resize((size_t)G * NR * es);
-  bp.resize((size_t)G * NR * es);
-  for (int n = n0; n < n1; n += NR) {
-    const int nr = std::min(NR, n1 - n);
-    pack_weights<BITS>(a.w, n, nr, a.K, rows.data(), panel.data());
-    pack_factors(a.s, n, nr, G, es, sp.data());
-    pack_factors(a.b, n, nr, G, es, bp.data());
-    run_panel<BITS>(a, m0, m1, n, nr, panel.data(), sp.data(), bp.data());
-  }
-}
-
 }  // namespace
 
 size_t panels_q8_bytes(int N, int K, int bits) { return (size_t)((N + NR - 1) / NR) * (K / 4) * step_bytes(bits); }
@@ -269,15 +251,6 @@ void gemm_q8_panels_avx2(const QmmArgs& a, int m0, int m1, int n0, int n1) {
     case 5: return gemm_packed<5>(a, m0, m1, n0, n1);
     case 6: return gemm_packed<6>(a, m0, m1, n0, n1);
     default: return gemm_packed<8>(a, m0, m1, n0, n1);
-  }
-}
-
-void gemm_q8_avx2(const QmmArgs& a, int m0, int m1, int n0, int n1) {
-  switch (a.bits) {
-    case 4: return gemm_unpacking<4>(a, m0, m1, n0, n1);
-    case 5: return gemm_unpacking<5>(a, m0, m1, n0, n1);
-    case 6: return gemm_unpacking<6>(a, m0, m1, n0, n1);
-    default: return gemm_unpacking<8>(a, m0, m1, n0, n1);
   }
 }
 

@@ -136,8 +136,7 @@ void tile_q8_avx2(const QmmArgs& a, int m0, int m1, int n0, int n1);
 void tile_q8_vnni(const QmmArgs& a, int m0, int m1, int n0, int n1);
 void gemm_q8_vnni(const QmmArgs& a, int m0, int m1, int n0, int n1);
 void gemm_q8_panels_vnni(const QmmArgs& a, int m0, int m1, int n0, int n1);
-// The same two GEMMs with AVX2 dot products (qmm_gemm_q8_avx2.cpp): bit for bit the VNNI ones.
-void gemm_q8_avx2(const QmmArgs& a, int m0, int m1, int n0, int n1);
+// The panel GEMM with AVX2 dot products (qmm_gemm_q8_avx2.cpp): bit for bit the VNNI one.
 void gemm_q8_panels_avx2(const QmmArgs& a, int m0, int m1, int n0, int n1);
 // Panels of 32 weight rows for gemm_q8_panels: bytes of the weights, and values (of the
 // scales' dtype) of the scales and of the biases each.
