@@ -221,7 +221,7 @@ def test_batched_requests_each_follow_their_own_schema(tools_app):
             },
         }
         for i in range(6)
-    ] + [{**base, "seed": 9}] * 2
+    ] + [{**base, "seed": 9, "max_tokens": 16}] * 2
     rs = _post_all(app, bodies)
     assert scheduler.lanes["batched"] > before
     for i, r in enumerate(rs[:6]):
@@ -229,6 +229,10 @@ def test_batched_requests_each_follow_their_own_schema(tools_app):
         choice = r.json()["choices"][0]
         assert choice["finish_reason"] == "stop"
         jsonschema.validate(json.loads(choice["message"]["content"]), schema(i))
+    # The two free requests, one seed, sample the same answer beside the constrained rows. Kept
+    # short: requests admitted a step apart fill their prompts in batches of other sizes (the
+    # float32 GEMM from 32 rows, the tile below), and a long sample from this random model
+    # eventually meets a near-tie that the other rounding tips (seen after ~40 tokens).
     assert (
         rs[6].json()["choices"][0]["message"]["content"]
         == rs[7].json()["choices"][0]["message"]["content"]
