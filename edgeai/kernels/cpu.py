@@ -224,24 +224,26 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool)
 
 
 def _attention_bases() -> list[type]:
-    """mlx-lm attention modules of the llama layout: llama's, and qwen2's (the same call; its
-    q, k, v projections carry their biases themselves)."""
+    """mlx-lm attention modules of the llama layout: llama's, qwen2's (the same call; its
+    q, k, v projections carry their biases themselves) and gemma3's (an RMSNorm of each head's
+    queries and keys before RoPE)."""
     try:
-        from mlx_lm.models import llama, qwen2
+        from mlx_lm.models import gemma3_text, llama, qwen2
     except ImportError:
         return []
-    return [llama.Attention, qwen2.Attention]
+    return [llama.Attention, qwen2.Attention, gemma3_text.Attention]
 
 
 def _llama_attention_class(attention: type | None = None):
     from mlx_lm.models import base, llama
 
     class CpuLlamaAttention(attention or llama.Attention):
-        """mlx-lm's llama (or qwen2) attention with edgeai's CPU attention kernel.
+        """mlx-lm's llama, qwen2 or gemma3 attention with edgeai's CPU attention kernel.
 
         Installed by swapping the instance's class, so parameters (and any LoRA wrapping of
-        the projections) are untouched. Masks other than causal, non-float32 activations
-        and quantized KV caches go through mlx-lm's own path.
+        the projections) are untouched. Masks other than causal (gemma3's sliding window past
+        its width, a batch's padding), non-float32 activations and quantized KV caches go
+        through mlx-lm's own path.
         """
 
         def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
@@ -249,6 +251,8 @@ def _llama_attention_class(attention: type | None = None):
             q = self.q_proj(x).reshape(b, n, self.n_heads, -1).transpose(0, 2, 1, 3)
             k = self.k_proj(x).reshape(b, n, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
             v = self.v_proj(x).reshape(b, n, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+            if "q_norm" in self:  # gemma3
+                q, k = self["q_norm"](q), self["k_norm"](k)
             offset = cache.offset if cache is not None else 0
             r = self.rope
             # Batched decoding passes per-row offsets (an array): mlx-lm's RoPE handles those.
@@ -541,6 +545,32 @@ class CpuRMSNorm(nn.RMSNorm):
         return mx.fast.rms_norm(x, w, self.eps)
 
 
+def _gemma_norm_base() -> type | None:
+    try:
+        from mlx_lm.models import gemma3_text
+    except ImportError:
+        return None
+    return gemma3_text.RMSNorm
+
+
+def _gemma_norm_class(base: type):
+    class CpuGemmaRMSNorm(base):
+        """gemma3's RMSNorm (weights stored as offsets from 1) as one graph node: the 1 + w
+        that mlx-lm adds on every call (a node of its own) is made once per weight array."""
+
+        def __call__(self, x: mx.array) -> mx.array:
+            w = self["weight"]
+            if x.dtype != mx.float32:
+                return super().__call__(x)
+            scale = self.__dict__.get("_scale")
+            if scale is None or scale[0] is not w:  # a weight update swaps the array
+                scale = (w, (1.0 + w).astype(mx.float32))
+                object.__setattr__(self, "_scale", scale)
+            return self._norm(x, scale[1], self.eps)
+
+    return CpuGemmaRMSNorm
+
+
 def swap_attention(model: nn.Module, rope: bool = True) -> int:
     """Give mlx-lm llama and qwen2 attention modules edgeai's attention (and RoPE) kernels;
     returns how many."""
@@ -554,9 +584,16 @@ def swap_attention(model: nn.Module, rope: bool = True) -> int:
 
 
 def swap_norms(model: nn.Module) -> int:
-    """Give nn.RMSNorm modules edgeai's one-node RMSNorm; returns how many."""
+    """Give nn.RMSNorm (and gemma3's RMSNorm) modules edgeai's one-node RMSNorm; returns how
+    many."""
     CpuRMSNorm._norm = staticmethod(extension().rms_norm)
-    return _swap_class(model, nn.RMSNorm, CpuRMSNorm)
+    n = _swap_class(model, nn.RMSNorm, CpuRMSNorm)
+    gemma = _gemma_norm_base()
+    if gemma is not None:
+        cls = _gemma_norm_class(gemma)
+        cls._norm = staticmethod(extension().rms_norm)
+        n += _swap_class(model, gemma, cls)
+    return n
 
 
 def _swap_class(model: nn.Module, old: type, new: type) -> int:
@@ -570,7 +607,8 @@ def _swap_class(model: nn.Module, old: type, new: type) -> int:
 
 
 def norm_dims(model: nn.Module) -> set[int]:
-    return {m.weight.shape[0] for _, m in model.named_modules() if type(m) is nn.RMSNorm}
+    kinds = (nn.RMSNorm, _gemma_norm_base())
+    return {m.weight.shape[0] for _, m in model.named_modules() if type(m) in kinds}
 
 
 def rope_configs(model: nn.Module) -> set[tuple]:

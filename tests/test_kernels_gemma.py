@@ -1,0 +1,67 @@
+"""Gemma 3 on edgeai's CPU layer kernels: attention (with its per-head query/key RMSNorm), RoPE
+and its offset-from-1 RMSNorm, against mlx-lm's own layers on a tiny imported Gemma whose
+sliding window (4 positions) is shorter than the prompt, so local layers see both the kernel
+("causal" masks, single-token steps) and mlx-lm's path (window masks)."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import pytest
+from gguf import GGMLQuantizationType as T
+from ggufmaker import make_gguf
+
+from edgeai.engine import Engine
+from edgeai.store.gguf import convert
+
+kc = pytest.importorskip("edgeai.kernels.cpu")
+try:
+    kc.extension()
+    BUILT = True
+except kc.KernelUnavailable:
+    BUILT = False
+pytestmark = pytest.mark.skipif(not BUILT, reason="C++ kernels not built")
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma(tmp_path_factory):
+    d = tmp_path_factory.mktemp("gemma")
+    src, out = d / "g.gguf", d / "model"
+    make_gguf(src, arch="gemma3", qtype=T.Q8_0, hidden=256, layers=6, heads=4, kv_heads=1)
+    convert(src, out)
+    return out
+
+
+def _greedy_logits(model, prompt: list[int], steps: int) -> mx.array:
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    out = [model(mx.array([prompt]), cache=cache)[:, -1]]
+    for _ in range(steps):
+        out.append(model(mx.argmax(out[-1], axis=-1)[:, None], cache=cache)[:, -1])
+    return mx.concatenate(out).astype(mx.float32)
+
+
+@pytest.mark.parametrize("length", [3, 11])  # within the window, and past it
+def test_gemma_layers_on_the_kernels_match_mlx_lm(tiny_gemma, length):
+    ours = Engine.load(tiny_gemma, kernel="custom", precision="accurate")
+    theirs = Engine.load(tiny_gemma, kernel="builtin")
+    attn = ours.model.layers[0].self_attn
+    assert type(attn).__name__.startswith("Cpu") and "q_norm" in attn
+    assert type(ours.model.layers[0].input_layernorm).__name__ == "CpuGemmaRMSNorm"
+    assert type(attn.q_norm).__name__ == "CpuGemmaRMSNorm"
+    prompt = mx.random.randint(3, 200, (length,), key=mx.random.key(length)).tolist()
+    # 9 steps: the local layers' rotating caches (4 positions) wrap around
+    a, b = _greedy_logits(ours.model, prompt, 9), _greedy_logits(theirs.model, prompt, 9)
+    assert mx.array_equal(mx.argmax(a, axis=-1), mx.argmax(b, axis=-1))
+    assert mx.abs(a - b).max().item() < 1e-4 * mx.abs(b).max().item()
+
+
+def test_gemma_norm_follows_a_weight_update(tiny_gemma):
+    eng = Engine.load(tiny_gemma, kernel="custom", precision="accurate")
+    norm = eng.model.layers[0].input_layernorm
+    x = mx.random.normal((1, 2, 256), key=mx.random.key(1))
+    before = norm(x)
+    norm.weight = norm.weight + 0.5
+    after = norm(x)
+    want = mx.fast.rms_norm(x, 1.0 + norm.weight, norm.eps)
+    assert not mx.allclose(before, after) and mx.allclose(after, want, atol=1e-5)
