@@ -1,5 +1,6 @@
-"""Gemma 3 on edgeai's CPU layer kernels: attention (with its per-head query/key RMSNorm), RoPE
-and its offset-from-1 RMSNorm, against mlx-lm's own layers on a tiny imported Gemma whose
+"""Gemma 3 on edgeai's CPU layer kernels: attention (with its per-head query/key RMSNorm), RoPE,
+its offset-from-1 RMSNorm and the MLP half of each layer as one node (`norm_mlp` with GELU and
+the post-norm), against mlx-lm's own layers on a tiny imported Gemma whose
 sliding window (4 positions) is shorter than the prompt, so local layers see both the kernel
 ("causal" masks, single-token steps) and mlx-lm's path (window masks)."""
 
@@ -41,10 +42,12 @@ def _greedy_logits(model, prompt: list[int], steps: int) -> mx.array:
     return mx.concatenate(out).astype(mx.float32)
 
 
+@pytest.mark.parametrize("precision", ["accurate", "fast"])
 @pytest.mark.parametrize("length", [3, 11])  # within the window, and past it
-def test_gemma_layers_on_the_kernels_match_mlx_lm(tiny_gemma, length):
-    ours = Engine.load(tiny_gemma, kernel="custom", precision="accurate")
+def test_gemma_layers_on_the_kernels_match_mlx_lm(tiny_gemma, length, precision):
+    ours = Engine.load(tiny_gemma, kernel="custom", precision=precision)
     theirs = Engine.load(tiny_gemma, kernel="builtin")
+    assert type(ours.model.layers[0]).__name__ == "CpuGemmaBlock"
     attn = ours.model.layers[0].self_attn
     assert type(attn).__name__.startswith("Cpu") and "q_norm" in attn
     assert type(ours.model.layers[0].input_layernorm).__name__ == "CpuGemmaRMSNorm"
@@ -52,8 +55,12 @@ def test_gemma_layers_on_the_kernels_match_mlx_lm(tiny_gemma, length):
     prompt = mx.random.randint(3, 200, (length,), key=mx.random.key(length)).tolist()
     # 9 steps: the local layers' rotating caches (4 positions) wrap around
     a, b = _greedy_logits(ours.model, prompt, 9), _greedy_logits(theirs.model, prompt, 9)
-    assert mx.array_equal(mx.argmax(a, axis=-1), mx.argmax(b, axis=-1))
-    assert mx.abs(a - b).max().item() < 1e-4 * mx.abs(b).max().item()
+    err = mx.abs(a - b).max().item() / mx.abs(b).max().item()
+    if precision == "accurate":
+        assert mx.array_equal(mx.argmax(a, axis=-1), mx.argmax(b, axis=-1))
+        assert err < 1e-4
+    else:  # int8 activations (greedy paths may part at a near-tie, so logits only)
+        assert 1e-7 < err < 5e-2
 
 
 def test_gemma_norm_follows_a_weight_update(tiny_gemma):

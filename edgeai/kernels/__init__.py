@@ -281,6 +281,9 @@ def apply(model: nn.Module, mode: str = "auto", precision: str | None = None) ->
         if fused:  # fused layers write k/v into a cache of their own, in place
             layer_note = f"{layer_note}, fused layers {fused}"
             hook["make_cache"] = kc.make_cache
+        fused_mlps = _fuse_gemma_mlps(model, cand, fast)
+        if fused_mlps:
+            layer_note = f"{layer_note}, fused MLPs {fused_mlps}"
         if fast:  # a prompt's first generated token is built in float32
             hook["prompt_context"] = kc.full_precision
         if fast and batches:
@@ -488,6 +491,41 @@ def _cpu_layer_kernels(model: nn.Module, cand: Candidate) -> str:
     if ok["rms_norm"]:
         parts.append(f"rms_norm {kc.swap_norms(model)}")
     return ", ".join(parts) or "none"
+
+
+def _fuse_gemma_mlps(model: nn.Module, cand: Candidate, fast: bool) -> int:
+    """Give gemma3 decoder layers their one-node MLP half once it matches the unfused layer
+    (each mix of MLP formats checked, in the layers' precision and in float32)."""
+    blocks = kc.gemma_blocks(model)
+    if not blocks:
+        return 0
+    fused_cls = kc._gemma_block_class()
+    firsts: dict[tuple, nn.Module] = {}
+    for blk in blocks:
+        m = blk.mlp
+        fmts = tuple(
+            (p.bits, p.group_size) if hasattr(p, "bits") else None
+            for p in (m.gate_proj, m.up_proj, m.down_proj)
+        )
+        firsts.setdefault(fmts, blk)
+    for fmts, b in firsts.items():
+        mix = ",".join(f"{f[0]}/{f[1]}" if f else "-" for f in fmts)
+        key = (
+            f"fused_gemma_mlp|{cand.build_id}|{cand.isa()}|{fast}|{b.hidden_size}|"
+            f"{b.mlp.gate_proj.weight.shape[0]}|{mix}"
+        )
+        tol = FUSED_FAST_TOL if fast else ATTN_TOL
+        if not _verdict(key, lambda b=b: check_block(b, fused_cls), tol):
+            return 0
+        if fast:
+
+            def check_full(b: nn.Module = b) -> float:
+                with kc.full_precision():
+                    return check_block(b, fused_cls)
+
+            if not _verdict(key.replace(f"|{fast}|", "|full|"), check_full):
+                return 0
+    return sum(kc._swap_class(model, cls, fused_cls) for cls in {type(b) for b in blocks})
 
 
 def _fuse_blocks(model: nn.Module, cand: Candidate, fast: bool) -> int:

@@ -559,16 +559,91 @@ def _gemma_norm_class(base: type):
         that mlx-lm adds on every call (a node of its own) is made once per weight array."""
 
         def __call__(self, x: mx.array) -> mx.array:
-            w = self["weight"]
             if x.dtype != mx.float32:
                 return super().__call__(x)
+            return self._norm(x, self.scale(), self.eps)
+
+        def scale(self) -> mx.array:
+            """1 + weight in float32, made once per weight array (an update swaps the array)."""
+            w = self["weight"]
             scale = self.__dict__.get("_scale")
-            if scale is None or scale[0] is not w:  # a weight update swaps the array
+            if scale is None or scale[0] is not w:
                 scale = (w, (1.0 + w).astype(mx.float32))
                 object.__setattr__(self, "_scale", scale)
-            return self._norm(x, scale[1], self.eps)
+            return scale[1]
 
     return CpuGemmaRMSNorm
+
+
+def _gemma_block_class():
+    """gemma3's decoder layer whose MLP half (pre-norm, GELU MLP, post-norm, residual) is one
+    C++ node (`norm_mlp` with gelu and post_norm) instead of ~14; the attention half stays
+    mlx-lm's, on edgeai's attention, RoPE and norm kernels."""
+    from mlx_lm.models import gemma3_text
+
+    ext = extension()
+
+    class CpuGemmaBlock(gemma3_text.TransformerBlock):
+        def _mlp(self):
+            """(norm_mlp's arguments but h) for the current weights and precision, or None when
+            the MLP is not plain (LoRA-wrapped, other norms, non-float32 norms)."""
+            m = self["mlp"]
+            mods = (
+                m["gate_proj"],
+                m["up_proj"],
+                m["down_proj"],
+                self["pre_feedforward_layernorm"],
+                self["post_feedforward_layernorm"],
+            )
+            key = (tuple([id(p.get("weight")) for p in mods]), _FULL_PRECISION.get())
+            built = self.__dict__.get("_fused_mlp")
+            if built is None or built[0] != key:
+                built = (key, self._build(mods, full=key[1]))
+                object.__setattr__(self, "_fused_mlp", built)
+            return built[1]
+
+        def _build(self, mods: tuple, full: bool):
+            g = mods[0]
+            fast = g.fast if type(g) is CpuQuantizedLinear else None
+            if not (
+                fast is not None
+                and all(_plain_linear(p, fast) for p in mods[:3])
+                and all(type(n).__name__ == "CpuGemmaRMSNorm" for n in mods[3:])
+            ):
+                return None
+            pre, post = mods[3], mods[4]
+            panels = [panels_of(p, p["weight"]) for p in mods[:3]]
+            return (
+                pre.scale(),
+                pre.eps,
+                _triples(*mods[:3]),
+                0,
+                0,
+                fast and not full,
+                [a for p in panels for a in p] if fast and not full and all(panels) else [],
+                True,
+                post.scale(),
+                post.eps,
+            )
+
+        def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
+            mlp = self._mlp()
+            if mlp is None or x.dtype != mx.float32:
+                return super().__call__(x, mask, cache)
+            r = self.self_attn(self.input_layernorm(x), mask, cache)
+            h = x + self.post_attention_layernorm(r)  # clip_residual's float32 case
+            return ext.norm_mlp(h, mlp[0], mlp[1], *mlp[2:])
+
+    return CpuGemmaBlock
+
+
+def gemma_blocks(model: nn.Module) -> list[nn.Module]:
+    """The model's gemma3 decoder layers, fused or not."""
+    try:
+        from mlx_lm.models import gemma3_text
+    except ImportError:
+        return []
+    return [m for _, m in model.named_modules() if isinstance(m, gemma3_text.TransformerBlock)]
 
 
 def swap_attention(model: nn.Module, rope: bool = True) -> int:

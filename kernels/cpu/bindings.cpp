@@ -41,7 +41,10 @@ NB_MODULE(_edgeai_kernels, m) {
         "x + o_proj(attention(q, k[:, :, :length], v[:, :, :length])) in one node; float32. pad: each batch "
         "row's left padding [B]: row b attends to keys pad[b] .. length - 1.");
   m.def("norm_mlp", &edgeai::norm_mlp, "h"_a, "norm_weight"_a, "eps"_a, "gate_up_down"_a, "group_size"_a, "bits"_a,
-        "fast"_a, "panels"_a = std::vector<mlx::core::array>{}, "h + down(silu(gate(n)) * up(n)), n = rms_norm(h), in one node; float32.");
+        "fast"_a, "panels"_a = std::vector<mlx::core::array>{}, "gelu"_a = false, "post_norm"_a = nb::none(),
+        "post_eps"_a = 0.f,
+        "h + down(silu(gate(n)) * up(n)), n = rms_norm(h), in one node; float32. gelu: gemma3's tanh-approximated "
+        "GELU instead of silu; post_norm: h + rms_norm(down(...)) * post_norm instead (gemma3's sandwich norm).");
   nb::class_<edgeai::FusedLlamaLayer>(m, "FusedLlamaLayer",
                                       "A llama or qwen2 decoder layer's weights for the fused calls (checked once).")
       .def(nb::init<mlx::core::array, std::vector<mlx::core::array>, std::vector<mlx::core::array>, mlx::core::array,

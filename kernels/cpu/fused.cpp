@@ -5,7 +5,8 @@
 // each, calling the same kernels (qmm_rows, attention, the RMSNorm / RoPE arithmetic):
 //   norm_qkv:  rms_norm -> q, k, v projections -> RoPE -> [B, H, L, D]  (3 outputs)
 //   attn_out:  x + o_proj(attention(q, k, v))
-//   norm_mlp:  h + down(silu(gate(n)) * up(n)), n = rms_norm(h)
+//   norm_mlp:  h + down(silu(gate(n)) * up(n)), n = rms_norm(h); or gemma3's
+//              h + rms_norm'(down(gelu_tanh(gate(n)) * up(n)))
 // The KV cache stays mlx-lm's: the cache update between norm_qkv and attn_out is ordinary
 // MLX slicing. Everything is float32 with float32 (or float16) scales.
 #include <algorithm>
@@ -264,21 +265,23 @@ class AttnOut : public mx::UnaryPrimitive {
 
 class NormMLP : public mx::UnaryPrimitive {
  public:
-  NormMLP(mx::Stream s, float eps, bool fast, bool panels)
-      : mx::UnaryPrimitive(s), eps_(eps), fast_(fast), panels_(panels) {}
+  NormMLP(mx::Stream s, float eps, bool fast, bool panels, bool gelu = false, bool post = false, float post_eps = 0)
+      : mx::UnaryPrimitive(s), eps_(eps), post_eps_(post_eps), fast_(fast), panels_(panels), gelu_(gelu), post_(post) {}
 
   // inputs: h [..., D], norm weight [D], then (w, scales, biases) for gate, up, down, then with
-  // `panels` their pack_q8 triples.
+  // `post` the output norm's weight [D], then with `panels` their pack_q8 triples.
   void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
     out.set_data(mx::allocator::malloc(out.nbytes()));
     auto& enc = mx::cpu::get_command_encoder(stream());
     for (auto& a : in) enc.set_input_array(a);
     enc.set_output_array(out);
-    enc.dispatch([in, out, eps = eps_, fast = fast_, panels = panels_]() mutable { run(in, out, eps, fast, panels); });
+    enc.dispatch([in, out, eps = eps_, fast = fast_, panels = panels_, gelu = gelu_, post = post_,
+                  post_eps = post_eps_]() mutable { run(in, out, eps, fast, panels, gelu, post, post_eps); });
   }
 
-  static void run(const std::vector<mx::array>& in, mx::array& out, float eps_, bool fast_, bool panels) {
-    thread_local std::vector<float> ht, wt, n, gu;
+  static void run(const std::vector<mx::array>& in, mx::array& out, float eps_, bool fast_, bool panels, bool gelu,
+                  bool post, float post_eps) {
+    thread_local std::vector<float> ht, wt, n, gu, pw, rt;
     const int D = in[0].shape(-1);
     const long M = in[0].size() / D;
     const float* h = float_rows(in[0], ht);
@@ -291,9 +294,18 @@ class NormMLP : public mx::UnaryPrimitive {
     gu.resize(2 * M * F);
     float* ys[2] = {gu.data(), gu.data() + M * F};
     qmm_rows(n.data(), M, D, gate_up, 2, ys, fast_, is_decode_step(in[0]));
-    // silu(gate) * up, in place: a libm exp per value, so a batch's rows go on every thread
-    // (16 rows of SmolLM2-135M: 24.6k exps a layer, ~3 ms a step on one thread).
+    // silu(gate) * up (or gemma3's tanh-approximated GELU), in place: a libm exp or tanh per
+    // value, so a batch's rows go on every thread (16 rows of SmolLM2-135M: 24.6k exps a
+    // layer, ~3 ms a step on one thread).
     auto silu = [&](long i0, long i1) {
+      if (gelu) {
+        const float c = 0.7978845608028654f;  // sqrt(2 / pi), as mlx.nn.gelu_approx
+        for (long i = i0; i < i1; i++) {
+          const float g = ys[0][i];
+          ys[0][i] = 0.5f * g * (1.f + std::tanh(c * (g + 0.044715f * (g * g * g)))) * ys[1][i];
+        }
+        return;
+      }
       for (long i = i0; i < i1; i++) {
         const float g = ys[0][i];
         ys[0][i] = g / (1.f + std::exp(-g)) * ys[1][i];
@@ -308,7 +320,14 @@ class NormMLP : public mx::UnaryPrimitive {
     }
     float* y = out.data<float>();
     qmm_rows(ys[0], M, F, &down, 1, &y, fast_, is_decode_step(in[0]));
-    for (long i = 0; i < M * D; i++) y[i] += h[i];
+    if (post) {  // the MLP's output normalized before the residual (gemma3)
+      rt.resize(M * D);
+      float* r = rt.data();
+      rms_norm_rows(y, M, D, float_rows(in[11], pw), post_eps, r);
+      for (long i = 0; i < M * D; i++) y[i] = h[i] + r[i];
+    } else {
+      for (long i = 0; i < M * D; i++) y[i] += h[i];
+    }
   }
 
   void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
@@ -317,13 +336,14 @@ class NormMLP : public mx::UnaryPrimitive {
   const char* name() const override { return "EdgeaiNormMLP"; }
   bool is_equivalent(const mx::Primitive& other) const override {
     auto& o = static_cast<const NormMLP&>(other);
-    return eps_ == o.eps_ && fast_ == o.fast_ && panels_ == o.panels_;
+    return eps_ == o.eps_ && fast_ == o.fast_ && panels_ == o.panels_ && gelu_ == o.gelu_ && post_ == o.post_ &&
+           post_eps_ == o.post_eps_;
   }
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& in) override { return {in[0].shape()}; }
 
  private:
-  float eps_;
-  bool fast_, panels_;
+  float eps_, post_eps_;
+  bool fast_, panels_, gelu_, post_;
 };
 
 [[noreturn]] void fail(const char* op, const std::string& m) {
@@ -460,7 +480,8 @@ mx::array attn_out(const mx::array& q, const mx::array& k, const mx::array& v, c
 }
 
 mx::array norm_mlp(const mx::array& h, const mx::array& norm_w, float eps, const std::vector<mx::array>& gate_up_down,
-                   int group_size, int bits, bool fast, const std::vector<mx::array>& panels) {
+                   int group_size, int bits, bool fast, const std::vector<mx::array>& panels, bool gelu,
+                   const std::optional<mx::array>& post_norm, float post_eps) {
   const char* op = "norm_mlp";
   if (h.ndim() < 1 || h.dtype() != mx::float32) fail(op, "h must be float32");
   const int D = h.shape(-1);
@@ -472,13 +493,19 @@ mx::array norm_mlp(const mx::array& h, const mx::array& norm_w, float eps, const
   if (gate_up_down[3].shape(0) != F) fail(op, "gate and up sizes differ");
   add_layers(op, in, {gate_up_down.begin() + 6, gate_up_down.end()}, F, group_size, bits);
   if (gate_up_down[6].shape(0) != D) fail(op, "down must map back to h's size");
+  if (post_norm) {
+    if (post_norm->dtype() != mx::float32 || post_norm->ndim() != 1 || post_norm->shape(0) != D)
+      fail(op, "post norm weight must be float32 [D]");
+    in.push_back(*post_norm);
+  }
   bool packed = false;
   if (!panels.empty()) {
     if (panels.size() != 9) fail(op, "give pack_q8's three panels for gate, up and down, or none");
     add_panels(op, in, {gate_up_down.begin(), gate_up_down.begin() + 6}, {panels.begin(), panels.begin() + 6}, D);
     packed = add_panels(op, in, {gate_up_down.begin() + 6, gate_up_down.end()}, {panels.begin() + 6, panels.end()}, F);
   }
-  return mx::array(h.shape(), mx::float32, std::make_shared<NormMLP>(cpu_stream(), eps, fast, packed), in);
+  return mx::array(h.shape(), mx::float32,
+                   std::make_shared<NormMLP>(cpu_stream(), eps, fast, packed, gelu, post_norm.has_value(), post_eps), in);
 }
 
 FusedLlamaLayer::FusedLlamaLayer(mx::array norm1, std::vector<mx::array> qkv, std::vector<mx::array> o_proj,
@@ -503,7 +530,7 @@ FusedLlamaLayer::FusedLlamaLayer(mx::array norm1, std::vector<mx::array> qkv, st
   auto q = norm_qkv(x, norm1_, eps1_, qkv_, hq_, hkv_, rope_dims_, traditional_, base_, scale_, 0, gs_, bits_, fast_, {},
                     qkv_bias_, std::nullopt, pqkv_);
   attn_out(q[0], q[1], q[2], x, o_, 1.f, false, gs_, bits_, fast_, -1, std::nullopt, po_);
-  norm_mlp(x, norm2_, eps2_, mlp_, gs_, bits_, fast_, pmlp_);
+  norm_mlp(x, norm2_, eps2_, mlp_, gs_, bits_, fast_, pmlp_, false, std::nullopt, 0.f);
 }
 
 std::vector<mx::array> FusedLlamaLayer::qkv(const mx::array& x, int offset, const std::vector<mx::array>& cache,
@@ -518,7 +545,7 @@ mx::array FusedLlamaLayer::attend(const mx::array& q, const mx::array& k, const 
 }
 
 mx::array FusedLlamaLayer::mlp(const mx::array& h) const {
-  return norm_mlp(h, norm2_, eps2_, mlp_, gs_, bits_, fast_, pmlp_);
+  return norm_mlp(h, norm2_, eps2_, mlp_, gs_, bits_, fast_, pmlp_, false, std::nullopt, 0.f);
 }
 
 }  // namespace edgeai

@@ -76,7 +76,8 @@ mlx::core::array attn_out(const mlx::core::array& q, const mlx::core::array& k, 
                           const std::vector<mlx::core::array>& panels = {});
 mlx::core::array norm_mlp(const mlx::core::array& h, const mlx::core::array& norm_w, float eps,
                           const std::vector<mlx::core::array>& gate_up_down, int group_size, int bits, bool fast,
-                          const std::vector<mlx::core::array>& panels = {});
+                          const std::vector<mlx::core::array>& panels = {}, bool gelu = false,
+                          const std::optional<mlx::core::array>& post_norm = std::nullopt, float post_eps = 0.f);
 // One llama (or qwen2: q/k/v biases) decoder layer's weights, checked once, for the three fused calls of each step
 // (saves converting nine arrays per call from Python at every layer of every token).
 class FusedLlamaLayer {
