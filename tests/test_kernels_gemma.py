@@ -72,3 +72,15 @@ def test_gemma_norm_follows_a_weight_update(tiny_gemma):
     after = norm(x)
     want = mx.fast.rms_norm(x, 1.0 + norm.weight, norm.eps)
     assert not mx.allclose(before, after) and mx.allclose(after, want, atol=1e-5)
+
+
+def test_gemma_mlps_take_the_panels_once_packed(tiny_gemma):
+    """The server packs weights when its batches reach 4 rows: MLP nodes built before that read
+    the panels from then on."""
+    if not kc.extension().int8_panels():
+        pytest.skip("no int8 GEMM on panels on this CPU")
+    eng = Engine.load(tiny_gemma, kernel="custom", precision="fast")
+    blk = eng.model.layers[0]
+    assert blk._mlp()[6] == []  # norm_mlp's panels argument: none yet
+    assert eng.hooks.prepare_batches(eng.model) > 0
+    assert len(blk._mlp()[6]) == 9  # gate, up and down's (weights, scales, biases)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from contextvars import ContextVar
-from functools import lru_cache
+from functools import cache, lru_cache
 from types import ModuleType
 
 import mlx.core as mx
@@ -211,6 +211,8 @@ def pack_panels(model: nn.Module) -> int:
             n += 1
     for blk in llama_blocks(model):  # fused layers built before this take the panels now
         blk.__dict__.pop("_fused", None)
+    for blk in gemma_blocks(model):
+        blk.__dict__.pop("_fused_mlp", None)
     return n
 
 
@@ -553,6 +555,7 @@ def _gemma_norm_base() -> type | None:
     return gemma3_text.RMSNorm
 
 
+@cache
 def _gemma_norm_class(base: type):
     class CpuGemmaRMSNorm(base):
         """gemma3's RMSNorm (weights stored as offsets from 1) as one graph node: the 1 + w
@@ -608,7 +611,7 @@ def _gemma_block_class():
             if not (
                 fast is not None
                 and all(_plain_linear(p, fast) for p in mods[:3])
-                and all(type(n).__name__ == "CpuGemmaRMSNorm" for n in mods[3:])
+                and all(type(n) is _gemma_norm_class(_gemma_norm_base()) for n in mods[3:])
             ):
                 return None
             pre, post = mods[3], mods[4]
@@ -647,8 +650,8 @@ def gemma_blocks(model: nn.Module) -> list[nn.Module]:
 
 
 def swap_attention(model: nn.Module, rope: bool = True) -> int:
-    """Give mlx-lm llama and qwen2 attention modules edgeai's attention (and RoPE) kernels;
-    returns how many."""
+    """Give mlx-lm llama, qwen2 and gemma3 attention modules edgeai's attention (and RoPE)
+    kernels; returns how many."""
     n = 0
     for attention in _attention_bases():
         cls = _llama_attention_class(attention)
