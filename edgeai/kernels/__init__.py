@@ -503,29 +503,36 @@ def _fuse_gemma_mlps(model: nn.Module, cand: Candidate, fast: bool) -> int:
     firsts: dict[tuple, nn.Module] = {}
     for blk in blocks:
         m = blk.mlp
-        fmts = tuple(
-            (p.bits, p.group_size) if hasattr(p, "bits") else None
-            for p in (m.gate_proj, m.up_proj, m.down_proj)
-        )
-        firsts.setdefault(fmts, blk)
+        firsts.setdefault(kc.formats(m.gate_proj, m.up_proj, m.down_proj), blk)
     for fmts, b in firsts.items():
-        mix = ",".join(f"{f[0]}/{f[1]}" if f else "-" for f in fmts)
         key = (
             f"fused_gemma_mlp|{cand.build_id}|{cand.isa()}|{fast}|{b.hidden_size}|"
-            f"{b.mlp.gate_proj.weight.shape[0]}|{mix}"
+            f"{b.mlp.gate_proj.weight.shape[0]}|{_mix(fmts)}"
         )
-        tol = FUSED_FAST_TOL if fast else ATTN_TOL
-        if not _verdict(key, lambda b=b: check_block(b, fused_cls), tol):
+        if not _fusion_holds(key, b, fused_cls, fast):
             return 0
-        if fast:
-
-            def check_full(b: nn.Module = b) -> float:
-                with kc.full_precision():
-                    return check_block(b, fused_cls)
-
-            if not _verdict(key.replace(f"|{fast}|", "|full|"), check_full):
-                return 0
     return sum(kc._swap_class(model, cls, fused_cls) for cls in {type(b) for b in blocks})
+
+
+def _mix(fmts: tuple) -> str:
+    """A verdict key's spelling of projection formats: "4/32,6/32,-"."""
+    return ",".join(f"{f[0]}/{f[1]}" if f else "-" for f in fmts)
+
+
+def _fusion_holds(key: str, block: nn.Module, fused_cls: type, fast: bool) -> bool:
+    """Whether `block` run as `fused_cls` matches its own class (`check_block`, cached under
+    `key`); fast layers also run in float32 (kc.full_precision), so that form is checked too."""
+    tol = FUSED_FAST_TOL if fast else ATTN_TOL
+    if not _verdict(key, lambda: check_block(block, fused_cls), tol):
+        return False
+    if not fast:
+        return True
+
+    def check_full() -> float:
+        with kc.full_precision():
+            return check_block(block, fused_cls)
+
+    return _verdict(key.replace(f"|{fast}|", "|full|"), check_full)
 
 
 def _fuse_blocks(model: nn.Module, cand: Candidate, fast: bool) -> int:
@@ -541,22 +548,11 @@ def _fuse_blocks(model: nn.Module, cand: Candidate, fast: bool) -> int:
         firsts.setdefault(kc.block_formats(blk), blk)
     for fmts, b in firsts.items():
         a = b.self_attn
-        mix = ",".join(f"{f[0]}/{f[1]}" if f else "-" for f in fmts)
         dims = f"{b.hidden_size}|{a.n_heads}|{a.n_kv_heads}|{a.q_proj.weight.shape[0]}"
         key = (
             f"fused_block|{cand.build_id}|{cand.isa()}|{fast}|{type(b).__module__}|{dims}|"
-            f"{b.mlp.gate_proj.weight.shape[0]}|{mix}"
+            f"{b.mlp.gate_proj.weight.shape[0]}|{_mix(fmts)}"
         )
-        fused_cls = kc._llama_block_class(type(b))
-        tol = FUSED_FAST_TOL if fast else ATTN_TOL
-        if not _verdict(key, lambda b=b, c=fused_cls: check_block(b, c), tol):
+        if not _fusion_holds(key, b, kc._llama_block_class(type(b)), fast):
             return 0
-        if fast:  # fast layers also run in float32 (kc.full_precision): that form is checked too
-
-            def check_full(b: nn.Module = b, c: type = fused_cls) -> float:
-                with kc.full_precision():
-                    return check_block(b, c)
-
-            if not _verdict(key.replace(f"|{fast}|", "|full|"), check_full):
-                return 0
     return kc.swap_blocks(model)

@@ -302,11 +302,15 @@ def _plain_linear(m: nn.Module, fast: bool, bias: bool = False) -> bool:
     )
 
 
-def block_formats(block: nn.Module) -> tuple:
-    """(bits, group_size) of each of a llama layer's seven projections (None: not quantized)."""
-    a, m = block.self_attn, block.mlp
-    projections = (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj)
+def formats(*projections: nn.Module) -> tuple:
+    """(bits, group_size) of each projection (None: not quantized)."""
     return tuple((p.bits, p.group_size) if hasattr(p, "bits") else None for p in projections)
+
+
+def block_formats(block: nn.Module) -> tuple:
+    """formats() of a llama layer's seven projections."""
+    a, m = block.self_attn, block.mlp
+    return formats(a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj)
 
 
 def _triples(*layers: nn.Module) -> list[mx.array]:

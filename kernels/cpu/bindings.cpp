@@ -79,7 +79,7 @@ NB_MODULE(_edgeai_kernels, m) {
   m.def("int8_rows", &edgeai::int8_tile_rows, "decode"_a = true,
         "Most rows a fast-mode matmul runs by the per-row int8 tile on the current instruction set (each "
         "row bit-equal to its single-row result; 0: no tile): 3, or for a decode step (x of shape (B, 1, K)) "
-        "31 where there is no int8 GEMM.");
+        "on layers without panels 31 but on AVX-512 VNNI.");
   m.def("available_isas", &edgeai::available_isas, "Instruction sets this CPU can run, best first.");
   m.def("set_isa", &edgeai::set_isa, "name"_a, "Force an instruction set (tests), or 'auto'.");
   m.def("threads", &edgeai::threads, "Threads the kernels use (the caller's included).");

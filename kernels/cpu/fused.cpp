@@ -297,7 +297,7 @@ class NormMLP : public mx::UnaryPrimitive {
     // silu(gate) * up (or gemma3's tanh-approximated GELU), in place: a libm exp or tanh per
     // value, so a batch's rows go on every thread (16 rows of SmolLM2-135M: 24.6k exps a
     // layer, ~3 ms a step on one thread).
-    auto silu = [&](long i0, long i1) {
+    auto activate = [&](long i0, long i1) {
       if (gelu) {
         const float c = 0.7978845608028654f;  // sqrt(2 / pi), as mlx.nn.gelu_approx
         for (long i = i0; i < i1; i++) {
@@ -313,10 +313,10 @@ class NormMLP : public mx::UnaryPrimitive {
     };
     const long total = M * F, chunk = 4096;
     if (total <= chunk) {
-      silu(0, total);
+      activate(0, total);
     } else {
       Pool::get().run(int((total + chunk - 1) / chunk),
-                      [&](int t) { silu(long(t) * chunk, std::min(total, long(t + 1) * chunk)); });
+                      [&](int t) { activate(long(t) * chunk, std::min(total, long(t + 1) * chunk)); });
     }
     float* y = out.data<float>();
     qmm_rows(ys[0], M, F, &down, 1, &y, fast_, is_decode_step(in[0]));

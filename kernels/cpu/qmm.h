@@ -119,7 +119,7 @@ std::string isa_name();
 bool has_int8_gemm();  // the current ISA runs fast-mode matmuls of many rows in int8
 bool has_int8_panels();  // ... and batches' decode steps over packed panels (pack_q8)
 // Most rows a fast-mode matmul runs by the per-row int8 tile (0: none): kMaxQ8Rows, or for a
-// decode step (rows of one token each) kMaxQ8DecodeRows where the ISA has no int8 GEMM.
+// decode step (rows of one token each) on layers without panels the ISA's q8_decode_rows.
 int int8_tile_rows(bool decode);
 // Whether x (..., L, K) holds one token per sequence (L = 1, at least 3 axes): a decode step.
 inline bool is_decode_step(const mlx::core::array& x) { return x.ndim() >= 3 && x.shape(-2) == 1; }

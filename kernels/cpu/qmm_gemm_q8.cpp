@@ -198,8 +198,8 @@ void gemm(const QmmArgs& a, int m0, int m1, int n0, int n1) {
 //
 // For batched decoding (4 to a few dozen rows) the unpack + transpose above costs as much as
 // the dot products: it is redone for every step and amortized over only the batch's rows.
-// pack_panels_q8 (qmm_gemm_q8_avx2.cpp, shared with the AVX2 GEMM) does it once: per panel of NR rows, per block of 32 k (in the block
-// order above), per 4 consecutive k (a "step"), the 16 + 16 rows x 4 values that the two
+// pack_panels_q8 (qmm_gemm_q8_avx2.cpp, shared with the AVX2 GEMM) does it once: per panel
+// of NR rows, per block of 32 k (in the block order above), per 4 consecutive k (a "step"), the 16 + 16 rows x 4 values that the two
 // vpdpbusd of a step read. 4-bit: 64 bytes a step, row r's values in the low nibbles and row
 // 16 + r's in the high ones (the same bytes as the MLX matrix: one AND and one shift unpack a
 // step); 5, 6 and 8-bit: 128 bytes, one per value. Scales and biases go per panel and group
